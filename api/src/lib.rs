@@ -1,0 +1,220 @@
+//! The enc agent's status API: paths and JSON types.
+//!
+//! The agent serves these over HTTP/1.1 on a Unix socket; `encctl` reads them. This crate holds
+//! only data so that the CLI never links the agent. Nothing here carries key material: public
+//! keys and key ids are public by construction.
+
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+
+/// Default path of the agent's status socket.
+pub const DEFAULT_SOCKET: &str = "/run/enc/agent.sock";
+/// `GET`: [`Status`] of this node.
+pub const STATUS_PATH: &str = "/v1/status";
+/// `GET`: [`Peers`], one entry per expected peer.
+pub const PEERS_PATH: &str = "/v1/peers";
+
+/// Body of every non-2xx answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiError {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// This node's status.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// The node itself.
+    pub node: NodeInfo,
+    /// Agent version.
+    pub version: String,
+    /// Seconds since the agent started.
+    pub uptime_seconds: u64,
+    /// The encryption datapath in use.
+    pub encryption: EncryptionInfo,
+    /// The control channel.
+    pub control: ControlInfo,
+    /// This node's own certificate.
+    pub certificate: CertSummary,
+    /// Peers by authentication state.
+    pub peers: PeerCounts,
+}
+
+/// Identity and addresses of a node.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// Node name (the DNS SAN of its certificate).
+    pub name: String,
+    /// Underlay address.
+    pub underlay_address: IpAddr,
+    /// Pod CIDR served by the node.
+    pub pod_cidr: String,
+}
+
+/// The encryption datapath.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionInfo {
+    /// Encryption type from the configuration (`wireguard`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Implementation in use (`boringtun`, `kernel`).
+    pub backend: String,
+    /// Why that implementation was chosen.
+    pub backend_reason: String,
+    /// Datapath interface name.
+    pub interface: String,
+    /// UDP listen port of the datapath.
+    pub listen_port: u16,
+    /// This node's WireGuard public key (base64).
+    pub public_key: String,
+    /// MTU of the datapath interface and of the routes into it.
+    pub mtu: u32,
+}
+
+/// The control channel.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlInfo {
+    /// Listen address (`ip:port`).
+    pub listen: String,
+    /// Rule that decides which side of a pair dials.
+    pub dial_rule: String,
+}
+
+/// The parts of a certificate that matter for audit.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertSummary {
+    /// Subject distinguished name.
+    pub subject: String,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// Issuer distinguished name.
+    pub issuer: String,
+    /// End of validity, RFC 3339.
+    pub not_after: String,
+    /// SHA-256 fingerprint of the DER certificate, lowercase hex.
+    pub sha256_fingerprint: String,
+}
+
+/// Peer counts by authentication state.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerCounts {
+    /// All expected peers.
+    pub total: usize,
+    /// Not yet authenticated.
+    pub pending: usize,
+    /// Authenticated, with keys installed.
+    pub authenticated: usize,
+    /// Authentication failed.
+    pub failed: usize,
+}
+
+/// Answer of [`PEERS_PATH`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Peers {
+    /// One entry per expected peer, sorted by name.
+    pub peers: Vec<PeerInfo>,
+}
+
+/// Authentication state of a peer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "state", rename_all = "camelCase")]
+pub enum AuthState {
+    /// No authenticated session yet (or it was lost); `detail` says what is happening.
+    Pending {
+        /// What the agent is waiting for.
+        detail: String,
+    },
+    /// Mutual certificate check passed; keys derived from the session are installed.
+    Authenticated,
+    /// The last attempt failed; `reason` says why. No keys are installed for the peer.
+    Failed {
+        /// Why authentication failed.
+        reason: String,
+    },
+}
+
+impl AuthState {
+    /// Short name of the state: `pending`, `authenticated` or `failed`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AuthState::Pending { .. } => "pending",
+            AuthState::Authenticated => "authenticated",
+            AuthState::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// One expected peer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerInfo {
+    /// Peer node name.
+    pub name: String,
+    /// Underlay address discovery expects.
+    pub address: IpAddr,
+    /// Pod CIDR behind the peer.
+    pub pod_cidr: String,
+    /// `dial` if this node opens the control connection, `accept` if the peer does.
+    pub role: String,
+    /// Authentication state.
+    pub auth: AuthState,
+    /// Seconds since the state last changed.
+    pub state_age_seconds: u64,
+    /// Number of failed authentication attempts since start.
+    pub failures: u64,
+    /// The certificate the peer presented in its last successful authentication.
+    pub certificate: Option<CertSummary>,
+    /// Key epoch and public key id in use with the peer.
+    pub key: Option<KeyInfo>,
+    /// WireGuard state of the peer, when configured in the datapath.
+    pub wireguard: Option<WgPeerInfo>,
+}
+
+/// Identifies the key a pair uses without revealing it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyInfo {
+    /// Key epoch.
+    pub epoch: u32,
+    /// Public id of the key (both ends show the same id when they agree).
+    pub key_id: String,
+}
+
+/// WireGuard state of one peer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WgPeerInfo {
+    /// The peer's WireGuard public key (base64).
+    pub public_key: String,
+    /// Current endpoint.
+    pub endpoint: Option<String>,
+    /// Seconds since the last handshake, if any.
+    pub last_handshake_seconds: Option<u64>,
+    /// Bytes received from the peer.
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer.
+    pub tx_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_state_json_is_tagged() {
+        let s = serde_json::to_string(&AuthState::Failed {
+            reason: "certificate expired".into(),
+        })
+        .unwrap();
+        assert_eq!(s, r#"{"state":"failed","reason":"certificate expired"}"#);
+        let back: AuthState = serde_json::from_str(&s).unwrap();
+        assert_eq!(back.name(), "failed");
+    }
+}

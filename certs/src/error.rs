@@ -1,0 +1,175 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+use crate::AuthFailure;
+
+/// Errors returned by this crate.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading, writing or creating a file or directory failed.
+    #[error("{op} {path}: {source}", path = path.display())]
+    Io {
+        /// What was being done ("read", "create", ...).
+        op: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+
+    /// A file that must not be overwritten already exists.
+    #[error("refusing to overwrite existing file {path}", path = path.display())]
+    AlreadyExists {
+        /// The existing file.
+        path: PathBuf,
+    },
+
+    /// A request or option field has an invalid value.
+    #[error("invalid {field} {value:?}: {reason}")]
+    InvalidField {
+        /// The field name (`node`, `ips`, `days`, ...).
+        field: &'static str,
+        /// The offending value, as text.
+        value: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// PEM input could not be decoded.
+    #[error("{origin}: invalid PEM: {source}")]
+    Pem {
+        /// Where the PEM came from (a path or a description).
+        origin: String,
+        /// The decoding error.
+        source: rustls_pki_types::pem::Error,
+    },
+
+    /// The input holds no certificate.
+    #[error("{origin}: no certificate found")]
+    NoCertificate {
+        /// Where the input came from.
+        origin: String,
+    },
+
+    /// The input holds no private key.
+    #[error("{origin}: no private key found")]
+    NoPrivateKey {
+        /// Where the input came from.
+        origin: String,
+    },
+
+    /// A certificate could not be parsed as X.509.
+    #[error("{origin}: cannot parse certificate: {source}")]
+    Parse {
+        /// Where the certificate came from.
+        origin: String,
+        /// The parser error.
+        source: x509_parser::error::X509Error,
+    },
+
+    /// Generating, signing or loading a certificate or key with rcgen failed.
+    #[error("{context}: {source}")]
+    Rcgen {
+        /// What was being done.
+        context: String,
+        /// The rcgen error.
+        source: rcgen::Error,
+    },
+
+    /// The system random number generator failed.
+    #[error("random number generator failed while {context}")]
+    Random {
+        /// What the random bytes were for.
+        context: &'static str,
+    },
+
+    /// A CA certificate is not usable as a CA (not a CA, or its key does not match).
+    #[error("{origin}: unusable CA: {reason}")]
+    BadCa {
+        /// The CA certificate or key file.
+        origin: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+
+    /// A certificate does not verify against the CA bundle or is outside its validity.
+    #[error("{origin}: certificate rejected (CA bundle {ca}): {reason}")]
+    Untrusted {
+        /// The certificate file.
+        origin: String,
+        /// The CA bundle it was checked against.
+        ca: String,
+        /// Why it was rejected.
+        reason: AuthFailure,
+    },
+
+    /// The private key does not belong to the certificate.
+    #[error("{key}: private key does not match certificate {cert}: {source}")]
+    KeyMismatch {
+        /// The certificate file.
+        cert: String,
+        /// The key file.
+        key: String,
+        /// The rustls error describing the mismatch.
+        source: rustls::Error,
+    },
+
+    /// A node name cannot be used as a TLS server name.
+    #[error("invalid server name {name:?}: {source}")]
+    ServerName {
+        /// The name.
+        name: String,
+        /// The rustls error.
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
+
+    /// Building a rustls configuration or verifier failed.
+    #[error("{context}: {source}")]
+    Tls {
+        /// What was being built.
+        context: &'static str,
+        /// The rustls error.
+        source: rustls::Error,
+    },
+
+    /// Building a rustls certificate verifier failed.
+    #[error("{context}: {source}")]
+    Verifier {
+        /// What was being built.
+        context: &'static str,
+        /// The builder error.
+        source: rustls::server::VerifierBuilderError,
+    },
+}
+
+impl Error {
+    /// True if the error is a refusal to overwrite an existing file.
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, Error::AlreadyExists { .. })
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn invalid(
+        field: &'static str,
+        value: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::InvalidField {
+            field,
+            value: value.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,460 @@
+//! Real in-memory rustls handshakes between node identities, for both verifiers.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use enc_certs::{
+    AuthFailure, CaOptions, CertificateAuthority, ExpectedPeer, IssuedPem, NodeCertRequest,
+    NodeIdentity, client_config, issue_node_cert_pem, peer_info, server_config, server_name,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+use time::format_description::well_known::Rfc3339;
+use time::{Duration, OffsetDateTime};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+struct Cluster {
+    ca: CertificateAuthority,
+    foreign_ca: CertificateAuthority,
+    other_ca: CertificateAuthority,
+    node1: NodeIdentity,
+    node2: NodeIdentity,
+}
+
+fn issue(ca: &CertificateAuthority, node: &str, addr: &str) -> IssuedPem {
+    let now = OffsetDateTime::now_utc();
+    issue_window(
+        ca,
+        node,
+        addr,
+        now - Duration::minutes(5),
+        now + Duration::days(1),
+    )
+}
+
+fn issue_window(
+    ca: &CertificateAuthority,
+    node: &str,
+    addr: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> IssuedPem {
+    let req = NodeCertRequest {
+        node: node.into(),
+        ips: vec![ip(addr)],
+        days: 1,
+    };
+    issue_node_cert_pem(ca, &req, not_before, not_after).unwrap()
+}
+
+fn identity(ca: &CertificateAuthority, issued: &IssuedPem) -> NodeIdentity {
+    NodeIdentity::from_pem(&issued.cert_pem, &issued.key_pem, ca.cert_pem()).unwrap()
+}
+
+fn cluster() -> Cluster {
+    let ca = CertificateAuthority::generate(&CaOptions::default()).unwrap();
+    let foreign_ca = CertificateAuthority::generate(&CaOptions {
+        common_name: "enc cluster CA".into(), // same name, different key
+        days: 30,
+    })
+    .unwrap();
+    let other_ca = CertificateAuthority::generate(&CaOptions {
+        common_name: "some other CA".into(),
+        days: 30,
+    })
+    .unwrap();
+    let node1 = identity(&ca, &issue(&ca, "node-1", "10.0.0.1"));
+    let node2 = identity(&ca, &issue(&ca, "node-2", "10.0.0.2"));
+    Cluster {
+        ca,
+        foreign_ca,
+        other_ca,
+        node1,
+        node2,
+    }
+}
+
+fn expect(name: &str, addr: &str) -> ExpectedPeer {
+    ExpectedPeer {
+        name: name.into(),
+        addr: ip(addr),
+    }
+}
+
+struct Outcome {
+    client: ClientConnection,
+    server: ServerConnection,
+    client_err: Option<rustls::Error>,
+    server_err: Option<rustls::Error>,
+}
+
+/// Moves all pending TLS records from `from` to `to`; returns whether anything moved.
+fn transfer(
+    from: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+    to: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+    to_err: &mut Option<rustls::Error>,
+) -> bool {
+    let mut buf = Vec::new();
+    while from.wants_write() {
+        if from.write_tls(&mut buf).unwrap() == 0 {
+            break;
+        }
+    }
+    if buf.is_empty() {
+        return false;
+    }
+    let mut rest = &buf[..];
+    while !rest.is_empty() {
+        match to.read_tls(&mut rest) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if let Err(e) = to.process_new_packets() {
+            to_err.get_or_insert(e);
+        }
+    }
+    true
+}
+
+fn handshake(
+    client_cfg: Arc<ClientConfig>,
+    name: ServerName<'static>,
+    server_cfg: Arc<ServerConfig>,
+) -> Outcome {
+    let mut client = ClientConnection::new(client_cfg, name).unwrap();
+    let mut server = ServerConnection::new(server_cfg).unwrap();
+    let (mut client_err, mut server_err) = (None, None);
+    for _ in 0..50 {
+        let a = transfer(&mut client, &mut server, &mut server_err);
+        let b = transfer(&mut server, &mut client, &mut client_err);
+        if !a && !b {
+            break;
+        }
+    }
+    Outcome {
+        client,
+        server,
+        client_err,
+        server_err,
+    }
+}
+
+fn certs(pem: &str) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn roots(ca: &CertificateAuthority) -> Arc<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca.cert_pem()) {
+        roots.add(c).unwrap();
+    }
+    Arc::new(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A client that presents `issued` unchecked and verifies the server with plain WebPKI
+/// against `trust` (stands in for a misconfigured or malicious peer).
+fn raw_client(issued: &IssuedPem, trust: &CertificateAuthority) -> Arc<ClientConfig> {
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots(trust))
+        .with_client_auth_cert(
+            certs(&issued.cert_pem),
+            PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    Arc::new(cfg)
+}
+
+/// A server that presents `issued` unchecked and requires a client certificate from `trust`.
+fn raw_server(issued: &IssuedPem, trust: &CertificateAuthority) -> Arc<ServerConfig> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(trust), provider())
+        .build()
+        .unwrap();
+    let cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            certs(&issued.cert_pem),
+            PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    Arc::new(cfg)
+}
+
+#[test]
+fn mutual_handshake_succeeds_with_tls13_and_equal_exporters() {
+    let c = cluster();
+    // node-1 dials node-2.
+    let ccfg = client_config(&c.node1, &expect("node-2", "10.0.0.2")).unwrap();
+    let scfg = server_config(&c.node2, &expect("node-1", "10.0.0.1")).unwrap();
+    let name = server_name(&expect("node-2", "10.0.0.2")).unwrap();
+    let out = handshake(ccfg, name, scfg);
+    assert!(out.client_err.is_none(), "{:?}", out.client_err);
+    assert!(out.server_err.is_none(), "{:?}", out.server_err);
+    assert!(!out.client.is_handshaking());
+    assert!(!out.server.is_handshaking());
+    assert_eq!(
+        out.client.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    assert_eq!(
+        out.server.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+
+    let label = b"EXPORTER-enc-test";
+    let ctx = Some(&b"epoch-1"[..]);
+    let k1 = out
+        .client
+        .export_keying_material([0u8; 64], label, ctx)
+        .unwrap();
+    let k2 = out
+        .server
+        .export_keying_material([0u8; 64], label, ctx)
+        .unwrap();
+    assert_eq!(k1, k2);
+    assert_ne!(k1, [0u8; 64]);
+    let k3 = out
+        .server
+        .export_keying_material([0u8; 64], label, Some(&b"epoch-2"[..]))
+        .unwrap();
+    assert_ne!(k1, k3);
+
+    let server_seen = peer_info(out.client.peer_certificates().unwrap()).unwrap();
+    assert_eq!(server_seen.dns_names, vec!["node-2".to_owned()]);
+    let client_seen = peer_info(out.server.peer_certificates().unwrap()).unwrap();
+    assert_eq!(client_seen.dns_names, vec!["node-1".to_owned()]);
+    assert_eq!(client_seen.ips, vec![ip("10.0.0.1")]);
+    assert_eq!(&client_seen, c.node1.info());
+    assert!(peer_info(&[]).is_none());
+}
+
+#[test]
+fn ipv4_mapped_source_address_matches() {
+    let c = cluster();
+    let ccfg = client_config(&c.node1, &expect("node-2", "10.0.0.2")).unwrap();
+    let scfg = server_config(&c.node2, &expect("node-1", "::ffff:10.0.0.1")).unwrap();
+    let name = server_name(&expect("node-2", "10.0.0.2")).unwrap();
+    let out = handshake(ccfg, name, scfg);
+    assert!(out.server_err.is_none(), "{:?}", out.server_err);
+    assert!(out.client_err.is_none(), "{:?}", out.client_err);
+}
+
+struct Case {
+    label: &'static str,
+    bad: IssuedPem,
+    want: AuthFailure,
+    alert: &'static str,
+}
+
+fn rfc3339(pem: &IssuedPem, not_after: bool) -> String {
+    let info = enc_certs::inspect(pem.cert_pem.as_bytes()).unwrap();
+    let t = if not_after {
+        info.not_after
+    } else {
+        info.not_before
+    };
+    t.format(&Rfc3339).unwrap()
+}
+
+/// Bad certificates for node-2 (expected at 10.0.0.2), and what node-1 must report.
+fn cases(c: &Cluster) -> Vec<Case> {
+    let now = OffsetDateTime::now_utc();
+    let expired = issue_window(
+        &c.ca,
+        "node-2",
+        "10.0.0.2",
+        now - Duration::days(10),
+        now - Duration::days(1),
+    );
+    let future = issue_window(
+        &c.ca,
+        "node-2",
+        "10.0.0.2",
+        now + Duration::days(1),
+        now + Duration::days(10),
+    );
+    vec![
+        Case {
+            label: "foreign CA",
+            bad: issue(&c.other_ca, "node-2", "10.0.0.2"),
+            want: AuthFailure::UnknownCa,
+            alert: "unknown_ca",
+        },
+        // Same CA name, different key: found by name, fails the signature check
+        // (rustls answers that with a decrypt_error alert).
+        Case {
+            label: "foreign CA with the cluster CA's name",
+            bad: issue(&c.foreign_ca, "node-2", "10.0.0.2"),
+            want: AuthFailure::UnknownCa,
+            alert: "decrypt_error",
+        },
+        Case {
+            label: "expired",
+            want: AuthFailure::Expired {
+                not_after: rfc3339(&expired, true),
+            },
+            bad: expired,
+            alert: "certificate_expired",
+        },
+        Case {
+            label: "not yet valid",
+            want: AuthFailure::NotYetValid {
+                not_before: rfc3339(&future, false),
+            },
+            bad: future,
+            alert: "certificate_expired",
+        },
+        Case {
+            label: "DNS SAN mismatch",
+            bad: issue(&c.ca, "node-9", "10.0.0.2"),
+            want: AuthFailure::NameMismatch {
+                expected: "node-2".into(),
+                presented: vec!["node-9".into()],
+            },
+            alert: "certificate_unknown",
+        },
+        Case {
+            label: "IP SAN mismatch",
+            bad: issue(&c.ca, "node-2", "10.0.0.9"),
+            want: AuthFailure::AddressMismatch {
+                expected: ip("10.0.0.2"),
+                presented: vec![ip("10.0.0.9")],
+            },
+            alert: "certificate_unknown",
+        },
+    ]
+}
+
+#[test]
+fn client_side_verifier_rejects_bad_server_certificates() {
+    let c = cluster();
+    let expected = expect("node-2", "10.0.0.2");
+    for case in cases(&c) {
+        let ccfg = client_config(&c.node1, &expected).unwrap();
+        let scfg = raw_server(&case.bad, &c.ca);
+        let out = handshake(ccfg, server_name(&expected).unwrap(), scfg);
+        let client_err = out
+            .client_err
+            .unwrap_or_else(|| panic!("{}: client accepted the server", case.label));
+        assert_eq!(
+            AuthFailure::from_tls_error(&client_err),
+            case.want,
+            "{}: {client_err}",
+            case.label
+        );
+        let server_err = out
+            .server_err
+            .unwrap_or_else(|| panic!("{}: server saw no failure", case.label));
+        assert_eq!(
+            AuthFailure::from_tls_error(&server_err),
+            AuthFailure::RejectedByPeer {
+                alert: case.alert.into()
+            },
+            "{}: {server_err}",
+            case.label
+        );
+        // tokio-rustls hands these out wrapped in io::Error.
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, client_err);
+        assert_eq!(AuthFailure::from_io_error(&io), Some(case.want.clone()));
+    }
+}
+
+#[test]
+fn server_side_verifier_rejects_bad_client_certificates() {
+    let c = cluster();
+    // node-1 accepts a connection it expects to come from node-2 at 10.0.0.2.
+    let expected = expect("node-2", "10.0.0.2");
+    for case in cases(&c) {
+        let scfg = server_config(&c.node1, &expected).unwrap();
+        let ccfg = raw_client(&case.bad, &c.ca);
+        let out = handshake(
+            ccfg,
+            server_name(&expect("node-1", "10.0.0.1")).unwrap(),
+            scfg,
+        );
+        let server_err = out
+            .server_err
+            .unwrap_or_else(|| panic!("{}: server accepted the client", case.label));
+        assert_eq!(
+            AuthFailure::from_tls_error(&server_err),
+            case.want,
+            "{}: {server_err}",
+            case.label
+        );
+        let client_err = out
+            .client_err
+            .unwrap_or_else(|| panic!("{}: client saw no failure", case.label));
+        assert_eq!(
+            AuthFailure::from_tls_error(&client_err),
+            AuthFailure::RejectedByPeer {
+                alert: case.alert.into()
+            },
+            "{}: {client_err}",
+            case.label
+        );
+    }
+}
+
+#[test]
+fn server_requires_a_client_certificate() {
+    let c = cluster();
+    let scfg = server_config(&c.node1, &expect("node-2", "10.0.0.2")).unwrap();
+    let ccfg = Arc::new(
+        ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots(&c.ca))
+            .with_no_client_auth(),
+    );
+    let out = handshake(
+        ccfg,
+        server_name(&expect("node-1", "10.0.0.1")).unwrap(),
+        scfg,
+    );
+    let err = out
+        .server_err
+        .expect("server accepted a client without certificate");
+    assert_eq!(
+        AuthFailure::from_tls_error(&err),
+        AuthFailure::NoCertificate
+    );
+    assert_eq!(
+        AuthFailure::NoCertificate.to_string(),
+        "peer presented no certificate"
+    );
+}
+
+#[test]
+fn identity_from_the_wrong_peer_is_rejected_even_with_a_valid_cert() {
+    // node-2's genuine certificate, but discovery says 10.0.0.2 is node-3.
+    let c = cluster();
+    let ccfg = client_config(&c.node1, &expect("node-3", "10.0.0.2")).unwrap();
+    let scfg = server_config(&c.node2, &expect("node-1", "10.0.0.1")).unwrap();
+    let out = handshake(
+        ccfg,
+        server_name(&expect("node-3", "10.0.0.2")).unwrap(),
+        scfg,
+    );
+    let err = out.client_err.expect("client accepted node-2 as node-3");
+    let failure = AuthFailure::from_tls_error(&err);
+    assert_eq!(
+        failure.to_string(),
+        "certificate SAN does not name node \"node-3\" (presents: node-2)"
+    );
+}

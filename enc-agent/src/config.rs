@@ -1,0 +1,628 @@
+//! The agent's configuration: YAML, parsed once at start-up and validated into typed values.
+//!
+//! Every refusal names the field (as a path such as `peers[1].podCidr`) and the bad value.
+//! The configuration holds paths to key files but never key material, so the whole of it can
+//! be printed (`enc-agent --print-config`).
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default control-channel TCP port.
+pub const DEFAULT_CONTROL_PORT: u16 = 51871;
+/// Default WireGuard UDP port.
+pub const DEFAULT_WG_PORT: u16 = 51820;
+/// Default WireGuard interface name.
+pub const DEFAULT_WG_INTERFACE: &str = "enc-wg0";
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed, has an unknown field, or a value of the wrong type.
+    #[error("config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// serde_yaml's error, with the field and its line and column.
+        source: serde_yaml::Error,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("config field `{field}`: {reason} (value: {value:?})")]
+    Invalid {
+        /// Path of the field, e.g. `peers[1].podCidr`.
+        field: String,
+        /// The value as written.
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawConfig {
+    node: RawNode,
+    tls: RawTls,
+    #[serde(default)]
+    control: RawControl,
+    encryption: RawEncryption,
+    #[serde(default)]
+    underlay: RawUnderlay,
+    status_socket: Option<PathBuf>,
+    #[serde(default)]
+    peers: Vec<RawPeer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    underlay_address: String,
+    pod_cidr: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawControl {
+    listen_port: Option<u16>,
+    key_grace_period: Option<String>,
+    connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawEncryption {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    wireguard: RawWireguard,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawWireguard {
+    interface: Option<String>,
+    listen_port: Option<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawUnderlay {
+    mtu: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPeer {
+    name: String,
+    underlay_address: String,
+    pod_cidr: String,
+    control_port: Option<u16>,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// This node.
+    pub node: NodeConfig,
+    /// Certificate, key and CA bundle files.
+    pub tls: TlsConfig,
+    /// Control channel.
+    pub control: ControlConfig,
+    /// Encryption datapath.
+    pub encryption: EncryptionConfig,
+    /// MTU of the underlay network.
+    pub underlay_mtu: u32,
+    /// Unix socket of the status API.
+    pub status_socket: PathBuf,
+    /// The peers discovery expects (standalone mode: listed here).
+    pub peers: Vec<PeerConfig>,
+}
+
+/// This node's identity and addresses.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeConfig {
+    /// Node name; must equal the DNS SAN of the node certificate.
+    pub name: String,
+    /// Underlay address; must be an IP SAN of the node certificate.
+    pub underlay_address: IpAddr,
+    /// Pod CIDR of this node.
+    pub pod_cidr: IpNet,
+}
+
+/// TLS material, by path.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Node certificate (PEM).
+    pub cert: PathBuf,
+    /// Node private key (PEM); its contents are never printed.
+    pub key: PathBuf,
+    /// Cluster CA bundle (PEM).
+    pub ca: PathBuf,
+}
+
+/// Control channel settings.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlConfig {
+    /// Where the agent listens (underlay address and control port).
+    pub listen: SocketAddr,
+    /// How long a peer's keys stay installed after its control session is lost, while the
+    /// agent reconnects. Authentication failures tear keys down at once.
+    #[serde(with = "humantime_secs")]
+    pub key_grace_period: Duration,
+    /// Timeout of one connection attempt (TCP connect plus TLS handshake plus hello).
+    #[serde(with = "humantime_secs")]
+    pub connect_timeout: Duration,
+}
+
+mod humantime_secs {
+    use serde::Serializer;
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+/// The encryption datapath.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum EncryptionConfig {
+    /// WireGuard.
+    Wireguard(WireguardConfig),
+}
+
+/// WireGuard settings.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WireguardConfig {
+    /// Interface name.
+    pub interface: String,
+    /// UDP listen port, on the underlay address.
+    pub listen_port: u16,
+}
+
+/// A peer node as discovery describes it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerConfig {
+    /// Node name; its certificate must carry it as DNS SAN.
+    pub name: String,
+    /// Underlay address; its certificate must carry it as IP SAN.
+    pub underlay_address: IpAddr,
+    /// Pod CIDR behind the peer.
+    pub pod_cidr: IpNet,
+    /// The peer's control port.
+    pub control_port: u16,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` is used in messages and to resolve
+    /// relative TLS paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        validate(raw, base)
+    }
+
+    /// The configuration as YAML; safe to print (paths only, no key material).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_else(|e| format!("<unprintable config: {e}>"))
+    }
+
+    /// The peer with this underlay address.
+    pub fn peer_by_addr(&self, addr: IpAddr) -> Option<&PeerConfig> {
+        self.peers.iter().find(|p| p.underlay_address == addr)
+    }
+}
+
+/// Checks a node name: a lowercase RFC 1123 DNS name, since it is matched against the
+/// certificate's DNS SAN.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 253 {
+        return Err(format!("longer than 253 characters ({})", name.len()));
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("each dot-separated label must be 1 to 63 characters".into());
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err("only lowercase letters, digits, '-' and '.' are allowed".into());
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("a label must not start or end with '-'".into());
+        }
+    }
+    Ok(())
+}
+
+fn parse_ip(field: &str, value: &str) -> Result<IpAddr, ConfigError> {
+    let ip: IpAddr = value
+        .trim()
+        .parse()
+        .map_err(|_| invalid(field, value, "not an IP address"))?;
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+        return Err(invalid(field, value, "must be a unicast, non-loopback, specified address"));
+    }
+    Ok(ip)
+}
+
+fn parse_cidr(field: &str, value: &str) -> Result<IpNet, ConfigError> {
+    let net: IpNet = value
+        .trim()
+        .parse()
+        .map_err(|_| invalid(field, value, "not a CIDR (expected e.g. 10.244.1.0/24)"))?;
+    if net.trunc() != net {
+        return Err(invalid(
+            field,
+            value,
+            format!("host bits are set; did you mean {}?", net.trunc()),
+        ));
+    }
+    if net.prefix_len() == 0 {
+        return Err(invalid(field, value, "a default route cannot be a pod CIDR"));
+    }
+    Ok(net)
+}
+
+fn parse_duration(field: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => {
+            let d = humantime::parse_duration(v)
+                .map_err(|e| invalid(field, v, format!("not a duration like \"30s\" or \"2m\": {e}")))?;
+            if d.is_zero() {
+                return Err(invalid(field, v, "must be greater than zero"));
+            }
+            Ok(d)
+        }
+    }
+}
+
+fn check_file(field: &str, base: &Path, path: &Path) -> Result<PathBuf, ConfigError> {
+    let full = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        base.join(path)
+    };
+    match std::fs::metadata(&full) {
+        Ok(m) if m.is_file() => Ok(full),
+        Ok(_) => Err(invalid(field, path.display(), "not a regular file")),
+        Err(e) => Err(invalid(field, path.display(), format!("cannot open: {e}"))),
+    }
+}
+
+fn check_port(field: &str, port: Option<u16>, default: u16) -> Result<u16, ConfigError> {
+    match port {
+        Some(0) => Err(invalid(field, 0, "port must be 1 to 65535")),
+        Some(p) => Ok(p),
+        None => Ok(default),
+    }
+}
+
+fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+    check_node_name(&raw.node.name).map_err(|r| invalid("node.name", &raw.node.name, r))?;
+    let underlay = parse_ip("node.underlayAddress", &raw.node.underlay_address)?;
+    let pod_cidr = parse_cidr("node.podCidr", &raw.node.pod_cidr)?;
+
+    let tls = TlsConfig {
+        cert: check_file("tls.cert", base, &raw.tls.cert)?,
+        key: check_file("tls.key", base, &raw.tls.key)?,
+        ca: check_file("tls.ca", base, &raw.tls.ca)?,
+    };
+
+    let control_port = check_port("control.listenPort", raw.control.listen_port, DEFAULT_CONTROL_PORT)?;
+    let control = ControlConfig {
+        listen: SocketAddr::new(underlay, control_port),
+        key_grace_period: parse_duration(
+            "control.keyGracePeriod",
+            raw.control.key_grace_period.as_deref(),
+            Duration::from_secs(60),
+        )?,
+        connect_timeout: parse_duration(
+            "control.connectTimeout",
+            raw.control.connect_timeout.as_deref(),
+            Duration::from_secs(5),
+        )?,
+    };
+
+    let encryption = match raw.encryption.kind.as_str() {
+        "wireguard" => {
+            let interface = raw
+                .encryption
+                .wireguard
+                .interface
+                .unwrap_or_else(|| DEFAULT_WG_INTERFACE.to_owned());
+            if interface.is_empty()
+                || interface.len() > 15
+                || !interface
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            {
+                return Err(invalid(
+                    "encryption.wireguard.interface",
+                    &interface,
+                    "interface names are 1 to 15 characters of letters, digits, '-', '_', '.'",
+                ));
+            }
+            let listen_port = check_port(
+                "encryption.wireguard.listenPort",
+                raw.encryption.wireguard.listen_port,
+                DEFAULT_WG_PORT,
+            )?;
+            if listen_port == control_port {
+                return Err(invalid(
+                    "encryption.wireguard.listenPort",
+                    listen_port,
+                    "must differ from control.listenPort",
+                ));
+            }
+            EncryptionConfig::Wireguard(WireguardConfig {
+                interface,
+                listen_port,
+            })
+        }
+        "ipsec" => {
+            return Err(invalid(
+                "encryption.type",
+                "ipsec",
+                "the IPsec backend is not part of this build yet (supported: wireguard)",
+            ));
+        }
+        other => return Err(invalid("encryption.type", other, "unknown type (supported: wireguard)")),
+    };
+
+    let underlay_mtu = raw.underlay.mtu.unwrap_or(1500);
+    if !(1280..=65535).contains(&underlay_mtu) {
+        return Err(invalid("underlay.mtu", underlay_mtu, "must be 1280 to 65535"));
+    }
+
+    let status_socket = raw
+        .status_socket
+        .unwrap_or_else(|| PathBuf::from(enc_api::DEFAULT_SOCKET));
+    if status_socket.as_os_str().is_empty() {
+        return Err(invalid("statusSocket", "", "must not be empty"));
+    }
+
+    let mut names = HashSet::new();
+    let mut addrs = HashSet::new();
+    let mut cidrs: Vec<(String, IpNet)> = vec![("node.podCidr".into(), pod_cidr)];
+    let mut peers = Vec::with_capacity(raw.peers.len());
+    for (i, p) in raw.peers.iter().enumerate() {
+        let f = |name: &str| format!("peers[{i}].{name}");
+        check_node_name(&p.name).map_err(|r| invalid(f("name"), &p.name, r))?;
+        if p.name == raw.node.name {
+            return Err(invalid(f("name"), &p.name, "a peer cannot carry this node's own name"));
+        }
+        if !names.insert(p.name.clone()) {
+            return Err(invalid(f("name"), &p.name, "duplicate peer name"));
+        }
+        let addr = parse_ip(&f("underlayAddress"), &p.underlay_address)?;
+        if addr == underlay {
+            return Err(invalid(f("underlayAddress"), &p.underlay_address, "equals this node's underlay address"));
+        }
+        if addr.is_ipv4() != underlay.is_ipv4() {
+            return Err(invalid(
+                f("underlayAddress"),
+                &p.underlay_address,
+                "address family differs from node.underlayAddress",
+            ));
+        }
+        if !addrs.insert(addr) {
+            return Err(invalid(f("underlayAddress"), &p.underlay_address, "duplicate peer address"));
+        }
+        let cidr = parse_cidr(&f("podCidr"), &p.pod_cidr)?;
+        for (other_field, other) in &cidrs {
+            if other.contains(&cidr.network()) || cidr.contains(&other.network()) {
+                return Err(invalid(
+                    f("podCidr"),
+                    &p.pod_cidr,
+                    format!("overlaps {other_field} ({other})"),
+                ));
+            }
+        }
+        cidrs.push((f("podCidr"), cidr));
+        peers.push(PeerConfig {
+            name: p.name.clone(),
+            underlay_address: addr,
+            pod_cidr: cidr,
+            control_port: check_port(&f("controlPort"), p.control_port, DEFAULT_CONTROL_PORT)?,
+        });
+    }
+
+    Ok(Config {
+        node: NodeConfig {
+            name: raw.node.name,
+            underlay_address: underlay,
+            pod_cidr,
+        },
+        tls,
+        control,
+        encryption,
+        underlay_mtu,
+        status_socket,
+        peers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(tempfile::TempDir);
+
+    fn dir() -> Dir {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["n1.crt", "n1.key", "ca.crt"] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        Dir(d)
+    }
+
+    const GOOD: &str = r#"
+node:
+  name: node-1
+  underlayAddress: 10.0.0.1
+  podCidr: 10.244.1.0/24
+tls:
+  cert: n1.crt
+  key: n1.key
+  ca: ca.crt
+encryption:
+  type: wireguard
+statusSocket: /tmp/enc-1.sock
+peers:
+  - name: node-2
+    underlayAddress: 10.0.0.2
+    podCidr: 10.244.2.0/24
+  - name: node-3
+    underlayAddress: 10.0.0.3
+    podCidr: 10.244.3.0/24
+    controlPort: 6000
+"#;
+
+    fn parse(d: &Dir, text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, &d.0.path().join("agent.yaml"))
+    }
+
+    fn invalid_field(d: &Dir, text: &str) -> (String, String, String) {
+        match parse(d, text) {
+            Err(ConfigError::Invalid { field, value, reason }) => (field, value, reason),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let d = dir();
+        let c = parse(&d, GOOD).unwrap();
+        assert_eq!(c.node.name, "node-1");
+        assert_eq!(c.control.listen, "10.0.0.1:51871".parse().unwrap());
+        assert_eq!(c.control.key_grace_period, Duration::from_secs(60));
+        assert_eq!(
+            c.encryption,
+            EncryptionConfig::Wireguard(WireguardConfig {
+                interface: "enc-wg0".into(),
+                listen_port: 51820
+            })
+        );
+        assert_eq!(c.underlay_mtu, 1500);
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.peers[1].control_port, 6000);
+        assert_eq!(c.tls.cert, d.0.path().join("n1.crt"));
+        assert!(c.to_yaml().contains("node-3"));
+    }
+
+    #[test]
+    fn each_bad_value_names_field_and_value() {
+        let d = dir();
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("name: node-1", "name: Node_1", "node.name", "Node_1"),
+            ("underlayAddress: 10.0.0.1", "underlayAddress: 10.0.0.300", "node.underlayAddress", "10.0.0.300"),
+            ("underlayAddress: 10.0.0.1", "underlayAddress: 127.0.0.1", "node.underlayAddress", "127.0.0.1"),
+            ("podCidr: 10.244.1.0/24", "podCidr: 10.244.1.5/24", "node.podCidr", "10.244.1.5/24"),
+            ("podCidr: 10.244.2.0/24", "podCidr: 10.244.0.0/16", "peers[0].podCidr", "10.244.0.0/16"),
+            ("type: wireguard", "type: wiregaurd", "encryption.type", "wiregaurd"),
+            ("type: wireguard", "type: ipsec", "encryption.type", "ipsec"),
+            ("cert: n1.crt", "cert: missing.crt", "tls.cert", "missing.crt"),
+            ("name: node-3", "name: node-2", "peers[1].name", "node-2"),
+            ("name: node-3", "name: node-1", "peers[1].name", "node-1"),
+            ("underlayAddress: 10.0.0.3", "underlayAddress: 10.0.0.2", "peers[1].underlayAddress", "10.0.0.2"),
+            ("underlayAddress: 10.0.0.3", "underlayAddress: fd00::3", "peers[1].underlayAddress", "fd00::3"),
+            ("controlPort: 6000", "controlPort: 0", "peers[1].controlPort", "0"),
+        ];
+        for (from, to, field, value) in cases {
+            let text = GOOD.replacen(from, to, 1);
+            let (f, v, reason) = invalid_field(&d, &text);
+            assert_eq!((f.as_str(), v.as_str()), (*field, *value), "{from} -> {to}: {reason}");
+            let msg = parse(&d, &text).unwrap_err().to_string();
+            assert!(msg.contains(field) && msg.contains(value), "{msg}");
+        }
+    }
+
+    #[test]
+    fn durations_ports_mtu_and_interface_are_checked() {
+        let d = dir();
+        let extra = |s: &str| GOOD.replacen("encryption:\n  type: wireguard\n", s, 1);
+        let cases: &[(&str, &str, &str)] = &[
+            ("control:\n  keyGracePeriod: soon\nencryption:\n  type: wireguard\n", "control.keyGracePeriod", "soon"),
+            ("control:\n  connectTimeout: 0s\nencryption:\n  type: wireguard\n", "control.connectTimeout", "0s"),
+            ("control:\n  listenPort: 0\nencryption:\n  type: wireguard\n", "control.listenPort", "0"),
+            ("encryption:\n  type: wireguard\n  wireguard:\n    interface: a-very-long-interface\n", "encryption.wireguard.interface", "a-very-long-interface"),
+            ("encryption:\n  type: wireguard\n  wireguard:\n    listenPort: 51871\n", "encryption.wireguard.listenPort", "51871"),
+            ("underlay:\n  mtu: 500\nencryption:\n  type: wireguard\n", "underlay.mtu", "500"),
+        ];
+        for (snippet, field, value) in cases {
+            let (f, v, _) = invalid_field(&d, &extra(snippet));
+            assert_eq!((f.as_str(), v.as_str()), (*field, *value));
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_are_refused_with_location() {
+        let d = dir();
+        let err = parse(&d, &GOOD.replacen("statusSocket", "statusSockett", 1)).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }));
+        assert!(err.to_string().contains("statusSockett"), "{err}");
+        let err = parse(&d, &GOOD.replacen("controlPort: 6000", "controlPort: 70000", 1)).unwrap_err();
+        assert!(err.to_string().contains("70000") || err.to_string().contains("u16"), "{err}");
+        assert!(err.to_string().contains("line"), "{err}");
+    }
+
+    #[test]
+    fn node_names_follow_dns_rules() {
+        assert!(check_node_name("node-1.zone-a").is_ok());
+        for bad in ["", "-a", "a-", "a..b", "UPPER", "a_b", &"x".repeat(64)] {
+            assert!(check_node_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

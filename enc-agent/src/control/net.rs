@@ -1,0 +1,327 @@
+//! Runs control sessions over TCP and TLS 1.3 with tokio.
+//!
+//! Who connects: the node whose name sorts first dials, the other accepts (see
+//! [`crate::peers::Role`]). The acceptor learns which peer to expect from the TCP source
+//! address, before the handshake, and verifies the client certificate against exactly that
+//! peer; the dialer verifies the server certificate the same way. Inbound connections from
+//! unknown addresses, or from a peer this node is supposed to dial, are closed unanswered.
+
+use super::proto::{self, Message};
+use super::session::{Action, Session, SessionError};
+use crate::app::{Shared, format_chain};
+use crate::config::PeerConfig;
+use crate::peers::{Role, SessionKeys};
+use enc_certs::{AuthFailure, CertInfo, ExpectedPeer};
+use enc_key_manager::{EXPORTER_LABEL, EXPORTER_LEN, Epoch, Pair, PairKeys, SessionSecret};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{debug, info, warn};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+fn expected(peer: &PeerConfig) -> ExpectedPeer {
+    ExpectedPeer {
+        name: peer.name.clone(),
+        addr: peer.underlay_address,
+    }
+}
+
+/// Accepts control connections forever.
+pub async fn listen(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, src)) => {
+                tokio::spawn(handle_inbound(shared.clone(), stream, src));
+            }
+            Err(e) => {
+                warn!(error = %e, "accepting a control connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle_inbound(shared: Arc<Shared>, stream: TcpStream, src: SocketAddr) {
+    let Some(peer) = shared.config.peer_by_addr(src.ip()).cloned() else {
+        warn!(%src, "control connection from an address no expected peer has; closed");
+        return;
+    };
+    if Role::of(&shared.config.node.name, &peer.name) == Role::Dial {
+        debug!(peer = %peer.name, %src, "peer dialled although this node dials it; closed");
+        return;
+    }
+    let config = match enc_certs::server_config(&shared.identity, &expected(&peer)) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(peer = %peer.name, error = %format_chain(&e), "cannot build TLS server config");
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let accept = TlsAcceptor::from(config).accept(stream);
+    match tokio::time::timeout(shared.config.control.connect_timeout, accept).await {
+        Err(_) => not_connected(&shared, &peer, "TLS handshake timed out".into()),
+        Ok(Err(e)) => handshake_failed(&shared, &peer, &e),
+        Ok(Ok(tls)) => {
+            let (_, conn) = tls.get_ref();
+            let cert = conn.peer_certificates().and_then(enc_certs::peer_info);
+            match export(conn.export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, None)) {
+                Ok(secret) => {
+                    let _ = run_session(&shared, &peer, tls, secret, cert).await;
+                }
+                Err(e) => not_connected(&shared, &peer, e),
+            }
+        }
+    }
+}
+
+fn export(r: Result<[u8; EXPORTER_LEN], rustls::Error>) -> Result<SessionSecret, String> {
+    r.map(SessionSecret::from_bytes)
+        .map_err(|e| format!("TLS exporter failed: {e}"))
+}
+
+/// Dials one peer, keeps a session up, and redials with capped backoff when it ends.
+pub async fn dial_loop(shared: Arc<Shared>, peer: PeerConfig) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let established = dial_once(&shared, &peer).await;
+        if established {
+            backoff = BACKOFF_MIN;
+        } else {
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// One connection attempt and, if it authenticates, the whole session. Returns whether the
+/// session got established.
+async fn dial_once(shared: &Arc<Shared>, peer: &PeerConfig) -> bool {
+    let target = SocketAddr::new(peer.underlay_address, peer.control_port);
+    let timeout = shared.config.control.connect_timeout;
+    let connect = async {
+        let socket = if target.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }?;
+        // The acceptor identifies us by source address, so dial from the underlay address.
+        socket.bind(SocketAddr::new(shared.config.node.underlay_address, 0))?;
+        socket.connect(target).await
+    };
+    let stream = match tokio::time::timeout(timeout, connect).await {
+        Err(_) => {
+            not_connected(shared, peer, format!("connecting to {target}: timed out"));
+            return false;
+        }
+        Ok(Err(e)) => {
+            not_connected(shared, peer, format!("connecting to {target}: {e}"));
+            return false;
+        }
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    let exp = expected(peer);
+    let (config, name) = match (
+        enc_certs::client_config(&shared.identity, &exp),
+        enc_certs::server_name(&exp),
+    ) {
+        (Ok(c), Ok(n)) => (c, n),
+        (Err(e), _) | (_, Err(e)) => {
+            not_connected(shared, peer, format!("TLS client config: {}", format_chain(&e)));
+            return false;
+        }
+    };
+    let tls = match tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, stream)).await {
+        Err(_) => {
+            not_connected(shared, peer, "TLS handshake timed out".into());
+            return false;
+        }
+        Ok(Err(e)) => {
+            handshake_failed(shared, peer, &e);
+            return false;
+        }
+        Ok(Ok(tls)) => tls,
+    };
+    let (_, conn) = tls.get_ref();
+    let cert = conn.peer_certificates().and_then(enc_certs::peer_info);
+    match export(conn.export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, None)) {
+        Ok(secret) => run_session(shared, peer, tls, secret, cert).await,
+        Err(e) => {
+            not_connected(shared, peer, e);
+            false
+        }
+    }
+}
+
+fn not_connected(shared: &Shared, peer: &PeerConfig, detail: String) {
+    debug!(peer = %peer.name, %detail, "control connection not established");
+    shared.table().not_connected(&peer.name, Instant::now(), detail);
+}
+
+fn auth_failed(shared: &Shared, peer: &PeerConfig, reason: String) {
+    warn!(peer = %peer.name, addr = %peer.underlay_address, %reason, "peer authentication failed");
+    shared.table().auth_failed(&peer.name, Instant::now(), reason);
+    shared.request_reconcile();
+}
+
+fn handshake_failed(shared: &Shared, peer: &PeerConfig, e: &std::io::Error) {
+    match AuthFailure::from_io_error(e) {
+        Some(f) => auth_failed(shared, peer, f.to_string()),
+        None => not_connected(shared, peer, format!("TLS handshake: {e}")),
+    }
+}
+
+enum ReadError {
+    Io(std::io::Error),
+    Proto(proto::ProtoError),
+}
+
+async fn read_frames<R: AsyncRead + Unpin>(mut rd: R, tx: tokio::sync::mpsc::Sender<Result<Message, ReadError>>) {
+    loop {
+        let mut prefix = [0u8; 4];
+        if let Err(e) = rd.read_exact(&mut prefix).await {
+            let _ = tx.send(Err(ReadError::Io(e))).await;
+            return;
+        }
+        let len = match proto::frame_len(prefix) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = tx.send(Err(ReadError::Proto(e))).await;
+                return;
+            }
+        };
+        let mut body = vec![0u8; len];
+        if let Err(e) = rd.read_exact(&mut body).await {
+            let _ = tx.send(Err(ReadError::Io(e))).await;
+            return;
+        }
+        let msg = proto::decode_body(&body).map_err(ReadError::Proto);
+        let stop = msg.is_err();
+        if tx.send(msg).await.is_err() || stop {
+            return;
+        }
+    }
+}
+
+/// How a session ended.
+enum End {
+    Session(SessionError),
+    Read(ReadError),
+    Write(std::io::Error),
+    Keys(String),
+}
+
+/// Runs the control protocol over an authenticated stream until it ends. Returns whether the
+/// peer's hello was accepted (keys were installed).
+async fn run_session<S>(
+    shared: &Arc<Shared>,
+    peer: &PeerConfig,
+    stream: S,
+    secret: SessionSecret,
+    cert: Option<CertInfo>,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let session_id = shared.next_session_id();
+    let (rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let reader = tokio::spawn(read_frames(rd, tx));
+    let (mut session, first) = Session::new(&peer.name, shared.hello(), shared.timing, Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut pending = first;
+
+    let end = 'outer: loop {
+        for action in pending.drain(..) {
+            match action {
+                Action::Send(msg) => {
+                    if let Err(e) = wr.write_all(&proto::encode(&msg)).await {
+                        break 'outer End::Write(e);
+                    }
+                    session.on_sent(Instant::now());
+                }
+                Action::Established(hello) => {
+                    let keys = Pair::new(&shared.config.node.name, &peer.name)
+                        .and_then(|pair| PairKeys::derive(&secret, Epoch::FIRST, &pair));
+                    let keys = match keys {
+                        Ok(k) => k,
+                        Err(e) => break 'outer End::Keys(e.to_string()),
+                    };
+                    info!(
+                        peer = %peer.name,
+                        addr = %peer.underlay_address,
+                        session = session_id,
+                        epoch = %keys.epoch,
+                        key_id = %keys.key_id,
+                        wg_public_key = %hello.public_key,
+                        "peer authenticated; keys derived from the control session"
+                    );
+                    shared.table().authenticated(
+                        &peer.name,
+                        Instant::now(),
+                        cert.clone(),
+                        SessionKeys {
+                            session_id,
+                            wg_public_key: hello.public_key,
+                            wg_port: hello.listen_port,
+                            keys,
+                        },
+                    );
+                    shared.request_reconcile();
+                }
+            }
+        }
+        let step = tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(Ok(m)) => session.on_message(m, Instant::now()),
+                Some(Err(e)) => break 'outer End::Read(e),
+                None => break 'outer End::Read(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+            },
+            _ = tick.tick() => session.on_tick(Instant::now()),
+        };
+        match step {
+            Ok(actions) => pending = actions,
+            Err(e) => break End::Session(e),
+        }
+    };
+    reader.abort();
+    let _ = wr.shutdown().await;
+
+    let established = session.is_established();
+    let now = Instant::now();
+    let reason = match &end {
+        End::Session(e) if e.is_auth_failure() => {
+            auth_failed(shared, peer, e.to_string());
+            return established;
+        }
+        End::Read(ReadError::Io(e)) => {
+            if let Some(f) = AuthFailure::from_io_error(e) {
+                auth_failed(shared, peer, f.to_string());
+                return established;
+            }
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "control connection closed by peer".to_owned()
+            } else {
+                format!("control connection: {e}")
+            }
+        }
+        End::Read(ReadError::Proto(e)) => e.to_string(),
+        End::Session(e) => e.to_string(),
+        End::Write(e) => format!("writing to peer: {e}"),
+        End::Keys(e) => format!("key derivation: {e}"),
+    };
+    if established {
+        info!(peer = %peer.name, session = session_id, %reason, "control session ended");
+        shared.table().session_lost(&peer.name, now, session_id, &reason);
+        shared.request_reconcile();
+    } else {
+        not_connected(shared, peer, reason);
+    }
+    established
+}

@@ -1,0 +1,69 @@
+//! `enc-agent`: the enc node agent.
+
+use anyhow::Context;
+use clap::Parser;
+use enc_agent::config::Config;
+use std::path::PathBuf;
+use tracing_subscriber::EnvFilter;
+
+/// The enc node agent: authenticates peers with mutual TLS and encrypts pod traffic between
+/// nodes.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (YAML).
+    #[arg(long, env = "ENC_CONFIG")]
+    config: PathBuf,
+    /// Validate the configuration, print it (no key material) and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Log format.
+    #[arg(long, env = "ENC_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_env("ENC_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+
+    let config = Config::load(&args.config)?;
+    if args.print_config {
+        print!("{}", config.to_yaml());
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("enc-agent")
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(async {
+        enc_agent::app::run(config, shutdown_signal())
+            .await
+            .context("enc-agent failed")
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the agent can still be stopped by SIGKILL; run until then.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,332 @@
+//! The peer table: what the agent knows about every expected peer, as plain data.
+//!
+//! Transitions take `now` from the caller, and [`PeerTable::desired`] turns the table into the
+//! datapath state it implies. Keys exist in the table only for peers that passed the mutual
+//! certificate check in a control session; an authentication failure removes them at once.
+
+use crate::config::{Config, PeerConfig};
+use enc_certs::CertInfo;
+use enc_geneve_vxlan::RouteSpec;
+use enc_key_manager::PairKeys;
+use enc_wireguard::{PeerSpec, PresharedKey, PublicKey};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Which side of a pair opens the control connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// This node dials the peer (our name sorts first).
+    Dial,
+    /// The peer dials this node.
+    Accept,
+}
+
+impl Role {
+    /// The role of `local` towards `peer`: the node whose name sorts first dials. One rule on
+    /// both sides means the two never connect at once, so no tie-break is needed.
+    pub fn of(local: &str, peer: &str) -> Self {
+        if local < peer { Role::Dial } else { Role::Accept }
+    }
+
+    /// `dial` or `accept`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Dial => "dial",
+            Role::Accept => "accept",
+        }
+    }
+}
+
+/// Authentication state of a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Auth {
+    /// Not authenticated; the text says what the agent is doing.
+    Pending(String),
+    /// Authenticated in the current control session.
+    Authenticated,
+    /// The last attempt failed for this reason.
+    Failed(String),
+}
+
+/// Keys and datapath parameters learnt from an authenticated session.
+#[derive(Clone, Debug)]
+pub struct SessionKeys {
+    /// Id of the control session the keys come from.
+    pub session_id: u64,
+    /// The peer's WireGuard public key.
+    pub wg_public_key: PublicKey,
+    /// The peer's WireGuard UDP port.
+    pub wg_port: u16,
+    /// Keys derived for the pair.
+    pub keys: PairKeys,
+}
+
+/// Everything known about one peer.
+#[derive(Clone, Debug)]
+pub struct PeerEntry {
+    /// What discovery says about the peer.
+    pub config: PeerConfig,
+    /// Which side dials.
+    pub role: Role,
+    /// Authentication state.
+    pub auth: Auth,
+    /// When `auth` last changed.
+    pub since: Instant,
+    /// Failed authentication attempts since start.
+    pub failures: u64,
+    /// The certificate seen at the last successful authentication.
+    pub cert: Option<CertInfo>,
+    /// Installed keys, if any.
+    pub keys: Option<SessionKeys>,
+    /// When the session that delivered `keys` was lost, if it was.
+    pub lost_at: Option<Instant>,
+}
+
+impl PeerEntry {
+    fn set_auth(&mut self, auth: Auth, now: Instant) {
+        if self.auth != auth {
+            self.auth = auth;
+            self.since = now;
+        }
+    }
+}
+
+/// The datapath state implied by the table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    /// WireGuard peers to configure.
+    pub wg_peers: Vec<PeerSpec>,
+    /// Routes into the encryption device.
+    pub routes: Vec<RouteSpec>,
+}
+
+/// All expected peers, by name.
+#[derive(Debug)]
+pub struct PeerTable {
+    local: String,
+    entries: BTreeMap<String, PeerEntry>,
+}
+
+impl PeerTable {
+    /// A table with every configured peer pending.
+    pub fn new(config: &Config, now: Instant) -> Self {
+        let entries = config
+            .peers
+            .iter()
+            .map(|p| {
+                let role = Role::of(&config.node.name, &p.name);
+                let detail = match role {
+                    Role::Dial => "connecting",
+                    Role::Accept => "waiting for the peer to connect",
+                };
+                (
+                    p.name.clone(),
+                    PeerEntry {
+                        config: p.clone(),
+                        role,
+                        auth: Auth::Pending(detail.into()),
+                        since: now,
+                        failures: 0,
+                        cert: None,
+                        keys: None,
+                        lost_at: None,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            local: config.node.name.clone(),
+            entries,
+        }
+    }
+
+    /// This node's name.
+    pub fn local(&self) -> &str {
+        &self.local
+    }
+
+    /// One peer.
+    pub fn get(&self, name: &str) -> Option<&PeerEntry> {
+        self.entries.get(name)
+    }
+
+    /// All peers, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = &PeerEntry> {
+        self.entries.values()
+    }
+
+    /// A session authenticated the peer and delivered its keys.
+    pub fn authenticated(&mut self, name: &str, now: Instant, cert: Option<CertInfo>, keys: SessionKeys) {
+        if let Some(e) = self.entries.get_mut(name) {
+            e.set_auth(Auth::Authenticated, now);
+            e.cert = cert;
+            e.keys = Some(keys);
+            e.lost_at = None;
+        }
+    }
+
+    /// Authentication failed: the peer's keys are torn down at once.
+    pub fn auth_failed(&mut self, name: &str, now: Instant, reason: String) {
+        if let Some(e) = self.entries.get_mut(name) {
+            e.failures += 1;
+            e.set_auth(Auth::Failed(reason), now);
+            e.keys = None;
+            e.lost_at = None;
+        }
+    }
+
+    /// The session `session_id` ended for a reason that is not an authentication failure.
+    /// Keys stay for the grace period while the agents reconnect; a stale session id (a newer
+    /// session has replaced it) is ignored.
+    pub fn session_lost(&mut self, name: &str, now: Instant, session_id: u64, reason: &str) {
+        if let Some(e) = self.entries.get_mut(name)
+            && e.keys.as_ref().is_some_and(|k| k.session_id == session_id)
+        {
+            e.lost_at = Some(now);
+            e.set_auth(Auth::Pending(format!("reconnecting: {reason}")), now);
+        }
+    }
+
+    /// A connection attempt did not reach authentication for a non-identity reason.
+    /// Leaves an authenticated or failed state alone: they carry better information.
+    pub fn not_connected(&mut self, name: &str, now: Instant, detail: String) {
+        if let Some(e) = self.entries.get_mut(name)
+            && matches!(e.auth, Auth::Pending(_))
+        {
+            e.set_auth(Auth::Pending(detail), now);
+        }
+    }
+
+    /// Drops keys whose session has been lost for longer than `grace`. Returns whether
+    /// anything changed.
+    pub fn expire(&mut self, now: Instant, grace: Duration) -> bool {
+        let mut changed = false;
+        for e in self.entries.values_mut() {
+            if e.lost_at.is_some_and(|t| now.saturating_duration_since(t) >= grace) {
+                e.keys = None;
+                e.lost_at = None;
+                e.set_auth(Auth::Pending("session lost; keys removed after the grace period".into()), now);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The datapath state the table implies. Routes to every expected peer's pod CIDR point
+    /// into the encryption device whether or not the peer is authenticated: traffic to a
+    /// peer without keys then finds no WireGuard peer and is dropped, never sent in clear.
+    pub fn desired(&self, device: &str, mtu: u32) -> Desired {
+        let mut wg_peers = Vec::new();
+        let mut routes = Vec::new();
+        for e in self.entries.values() {
+            routes.push(RouteSpec {
+                dst: e.config.pod_cidr,
+                dev: device.to_owned(),
+                mtu: Some(mtu),
+                table: enc_geneve_vxlan::RT_TABLE_MAIN,
+            });
+            if let Some(k) = &e.keys {
+                wg_peers.push(PeerSpec {
+                    public_key: k.wg_public_key,
+                    preshared_key: Some(PresharedKey::from_bytes(*k.keys.wireguard_psk.expose())),
+                    endpoint: Some(SocketAddr::new(e.config.underlay_address, k.wg_port)),
+                    allowed_ips: vec![e.config.pod_cidr],
+                    persistent_keepalive: None,
+                });
+            }
+        }
+        Desired { wg_peers, routes }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use enc_key_manager::{Epoch, Pair, SessionSecret};
+
+    pub(crate) fn config() -> Config {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["c", "k", "ca"] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        let text = r#"
+node: { name: node-2, underlayAddress: 10.0.0.2, podCidr: 10.244.2.0/24 }
+tls: { cert: c, key: k, ca: ca }
+encryption: { type: wireguard }
+peers:
+  - { name: node-1, underlayAddress: 10.0.0.1, podCidr: 10.244.1.0/24 }
+  - { name: node-3, underlayAddress: 10.0.0.3, podCidr: 10.244.3.0/24 }
+"#;
+        Config::parse(text, &d.path().join("a.yaml")).unwrap()
+    }
+
+    fn keys(session_id: u64) -> SessionKeys {
+        let secret = SessionSecret::from_bytes([session_id as u8; 32]);
+        SessionKeys {
+            session_id,
+            wg_public_key: PublicKey::from([session_id as u8; 32]),
+            wg_port: 51820,
+            keys: PairKeys::derive(&secret, Epoch::FIRST, &Pair::new("node-1", "node-2").unwrap()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn roles_follow_name_order() {
+        let t = PeerTable::new(&config(), Instant::now());
+        assert_eq!(t.get("node-1").unwrap().role, Role::Accept);
+        assert_eq!(t.get("node-3").unwrap().role, Role::Dial);
+    }
+
+    #[test]
+    fn routes_cover_every_peer_but_keys_only_authenticated_ones() {
+        let now = Instant::now();
+        let mut t = PeerTable::new(&config(), now);
+        let d = t.desired("wg0", 1440);
+        assert_eq!(d.routes.len(), 2);
+        assert!(d.wg_peers.is_empty());
+        t.authenticated("node-1", now, None, keys(1));
+        let d = t.desired("wg0", 1440);
+        assert_eq!(d.wg_peers.len(), 1);
+        let p = &d.wg_peers[0];
+        assert_eq!(p.endpoint, Some("10.0.0.1:51820".parse().unwrap()));
+        assert_eq!(p.allowed_ips, vec!["10.244.1.0/24".parse().unwrap()]);
+        assert!(p.preshared_key.is_some());
+    }
+
+    #[test]
+    fn auth_failure_tears_keys_down_at_once() {
+        let now = Instant::now();
+        let mut t = PeerTable::new(&config(), now);
+        t.authenticated("node-1", now, None, keys(1));
+        t.auth_failed("node-1", now, "certificate expired".into());
+        let e = t.get("node-1").unwrap();
+        assert_eq!(e.auth, Auth::Failed("certificate expired".into()));
+        assert_eq!(e.failures, 1);
+        assert!(t.desired("wg0", 1440).wg_peers.is_empty());
+        // A later connection error does not hide the failure reason.
+        t.not_connected("node-1", now, "connection refused".into());
+        assert!(matches!(t.get("node-1").unwrap().auth, Auth::Failed(_)));
+    }
+
+    #[test]
+    fn lost_session_keeps_keys_for_the_grace_period_only() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(60);
+        let mut t = PeerTable::new(&config(), t0);
+        t.authenticated("node-1", t0, None, keys(1));
+        // A stale session's end is ignored.
+        t.session_lost("node-1", t0, 99, "eof");
+        assert_eq!(t.get("node-1").unwrap().auth, Auth::Authenticated);
+        t.session_lost("node-1", t0, 1, "eof");
+        assert!(matches!(t.get("node-1").unwrap().auth, Auth::Pending(_)));
+        assert!(!t.expire(t0 + Duration::from_secs(59), grace));
+        assert_eq!(t.desired("wg0", 1440).wg_peers.len(), 1);
+        assert!(t.expire(t0 + grace, grace));
+        assert!(t.desired("wg0", 1440).wg_peers.is_empty());
+        // Reconnecting within the grace period replaces keys and clears the loss.
+        t.authenticated("node-1", t0, None, keys(2));
+        assert!(!t.expire(t0 + grace * 3, grace));
+        assert_eq!(t.get("node-1").unwrap().keys.as_ref().unwrap().session_id, 2);
+    }
+}

@@ -1,0 +1,186 @@
+//! The status API: HTTP/1.1 + JSON on a Unix socket, read by `encctl`.
+//!
+//! The socket is created with mode 0660 so that only root (and the socket's group) can read
+//! peer state. Answers carry public values only: names, addresses, certificate metadata,
+//! public keys, key ids and counters; never key material.
+
+use crate::Error;
+use crate::app::Shared;
+use crate::config::EncryptionConfig;
+use crate::peers::{Auth, PeerEntry};
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use enc_api::{
+    ApiError, AuthState, CertSummary, ControlInfo, EncryptionInfo, KeyInfo, NodeInfo, PeerCounts, PeerInfo, Peers,
+    Status, WgPeerInfo,
+};
+use enc_certs::CertInfo;
+use enc_wireguard::DeviceSnapshot;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::UnixListener;
+use tracing::warn;
+
+/// Binds the status socket, replacing a stale socket file but refusing to take over one that
+/// another agent still serves.
+pub fn bind(path: &Path) -> Result<UnixListener, Error> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("create directory {}", dir.display())))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::Io {
+                context: format!("status socket {} is served by another agent", path.display()),
+                source: std::io::ErrorKind::AddrInUse.into(),
+            });
+        }
+        std::fs::remove_file(path).map_err(Error::io(format!("remove stale socket {}", path.display())))?;
+    }
+    let listener = UnixListener::bind(path).map_err(Error::io(format!("bind status socket {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(Error::io(format!("chmod status socket {}", path.display())))?;
+    Ok(listener)
+}
+
+/// Serves the API until the task is cancelled.
+pub async fn serve(shared: Arc<Shared>, listener: UnixListener) {
+    if let Err(e) = axum::serve(listener, router(shared)).await {
+        warn!(error = %e, "status API stopped");
+    }
+}
+
+/// The API's routes.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(enc_api::STATUS_PATH, get(status))
+        .route(enc_api::PEERS_PATH, get(peers))
+        .fallback(not_found)
+        .with_state(shared)
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(ApiError {
+            error: "no such endpoint".into(),
+        }),
+    )
+        .into_response()
+}
+
+fn summary(c: &CertInfo) -> CertSummary {
+    CertSummary {
+        subject: c.subject.clone(),
+        serial: c.serial.clone(),
+        issuer: c.issuer.clone(),
+        not_after: c
+            .not_after
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| c.not_after.to_string()),
+        sha256_fingerprint: c.sha256_fingerprint.clone(),
+    }
+}
+
+fn snapshot(shared: &Shared) -> Option<DeviceSnapshot> {
+    match shared.wg.dump() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "cannot read WireGuard state for status");
+            None
+        }
+    }
+}
+
+/// Builds the status answer.
+pub fn build_status(shared: &Shared) -> Status {
+    let mut counts = PeerCounts::default();
+    for e in shared.table().iter() {
+        counts.total += 1;
+        match e.auth {
+            Auth::Pending(_) => counts.pending += 1,
+            Auth::Authenticated => counts.authenticated += 1,
+            Auth::Failed(_) => counts.failed += 1,
+        }
+    }
+    let EncryptionConfig::Wireguard(_) = &shared.config.encryption;
+    Status {
+        node: NodeInfo {
+            name: shared.config.node.name.clone(),
+            underlay_address: shared.config.node.underlay_address,
+            pod_cidr: shared.config.node.pod_cidr.to_string(),
+        },
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_seconds: shared.started.elapsed().as_secs(),
+        encryption: EncryptionInfo {
+            kind: "wireguard".into(),
+            backend: "boringtun".into(),
+            backend_reason: shared.backend_reason.clone(),
+            interface: shared.wg.ifname().to_owned(),
+            listen_port: shared.wg.listen_port(),
+            public_key: shared.wg.public_key().to_string(),
+            mtu: shared.mtu,
+        },
+        control: ControlInfo {
+            listen: shared.config.control.listen.to_string(),
+            dial_rule: "the node whose name sorts first dials".into(),
+        },
+        certificate: summary(shared.identity.info()),
+        peers: counts,
+    }
+}
+
+fn peer_info(e: &PeerEntry, snap: Option<&DeviceSnapshot>, now: Instant) -> PeerInfo {
+    let wireguard = e.keys.as_ref().and_then(|k| {
+        let p = snap?.peers.iter().find(|p| p.public_key == k.wg_public_key)?;
+        Some(WgPeerInfo {
+            public_key: p.public_key.to_string(),
+            endpoint: p.endpoint.map(|e| e.to_string()),
+            last_handshake_seconds: p.last_handshake.map(|d| d.as_secs()),
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+        })
+    });
+    PeerInfo {
+        name: e.config.name.clone(),
+        address: e.config.underlay_address,
+        pod_cidr: e.config.pod_cidr.to_string(),
+        role: e.role.as_str().to_owned(),
+        auth: match &e.auth {
+            Auth::Pending(d) => AuthState::Pending { detail: d.clone() },
+            Auth::Authenticated => AuthState::Authenticated,
+            Auth::Failed(r) => AuthState::Failed { reason: r.clone() },
+        },
+        state_age_seconds: now.saturating_duration_since(e.since).as_secs(),
+        failures: e.failures,
+        certificate: e.cert.as_ref().map(summary),
+        key: e.keys.as_ref().map(|k| KeyInfo {
+            epoch: k.keys.epoch.0,
+            key_id: k.keys.key_id.clone(),
+        }),
+        wireguard,
+    }
+}
+
+/// Builds the peers answer.
+pub fn build_peers(shared: &Shared) -> Peers {
+    let snap = snapshot(shared);
+    let now = Instant::now();
+    Peers {
+        peers: shared.table().iter().map(|e| peer_info(e, snap.as_ref(), now)).collect(),
+    }
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Json<Status> {
+    Json(build_status(&shared))
+}
+
+async fn peers(State(shared): State<Arc<Shared>>) -> Json<Peers> {
+    Json(build_peers(&shared))
+}

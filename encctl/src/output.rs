@@ -1,0 +1,178 @@
+//! Text rendering of API answers.
+
+use enc_api::{AuthState, PeerInfo, Status};
+use std::fmt::Write;
+
+/// Renders rows as aligned columns; the last column is not padded.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let n = cells.len();
+        let mut s = String::new();
+        for (i, c) in cells.into_iter().enumerate() {
+            if i + 1 == n {
+                s.push_str(c);
+            } else {
+                let _ = write!(s, "{:<w$}  ", c, w = widths[i]);
+            }
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// Bytes in binary units.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// Seconds as a short age ("42s", "5m", "3h", "2d").
+pub fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// `encctl status` text.
+pub fn status(s: &Status) -> String {
+    let e = &s.encryption;
+    let p = &s.peers;
+    format!(
+        "node:        {} ({}, pods {})\n\
+         agent:       enc-agent {} up {}\n\
+         encryption:  {} via {} on {} (udp port {}, mtu {})\n\
+         backend:     {}\n\
+         public key:  {}\n\
+         control:     tls 1.3 mutual auth on {} ({})\n\
+         certificate: {} serial {} expires {}\n\
+         peers:       {} total, {} authenticated, {} pending, {} failed\n",
+        s.node.name,
+        s.node.underlay_address,
+        s.node.pod_cidr,
+        s.version,
+        age(s.uptime_seconds),
+        e.kind,
+        e.backend,
+        e.interface,
+        e.listen_port,
+        e.mtu,
+        e.backend_reason,
+        e.public_key,
+        s.control.listen,
+        s.control.dial_rule,
+        s.certificate.subject,
+        s.certificate.serial,
+        s.certificate.not_after,
+        p.total,
+        p.authenticated,
+        p.pending,
+        p.failed,
+    )
+}
+
+/// `encctl peers` text.
+pub fn peers(peers: &[PeerInfo]) -> String {
+    let rows: Vec<Vec<String>> = peers
+        .iter()
+        .map(|p| {
+            let (state, detail) = match &p.auth {
+                AuthState::Pending { detail } => ("pending", detail.clone()),
+                AuthState::Authenticated => ("authenticated", String::new()),
+                AuthState::Failed { reason } => ("failed", reason.clone()),
+            };
+            let cert = p.certificate.as_ref();
+            let wg = p.wireguard.as_ref();
+            vec![
+                p.name.clone(),
+                p.address.to_string(),
+                format!("{state} ({})", age(p.state_age_seconds)),
+                cert.map(|c| c.subject.clone()).unwrap_or_else(|| "-".into()),
+                cert.map(|c| short_serial(&c.serial)).unwrap_or_else(|| "-".into()),
+                cert.map(|c| c.not_after.clone()).unwrap_or_else(|| "-".into()),
+                p.key
+                    .as_ref()
+                    .map(|k| format!("{}/{}", k.epoch, k.key_id))
+                    .unwrap_or_else(|| "-".into()),
+                wg.and_then(|w| w.last_handshake_seconds)
+                    .map(|s| format!("{} ago", age(s)))
+                    .unwrap_or_else(|| "-".into()),
+                wg.map(|w| bytes(w.rx_bytes)).unwrap_or_else(|| "-".into()),
+                wg.map(|w| bytes(w.tx_bytes)).unwrap_or_else(|| "-".into()),
+                detail,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "ADDRESS", "AUTH", "SUBJECT", "SERIAL", "EXPIRES", "EPOCH/KEY", "HANDSHAKE", "RX", "TX", "DETAIL",
+        ],
+        &rows,
+    )
+}
+
+fn short_serial(s: &str) -> String {
+    if s.len() > 12 { format!("{}…", &s[..12]) } else { s.to_owned() }
+}
+
+/// `encctl cert inspect` text.
+pub fn cert(c: &enc_certs::CertInfo) -> String {
+    let mut sans: Vec<String> = c.dns_names.iter().map(|d| format!("DNS:{d}")).collect();
+    sans.extend(c.ips.iter().map(|ip| format!("IP:{ip}")));
+    format!(
+        "  subject:     {}\n  issuer:      {}\n  serial:      {}\n  SANs:        {}\n  not before:  {}\n  not after:   {}\n  sha256:      {}\n  is CA:       {}\n",
+        c.subject,
+        c.issuer,
+        c.serial,
+        if sans.is_empty() { "-".into() } else { sans.join(", ") },
+        rfc3339(c.not_before),
+        rfc3339(c.not_after),
+        c.sha256_fingerprint,
+        c.is_ca,
+    )
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+
+    #[test]
+    fn units() {
+        assert_eq!(bytes(10), "10 B");
+        assert_eq!(bytes(2048), "2.0 KiB");
+        assert_eq!(age(59), "59s");
+        assert_eq!(age(3600), "60m");
+        assert_eq!(age(86_400 * 3), "3d");
+    }
+}

@@ -1,0 +1,54 @@
+//! Overlay links, routes and MTU arithmetic for enc, over rtnetlink.
+//!
+//! The agent talks to the kernel through the [`LinkBackend`] seam: [`RtnetlinkLinks`] is the real
+//! implementation (a synchronous NETLINK_ROUTE socket), [`FakeLinks`] an in-memory one for tests.
+//! Reconciliation is split into a pure [`diff_routes`] and [`apply_routes`]. Routes that enc
+//! installs carry the protocol number [`RTPROT_ENC`], so that a restarted agent finds exactly the
+//! routes it owns with [`LinkBackend::dump_routes`].
+//!
+//! [`mtu`] holds the MTU arithmetic for the encapsulation layers.
+
+mod error;
+mod fake;
+pub mod mtu;
+mod route;
+mod rtnl;
+
+use serde::Serialize;
+
+pub use error::{Error, Result};
+pub use fake::FakeLinks;
+pub use route::{RT_TABLE_MAIN, RTPROT_ENC, RouteChanges, RouteSpec, apply_routes, diff_routes};
+pub use rtnl::RtnetlinkLinks;
+
+/// What the kernel reports for one link.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkSnapshot {
+    /// Interface name.
+    pub ifname: String,
+    /// Interface index.
+    pub index: u32,
+    /// Current MTU.
+    pub mtu: u32,
+    /// Administrative state (`IFF_UP`).
+    pub up: bool,
+}
+
+/// The seam over rtnetlink used by the agent; all operations are idempotent.
+///
+/// Route operations act on routes with protocol [`RTPROT_ENC`] only; a route of another protocol
+/// with the same destination is replaced by an upsert (the kernel identifies routes by table and
+/// destination) but never deleted nor dumped.
+pub trait LinkBackend: Send + Sync {
+    /// The link named `ifname`, or `None` if there is none.
+    fn link(&self, ifname: &str) -> Result<Option<LinkSnapshot>>;
+    /// Sets MTU and admin-up state of an existing link ([`Error::Link`] with `ENODEV` if absent).
+    fn set_link(&self, ifname: &str, mtu: u32, up: bool) -> Result<()>;
+    /// Adds or replaces (`NLM_F_CREATE | NLM_F_REPLACE`) the route.
+    fn upsert_route(&self, spec: &RouteSpec) -> Result<()>;
+    /// Deletes the route; an absent route (or device) is `Ok`.
+    fn delete_route(&self, spec: &RouteSpec) -> Result<()>;
+    /// Routes with enc's protocol number in `table` (IPv4 and IPv6).
+    fn dump_routes(&self, table: u32) -> Result<Vec<RouteSpec>>;
+}

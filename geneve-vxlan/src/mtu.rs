@@ -1,0 +1,157 @@
+//! MTU arithmetic: what each encapsulation layer costs.
+//!
+//! A packet sent into a WireGuard device leaves the node as
+//! `outer IP | UDP | WireGuard data header (16) | encrypted inner packet | Poly1305 tag (16)`.
+//! The device MTU is therefore the underlay MTU minus [`Underlay::ip_header_len`], [`UDP_HEADER`]
+//! and [`WIREGUARD_OVERHEAD`]: 1440 on a 1500-byte IPv4 underlay and 1420 on IPv6, the values
+//! `wg-quick` uses.
+//!
+//! WireGuard pads the plaintext to a multiple of 16 bytes, but Linux caps the padded length at the
+//! device MTU (`calculate_skb_padding` in `drivers/net/wireguard/send.c`) and boringtun does not
+//! pad, so padding never makes an outer packet exceed the underlay MTU and the device MTU needs
+//! no rounding down to a multiple of 16.
+
+use crate::{Error, Result};
+
+/// IPv4 header without options.
+pub const IPV4_HEADER: u32 = 20;
+/// IPv6 fixed header.
+pub const IPV6_HEADER: u32 = 40;
+/// UDP header.
+pub const UDP_HEADER: u32 = 8;
+/// WireGuard transport data message: 16-byte header (type, receiver index, counter) plus the
+/// 16-byte Poly1305 authentication tag.
+pub const WIREGUARD_OVERHEAD: u32 = 32;
+/// Smallest datagram every IPv4 host must accept (RFC 791).
+pub const IPV4_MIN_MTU: u32 = 576;
+/// IPv6 minimum link MTU (RFC 8200); Linux disables IPv6 on links below it.
+pub const IPV6_MIN_MTU: u32 = 1280;
+
+/// Underlay IP version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Underlay {
+    /// Nodes talk IPv4.
+    V4,
+    /// Nodes talk IPv6.
+    V6,
+}
+
+impl Underlay {
+    /// Length of the outer IP header: [`IPV4_HEADER`] or [`IPV6_HEADER`].
+    pub fn ip_header_len(self) -> u32 {
+        match self {
+            Self::V4 => IPV4_HEADER,
+            Self::V6 => IPV6_HEADER,
+        }
+    }
+}
+
+/// IP versions the overlay carries inside the tunnel (pod traffic).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Inner {
+    /// IPv4 only: the MTU must be at least [`IPV4_MIN_MTU`].
+    V4,
+    /// IPv6, alone or with IPv4: the MTU must be at least [`IPV6_MIN_MTU`].
+    V6,
+}
+
+impl Inner {
+    fn minimum(self) -> (u32, &'static str) {
+        match self {
+            Self::V4 => (IPV4_MIN_MTU, "IPv4 minimum datagram size (RFC 791)"),
+            Self::V6 => (IPV6_MIN_MTU, "IPv6 minimum link MTU (RFC 8200)"),
+        }
+    }
+}
+
+/// MTU of a WireGuard device on an underlay of `underlay_mtu`: minus the outer IP header (20 or
+/// 40), UDP (8) and WireGuard (32: 16 header + 16 tag). See the [module docs](self) for why it is
+/// not rounded to a multiple of 16.
+///
+/// Fails with [`Error::MtuTooSmall`] if the result is below [`IPV4_MIN_MTU`] (576). Use
+/// [`wireguard_device_mtu_for`] with [`Inner::V6`] when the tunnel carries IPv6, which needs
+/// [`IPV6_MIN_MTU`] (1280).
+pub fn wireguard_device_mtu(underlay_mtu: u32, underlay: Underlay) -> Result<u32> {
+    wireguard_device_mtu_for(underlay_mtu, underlay, Inner::V4)
+}
+
+/// Like [`wireguard_device_mtu`], checking the result against the minimum of the `inner` traffic.
+pub fn wireguard_device_mtu_for(underlay_mtu: u32, underlay: Underlay, inner: Inner) -> Result<u32> {
+    let overhead = underlay.ip_header_len() + UDP_HEADER + WIREGUARD_OVERHEAD;
+    let mtu = underlay_mtu.saturating_sub(overhead);
+    let (minimum, minimum_name) = inner.minimum();
+    if mtu < minimum {
+        return Err(Error::MtuTooSmall {
+            underlay_mtu,
+            mtu,
+            minimum,
+            minimum_name,
+        });
+    }
+    Ok(mtu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_values() {
+        assert_eq!(wireguard_device_mtu(1500, Underlay::V4).unwrap(), 1440);
+        assert_eq!(wireguard_device_mtu(1500, Underlay::V6).unwrap(), 1420);
+        assert_eq!(wireguard_device_mtu(9000, Underlay::V4).unwrap(), 8940);
+        assert_eq!(
+            wireguard_device_mtu_for(1500, Underlay::V6, Inner::V6).unwrap(),
+            1420
+        );
+    }
+
+    #[test]
+    fn boundary_of_ipv4_minimum() {
+        assert_eq!(wireguard_device_mtu(636, Underlay::V4).unwrap(), 576);
+        let err = wireguard_device_mtu(635, Underlay::V4).unwrap_err();
+        match &err {
+            Error::MtuTooSmall {
+                underlay_mtu,
+                mtu,
+                minimum,
+                minimum_name,
+            } => {
+                assert_eq!((*underlay_mtu, *mtu, *minimum), (635, 575, 576));
+                assert!(minimum_name.contains("IPv4"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(err.to_string().contains("576"), "{err}");
+    }
+
+    #[test]
+    fn boundary_of_ipv6_minimum() {
+        assert_eq!(
+            wireguard_device_mtu_for(1360, Underlay::V6, Inner::V6).unwrap(),
+            1280
+        );
+        let err = wireguard_device_mtu_for(1359, Underlay::V6, Inner::V6).unwrap_err();
+        assert!(matches!(err, Error::MtuTooSmall { minimum: 1280, mtu: 1279, .. }));
+        assert!(err.to_string().contains("1280"), "{err}");
+        // 1280 on an IPv4 underlay is fine for IPv4 inner traffic, not for IPv6.
+        assert_eq!(wireguard_device_mtu(1280, Underlay::V4).unwrap(), 1220);
+        assert!(wireguard_device_mtu_for(1280, Underlay::V4, Inner::V6).is_err());
+    }
+
+    #[test]
+    fn underlay_smaller_than_overhead_does_not_underflow() {
+        for underlay_mtu in [0, 1, 59, 60, 80] {
+            for underlay in [Underlay::V4, Underlay::V6] {
+                assert!(matches!(
+                    wireguard_device_mtu(underlay_mtu, underlay),
+                    Err(Error::MtuTooSmall { .. })
+                ));
+            }
+        }
+        assert!(matches!(
+            wireguard_device_mtu(10, Underlay::V6),
+            Err(Error::MtuTooSmall { mtu: 0, .. })
+        ));
+    }
+}

@@ -1,0 +1,571 @@
+//! [`LinkBackend`] over a synchronous NETLINK_ROUTE socket.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Mutex, PoisonError};
+
+use ipnet::IpNet;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::link::{LinkAttribute, LinkExtentMask, LinkFlags, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteMetric,
+    RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use crate::{Error, LinkBackend, LinkSnapshot, RTPROT_ENC, Result, RouteSpec};
+
+/// Receive buffer: larger than any datagram the kernel sends for our requests (dump skbs are
+/// capped at 32 KiB); a bigger datagram is reported as an error, never silently truncated.
+const RECV_BUF_LEN: usize = 64 * 1024;
+/// How often a dump interrupted by a concurrent change (`NLM_F_DUMP_INTR`) is restarted.
+const DUMP_ATTEMPTS: usize = 5;
+
+const OP_GETLINK: &str = "RTM_GETLINK";
+const OP_NEWLINK: &str = "RTM_NEWLINK";
+const OP_NEWROUTE: &str = "RTM_NEWROUTE";
+const OP_DELROUTE: &str = "RTM_DELROUTE";
+const OP_GETROUTE: &str = "RTM_GETROUTE";
+
+/// [`LinkBackend`] over rtnetlink, with a synchronous NETLINK_ROUTE socket.
+///
+/// The socket is opened by [`RtnetlinkLinks::new`] in the network namespace of the calling
+/// thread and stays bound to it, whichever thread uses it later. Requests are serialised by a
+/// mutex, so one value can be shared between threads.
+#[derive(Debug)]
+pub struct RtnetlinkLinks {
+    conn: Mutex<Conn>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+/// Why a request failed: the kernel refused it (errno, to be wrapped with the caller's context),
+/// or the transport failed (already an [`Error`]).
+enum Failure {
+    Kernel(io::Error),
+    Interrupted,
+    Other(Error),
+}
+
+impl Failure {
+    fn into_error(self, wrap: impl FnOnce(io::Error) -> Error) -> Error {
+        match self {
+            Self::Kernel(source) => wrap(source),
+            Self::Interrupted => wrap(io::Error::from_raw_os_error(libc::EINTR)),
+            Self::Other(error) => error,
+        }
+    }
+}
+
+impl RtnetlinkLinks {
+    /// Opens a NETLINK_ROUTE socket in the current network namespace of the calling thread.
+    pub fn new() -> Result<Self> {
+        let socket_err = |op| move |source| Error::Socket { op, source };
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(socket_err("open"))?;
+        socket.bind_auto().map_err(socket_err("bind"))?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(socket_err("connect"))?;
+        // Acks then carry only the header of the request, not the request itself.
+        socket.set_cap_ack(true).map_err(socket_err("setsockopt NETLINK_CAP_ACK"))?;
+        Ok(Self {
+            conn: Mutex::new(Conn {
+                socket,
+                seq: 0,
+                buf: Vec::with_capacity(RECV_BUF_LEN),
+            }),
+        })
+    }
+
+    /// Sends one request and collects the replies: for a dump until `NLMSG_DONE`, otherwise until
+    /// the ack.
+    fn request(
+        &self,
+        message: RouteNetlinkMessage,
+        flags: u16,
+        op: &'static str,
+    ) -> std::result::Result<Vec<RouteNetlinkMessage>, Failure> {
+        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        conn.request(message, flags, op)
+    }
+
+    fn get_link(&self, header_index: u32, ifname: Option<&str>) -> Result<Option<LinkSnapshot>> {
+        let mut message = LinkMessage::default();
+        message.header.index = header_index;
+        if let Some(ifname) = ifname {
+            message.attributes.push(LinkAttribute::IfName(ifname.to_owned()));
+        }
+        message
+            .attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+        let name_for_error = || ifname.map_or_else(|| format!("#{header_index}"), str::to_owned);
+        let replies = match self.request(
+            RouteNetlinkMessage::GetLink(message),
+            NLM_F_REQUEST | NLM_F_ACK,
+            OP_GETLINK,
+        ) {
+            Ok(replies) => replies,
+            Err(Failure::Kernel(source)) if source.raw_os_error() == Some(libc::ENODEV) => {
+                return Ok(None);
+            }
+            Err(failure) => {
+                return Err(failure.into_error(|source| Error::Link {
+                    op: OP_GETLINK,
+                    ifname: name_for_error(),
+                    source,
+                }));
+            }
+        };
+        for reply in replies {
+            if let RouteNetlinkMessage::NewLink(link) = reply {
+                return snapshot(&link).map(Some);
+            }
+        }
+        Err(Error::Protocol {
+            op: OP_GETLINK,
+            reason: format!("no RTM_NEWLINK in the reply for link {}", name_for_error()),
+        })
+    }
+
+    fn ifindex_for_route(&self, spec: &RouteSpec, op: &'static str) -> Result<Option<u32>> {
+        Ok(self.link(&spec.dev)?.map(|link| link.index)).inspect(|index| {
+            if index.is_none() {
+                tracing::debug!(dev = %spec.dev, dst = %spec.dst, op, "route device not found");
+            }
+        })
+    }
+
+    fn dump_family(
+        &self,
+        family: AddressFamily,
+        table: u32,
+        names: &mut HashMap<u32, Option<String>>,
+        out: &mut Vec<RouteSpec>,
+    ) -> Result<()> {
+        let dump_error = |source| Error::Dump {
+            op: OP_GETROUTE,
+            table,
+            source,
+        };
+        let mut attempt = 0;
+        let replies = loop {
+            attempt += 1;
+            let mut message = RouteMessage::default();
+            message.header.address_family = family;
+            match self.request(
+                RouteNetlinkMessage::GetRoute(message),
+                NLM_F_REQUEST | NLM_F_DUMP,
+                OP_GETROUTE,
+            ) {
+                Ok(replies) => break replies,
+                Err(Failure::Interrupted) if attempt < DUMP_ATTEMPTS => {
+                    tracing::debug!(table, attempt, "route dump interrupted, restarting");
+                }
+                Err(failure) => return Err(failure.into_error(dump_error)),
+            }
+        };
+        for reply in replies {
+            let RouteNetlinkMessage::NewRoute(route) = reply else {
+                continue;
+            };
+            let Some(parsed) = parse_route(&route, table)? else {
+                continue;
+            };
+            let name = match names.get(&parsed.oif) {
+                Some(name) => name.clone(),
+                None => {
+                    let name = self.get_link(parsed.oif, None)?.map(|link| link.ifname);
+                    names.insert(parsed.oif, name.clone());
+                    name
+                }
+            };
+            match name {
+                Some(dev) => out.push(RouteSpec {
+                    dst: parsed.dst,
+                    dev,
+                    mtu: parsed.mtu,
+                    table,
+                }),
+                // The link went away after the dump; so did its routes.
+                None => tracing::debug!(dst = %parsed.dst, oif = parsed.oif, "route device vanished during dump"),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Conn {
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    fn request(
+        &mut self,
+        message: RouteNetlinkMessage,
+        flags: u16,
+        op: &'static str,
+    ) -> std::result::Result<Vec<RouteNetlinkMessage>, Failure> {
+        let seq = self.next_seq();
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
+        packet.finalize();
+        let mut out = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut out);
+        let sent = self
+            .socket
+            .send(&out, 0)
+            .map_err(|source| Failure::Other(Error::Socket { op: "send", source }))?;
+        if sent != out.len() {
+            return Err(Failure::Other(Error::Protocol {
+                op,
+                reason: format!("sent {sent} of {} bytes", out.len()),
+            }));
+        }
+
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut replies = Vec::new();
+        let mut interrupted = false;
+        loop {
+            self.buf.clear();
+            let len = self
+                .socket
+                .recv(&mut self.buf, libc::MSG_TRUNC)
+                .map_err(|source| Failure::Other(Error::Socket { op: "recv", source }))?;
+            if len > self.buf.len() {
+                return Err(Failure::Other(Error::Protocol {
+                    op,
+                    reason: format!(
+                        "datagram of {len} bytes exceeds the {RECV_BUF_LEN}-byte receive buffer"
+                    ),
+                }));
+            }
+            let mut offset = 0;
+            while offset < len {
+                let bytes = &self.buf[offset..len];
+                let msg_len = NetlinkBuffer::new_checked(bytes)
+                    .map(|b| b.length() as usize)
+                    .map_err(|e| protocol(op, format!("bad netlink header: {e}")))?;
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes[..msg_len])
+                    .map_err(|e| protocol(op, e.to_string()))?;
+                // NLMSG_ALIGN
+                offset += (msg_len + 3) & !3;
+                if msg.header.sequence_number != seq {
+                    tracing::debug!(
+                        got = msg.header.sequence_number,
+                        want = seq,
+                        "skipping stale netlink message"
+                    );
+                    continue;
+                }
+                if msg.header.flags & NLM_F_DUMP_INTR != 0 {
+                    interrupted = true;
+                }
+                match msg.payload {
+                    NetlinkPayload::InnerMessage(inner) => replies.push(inner),
+                    NetlinkPayload::Error(error) => {
+                        return match error.code {
+                            None if !dump => Ok(replies),
+                            None => Err(protocol(op, "ack in the middle of a dump".into())),
+                            Some(code) => {
+                                Err(Failure::Kernel(io::Error::from_raw_os_error(-code.get())))
+                            }
+                        };
+                    }
+                    NetlinkPayload::Done(done) => {
+                        return if done.code < 0 {
+                            Err(Failure::Kernel(io::Error::from_raw_os_error(-done.code)))
+                        } else if interrupted {
+                            Err(Failure::Interrupted)
+                        } else {
+                            Ok(replies)
+                        };
+                    }
+                    NetlinkPayload::Noop => {}
+                    NetlinkPayload::Overrun(_) => {
+                        return Err(protocol(op, "NLMSG_OVERRUN".into()));
+                    }
+                    _ => return Err(protocol(op, "unknown netlink payload".into())),
+                }
+            }
+        }
+    }
+}
+
+fn protocol(op: &'static str, reason: String) -> Failure {
+    Failure::Other(Error::Protocol { op, reason })
+}
+
+fn snapshot(link: &LinkMessage) -> Result<LinkSnapshot> {
+    let mut ifname = None;
+    let mut mtu = None;
+    for attribute in &link.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => ifname = Some(name.clone()),
+            LinkAttribute::Mtu(value) => mtu = Some(*value),
+            _ => {}
+        }
+    }
+    match (ifname, mtu) {
+        (Some(ifname), Some(mtu)) => Ok(LinkSnapshot {
+            ifname,
+            index: link.header.index,
+            mtu,
+            up: link.header.flags.contains(LinkFlags::Up),
+        }),
+        _ => Err(Error::Protocol {
+            op: OP_GETLINK,
+            reason: format!("link #{} without IFLA_IFNAME or IFLA_MTU", link.header.index),
+        }),
+    }
+}
+
+/// One of our routes from a dump, before its output device is named.
+struct DumpedRoute {
+    dst: IpNet,
+    oif: u32,
+    mtu: Option<u32>,
+}
+
+/// Picks enc's unicast routes of `table` out of a dump; others are `None`.
+fn parse_route(route: &RouteMessage, table: u32) -> Result<Option<DumpedRoute>> {
+    let header = &route.header;
+    if u8::from(header.protocol) != RTPROT_ENC
+        || header.kind != RouteType::Unicast
+        || header.flags.contains(RouteFlags::Cloned)
+    {
+        return Ok(None);
+    }
+    let mut route_table = u32::from(header.table);
+    let mut dst = None;
+    let mut oif = None;
+    let mut mtu = None;
+    for attribute in &route.attributes {
+        match attribute {
+            RouteAttribute::Table(t) => route_table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+            RouteAttribute::Oif(index) => oif = Some(*index),
+            RouteAttribute::Metrics(metrics) => {
+                for metric in metrics {
+                    if let RouteMetric::Mtu(m) = metric {
+                        mtu = Some(*m);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if route_table != table {
+        return Ok(None);
+    }
+    let addr = match (dst, header.address_family) {
+        (Some(addr), _) => addr,
+        (None, AddressFamily::Inet) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        (None, AddressFamily::Inet6) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        (None, _) => return Ok(None),
+    };
+    let dst = IpNet::new(addr, header.destination_prefix_length).map_err(|e| Error::Protocol {
+        op: OP_GETROUTE,
+        reason: format!("route {addr}/{}: {e}", header.destination_prefix_length),
+    })?;
+    let Some(oif) = oif else {
+        // A multipath route; enc does not create those.
+        tracing::warn!(%dst, table, "ignoring enc route without a single output device");
+        return Ok(None);
+    };
+    Ok(Some(DumpedRoute { dst, oif, mtu }))
+}
+
+/// The `RTM_NEWROUTE` / `RTM_DELROUTE` message for `spec` via link `oif`.
+fn route_message(spec: &RouteSpec, oif: u32, delete: bool) -> RouteMessage {
+    let mut message = RouteMessage::default();
+    let header = &mut message.header;
+    header.address_family = match spec.dst {
+        IpNet::V4(_) => AddressFamily::Inet,
+        IpNet::V6(_) => AddressFamily::Inet6,
+    };
+    header.destination_prefix_length = spec.dst.prefix_len();
+    // Tables above 255 only fit in RTA_TABLE; the kernel prefers RTA_TABLE when present.
+    header.table = u8::try_from(spec.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    header.protocol = RouteProtocol::from(RTPROT_ENC);
+    // RT_SCOPE_NOWHERE on delete matches a route of any scope, as `ip route del` does.
+    header.scope = if delete {
+        RouteScope::NoWhere
+    } else {
+        RouteScope::Link
+    };
+    header.kind = RouteType::Unicast;
+    message.attributes.push(RouteAttribute::Table(spec.table));
+    message
+        .attributes
+        .push(RouteAttribute::Destination(match spec.dst {
+            IpNet::V4(net) => RouteAddress::Inet(net.network()),
+            IpNet::V6(net) => RouteAddress::Inet6(net.network()),
+        }));
+    message.attributes.push(RouteAttribute::Oif(oif));
+    if let (Some(mtu), false) = (spec.mtu, delete) {
+        message
+            .attributes
+            .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+    }
+    message
+}
+
+fn route_error<'a>(
+    op: &'static str,
+    spec: &'a RouteSpec,
+) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |source| Error::Route {
+        op,
+        dst: spec.dst,
+        dev: spec.dev.clone(),
+        table: spec.table,
+        source,
+    }
+}
+
+impl LinkBackend for RtnetlinkLinks {
+    fn link(&self, ifname: &str) -> Result<Option<LinkSnapshot>> {
+        self.get_link(0, Some(ifname))
+    }
+
+    fn set_link(&self, ifname: &str, mtu: u32, up: bool) -> Result<()> {
+        // By name with index 0 and without NLM_F_CREATE: the kernel modifies the existing link
+        // or answers ENODEV, in one round trip.
+        let mut message = LinkMessage::default();
+        message.header.flags = if up { LinkFlags::Up } else { LinkFlags::empty() };
+        message.header.change_mask = LinkFlags::Up;
+        message.attributes.push(LinkAttribute::IfName(ifname.to_owned()));
+        message.attributes.push(LinkAttribute::Mtu(mtu));
+        self.request(
+            RouteNetlinkMessage::NewLink(message),
+            NLM_F_REQUEST | NLM_F_ACK,
+            OP_NEWLINK,
+        )
+        .map(drop)
+        .map_err(|failure| {
+            failure.into_error(|source| Error::Link {
+                op: OP_NEWLINK,
+                ifname: ifname.to_owned(),
+                source,
+            })
+        })
+    }
+
+    fn upsert_route(&self, spec: &RouteSpec) -> Result<()> {
+        spec.validate()?;
+        let Some(oif) = self.ifindex_for_route(spec, OP_NEWROUTE)? else {
+            return Err(route_error(OP_NEWROUTE, spec)(io::Error::from_raw_os_error(
+                libc::ENODEV,
+            )));
+        };
+        self.request(
+            RouteNetlinkMessage::NewRoute(route_message(spec, oif, false)),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+            OP_NEWROUTE,
+        )
+        .map(drop)
+        .map_err(|failure| failure.into_error(route_error(OP_NEWROUTE, spec)))
+    }
+
+    fn delete_route(&self, spec: &RouteSpec) -> Result<()> {
+        spec.validate()?;
+        let Some(oif) = self.ifindex_for_route(spec, OP_DELROUTE)? else {
+            // No device, no route through it.
+            return Ok(());
+        };
+        match self.request(
+            RouteNetlinkMessage::DelRoute(route_message(spec, oif, true)),
+            NLM_F_REQUEST | NLM_F_ACK,
+            OP_DELROUTE,
+        ) {
+            Ok(_) => Ok(()),
+            Err(failure) => {
+                let error = failure.into_error(route_error(OP_DELROUTE, spec));
+                if error.is_not_found() { Ok(()) } else { Err(error) }
+            }
+        }
+    }
+
+    fn dump_routes(&self, table: u32) -> Result<Vec<RouteSpec>> {
+        let mut names = HashMap::new();
+        let mut routes = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            self.dump_family(family, table, &mut names, &mut routes)?;
+        }
+        Ok(routes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dst: &str, table: u32, mtu: Option<u32>) -> RouteSpec {
+        RouteSpec {
+            dst: dst.parse().unwrap(),
+            dev: "enc0".into(),
+            mtu,
+            table,
+        }
+    }
+
+    #[test]
+    fn route_message_roundtrips_through_the_dump_parser() {
+        for (dst, table, mtu) in [
+            ("10.1.0.0/24", 254, Some(1400)),
+            ("fd00:1::/64", 254, None),
+            ("0.0.0.0/0", 1000, Some(1280)),
+            ("::/0", 255, None),
+        ] {
+            let spec = spec(dst, table, mtu);
+            let message = route_message(&spec, 7, false);
+            assert_eq!(u8::from(message.header.protocol), RTPROT_ENC);
+            assert_eq!(message.header.scope, RouteScope::Link);
+            let parsed = parse_route(&message, table).unwrap().unwrap();
+            assert_eq!((parsed.dst, parsed.oif, parsed.mtu), (spec.dst, 7, mtu));
+            assert!(parse_route(&message, table + 1).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn large_table_goes_in_the_attribute_only() {
+        let message = route_message(&spec("10.0.0.0/8", 1000, None), 1, false);
+        assert_eq!(message.header.table, RouteHeader::RT_TABLE_UNSPEC);
+        assert!(message.attributes.contains(&RouteAttribute::Table(1000)));
+        let message = route_message(&spec("10.0.0.0/8", 254, None), 1, false);
+        assert_eq!(message.header.table, 254);
+    }
+
+    #[test]
+    fn delete_message_matches_any_scope_and_has_no_metrics() {
+        let message = route_message(&spec("10.0.0.0/8", 254, Some(1400)), 1, true);
+        assert_eq!(message.header.scope, RouteScope::NoWhere);
+        assert!(
+            !message
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Metrics(_)))
+        );
+    }
+
+    #[test]
+    fn foreign_protocol_is_ignored() {
+        let mut message = route_message(&spec("10.0.0.0/8", 254, None), 1, false);
+        message.header.protocol = RouteProtocol::Static;
+        assert!(parse_route(&message, 254).unwrap().is_none());
+    }
+}

@@ -1,0 +1,203 @@
+//! Privileged test of `RtnetlinkLinks` against the real kernel, inside a throwaway network
+//! namespace. Needs root; under `CI` it fails rather than skips when it cannot run.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+use enc_geneve_vxlan::{Error, LinkBackend, RT_TABLE_MAIN, RouteSpec, RtnetlinkLinks};
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Deletes the namespace when dropped, also when the test panics.
+struct NetnsGuard {
+    name: String,
+}
+
+impl NetnsGuard {
+    fn create(name: String) -> Self {
+        // A leftover from an earlier crashed run of the same pid.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        Self { name }
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        match Command::new("ip").args(["netns", "del", &self.name]).output() {
+            Ok(out) if out.status.success() => {}
+            other => eprintln!("could not delete netns {}: {other:?}", self.name),
+        }
+    }
+}
+
+/// Runs `f` in a new thread that has joined the namespace `ns`.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).expect("open netns file");
+        // SAFETY: setns on a valid fd; it changes only this thread's network namespace, and this
+        // thread is dedicated to the test and ends with it.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Adds a dummy link `name` in `ns`. Kernels built without `CONFIG_DUMMY` (like the 6.18 test
+/// host) lack the dummy type; there a veth pair stands in, its peer `<name>p` up so that `name`
+/// gets carrier once it is up itself.
+fn add_test_link(ns: &str, name: &str) {
+    let out = Command::new("ip")
+        .args(["-n", ns, "link", "add", name, "type", "dummy"])
+        .output()
+        .expect("run ip");
+    if out.status.success() {
+        return;
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Unknown device type"), "ip link add {name} type dummy: {stderr}");
+    let peer = format!("{name}p");
+    eprintln!("no dummy link type in this kernel; using veth {name}/{peer}");
+    ip(&["-n", ns, "link", "add", name, "type", "veth", "peer", "name", &peer]);
+    ip(&["-n", ns, "link", "set", &peer, "up"]);
+}
+
+fn route(dst: &str, dev: &str, mtu: Option<u32>) -> RouteSpec {
+    RouteSpec {
+        dst: dst.parse().unwrap(),
+        dev: dev.into(),
+        mtu,
+        table: RT_TABLE_MAIN,
+    }
+}
+
+fn line_for<'a>(table: &'a str, prefix: &str) -> Option<&'a str> {
+    table.lines().find(|l| l.starts_with(&format!("{prefix} ")))
+}
+
+#[test]
+fn privileged_rtnetlink_routes_in_netns() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var("CI").is_ok() {
+            panic!("privileged_rtnetlink_routes_in_netns needs root and CI is set");
+        } else {
+            eprintln!("SKIPPED privileged_rtnetlink_routes_in_netns: needs root");
+            return;
+        }
+    }
+    let ns = format!("encln-{}", std::process::id());
+    let _guard = NetnsGuard::create(ns.clone());
+    add_test_link(&ns, "d0");
+    // A second link with a route of another protocol, which enc must not report.
+    add_test_link(&ns, "d1");
+    ip(&["-n", &ns, "link", "set", "d1", "up"]);
+    ip(&["-n", &ns, "route", "add", "10.99.0.0/16", "dev", "d1", "proto", "static"]);
+
+    let v4 = route("10.42.1.0/24", "d0", Some(1400));
+    let v6 = route("fd00:42:1::/64", "d0", Some(1400));
+
+    let (v4c, v6c) = (v4.clone(), v6.clone());
+    let ns_in = ns.clone();
+    in_netns(&ns, move || {
+        let links = RtnetlinkLinks::new().expect("open rtnetlink");
+
+        // Links.
+        assert_eq!(links.link("nope0").unwrap(), None);
+        let before = links.link("d0").unwrap().expect("d0 exists");
+        assert!(!before.up);
+        links.set_link("d0", 1400, true).unwrap();
+        links.set_link("d0", 1400, true).unwrap();
+        let after = links.link("d0").unwrap().expect("d0 exists");
+        assert_eq!((after.ifname.as_str(), after.index), ("d0", before.index));
+        assert_eq!((after.mtu, after.up), (1400, true));
+        let err = links.set_link("nope0", 1400, true).unwrap_err();
+        assert!(err.is_not_found(), "{err:?}");
+        assert!(err.to_string().contains("nope0"), "{err}");
+
+        // Routes: upsert twice, as the kernel sees them.
+        for _ in 0..2 {
+            links.upsert_route(&v4c).unwrap();
+            links.upsert_route(&v6c).unwrap();
+        }
+        let shown4 = ip(&["-n", &ns_in, "route", "show"]);
+        let line = line_for(&shown4, "10.42.1.0/24").unwrap_or_else(|| panic!("{shown4}"));
+        assert!(line.contains("dev d0") && line.contains("proto 229"), "{line}");
+        assert!(line.contains("scope link") && line.contains("mtu 1400"), "{line}");
+        let shown6 = ip(&["-n", &ns_in, "-6", "route", "show"]);
+        let line = line_for(&shown6, "fd00:42:1::/64").unwrap_or_else(|| panic!("{shown6}"));
+        assert!(line.contains("dev d0") && line.contains("proto 229"), "{line}");
+        assert!(line.contains("mtu 1400"), "{line}");
+        assert_eq!(shown4.matches("10.42.1.0/24").count(), 1, "{shown4}");
+        assert_eq!(shown6.matches("fd00:42:1::/64").count(), 1, "{shown6}");
+
+        let dumped: HashSet<RouteSpec> = links.dump_routes(RT_TABLE_MAIN).unwrap().into_iter().collect();
+        assert_eq!(dumped, HashSet::from([v4c.clone(), v6c.clone()]));
+        assert!(links.dump_routes(100).unwrap().is_empty());
+
+        // Replace in place: new MTU, no second route.
+        let v4_1380 = v4c.clone().with_mtu(1380);
+        links.upsert_route(&v4_1380).unwrap();
+        let shown4 = ip(&["-n", &ns_in, "route", "show"]);
+        assert_eq!(shown4.matches("10.42.1.0/24").count(), 1, "{shown4}");
+        assert!(line_for(&shown4, "10.42.1.0/24").unwrap().contains("mtu 1380"), "{shown4}");
+        links.upsert_route(&v4c).unwrap();
+
+        // A table above 255 goes through RTA_TABLE.
+        let in_1000 = v4c.clone().with_table(1000);
+        links.upsert_route(&in_1000).unwrap();
+        assert_eq!(links.dump_routes(1000).unwrap(), vec![in_1000.clone()]);
+        let shown = ip(&["-n", &ns_in, "route", "show", "table", "1000"]);
+        assert!(shown.contains("10.42.1.0/24 dev d0 proto 229"), "{shown}");
+        links.delete_route(&in_1000).unwrap();
+        assert!(links.dump_routes(1000).unwrap().is_empty());
+
+        // Delete, twice.
+        for _ in 0..2 {
+            links.delete_route(&v4c).unwrap();
+            links.delete_route(&v6c).unwrap();
+        }
+        assert!(links.dump_routes(RT_TABLE_MAIN).unwrap().is_empty());
+        let shown4 = ip(&["-n", &ns_in, "route", "show"]);
+        assert!(!shown4.contains("10.42.1.0/24"), "{shown4}");
+        assert!(shown4.contains("10.99.0.0/16"), "foreign route untouched: {shown4}");
+        assert!(!ip(&["-n", &ns_in, "-6", "route", "show"]).contains("fd00:42:1::/64"));
+
+        // Deleting must not take a foreign route with the same destination.
+        links
+            .delete_route(&route("10.99.0.0/16", "d1", None))
+            .unwrap();
+        assert!(ip(&["-n", &ns_in, "route", "show"]).contains("10.99.0.0/16"));
+
+        // A nonexistent device is named in the error.
+        let err = links
+            .upsert_route(&route("10.43.0.0/24", "nope0", Some(1400)))
+            .unwrap_err();
+        assert!(err.is_not_found(), "{err:?}");
+        assert!(matches!(&err, Error::Route { dev, .. } if dev == "nope0"), "{err:?}");
+        assert!(err.to_string().contains("nope0"), "{err}");
+        links
+            .delete_route(&route("10.43.0.0/24", "nope0", None))
+            .unwrap();
+
+        // A kernel refusal comes back with its errno: an MTU metric on a route via a link that
+        // is down is fine, but a gateway-less route in table 0 is invalid before we send it.
+        let err = links
+            .upsert_route(&route("10.44.0.0/24", "d0", None).with_table(0))
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidRoute { .. }), "{err:?}");
+    });
+}

@@ -1,0 +1,104 @@
+//! The crate's error type.
+
+use std::io;
+use std::net::SocketAddr;
+
+use crate::PublicKey;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a WireGuard backend.
+///
+/// Variants carry the identifying context (interface name, peer key, syscall) and the OS error.
+/// No variant ever carries key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The interface name is not usable as a Linux interface name.
+    #[error("invalid interface name {ifname:?}: {reason}")]
+    InvalidIfname {
+        /// The rejected name.
+        ifname: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A system call on the device failed.
+    #[error("{call} failed for interface {ifname}")]
+    Syscall {
+        /// Interface the call was made for.
+        ifname: String,
+        /// The system call (or libc function) that failed.
+        call: &'static str,
+        /// The OS error.
+        #[source]
+        io_error: io::Error,
+    },
+    /// Binding the UDP listen socket failed.
+    #[error("binding UDP socket {addr} for interface {ifname}")]
+    Bind {
+        /// Interface the socket is for.
+        ifname: String,
+        /// The address that could not be bound.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        io_error: io::Error,
+    },
+    /// Spawning a device thread failed.
+    #[error("spawning thread {thread} for interface {ifname}")]
+    Thread {
+        /// Interface the thread serves.
+        ifname: String,
+        /// Thread name.
+        thread: String,
+        /// The OS error.
+        #[source]
+        io_error: io::Error,
+    },
+    /// A key could not be decoded. The input is never included (it may be a secret).
+    #[error("invalid {kind} key: {reason}")]
+    InvalidKey {
+        /// Which kind of key ("public", "private", "preshared").
+        kind: &'static str,
+        /// What was wrong with it.
+        reason: &'static str,
+    },
+    /// The system random number generator failed.
+    #[error("system random number generator failed")]
+    Random,
+    /// No free 24-bit session index was left for a new peer.
+    #[error("no free session index for peer {peer} on interface {ifname}")]
+    IndexExhausted {
+        /// Interface the peer belongs to.
+        ifname: String,
+        /// The peer being added.
+        peer: PublicKey,
+    },
+}
+
+impl Error {
+    /// The OS error behind this error, if there is one.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Self::Syscall { io_error, .. }
+            | Self::Bind { io_error, .. }
+            | Self::Thread { io_error, .. } => Some(io_error),
+            _ => None,
+        }
+    }
+
+    /// True when the failure was a missing privilege (EPERM / EACCES): the caller is not root
+    /// or lacks CAP_NET_ADMIN.
+    pub fn is_permission_denied(&self) -> bool {
+        self.io_error()
+            .is_some_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
+    }
+
+    /// True when the interface (or address) is already in use by someone else (EBUSY / EADDRINUSE).
+    pub fn is_busy(&self) -> bool {
+        self.io_error().is_some_and(|e| {
+            e.kind() == io::ErrorKind::AddrInUse || e.raw_os_error() == Some(libc::EBUSY)
+        })
+    }
+}
