@@ -198,13 +198,19 @@ mod tests {
             fake.upsert_route(&a).unwrap();
             fake.upsert_route(&b).unwrap();
         }
-        assert_eq!(fake.dump_routes(RT_TABLE_MAIN).unwrap(), vec![a.clone(), b.clone()]);
+        assert_eq!(
+            fake.dump_routes(RT_TABLE_MAIN).unwrap(),
+            vec![a.clone(), b.clone()]
+        );
         assert!(fake.dump_routes(100).unwrap().is_empty());
 
         // An upsert replaces the route with the same (table, dst).
         let a2 = route("10.0.1.0/24", "wg0", None);
         fake.upsert_route(&a2).unwrap();
-        assert_eq!(fake.dump_routes(RT_TABLE_MAIN).unwrap(), vec![a2.clone(), b.clone()]);
+        assert_eq!(
+            fake.dump_routes(RT_TABLE_MAIN).unwrap(),
+            vec![a2.clone(), b.clone()]
+        );
 
         for _ in 0..2 {
             fake.delete_route(&a2).unwrap();
@@ -212,17 +218,21 @@ mod tests {
         }
         assert!(fake.routes().is_empty());
 
-        let err = fake.upsert_route(&route("10.0.2.0/24", "nope0", None)).unwrap_err();
+        let err = fake
+            .upsert_route(&route("10.0.2.0/24", "nope0", None))
+            .unwrap_err();
         assert!(err.is_not_found());
         assert!(err.to_string().contains("nope0"), "{err}");
-        fake.delete_route(&route("10.0.2.0/24", "nope0", None)).unwrap();
+        fake.delete_route(&route("10.0.2.0/24", "nope0", None))
+            .unwrap();
     }
 
     #[test]
     fn removing_a_link_removes_its_routes() {
         let fake = FakeLinks::new();
         fake.add_link("enc0", 1500);
-        fake.upsert_route(&route("10.0.1.0/24", "enc0", None)).unwrap();
+        fake.upsert_route(&route("10.0.1.0/24", "enc0", None))
+            .unwrap();
         fake.remove_link("enc0");
         assert!(fake.routes().is_empty());
         assert_eq!(fake.link("enc0").unwrap(), None);

@@ -76,7 +76,11 @@ pub fn wireguard_device_mtu(underlay_mtu: u32, underlay: Underlay) -> Result<u32
 }
 
 /// Like [`wireguard_device_mtu`], checking the result against the minimum of the `inner` traffic.
-pub fn wireguard_device_mtu_for(underlay_mtu: u32, underlay: Underlay, inner: Inner) -> Result<u32> {
+pub fn wireguard_device_mtu_for(
+    underlay_mtu: u32,
+    underlay: Underlay,
+    inner: Inner,
+) -> Result<u32> {
     let overhead = underlay.ip_header_len() + UDP_HEADER + WIREGUARD_OVERHEAD;
     let mtu = underlay_mtu.saturating_sub(overhead);
     let (minimum, minimum_name) = inner.minimum();
@@ -132,7 +136,14 @@ mod tests {
             1280
         );
         let err = wireguard_device_mtu_for(1359, Underlay::V6, Inner::V6).unwrap_err();
-        assert!(matches!(err, Error::MtuTooSmall { minimum: 1280, mtu: 1279, .. }));
+        assert!(matches!(
+            err,
+            Error::MtuTooSmall {
+                minimum: 1280,
+                mtu: 1279,
+                ..
+            }
+        ));
         assert!(err.to_string().contains("1280"), "{err}");
         // 1280 on an IPv4 underlay is fine for IPv4 inner traffic, not for IPv6.
         assert_eq!(wireguard_device_mtu(1280, Underlay::V4).unwrap(), 1220);

@@ -173,7 +173,9 @@ pub fn apply_routes(backend: &dyn LinkBackend, changes: &RouteChanges) -> Result
     let mut failures = Vec::new();
     for spec in &changes.upsert {
         match backend.upsert_route(spec) {
-            Ok(()) => tracing::debug!(dst = %spec.dst, dev = %spec.dev, table = spec.table, mtu = ?spec.mtu, "route upserted"),
+            Ok(()) => {
+                tracing::debug!(dst = %spec.dst, dev = %spec.dev, table = spec.table, mtu = ?spec.mtu, "route upserted")
+            }
             Err(error) => {
                 tracing::warn!(dst = %spec.dst, dev = %spec.dev, table = spec.table, error = %error, "route upsert failed");
                 failures.push(error);
@@ -182,7 +184,9 @@ pub fn apply_routes(backend: &dyn LinkBackend, changes: &RouteChanges) -> Result
     }
     for spec in &changes.delete {
         match backend.delete_route(spec) {
-            Ok(()) => tracing::debug!(dst = %spec.dst, dev = %spec.dev, table = spec.table, "route deleted"),
+            Ok(()) => {
+                tracing::debug!(dst = %spec.dst, dev = %spec.dev, table = spec.table, "route deleted")
+            }
             Err(error) => {
                 tracing::warn!(dst = %spec.dst, dev = %spec.dev, table = spec.table, error = %error, "route delete failed");
                 failures.push(error);
@@ -224,7 +228,10 @@ mod tests {
 
     #[test]
     fn diff_of_equal_sets_is_empty() {
-        let routes = vec![r("10.0.1.0/24", "enc0", Some(1400)), r("fd00::/64", "enc0", None)];
+        let routes = vec![
+            r("10.0.1.0/24", "enc0", Some(1400)),
+            r("fd00::/64", "enc0", None),
+        ];
         assert!(diff_routes(&routes, &routes).is_empty());
         let reversed: Vec<_> = routes.iter().rev().cloned().collect();
         assert!(diff_routes(&routes, &reversed).is_empty());
@@ -233,8 +240,14 @@ mod tests {
 
     #[test]
     fn diff_adds_missing_and_deletes_stale() {
-        let current = vec![r("10.0.1.0/24", "enc0", None), r("10.0.2.0/24", "enc0", None)];
-        let desired = vec![r("10.0.2.0/24", "enc0", None), r("10.0.3.0/24", "enc0", None)];
+        let current = vec![
+            r("10.0.1.0/24", "enc0", None),
+            r("10.0.2.0/24", "enc0", None),
+        ];
+        let desired = vec![
+            r("10.0.2.0/24", "enc0", None),
+            r("10.0.3.0/24", "enc0", None),
+        ];
         let changes = diff_routes(&current, &desired);
         assert_eq!(changes.upsert, vec![r("10.0.3.0/24", "enc0", None)]);
         assert_eq!(changes.delete, vec![r("10.0.1.0/24", "enc0", None)]);
@@ -242,8 +255,14 @@ mod tests {
 
     #[test]
     fn changed_mtu_or_device_is_replaced_not_deleted() {
-        let current = vec![r("10.0.1.0/24", "enc0", Some(1400)), r("10.0.2.0/24", "enc0", None)];
-        let desired = vec![r("10.0.1.0/24", "enc0", Some(1380)), r("10.0.2.0/24", "wg0", None)];
+        let current = vec![
+            r("10.0.1.0/24", "enc0", Some(1400)),
+            r("10.0.2.0/24", "enc0", None),
+        ];
+        let desired = vec![
+            r("10.0.1.0/24", "enc0", Some(1380)),
+            r("10.0.2.0/24", "wg0", None),
+        ];
         let changes = diff_routes(&current, &desired);
         assert_eq!(changes.upsert, desired);
         assert!(changes.delete.is_empty(), "{changes:?}");
@@ -260,16 +279,25 @@ mod tests {
 
     #[test]
     fn duplicate_desired_keys_last_wins() {
-        let desired = vec![r("10.0.1.0/24", "enc0", None), r("10.0.1.0/24", "wg0", Some(1420))];
+        let desired = vec![
+            r("10.0.1.0/24", "enc0", None),
+            r("10.0.1.0/24", "wg0", Some(1420)),
+        ];
         let changes = diff_routes(&[], &desired);
         assert_eq!(changes.upsert, vec![r("10.0.1.0/24", "wg0", Some(1420))]);
-        let exact_duplicates = vec![r("10.0.1.0/24", "enc0", None), r("10.0.1.0/24", "enc0", None)];
+        let exact_duplicates = vec![
+            r("10.0.1.0/24", "enc0", None),
+            r("10.0.1.0/24", "enc0", None),
+        ];
         assert_eq!(diff_routes(&[], &exact_duplicates).upsert.len(), 1);
     }
 
     #[test]
     fn extra_current_routes_on_other_devices_are_deleted() {
-        let current = vec![r("10.0.1.0/24", "enc0", None), r("10.0.1.0/24", "wg0", None)];
+        let current = vec![
+            r("10.0.1.0/24", "enc0", None),
+            r("10.0.1.0/24", "wg0", None),
+        ];
         let desired = vec![r("10.0.1.0/24", "wg0", None)];
         let changes = diff_routes(&current, &desired);
         assert!(changes.upsert.is_empty());
@@ -314,7 +342,10 @@ mod tests {
     fn arb_kernel_routes() -> impl Strategy<Value = Vec<RouteSpec>> {
         prop::collection::vec(arb_route(), 0..12).prop_map(|routes| {
             let mut seen = HashSet::new();
-            routes.into_iter().filter(|s| seen.insert(s.key())).collect()
+            routes
+                .into_iter()
+                .filter(|s| seen.insert(s.key()))
+                .collect()
         })
     }
 
@@ -395,7 +426,9 @@ mod tests {
                     matches!(first.as_ref(), Error::Route { dst, op: "RTM_NEWROUTE", .. } if *dst == desired[1].dst),
                     "{first:?}"
                 );
-                assert!(matches!(&rest[0], Error::Route { dst, op: "RTM_DELROUTE", .. } if *dst == stale_failing.dst));
+                assert!(
+                    matches!(&rest[0], Error::Route { dst, op: "RTM_DELROUTE", .. } if *dst == stale_failing.dst)
+                );
                 assert_eq!(first.raw_os_error(), Some(libc::EIO));
             }
             other => panic!("unexpected {other:?}"),
@@ -405,8 +438,12 @@ mod tests {
 
         // The others went through.
         let now: HashSet<RouteSpec> = fake.routes().into_iter().collect();
-        let expected: HashSet<RouteSpec> =
-            [desired[0].clone(), desired[2].clone(), stale_failing.clone()].into();
+        let expected: HashSet<RouteSpec> = [
+            desired[0].clone(),
+            desired[2].clone(),
+            stale_failing.clone(),
+        ]
+        .into();
         assert_eq!(now, expected);
 
         // Once the failure clears, re-running the reconcile converges.
@@ -434,7 +471,10 @@ mod tests {
             r("10.0.1.0/24", "enc0", Some(0)),
             r("10.0.1.0/24", "enc0", None).with_table(0),
         ] {
-            assert!(matches!(bad.validate(), Err(Error::InvalidRoute { .. })), "{bad:?}");
+            assert!(
+                matches!(bad.validate(), Err(Error::InvalidRoute { .. })),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -77,7 +77,9 @@ impl RtnetlinkLinks {
             .connect(&SocketAddr::new(0, 0))
             .map_err(socket_err("connect"))?;
         // Acks then carry only the header of the request, not the request itself.
-        socket.set_cap_ack(true).map_err(socket_err("setsockopt NETLINK_CAP_ACK"))?;
+        socket
+            .set_cap_ack(true)
+            .map_err(socket_err("setsockopt NETLINK_CAP_ACK"))?;
         Ok(Self {
             conn: Mutex::new(Conn {
                 socket,
@@ -103,7 +105,9 @@ impl RtnetlinkLinks {
         let mut message = LinkMessage::default();
         message.header.index = header_index;
         if let Some(ifname) = ifname {
-            message.attributes.push(LinkAttribute::IfName(ifname.to_owned()));
+            message
+                .attributes
+                .push(LinkAttribute::IfName(ifname.to_owned()));
         }
         message
             .attributes
@@ -197,7 +201,9 @@ impl RtnetlinkLinks {
                     table,
                 }),
                 // The link went away after the dump; so did its routes.
-                None => tracing::debug!(dst = %parsed.dst, oif = parsed.oif, "route device vanished during dump"),
+                None => {
+                    tracing::debug!(dst = %parsed.dst, oif = parsed.oif, "route device vanished during dump")
+                }
             }
         }
         Ok(())
@@ -327,7 +333,10 @@ fn snapshot(link: &LinkMessage) -> Result<LinkSnapshot> {
         }),
         _ => Err(Error::Protocol {
             op: OP_GETLINK,
-            reason: format!("link #{} without IFLA_IFNAME or IFLA_MTU", link.header.index),
+            reason: format!(
+                "link #{} without IFLA_IFNAME or IFLA_MTU",
+                link.header.index
+            ),
         }),
     }
 }
@@ -424,10 +433,7 @@ fn route_message(spec: &RouteSpec, oif: u32, delete: bool) -> RouteMessage {
     message
 }
 
-fn route_error<'a>(
-    op: &'static str,
-    spec: &'a RouteSpec,
-) -> impl FnOnce(io::Error) -> Error + 'a {
+fn route_error<'a>(op: &'static str, spec: &'a RouteSpec) -> impl FnOnce(io::Error) -> Error + 'a {
     move |source| Error::Route {
         op,
         dst: spec.dst,
@@ -446,9 +452,15 @@ impl LinkBackend for RtnetlinkLinks {
         // By name with index 0 and without NLM_F_CREATE: the kernel modifies the existing link
         // or answers ENODEV, in one round trip.
         let mut message = LinkMessage::default();
-        message.header.flags = if up { LinkFlags::Up } else { LinkFlags::empty() };
+        message.header.flags = if up {
+            LinkFlags::Up
+        } else {
+            LinkFlags::empty()
+        };
         message.header.change_mask = LinkFlags::Up;
-        message.attributes.push(LinkAttribute::IfName(ifname.to_owned()));
+        message
+            .attributes
+            .push(LinkAttribute::IfName(ifname.to_owned()));
         message.attributes.push(LinkAttribute::Mtu(mtu));
         self.request(
             RouteNetlinkMessage::NewLink(message),
@@ -468,9 +480,9 @@ impl LinkBackend for RtnetlinkLinks {
     fn upsert_route(&self, spec: &RouteSpec) -> Result<()> {
         spec.validate()?;
         let Some(oif) = self.ifindex_for_route(spec, OP_NEWROUTE)? else {
-            return Err(route_error(OP_NEWROUTE, spec)(io::Error::from_raw_os_error(
-                libc::ENODEV,
-            )));
+            return Err(route_error(OP_NEWROUTE, spec)(
+                io::Error::from_raw_os_error(libc::ENODEV),
+            ));
         };
         self.request(
             RouteNetlinkMessage::NewRoute(route_message(spec, oif, false)),
@@ -495,7 +507,11 @@ impl LinkBackend for RtnetlinkLinks {
             Ok(_) => Ok(()),
             Err(failure) => {
                 let error = failure.into_error(route_error(OP_DELROUTE, spec));
-                if error.is_not_found() { Ok(()) } else { Err(error) }
+                if error.is_not_found() {
+                    Ok(())
+                } else {
+                    Err(error)
+                }
             }
         }
     }

@@ -34,7 +34,10 @@ impl NetnsGuard {
 
 impl Drop for NetnsGuard {
     fn drop(&mut self) {
-        match Command::new("ip").args(["netns", "del", &self.name]).output() {
+        match Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output()
+        {
             Ok(out) if out.status.success() => {}
             other => eprintln!("could not delete netns {}: {other:?}", self.name),
         }
@@ -68,16 +71,21 @@ fn add_test_link(ns: &str, name: &str) {
         return;
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("Unknown device type"), "ip link add {name} type dummy: {stderr}");
+    assert!(
+        stderr.contains("Unknown device type"),
+        "ip link add {name} type dummy: {stderr}"
+    );
     let peer = format!("{name}p");
     eprintln!("no dummy link type in this kernel; using veth {name}/{peer}");
-    ip(&["-n", ns, "link", "add", name, "type", "veth", "peer", "name", &peer]);
+    ip(&[
+        "-n", ns, "link", "add", name, "type", "veth", "peer", "name", &peer,
+    ]);
     ip(&["-n", ns, "link", "set", &peer, "up"]);
 }
 
 fn route(dst: &str, dev: &str, mtu: Option<u32>) -> RouteSpec {
     RouteSpec {
-        dst: dst.parse().unwrap(),
+        dst: dst.parse().expect("test route destination"),
         dev: dev.into(),
         mtu,
         table: RT_TABLE_MAIN,
@@ -105,7 +113,17 @@ fn privileged_rtnetlink_routes_in_netns() {
     // A second link with a route of another protocol, which enc must not report.
     add_test_link(&ns, "d1");
     ip(&["-n", &ns, "link", "set", "d1", "up"]);
-    ip(&["-n", &ns, "route", "add", "10.99.0.0/16", "dev", "d1", "proto", "static"]);
+    ip(&[
+        "-n",
+        &ns,
+        "route",
+        "add",
+        "10.99.0.0/16",
+        "dev",
+        "d1",
+        "proto",
+        "static",
+    ]);
 
     let v4 = route("10.42.1.0/24", "d0", Some(1400));
     let v6 = route("fd00:42:1::/64", "d0", Some(1400));
@@ -135,16 +153,29 @@ fn privileged_rtnetlink_routes_in_netns() {
         }
         let shown4 = ip(&["-n", &ns_in, "route", "show"]);
         let line = line_for(&shown4, "10.42.1.0/24").unwrap_or_else(|| panic!("{shown4}"));
-        assert!(line.contains("dev d0") && line.contains("proto 229"), "{line}");
-        assert!(line.contains("scope link") && line.contains("mtu 1400"), "{line}");
+        assert!(
+            line.contains("dev d0") && line.contains("proto 229"),
+            "{line}"
+        );
+        assert!(
+            line.contains("scope link") && line.contains("mtu 1400"),
+            "{line}"
+        );
         let shown6 = ip(&["-n", &ns_in, "-6", "route", "show"]);
         let line = line_for(&shown6, "fd00:42:1::/64").unwrap_or_else(|| panic!("{shown6}"));
-        assert!(line.contains("dev d0") && line.contains("proto 229"), "{line}");
+        assert!(
+            line.contains("dev d0") && line.contains("proto 229"),
+            "{line}"
+        );
         assert!(line.contains("mtu 1400"), "{line}");
         assert_eq!(shown4.matches("10.42.1.0/24").count(), 1, "{shown4}");
         assert_eq!(shown6.matches("fd00:42:1::/64").count(), 1, "{shown6}");
 
-        let dumped: HashSet<RouteSpec> = links.dump_routes(RT_TABLE_MAIN).unwrap().into_iter().collect();
+        let dumped: HashSet<RouteSpec> = links
+            .dump_routes(RT_TABLE_MAIN)
+            .unwrap()
+            .into_iter()
+            .collect();
         assert_eq!(dumped, HashSet::from([v4c.clone(), v6c.clone()]));
         assert!(links.dump_routes(100).unwrap().is_empty());
 
@@ -153,7 +184,12 @@ fn privileged_rtnetlink_routes_in_netns() {
         links.upsert_route(&v4_1380).unwrap();
         let shown4 = ip(&["-n", &ns_in, "route", "show"]);
         assert_eq!(shown4.matches("10.42.1.0/24").count(), 1, "{shown4}");
-        assert!(line_for(&shown4, "10.42.1.0/24").unwrap().contains("mtu 1380"), "{shown4}");
+        assert!(
+            line_for(&shown4, "10.42.1.0/24")
+                .unwrap()
+                .contains("mtu 1380"),
+            "{shown4}"
+        );
         links.upsert_route(&v4c).unwrap();
 
         // A table above 255 goes through RTA_TABLE.
@@ -173,7 +209,10 @@ fn privileged_rtnetlink_routes_in_netns() {
         assert!(links.dump_routes(RT_TABLE_MAIN).unwrap().is_empty());
         let shown4 = ip(&["-n", &ns_in, "route", "show"]);
         assert!(!shown4.contains("10.42.1.0/24"), "{shown4}");
-        assert!(shown4.contains("10.99.0.0/16"), "foreign route untouched: {shown4}");
+        assert!(
+            shown4.contains("10.99.0.0/16"),
+            "foreign route untouched: {shown4}"
+        );
         assert!(!ip(&["-n", &ns_in, "-6", "route", "show"]).contains("fd00:42:1::/64"));
 
         // Deleting must not take a foreign route with the same destination.
@@ -187,17 +226,28 @@ fn privileged_rtnetlink_routes_in_netns() {
             .upsert_route(&route("10.43.0.0/24", "nope0", Some(1400)))
             .unwrap_err();
         assert!(err.is_not_found(), "{err:?}");
-        assert!(matches!(&err, Error::Route { dev, .. } if dev == "nope0"), "{err:?}");
+        assert!(
+            matches!(&err, Error::Route { dev, .. } if dev == "nope0"),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("nope0"), "{err}");
         links
             .delete_route(&route("10.43.0.0/24", "nope0", None))
             .unwrap();
 
-        // A kernel refusal comes back with its errno: an MTU metric on a route via a link that
-        // is down is fine, but a gateway-less route in table 0 is invalid before we send it.
+        // Rejected before it reaches the kernel.
         let err = links
             .upsert_route(&route("10.44.0.0/24", "d0", None).with_table(0))
             .unwrap_err();
         assert!(matches!(err, Error::InvalidRoute { .. }), "{err:?}");
+
+        // A kernel refusal comes back with its errno and the link's name.
+        let err = links.set_link("d0", 10, true).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err:?}");
+        assert!(
+            matches!(&err, Error::Link { ifname, .. } if ifname == "d0"),
+            "{err:?}"
+        );
+        assert_eq!(links.link("d0").unwrap().map(|l| l.mtu), Some(1400));
     });
 }

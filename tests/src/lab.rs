@@ -233,7 +233,7 @@ impl Lab {
         for n in &nodes {
             let mut yaml = format!(
                 "node:\n  name: {}\n  underlayAddress: {}\n  podCidr: {}\n\
-                 tls:\n  cert: certs/{}.crt\n  key: certs/{}.key\n  ca: ca/ca.crt\n\
+                 tls:\n  cert: certs/{}.crt\n  key: certs/{}.key\n  ca: {}/ca.crt\n\
                  control:\n  listenPort: {CONTROL_PORT}\n  connectTimeout: 3s\n  keyGracePeriod: 30s\n\
                  encryption:\n  type: wireguard\n  wireguard:\n    interface: enc-wg0\n    listenPort: {WG_PORT}\n\
                  statusSocket: {}\npeers:\n",
@@ -242,6 +242,7 @@ impl Lab {
                 n.pod_cidr,
                 n.name,
                 n.name,
+                if opts.foreign.contains(&n.index) { "foreign-ca" } else { "ca" },
                 n.socket.display()
             );
             for p in nodes.iter().filter(|p| p.index != n.index) {
@@ -298,13 +299,20 @@ impl Lab {
         node.agent = Some(child);
         // Wait for the status socket so that callers can query at once.
         let socket = node.socket.clone();
-        let name = node.name.clone();
-        sys::wait_for(&format!("{name}'s status socket"), Duration::from_secs(10), || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
             if let Some(st) = self.nodes[i - 1].agent.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("agent exited early ({st}); log:\n{}", self.log_tail(i, 30));
+                self.nodes[i - 1].agent = None;
+                bail!("agent of node-{i} exited at start-up ({st}); log:\n{}", self.log_tail(i, 30));
             }
-            Ok(std::os::unix::net::UnixStream::connect(&socket).ok().map(|_| ()))
-        })
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("agent of node-{i} did not open {} within 10s", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Starts every agent.
@@ -428,6 +436,12 @@ impl Lab {
     /// On error, prints every agent's log tail and panics with the error chain.
     pub fn finish(&self, result: anyhow::Result<()>) {
         if let Err(e) = result {
+            if let Some(keep) = std::env::var_os("ENC_LAB_KEEP") {
+                let dst = PathBuf::from(keep).join(&self.prefix);
+                let _ = std::fs::create_dir_all(&dst);
+                let _ = sys::run(&["cp", "-r", &format!("{}/.", self.dir.path().display()), &dst.to_string_lossy()]);
+                eprintln!("lab files (configs, logs, captures) kept in {}", dst.display());
+            }
             for n in &self.nodes {
                 eprintln!("----- {} agent log (last 40 lines) -----\n{}", n.name, self.log_tail(n.index, 40));
             }
@@ -450,7 +464,7 @@ impl Capture {
     /// Starts tcpdump in `ns` on `iface`, writing `path`; returns once it is listening.
     pub fn start(ns: &str, iface: &str, path: &Path) -> anyhow::Result<Self> {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "tcpdump", "-i", iface, "-n", "-s", "0", "-U", "-Z", "root", "-w"])
+            .args(["netns", "exec", ns, "tcpdump", "--immediate-mode", "-i", iface, "-n", "-s", "0", "-U", "-Z", "root", "-w"])
             .arg(path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -485,6 +499,8 @@ impl Capture {
 
     /// Stops the capture and returns its frames.
     pub fn stop(mut self) -> anyhow::Result<Vec<crate::pcap::Frame>> {
+        // Let the last packets of the traffic reach the capture before stopping it.
+        std::thread::sleep(Duration::from_millis(300));
         if let Some(child) = self.child.take() {
             // SAFETY: signalling a child we spawned and have not reaped.
             unsafe {
