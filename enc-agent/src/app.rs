@@ -110,9 +110,13 @@ fn check_identity(config: &Config, identity: &NodeIdentity) -> Result<(), Error>
 }
 
 /// Runs the agent until `shutdown` completes, then removes what it configured.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
     enc_certs::install_crypto_provider();
-    let identity = NodeIdentity::load(&config.tls.cert, &config.tls.key, &config.tls.ca).map_err(Error::Certs)?;
+    let identity = NodeIdentity::load(&config.tls.cert, &config.tls.key, &config.tls.ca)
+        .map_err(Error::Certs)?;
     check_identity(&config, &identity)?;
 
     let EncryptionConfig::Wireguard(wg_cfg) = &config.encryption;
@@ -132,7 +136,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         mtu::Underlay::V6
     };
     let mtu = mtu::wireguard_device_mtu(config.underlay_mtu, underlay).map_err(Error::Links)?;
-    links.set_link(wg.ifname(), mtu, true).map_err(Error::Links)?;
+    links
+        .set_link(wg.ifname(), mtu, true)
+        .map_err(Error::Links)?;
     info!(
         node = %config.node.name,
         interface = wg.ifname(),
@@ -163,7 +169,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 
     let listener = tokio::net::TcpListener::bind(shared.config.control.listen)
         .await
-        .map_err(Error::io(format!("bind control listener {}", shared.config.control.listen)))?;
+        .map_err(Error::io(format!(
+            "bind control listener {}",
+            shared.config.control.listen
+        )))?;
     let status = crate::status::bind(&shared.config.status_socket)?;
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -190,7 +199,12 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         wg_peers: vec![],
         routes: vec![],
     };
-    if let Err(e) = reconcile(&empty, shared.wg.as_ref(), shared.links.as_ref(), RT_TABLE_MAIN) {
+    if let Err(e) = reconcile(
+        &empty,
+        shared.wg.as_ref(),
+        shared.links.as_ref(),
+        RT_TABLE_MAIN,
+    ) {
         warn!(error = %format_chain(&e), "cleanup of routes and peers failed");
     }
     if let Err(e) = std::fs::remove_file(&shared.config.status_socket) {
@@ -202,7 +216,12 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 
 fn reconcile_once(shared: &Shared) {
     let desired = shared.desired();
-    match reconcile(&desired, shared.wg.as_ref(), shared.links.as_ref(), RT_TABLE_MAIN) {
+    match reconcile(
+        &desired,
+        shared.wg.as_ref(),
+        shared.links.as_ref(),
+        RT_TABLE_MAIN,
+    ) {
         Ok(out) if out != Default::default() => info!(?out, "reconciled datapath"),
         Ok(_) => {}
         Err(e) => warn!(error = %format_chain(&e), "reconcile failed; will retry"),

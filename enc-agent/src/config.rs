@@ -50,7 +50,11 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(field: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> ConfigError {
+fn invalid(
+    field: impl Into<String>,
+    value: impl ToString,
+    reason: impl Into<String>,
+) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         value: value.to_string(),
@@ -291,7 +295,11 @@ fn parse_ip(field: &str, value: &str) -> Result<IpAddr, ConfigError> {
         .parse()
         .map_err(|_| invalid(field, value, "not an IP address"))?;
     if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
-        return Err(invalid(field, value, "must be a unicast, non-loopback, specified address"));
+        return Err(invalid(
+            field,
+            value,
+            "must be a unicast, non-loopback, specified address",
+        ));
     }
     Ok(ip)
 }
@@ -309,17 +317,30 @@ fn parse_cidr(field: &str, value: &str) -> Result<IpNet, ConfigError> {
         ));
     }
     if net.prefix_len() == 0 {
-        return Err(invalid(field, value, "a default route cannot be a pod CIDR"));
+        return Err(invalid(
+            field,
+            value,
+            "a default route cannot be a pod CIDR",
+        ));
     }
     Ok(net)
 }
 
-fn parse_duration(field: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+fn parse_duration(
+    field: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
         Some(v) => {
-            let d = humantime::parse_duration(v)
-                .map_err(|e| invalid(field, v, format!("not a duration like \"30s\" or \"2m\": {e}")))?;
+            let d = humantime::parse_duration(v).map_err(|e| {
+                invalid(
+                    field,
+                    v,
+                    format!("not a duration like \"30s\" or \"2m\": {e}"),
+                )
+            })?;
             if d.is_zero() {
                 return Err(invalid(field, v, "must be greater than zero"));
             }
@@ -360,7 +381,11 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         ca: check_file("tls.ca", base, &raw.tls.ca)?,
     };
 
-    let control_port = check_port("control.listenPort", raw.control.listen_port, DEFAULT_CONTROL_PORT)?;
+    let control_port = check_port(
+        "control.listenPort",
+        raw.control.listen_port,
+        DEFAULT_CONTROL_PORT,
+    )?;
     let control = ControlConfig {
         listen: SocketAddr::new(underlay, control_port),
         key_grace_period: parse_duration(
@@ -418,12 +443,22 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 "the IPsec backend is not part of this build yet (supported: wireguard)",
             ));
         }
-        other => return Err(invalid("encryption.type", other, "unknown type (supported: wireguard)")),
+        other => {
+            return Err(invalid(
+                "encryption.type",
+                other,
+                "unknown type (supported: wireguard)",
+            ));
+        }
     };
 
     let underlay_mtu = raw.underlay.mtu.unwrap_or(1500);
     if !(1280..=65535).contains(&underlay_mtu) {
-        return Err(invalid("underlay.mtu", underlay_mtu, "must be 1280 to 65535"));
+        return Err(invalid(
+            "underlay.mtu",
+            underlay_mtu,
+            "must be 1280 to 65535",
+        ));
     }
 
     let status_socket = raw
@@ -441,14 +476,22 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         let f = |name: &str| format!("peers[{i}].{name}");
         check_node_name(&p.name).map_err(|r| invalid(f("name"), &p.name, r))?;
         if p.name == raw.node.name {
-            return Err(invalid(f("name"), &p.name, "a peer cannot carry this node's own name"));
+            return Err(invalid(
+                f("name"),
+                &p.name,
+                "a peer cannot carry this node's own name",
+            ));
         }
         if !names.insert(p.name.clone()) {
             return Err(invalid(f("name"), &p.name, "duplicate peer name"));
         }
         let addr = parse_ip(&f("underlayAddress"), &p.underlay_address)?;
         if addr == underlay {
-            return Err(invalid(f("underlayAddress"), &p.underlay_address, "equals this node's underlay address"));
+            return Err(invalid(
+                f("underlayAddress"),
+                &p.underlay_address,
+                "equals this node's underlay address",
+            ));
         }
         if addr.is_ipv4() != underlay.is_ipv4() {
             return Err(invalid(
@@ -458,7 +501,11 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             ));
         }
         if !addrs.insert(addr) {
-            return Err(invalid(f("underlayAddress"), &p.underlay_address, "duplicate peer address"));
+            return Err(invalid(
+                f("underlayAddress"),
+                &p.underlay_address,
+                "duplicate peer address",
+            ));
         }
         let cidr = parse_cidr(&f("podCidr"), &p.pod_cidr)?;
         for (other_field, other) in &cidrs {
@@ -536,7 +583,11 @@ peers:
 
     fn invalid_field(d: &Dir, text: &str) -> (String, String, String) {
         match parse(d, text) {
-            Err(ConfigError::Invalid { field, value, reason }) => (field, value, reason),
+            Err(ConfigError::Invalid {
+                field,
+                value,
+                reason,
+            }) => (field, value, reason),
             other => panic!("expected Invalid, got {other:?}"),
         }
     }
@@ -567,23 +618,72 @@ peers:
         let d = dir();
         let cases: &[(&str, &str, &str, &str)] = &[
             ("name: node-1", "name: Node_1", "node.name", "Node_1"),
-            ("underlayAddress: 10.0.0.1", "underlayAddress: 10.0.0.300", "node.underlayAddress", "10.0.0.300"),
-            ("underlayAddress: 10.0.0.1", "underlayAddress: 127.0.0.1", "node.underlayAddress", "127.0.0.1"),
-            ("podCidr: 10.244.1.0/24", "podCidr: 10.244.1.5/24", "node.podCidr", "10.244.1.5/24"),
-            ("podCidr: 10.244.2.0/24", "podCidr: 10.244.0.0/16", "peers[0].podCidr", "10.244.0.0/16"),
-            ("type: wireguard", "type: wiregaurd", "encryption.type", "wiregaurd"),
+            (
+                "underlayAddress: 10.0.0.1",
+                "underlayAddress: 10.0.0.300",
+                "node.underlayAddress",
+                "10.0.0.300",
+            ),
+            (
+                "underlayAddress: 10.0.0.1",
+                "underlayAddress: 127.0.0.1",
+                "node.underlayAddress",
+                "127.0.0.1",
+            ),
+            (
+                "podCidr: 10.244.1.0/24",
+                "podCidr: 10.244.1.5/24",
+                "node.podCidr",
+                "10.244.1.5/24",
+            ),
+            (
+                "podCidr: 10.244.2.0/24",
+                "podCidr: 10.244.0.0/16",
+                "peers[0].podCidr",
+                "10.244.0.0/16",
+            ),
+            (
+                "type: wireguard",
+                "type: wiregaurd",
+                "encryption.type",
+                "wiregaurd",
+            ),
             ("type: wireguard", "type: ipsec", "encryption.type", "ipsec"),
-            ("cert: n1.crt", "cert: missing.crt", "tls.cert", "missing.crt"),
+            (
+                "cert: n1.crt",
+                "cert: missing.crt",
+                "tls.cert",
+                "missing.crt",
+            ),
             ("name: node-3", "name: node-2", "peers[1].name", "node-2"),
             ("name: node-3", "name: node-1", "peers[1].name", "node-1"),
-            ("underlayAddress: 10.0.0.3", "underlayAddress: 10.0.0.2", "peers[1].underlayAddress", "10.0.0.2"),
-            ("underlayAddress: 10.0.0.3", "underlayAddress: fd00::3", "peers[1].underlayAddress", "fd00::3"),
-            ("controlPort: 6000", "controlPort: 0", "peers[1].controlPort", "0"),
+            (
+                "underlayAddress: 10.0.0.3",
+                "underlayAddress: 10.0.0.2",
+                "peers[1].underlayAddress",
+                "10.0.0.2",
+            ),
+            (
+                "underlayAddress: 10.0.0.3",
+                "underlayAddress: fd00::3",
+                "peers[1].underlayAddress",
+                "fd00::3",
+            ),
+            (
+                "controlPort: 6000",
+                "controlPort: 0",
+                "peers[1].controlPort",
+                "0",
+            ),
         ];
         for (from, to, field, value) in cases {
             let text = GOOD.replacen(from, to, 1);
             let (f, v, reason) = invalid_field(&d, &text);
-            assert_eq!((f.as_str(), v.as_str()), (*field, *value), "{from} -> {to}: {reason}");
+            assert_eq!(
+                (f.as_str(), v.as_str()),
+                (*field, *value),
+                "{from} -> {to}: {reason}"
+            );
             let msg = parse(&d, &text).unwrap_err().to_string();
             assert!(msg.contains(field) && msg.contains(value), "{msg}");
         }
@@ -594,12 +694,36 @@ peers:
         let d = dir();
         let extra = |s: &str| GOOD.replacen("encryption:\n  type: wireguard\n", s, 1);
         let cases: &[(&str, &str, &str)] = &[
-            ("control:\n  keyGracePeriod: soon\nencryption:\n  type: wireguard\n", "control.keyGracePeriod", "soon"),
-            ("control:\n  connectTimeout: 0s\nencryption:\n  type: wireguard\n", "control.connectTimeout", "0s"),
-            ("control:\n  listenPort: 0\nencryption:\n  type: wireguard\n", "control.listenPort", "0"),
-            ("encryption:\n  type: wireguard\n  wireguard:\n    interface: a-very-long-interface\n", "encryption.wireguard.interface", "a-very-long-interface"),
-            ("encryption:\n  type: wireguard\n  wireguard:\n    listenPort: 51871\n", "encryption.wireguard.listenPort", "51871"),
-            ("underlay:\n  mtu: 500\nencryption:\n  type: wireguard\n", "underlay.mtu", "500"),
+            (
+                "control:\n  keyGracePeriod: soon\nencryption:\n  type: wireguard\n",
+                "control.keyGracePeriod",
+                "soon",
+            ),
+            (
+                "control:\n  connectTimeout: 0s\nencryption:\n  type: wireguard\n",
+                "control.connectTimeout",
+                "0s",
+            ),
+            (
+                "control:\n  listenPort: 0\nencryption:\n  type: wireguard\n",
+                "control.listenPort",
+                "0",
+            ),
+            (
+                "encryption:\n  type: wireguard\n  wireguard:\n    interface: a-very-long-interface\n",
+                "encryption.wireguard.interface",
+                "a-very-long-interface",
+            ),
+            (
+                "encryption:\n  type: wireguard\n  wireguard:\n    listenPort: 51871\n",
+                "encryption.wireguard.listenPort",
+                "51871",
+            ),
+            (
+                "underlay:\n  mtu: 500\nencryption:\n  type: wireguard\n",
+                "underlay.mtu",
+                "500",
+            ),
         ];
         for (snippet, field, value) in cases {
             let (f, v, _) = invalid_field(&d, &extra(snippet));
@@ -614,9 +738,16 @@ peers:
         assert!(matches!(err, ConfigError::Parse { .. }));
         let msg = crate::app::format_chain(&err);
         assert!(msg.contains("statusSockett"), "{msg}");
-        let err = parse(&d, &GOOD.replacen("controlPort: 6000", "controlPort: 70000", 1)).unwrap_err();
+        let err = parse(
+            &d,
+            &GOOD.replacen("controlPort: 6000", "controlPort: 70000", 1),
+        )
+        .unwrap_err();
         let msg = crate::app::format_chain(&err);
-        assert!(msg.contains("70000") && msg.contains("peers[1].controlPort"), "{msg}");
+        assert!(
+            msg.contains("70000") && msg.contains("peers[1].controlPort"),
+            "{msg}"
+        );
         assert!(msg.contains("line"), "{msg}");
     }
 

@@ -26,7 +26,11 @@ impl Role {
     /// The role of `local` towards `peer`: the node whose name sorts first dials. One rule on
     /// both sides means the two never connect at once, so no tie-break is needed.
     pub fn of(local: &str, peer: &str) -> Self {
-        if local < peer { Role::Dial } else { Role::Accept }
+        if local < peer {
+            Role::Dial
+        } else {
+            Role::Accept
+        }
     }
 
     /// `dial` or `accept`.
@@ -157,7 +161,13 @@ impl PeerTable {
     }
 
     /// A session authenticated the peer and delivered its keys.
-    pub fn authenticated(&mut self, name: &str, now: Instant, cert: Option<CertInfo>, keys: SessionKeys) {
+    pub fn authenticated(
+        &mut self,
+        name: &str,
+        now: Instant,
+        cert: Option<CertInfo>,
+        keys: SessionKeys,
+    ) {
         if let Some(e) = self.entries.get_mut(name) {
             e.set_auth(Auth::Authenticated, now);
             e.cert = cert;
@@ -203,10 +213,15 @@ impl PeerTable {
     pub fn expire(&mut self, now: Instant, grace: Duration) -> bool {
         let mut changed = false;
         for e in self.entries.values_mut() {
-            if e.lost_at.is_some_and(|t| now.saturating_duration_since(t) >= grace) {
+            if e.lost_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= grace)
+            {
                 e.keys = None;
                 e.lost_at = None;
-                e.set_auth(Auth::Pending("session lost; keys removed after the grace period".into()), now);
+                e.set_auth(
+                    Auth::Pending("session lost; keys removed after the grace period".into()),
+                    now,
+                );
                 changed = true;
             }
         }
@@ -267,7 +282,12 @@ peers:
             session_id,
             wg_public_key: PublicKey::from([session_id as u8; 32]),
             wg_port: 51820,
-            keys: PairKeys::derive(&secret, Epoch::FIRST, &Pair::new("node-1", "node-2").unwrap()).unwrap(),
+            keys: PairKeys::derive(
+                &secret,
+                Epoch::FIRST,
+                &Pair::new("node-1", "node-2").unwrap(),
+            )
+            .unwrap(),
         }
     }
 
@@ -327,6 +347,9 @@ peers:
         // Reconnecting within the grace period replaces keys and clears the loss.
         t.authenticated("node-1", t0, None, keys(2));
         assert!(!t.expire(t0 + grace * 3, grace));
-        assert_eq!(t.get("node-1").unwrap().keys.as_ref().unwrap().session_id, 2);
+        assert_eq!(
+            t.get("node-1").unwrap().keys.as_ref().unwrap().session_id,
+            2
+        );
     }
 }

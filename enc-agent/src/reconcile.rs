@@ -104,14 +104,20 @@ mod tests {
 
         table.authenticated("node-1", now, None, keys(1));
         let out = reconcile(&table.desired("wg0", 1440), &wg, &links, RT_TABLE_MAIN).unwrap();
-        assert_eq!((out.wg_upserted, out.wg_deleted, out.routes_upserted), (1, 0, 0));
+        assert_eq!(
+            (out.wg_upserted, out.wg_deleted, out.routes_upserted),
+            (1, 0, 0)
+        );
         assert_eq!(wg.dump().unwrap().peers.len(), 1);
 
         // The peer restarts with a new WireGuard key: the old peer goes, the new one comes.
         table.authenticated("node-1", now, None, keys(2));
         let out = reconcile(&table.desired("wg0", 1440), &wg, &links, RT_TABLE_MAIN).unwrap();
         assert_eq!((out.wg_upserted, out.wg_deleted), (1, 1));
-        assert_eq!(wg.dump().unwrap().peers[0].public_key, PublicKey::from([2; 32]));
+        assert_eq!(
+            wg.dump().unwrap().peers[0].public_key,
+            PublicKey::from([2; 32])
+        );
 
         table.auth_failed("node-1", now, "revoked".into());
         let out = reconcile(&table.desired("wg0", 1440), &wg, &links, RT_TABLE_MAIN).unwrap();

@@ -14,8 +14,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use enc_api::{
-    ApiError, AuthState, CertSummary, ControlInfo, EncryptionInfo, KeyInfo, NodeInfo, PeerCounts, PeerInfo, Peers,
-    Status, WgPeerInfo,
+    ApiError, AuthState, CertSummary, ControlInfo, EncryptionInfo, KeyInfo, NodeInfo, PeerCounts,
+    PeerInfo, Peers, Status, WgPeerInfo,
 };
 use enc_certs::CertInfo;
 use enc_wireguard::DeviceSnapshot;
@@ -32,18 +32,24 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(dir).map_err(Error::io(format!("create directory {}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(Error::io(format!("create directory {}", dir.display())))?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(Error::Io {
-                context: format!("status socket {} is served by another agent", path.display()),
+                context: format!(
+                    "status socket {} is served by another agent",
+                    path.display()
+                ),
                 source: std::io::ErrorKind::AddrInUse.into(),
             });
         }
-        std::fs::remove_file(path).map_err(Error::io(format!("remove stale socket {}", path.display())))?;
+        std::fs::remove_file(path)
+            .map_err(Error::io(format!("remove stale socket {}", path.display())))?;
     }
-    let listener = UnixListener::bind(path).map_err(Error::io(format!("bind status socket {}", path.display())))?;
+    let listener = UnixListener::bind(path)
+        .map_err(Error::io(format!("bind status socket {}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(Error::io(format!("chmod status socket {}", path.display())))?;
     Ok(listener)
@@ -138,7 +144,10 @@ pub fn build_status(shared: &Shared) -> Status {
 
 fn peer_info(e: &PeerEntry, snap: Option<&DeviceSnapshot>, now: Instant) -> PeerInfo {
     let wireguard = e.keys.as_ref().and_then(|k| {
-        let p = snap?.peers.iter().find(|p| p.public_key == k.wg_public_key)?;
+        let p = snap?
+            .peers
+            .iter()
+            .find(|p| p.public_key == k.wg_public_key)?;
         Some(WgPeerInfo {
             public_key: p.public_key.to_string(),
             endpoint: p.endpoint.map(|e| e.to_string()),
@@ -173,7 +182,11 @@ pub fn build_peers(shared: &Shared) -> Peers {
     let snap = snapshot(shared);
     let now = Instant::now();
     Peers {
-        peers: shared.table().iter().map(|e| peer_info(e, snap.as_ref(), now)).collect(),
+        peers: shared
+            .table()
+            .iter()
+            .map(|e| peer_info(e, snap.as_ref(), now))
+            .collect(),
     }
 }
 

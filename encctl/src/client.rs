@@ -16,23 +16,34 @@ pub fn get<T: DeserializeOwned>(socket: &Path, path: &str) -> anyhow::Result<T> 
 }
 
 async fn get_async<T: DeserializeOwned>(socket: &Path, path: &str) -> anyhow::Result<T> {
-    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "cannot reach the agent at {} (is enc-agent running? set --socket or ENC_SOCKET)",
-            socket.display()
-        )
-    })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+    let stream = tokio::net::UnixStream::connect(socket)
         .await
-        .context("HTTP handshake with the agent")?;
+        .with_context(|| {
+            format!(
+                "cannot reach the agent at {} (is enc-agent running? set --socket or ENC_SOCKET)",
+                socket.display()
+            )
+        })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .context("HTTP handshake with the agent")?;
     let conn = tokio::spawn(conn);
     let req = hyper::Request::get(path)
         .header(hyper::header::HOST, "enc-agent")
         .body(Empty::<Bytes>::new())
         .context("build request")?;
-    let resp = sender.send_request(req).await.with_context(|| format!("GET {path}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .with_context(|| format!("GET {path}"))?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.context("read answer")?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .context("read answer")?
+        .to_bytes();
     drop(sender);
     conn.abort();
     if !status.is_success() {

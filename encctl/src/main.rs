@@ -129,12 +129,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Output::Text => print!("{}", output::peers(&peers.peers)),
             }
         }
-        Command::Ca(CaCommand::Init { out, name, days, output }) => {
+        Command::Ca(CaCommand::Init {
+            out,
+            name,
+            days,
+            output,
+        }) => {
             if days == 0 {
                 bail!("--days must be at least 1 (got 0)");
             }
-            let info = enc_certs::init_ca(&out, &enc_certs::CaOptions { common_name: name, days })
-                .with_context(|| format!("create CA in {}", out.display()))?;
+            let info = enc_certs::init_ca(
+                &out,
+                &enc_certs::CaOptions {
+                    common_name: name,
+                    days,
+                },
+            )
+            .with_context(|| format!("create CA in {}", out.display()))?;
             emit(output, &info, || {
                 format!(
                     "created CA {:?} in {}\n  certificate: {}\n  private key: {} (mode 0600; keep it off the nodes)\n",
@@ -145,8 +156,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )
             })?;
         }
-        Command::Cert(CertCommand::Issue { ca, node, ips, days, out, output }) => {
-            let req = enc_certs::NodeCertRequest { node: node.clone(), ips, days };
+        Command::Cert(CertCommand::Issue {
+            ca,
+            node,
+            ips,
+            days,
+            out,
+            output,
+        }) => {
+            let req = enc_certs::NodeCertRequest {
+                node: node.clone(),
+                ips,
+                days,
+            };
             let info = enc_certs::issue_node_cert(&ca, &req, &out)
                 .with_context(|| format!("issue certificate for node {node:?}"))?;
             emit(output, &info, || {
@@ -159,14 +181,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
         }
         Command::Cert(CertCommand::Inspect { file, output }) => {
-            let info = enc_certs::inspect_file(&file).with_context(|| format!("inspect {}", file.display()))?;
+            let info = enc_certs::inspect_file(&file)
+                .with_context(|| format!("inspect {}", file.display()))?;
             emit(output, &info, || output::cert(&info))?;
         }
     }
     Ok(())
 }
 
-fn emit<T: serde::Serialize>(output: Output, value: &T, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+fn emit<T: serde::Serialize>(
+    output: Output,
+    value: &T,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
         Output::Text => print!("{}", text()),

@@ -41,7 +41,11 @@ pub fn bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// Seconds as a short age ("42s", "5m", "3h", "2d").
@@ -107,9 +111,12 @@ pub fn peers(peers: &[PeerInfo]) -> String {
                 p.name.clone(),
                 p.address.to_string(),
                 format!("{state} ({})", age(p.state_age_seconds)),
-                cert.map(|c| c.subject.clone()).unwrap_or_else(|| "-".into()),
-                cert.map(|c| short_serial(&c.serial)).unwrap_or_else(|| "-".into()),
-                cert.map(|c| c.not_after.clone()).unwrap_or_else(|| "-".into()),
+                cert.map(|c| c.subject.clone())
+                    .unwrap_or_else(|| "-".into()),
+                cert.map(|c| short_serial(&c.serial))
+                    .unwrap_or_else(|| "-".into()),
+                cert.map(|c| c.not_after.clone())
+                    .unwrap_or_else(|| "-".into()),
                 p.key
                     .as_ref()
                     .map(|k| format!("{}/{}", k.epoch, k.key_id))
@@ -125,14 +132,28 @@ pub fn peers(peers: &[PeerInfo]) -> String {
         .collect();
     table(
         &[
-            "NAME", "ADDRESS", "AUTH", "SUBJECT", "SERIAL", "EXPIRES", "EPOCH/KEY", "HANDSHAKE", "RX", "TX", "DETAIL",
+            "NAME",
+            "ADDRESS",
+            "AUTH",
+            "SUBJECT",
+            "SERIAL",
+            "EXPIRES",
+            "EPOCH/KEY",
+            "HANDSHAKE",
+            "RX",
+            "TX",
+            "DETAIL",
         ],
         &rows,
     )
 }
 
 fn short_serial(s: &str) -> String {
-    if s.len() > 12 { format!("{}…", &s[..12]) } else { s.to_owned() }
+    if s.len() > 12 {
+        format!("{}…", &s[..12])
+    } else {
+        s.to_owned()
+    }
 }
 
 /// `encctl cert inspect` text.
@@ -144,7 +165,11 @@ pub fn cert(c: &enc_certs::CertInfo) -> String {
         c.subject,
         c.issuer,
         c.serial,
-        if sans.is_empty() { "-".into() } else { sans.join(", ") },
+        if sans.is_empty() {
+            "-".into()
+        } else {
+            sans.join(", ")
+        },
         rfc3339(c.not_before),
         rfc3339(c.not_after),
         c.sha256_fingerprint,

@@ -190,7 +190,12 @@ fn info_bytes(purpose: Purpose, epoch: Epoch, pair: &Pair) -> Vec<u8> {
 }
 
 /// Derives 32 bytes for `purpose` at `epoch` for `pair` from the session secret.
-pub fn derive(secret: &SessionSecret, purpose: Purpose, epoch: Epoch, pair: &Pair) -> Result<Key32> {
+pub fn derive(
+    secret: &SessionSecret,
+    purpose: Purpose,
+    epoch: Epoch,
+    pair: &Pair,
+) -> Result<Key32> {
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(&secret.0);
     let info = info_bytes(purpose, epoch, pair);
     let parts = [info.as_slice()];
@@ -220,7 +225,10 @@ impl PairKeys {
     pub fn derive(secret: &SessionSecret, epoch: Epoch, pair: &Pair) -> Result<Self> {
         let wireguard_psk = derive(secret, Purpose::WireguardPsk, epoch, pair)?;
         let id = derive(secret, Purpose::KeyId, epoch, pair)?;
-        let key_id = id.expose()[..4].iter().map(|b| format!("{b:02x}")).collect();
+        let key_id = id.expose()[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         Ok(Self {
             epoch,
             wireguard_psk,
@@ -241,8 +249,10 @@ mod tests {
     #[test]
     fn both_sides_derive_the_same_psk() {
         let s = secret(7);
-        let ab = PairKeys::derive(&s, Epoch::FIRST, &Pair::new("node-a", "node-b").unwrap()).unwrap();
-        let ba = PairKeys::derive(&s, Epoch::FIRST, &Pair::new("node-b", "node-a").unwrap()).unwrap();
+        let ab =
+            PairKeys::derive(&s, Epoch::FIRST, &Pair::new("node-a", "node-b").unwrap()).unwrap();
+        let ba =
+            PairKeys::derive(&s, Epoch::FIRST, &Pair::new("node-b", "node-a").unwrap()).unwrap();
         assert_eq!(ab.wireguard_psk, ba.wireguard_psk);
         assert_eq!(ab.key_id, ba.key_id);
         assert_eq!(ab.key_id.len(), 8);
@@ -254,37 +264,69 @@ mod tests {
         let p1 = Pair::new("node-a", "node-b").unwrap();
         let p2 = Pair::new("node-a", "node-c").unwrap();
         let base = derive(&s, Purpose::WireguardPsk, Epoch(1), &p1).unwrap();
-        assert_ne!(base, derive(&s, Purpose::WireguardPsk, Epoch(1), &p2).unwrap());
-        assert_ne!(base, derive(&s, Purpose::WireguardPsk, Epoch(2), &p1).unwrap());
+        assert_ne!(
+            base,
+            derive(&s, Purpose::WireguardPsk, Epoch(1), &p2).unwrap()
+        );
+        assert_ne!(
+            base,
+            derive(&s, Purpose::WireguardPsk, Epoch(2), &p1).unwrap()
+        );
         assert_ne!(base, derive(&s, Purpose::KeyId, Epoch(1), &p1).unwrap());
-        assert_ne!(base, derive(&secret(8), Purpose::WireguardPsk, Epoch(1), &p1).unwrap());
+        assert_ne!(
+            base,
+            derive(&secret(8), Purpose::WireguardPsk, Epoch(1), &p1).unwrap()
+        );
     }
 
     #[test]
     fn names_are_length_prefixed_so_boundaries_cannot_shift() {
         // "ab"+"c" and "a"+"bc" must not produce the same info.
         let s = secret(1);
-        let x = derive(&s, Purpose::WireguardPsk, Epoch(1), &Pair::new("ab", "c").unwrap()).unwrap();
-        let y = derive(&s, Purpose::WireguardPsk, Epoch(1), &Pair::new("a", "bc").unwrap()).unwrap();
+        let x = derive(
+            &s,
+            Purpose::WireguardPsk,
+            Epoch(1),
+            &Pair::new("ab", "c").unwrap(),
+        )
+        .unwrap();
+        let y = derive(
+            &s,
+            Purpose::WireguardPsk,
+            Epoch(1),
+            &Pair::new("a", "bc").unwrap(),
+        )
+        .unwrap();
         assert_ne!(x, y);
     }
 
     #[test]
     fn known_answer() {
         // Pins the derivation: a change here breaks interop between agent versions.
-        let k = derive(&secret(0), Purpose::WireguardPsk, Epoch(1), &Pair::new("n1", "n2").unwrap())
-            .unwrap();
+        let k = derive(
+            &secret(0),
+            Purpose::WireguardPsk,
+            Epoch(1),
+            &Pair::new("n1", "n2").unwrap(),
+        )
+        .unwrap();
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"enc/v1").extract(&[0u8; 32]);
         let info = b"\x11enc wireguard-psk\x00\x00\x00\x01\x02n1\x02n2";
         let mut expect = [0u8; 32];
-        prk.expand(&[&info[..]], Len32).unwrap().fill(&mut expect).unwrap();
+        prk.expand(&[&info[..]], Len32)
+            .unwrap()
+            .fill(&mut expect)
+            .unwrap();
         assert_eq!(k.expose(), &expect);
     }
 
     #[test]
     fn bad_names_are_refused() {
         assert!(matches!(Pair::new("", "b"), Err(Error::BadNodeName { .. })));
-        assert!(matches!(Pair::new("a", &"x".repeat(256)), Err(Error::BadNodeName { .. })));
+        assert!(matches!(
+            Pair::new("a", &"x".repeat(256)),
+            Err(Error::BadNodeName { .. })
+        ));
         assert!(matches!(Pair::new("a", "a"), Err(Error::SamePeer(_))));
     }
 
@@ -293,7 +335,12 @@ mod tests {
         let k = PairKeys::derive(&secret(9), Epoch(3), &Pair::new("a", "b").unwrap()).unwrap();
         let shown = format!("{k:?} {:?}", secret(9));
         assert!(shown.contains("redacted"));
-        let hex: String = k.wireguard_psk.expose().iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = k
+            .wireguard_psk
+            .expose()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert!(!shown.contains(&hex));
         assert!(!shown.contains("9, 9, 9"));
     }

@@ -34,7 +34,10 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(d));
     }
     let exe = std::env::current_exe().context("locate the running executable")?;
-    let mut dir = exe.parent().context("executable has no directory")?.to_path_buf();
+    let mut dir = exe
+        .parent()
+        .context("executable has no directory")?
+        .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -129,7 +132,10 @@ fn stop_child(mut child: Child, grace: Duration) -> anyhow::Result<std::process:
         if start.elapsed() > grace {
             child.kill()?;
             let st = child.wait()?;
-            bail!("process {} ignored SIGTERM for {grace:?}; killed ({st})", child.id());
+            bail!(
+                "process {} ignored SIGTERM for {grace:?}; killed ({st})",
+                child.id()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -153,7 +159,9 @@ impl Lab {
     pub fn build(opts: &LabOptions) -> anyhow::Result<Self> {
         let bin = bin_dir()?;
         let prefix = format!("enc{}{}", std::process::id() % 100_000, opts.tag);
-        let dir = tempfile::Builder::new().prefix(&format!("{prefix}-")).tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-"))
+            .tempdir()?;
         let underlay = Netns::new(&format!("{prefix}-ul"))?;
         underlay.run(&["ip", "link", "add", "br0", "type", "bridge"])?;
         underlay.run(&["ip", "link", "set", "br0", "up"])?;
@@ -165,7 +173,15 @@ impl Lab {
         let encctl = encctl.to_str().context("binary path is not UTF-8")?;
         sys::run(&[encctl, "ca", "init", "--out", path_str(&ca)?])?;
         if !opts.foreign.is_empty() {
-            sys::run(&[encctl, "ca", "init", "--out", path_str(&foreign_ca)?, "--name", "some other CA"])?;
+            sys::run(&[
+                encctl,
+                "ca",
+                "init",
+                "--out",
+                path_str(&foreign_ca)?,
+                "--name",
+                "some other CA",
+            ])?;
         }
 
         let mut nodes = Vec::new();
@@ -174,7 +190,19 @@ impl Lab {
             let addr = Ipv4Addr::new(10, 77, 0, i as u8);
             let ns = Netns::new(&format!("{prefix}-n{i}"))?;
             let uplink = format!("n{i}");
-            underlay.run(&["ip", "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
+            underlay.run(&[
+                "ip",
+                "link",
+                "add",
+                &uplink,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ])?;
             underlay.run(&["ip", "link", "set", &uplink, "master", "br0", "up"])?;
             ns.run(&["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
             ns.run(&["ip", "link", "set", "eth0", "up"])?;
@@ -182,22 +210,62 @@ impl Lab {
             ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
             ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
             ns.run(&["ip", "link", "add", "cbr0", "type", "bridge"])?;
-            ns.run(&["ip", "addr", "add", &format!("10.78.{i}.1/24"), "dev", "cbr0"])?;
+            ns.run(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("10.78.{i}.1/24"),
+                "dev",
+                "cbr0",
+            ])?;
             ns.run(&["ip", "link", "set", "cbr0", "up"])?;
             let mut pods = Vec::new();
             for j in 1..=opts.pods {
                 let pod = Netns::new(&format!("{prefix}-n{i}p{j}"))?;
                 let pod_addr = Ipv4Addr::new(10, 78, i as u8, 10 + j as u8);
                 let hostside = format!("p{j}");
-                ns.run(&["ip", "link", "add", &hostside, "type", "veth", "peer", "name", "eth0", "netns", pod.name()])?;
+                ns.run(&[
+                    "ip",
+                    "link",
+                    "add",
+                    &hostside,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    pod.name(),
+                ])?;
                 ns.run(&["ip", "link", "set", &hostside, "master", "cbr0", "up"])?;
-                pod.run(&["ip", "addr", "add", &format!("{pod_addr}/24"), "dev", "eth0"])?;
+                pod.run(&[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{pod_addr}/24"),
+                    "dev",
+                    "eth0",
+                ])?;
                 pod.run(&["ip", "link", "set", "eth0", "up"])?;
-                pod.run(&["ip", "route", "add", "default", "via", &format!("10.78.{i}.1")])?;
-                pods.push(Pod { ns: pod, addr: pod_addr });
+                pod.run(&[
+                    "ip",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("10.78.{i}.1"),
+                ])?;
+                pods.push(Pod {
+                    ns: pod,
+                    addr: pod_addr,
+                });
             }
 
-            let issuer = if opts.foreign.contains(&i) { &foreign_ca } else { &ca };
+            let issuer = if opts.foreign.contains(&i) {
+                &foreign_ca
+            } else {
+                &ca
+            };
             sys::run(&[
                 encctl,
                 "cert",
@@ -242,7 +310,11 @@ impl Lab {
                 n.pod_cidr,
                 n.name,
                 n.name,
-                if opts.foreign.contains(&n.index) { "foreign-ca" } else { "ca" },
+                if opts.foreign.contains(&n.index) {
+                    "foreign-ca"
+                } else {
+                    "ca"
+                },
                 n.socket.display()
             );
             for p in nodes.iter().filter(|p| p.index != n.index) {
@@ -251,7 +323,8 @@ impl Lab {
                     p.name, p.addr, p.pod_cidr
                 ));
             }
-            std::fs::write(&n.config, yaml).with_context(|| format!("write {}", n.config.display()))?;
+            std::fs::write(&n.config, yaml)
+                .with_context(|| format!("write {}", n.config.display()))?;
         }
 
         Ok(Self {
@@ -290,7 +363,10 @@ impl Lab {
             .arg(&agent)
             .arg("--config")
             .arg(&node.config)
-            .env("ENC_LOG", std::env::var("ENC_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "ENC_LOG",
+                std::env::var("ENC_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -301,15 +377,25 @@ impl Lab {
         let socket = node.socket.clone();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(st) = self.nodes[i - 1].agent.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(st) = self.nodes[i - 1]
+                .agent
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.nodes[i - 1].agent = None;
-                bail!("agent of node-{i} exited at start-up ({st}); log:\n{}", self.log_tail(i, 30));
+                bail!(
+                    "agent of node-{i} exited at start-up ({st}); log:\n{}",
+                    self.log_tail(i, 30)
+                );
             }
             if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("agent of node-{i} did not open {} within 10s", socket.display());
+                bail!(
+                    "agent of node-{i} did not open {} within 10s",
+                    socket.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -326,7 +412,10 @@ impl Lab {
     /// Stops node `i`'s agent with SIGTERM and checks that it exited cleanly.
     pub fn stop_agent(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &mut self.nodes[i - 1];
-        let child = node.agent.take().with_context(|| format!("agent of {} is not running", node.name))?;
+        let child = node
+            .agent
+            .take()
+            .with_context(|| format!("agent of {} is not running", node.name))?;
         let st = stop_child(child, Duration::from_secs(10))?;
         if !st.success() {
             bail!("agent of {} exited with {st}", node.name);
@@ -347,7 +436,8 @@ impl Lab {
     /// Node `i`'s peers as the status API reports them.
     pub fn peers(&self, i: usize) -> anyhow::Result<Vec<enc_api::PeerInfo>> {
         let text = self.encctl(i, &["peers", "-o", "json"])?;
-        let peers: enc_api::Peers = serde_json::from_str(&text).context("decode encctl peers -o json")?;
+        let peers: enc_api::Peers =
+            serde_json::from_str(&text).context("decode encctl peers -o json")?;
         Ok(peers.peers)
     }
 
@@ -358,33 +448,70 @@ impl Lab {
     }
 
     /// Waits until node `i` reports each of `names` authenticated with WireGuard configured.
-    pub fn wait_authenticated(&self, i: usize, names: &[&str], timeout: Duration) -> anyhow::Result<()> {
-        sys::wait_for(&format!("node-{i} to authenticate {names:?}"), timeout, || {
-            let peers = self.peers(i)?;
-            for n in names {
-                let p = peers.iter().find(|p| p.name == *n).with_context(|| format!("{n} not listed"))?;
-                if p.auth != enc_api::AuthState::Authenticated || p.wireguard.is_none() {
-                    bail!("{n} is {:?}", p.auth);
+    pub fn wait_authenticated(
+        &self,
+        i: usize,
+        names: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        sys::wait_for(
+            &format!("node-{i} to authenticate {names:?}"),
+            timeout,
+            || {
+                let peers = self.peers(i)?;
+                for n in names {
+                    let p = peers
+                        .iter()
+                        .find(|p| p.name == *n)
+                        .with_context(|| format!("{n} not listed"))?;
+                    if p.auth != enc_api::AuthState::Authenticated || p.wireguard.is_none() {
+                        bail!("{n} is {:?}", p.auth);
+                    }
                 }
-            }
-            Ok(Some(()))
-        })
+                Ok(Some(()))
+            },
+        )
     }
 
     /// Pings `to` from pod `j` of node `i` with a payload pattern (hex, up to 16 bytes).
-    pub fn ping(&self, i: usize, j: usize, to: Ipv4Addr, count: u32, pattern_hex: &str) -> anyhow::Result<bool> {
+    pub fn ping(
+        &self,
+        i: usize,
+        j: usize,
+        to: Ipv4Addr,
+        count: u32,
+        pattern_hex: &str,
+    ) -> anyhow::Result<bool> {
         let pod = &self.node(i).pods[j - 1];
         let out = pod.ns.run(&["true"]).and_then(|_| {
             sys::output_in(
                 pod.ns.name(),
-                &["ping", "-n", "-q", "-c", &count.to_string(), "-i", "0.2", "-W", "2", "-p", pattern_hex, &to.to_string()],
+                &[
+                    "ping",
+                    "-n",
+                    "-q",
+                    "-c",
+                    &count.to_string(),
+                    "-i",
+                    "0.2",
+                    "-W",
+                    "2",
+                    "-p",
+                    pattern_hex,
+                    &to.to_string(),
+                ],
             )
         })?;
         Ok(out.status.success())
     }
 
     /// Sends `payload` over TCP from pod (i, j) to pod (k, l) and checks that it arrived intact.
-    pub fn tcp_transfer(&self, from: (usize, usize), to: (usize, usize), payload: &[u8]) -> anyhow::Result<()> {
+    pub fn tcp_transfer(
+        &self,
+        from: (usize, usize),
+        to: (usize, usize),
+        payload: &[u8],
+    ) -> anyhow::Result<()> {
         let dst = &self.node(to.0).pods[to.1 - 1];
         let src = &self.node(from.0).pods[from.1 - 1];
         let listener = dst.ns.enter(|| TcpListener::bind("0.0.0.0:0"))??;
@@ -409,13 +536,21 @@ impl Lab {
         })?;
         if let Err(e) = sent {
             // Unblock the server's accept before returning.
-            let _ = dst.ns.enter(move || TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))));
+            let _ = dst
+                .ns
+                .enter(move || TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))));
             let _ = server.join();
             return Err(e);
         }
-        let got = server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+        let got = server
+            .join()
+            .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
         if got != payload {
-            bail!("TCP payload from {target} arrived altered: {} bytes of {}", got.len(), payload.len());
+            bail!(
+                "TCP payload from {target} arrived altered: {} bytes of {}",
+                got.len(),
+                payload.len()
+            );
         }
         Ok(())
     }
@@ -439,11 +574,23 @@ impl Lab {
             if let Some(keep) = std::env::var_os("ENC_LAB_KEEP") {
                 let dst = PathBuf::from(keep).join(&self.prefix);
                 let _ = std::fs::create_dir_all(&dst);
-                let _ = sys::run(&["cp", "-r", &format!("{}/.", self.dir.path().display()), &dst.to_string_lossy()]);
-                eprintln!("lab files (configs, logs, captures) kept in {}", dst.display());
+                let _ = sys::run(&[
+                    "cp",
+                    "-r",
+                    &format!("{}/.", self.dir.path().display()),
+                    &dst.to_string_lossy(),
+                ]);
+                eprintln!(
+                    "lab files (configs, logs, captures) kept in {}",
+                    dst.display()
+                );
             }
             for n in &self.nodes {
-                eprintln!("----- {} agent log (last 40 lines) -----\n{}", n.name, self.log_tail(n.index, 40));
+                eprintln!(
+                    "----- {} agent log (last 40 lines) -----\n{}",
+                    n.name,
+                    self.log_tail(n.index, 40)
+                );
             }
             panic!("{e:#}");
         }
@@ -451,7 +598,8 @@ impl Lab {
 }
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {
-    p.to_str().with_context(|| format!("path {} is not UTF-8", p.display()))
+    p.to_str()
+        .with_context(|| format!("path {} is not UTF-8", p.display()))
 }
 
 /// A running tcpdump.
@@ -464,7 +612,22 @@ impl Capture {
     /// Starts tcpdump in `ns` on `iface`, writing `path`; returns once it is listening.
     pub fn start(ns: &str, iface: &str, path: &Path) -> anyhow::Result<Self> {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "tcpdump", "--immediate-mode", "-i", iface, "-n", "-s", "0", "-U", "-Z", "root", "-w"])
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                iface,
+                "-n",
+                "-s",
+                "0",
+                "-U",
+                "-Z",
+                "root",
+                "-w",
+            ])
             .arg(path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

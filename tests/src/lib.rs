@@ -21,7 +21,9 @@ pub fn require_root(test: &str) -> bool {
         return true;
     }
     if std::env::var_os("CI").is_some() {
-        panic!("{test}: privileged test needs root (euid {euid}) and CI is set: failing instead of skipping");
+        panic!(
+            "{test}: privileged test needs root (euid {euid}) and CI is set: failing instead of skipping"
+        );
     }
     eprintln!("SKIPPED {test}: needs root (euid {euid})");
     false

@@ -18,7 +18,9 @@ impl Netns {
             bail!("namespace name {name:?} too long");
         }
         sys::run(&["ip", "netns", "add", name])?;
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         sys::run_in(name, &["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -35,12 +37,16 @@ impl Netns {
 
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        self.run(&["sysctl", "-qw", &format!("{key}={value}")]).map(|_| ())
+        self.run(&["sysctl", "-qw", &format!("{key}={value}")])
+            .map(|_| ())
     }
 
     /// Runs `f` on a new thread that has entered this namespace, and returns its result.
     /// Sockets created there stay in the namespace.
-    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    pub fn enter<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
         let path = format!("/var/run/netns/{}", self.name);
         let file = File::open(&path).with_context(|| format!("open {path}"))?;
         let handle = std::thread::spawn(move || -> anyhow::Result<T> {

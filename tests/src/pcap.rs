@@ -61,7 +61,11 @@ pub fn parse(bytes: &[u8]) -> anyhow::Result<Vec<Frame>> {
     };
     let u32_at = |b: &[u8], at: usize| -> u32 {
         let x = [b[at], b[at + 1], b[at + 2], b[at + 3]];
-        if le { u32::from_le_bytes(x) } else { u32::from_be_bytes(x) }
+        if le {
+            u32::from_le_bytes(x)
+        } else {
+            u32::from_be_bytes(x)
+        }
     };
     let linktype = u32_at(bytes, 20);
     if linktype != 1 {
@@ -82,7 +86,11 @@ pub fn parse(bytes: &[u8]) -> anyhow::Result<Vec<Frame>> {
 }
 
 fn frame(data: &[u8]) -> Frame {
-    let ethertype = if data.len() >= 14 { u16::from_be_bytes([data[12], data[13]]) } else { 0 };
+    let ethertype = if data.len() >= 14 {
+        u16::from_be_bytes([data[12], data[13]])
+    } else {
+        0
+    };
     let ip = data.get(14..).and_then(|p| match ethertype {
         0x0800 => ipv4(p),
         0x86dd => ipv6(p),
@@ -167,7 +175,9 @@ mod tests {
     fn udp_frame(payload: &[u8]) -> Vec<u8> {
         let mut f = vec![0u8; 12];
         f.extend_from_slice(&[0x08, 0x00]);
-        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, UDP, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0, 0, 0, 0, 64, UDP, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
         ip.extend_from_slice(&51820u16.to_be_bytes());
         ip.extend_from_slice(&4242u16.to_be_bytes());
         ip.extend_from_slice(&[0, 0, 0, 0]);
@@ -183,7 +193,10 @@ mod tests {
         assert_eq!(frames.len(), 2);
         let ip = frames[0].ip.as_ref().unwrap();
         assert_eq!(ip.src, "10.0.0.1".parse::<IpAddr>().unwrap());
-        assert_eq!((ip.proto, ip.sport, ip.dport), (UDP, Some(51820), Some(4242)));
+        assert_eq!(
+            (ip.proto, ip.sport, ip.dport),
+            (UDP, Some(51820), Some(4242))
+        );
         assert!(ip.has_port(51820));
         assert!(contains(&frames[0].data, b"enc-marker"));
         assert!(!contains(&frames[1].data, b"enc-marker"));

@@ -44,7 +44,11 @@ pub fn output_in(ns: &str, args: &[&str]) -> anyhow::Result<Output> {
 
 /// Polls `f` until it returns `Ok(Some(v))` or `timeout` passes; the error names `what` and
 /// the last reason `f` gave.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
     let start = Instant::now();
     let mut last = String::from("condition never became true");
     loop {

@@ -17,12 +17,20 @@ const MARKER_HEX: &str = "656e632d706c61696e746578742d6d61";
 const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn names_except(lab: &Lab, i: usize) -> Vec<String> {
-    lab.nodes.iter().filter(|n| n.index != i).map(|n| n.name.clone()).collect()
+    lab.nodes
+        .iter()
+        .filter(|n| n.index != i)
+        .map(|n| n.name.clone())
+        .collect()
 }
 
 fn wait_mesh(lab: &Lab, nodes: &[usize]) -> anyhow::Result<()> {
     for &i in nodes {
-        let others: Vec<String> = nodes.iter().filter(|&&k| k != i).map(|k| format!("node-{k}")).collect();
+        let others: Vec<String> = nodes
+            .iter()
+            .filter(|&&k| k != i)
+            .map(|k| format!("node-{k}"))
+            .collect();
         let refs: Vec<&str> = others.iter().map(String::as_str).collect();
         lab.wait_authenticated(i, &refs, AUTH_TIMEOUT)?;
     }
@@ -70,8 +78,14 @@ fn privileged_three_nodes_encrypted_pod_to_pod() {
         let frames = capture.stop()?;
 
         // No plaintext: the marker never appears on the underlay.
-        let leaks = frames.iter().filter(|f| pcap::contains(&f.data, MARKER) || pcap::contains(&f.data, &MARKER[..16])).count();
-        ensure!(leaks == 0, "{leaks} frames on the underlay carry the plaintext marker");
+        let leaks = frames
+            .iter()
+            .filter(|f| pcap::contains(&f.data, MARKER) || pcap::contains(&f.data, &MARKER[..16]))
+            .count();
+        ensure!(
+            leaks == 0,
+            "{leaks} frames on the underlay carry the plaintext marker"
+        );
 
         // Only the control channel and WireGuard travel between nodes.
         let node_addrs: Vec<IpAddr> = lab.nodes.iter().map(|n| IpAddr::V4(n.addr)).collect();
@@ -79,7 +93,8 @@ fn privileged_three_nodes_encrypted_pod_to_pod() {
         for f in &frames {
             let Some(ip) = &f.ip else { continue };
             // Neighbour discovery and MLD of the veths themselves: link-local housekeeping.
-            if ip.dst.is_multicast() || matches!(ip.src, IpAddr::V6(a) if a.is_unicast_link_local()) {
+            if ip.dst.is_multicast() || matches!(ip.src, IpAddr::V6(a) if a.is_unicast_link_local())
+            {
                 continue;
             }
             if !(node_addrs.contains(&ip.src) && node_addrs.contains(&ip.dst)) {
@@ -92,34 +107,86 @@ fn privileged_three_nodes_encrypted_pod_to_pod() {
                 _ => other.push(format!("{ip:?}")),
             }
         }
-        ensure!(other.is_empty(), "unexpected packets on the underlay: {:?}", &other[..other.len().min(5)]);
+        ensure!(
+            other.is_empty(),
+            "unexpected packets on the underlay: {:?}",
+            &other[..other.len().min(5)]
+        );
         // 24 pod pairs x 2 pings x 2 directions, plus three 40 kB TCP transfers.
-        ensure!(wg >= 96 + 60, "only {wg} WireGuard packets captured ({} frames, {control} control); the capture missed the traffic", frames.len());
-        eprintln!("capture: {} frames, {wg} WireGuard, {control} control, 0 with the marker", frames.len());
+        ensure!(
+            wg >= 96 + 60,
+            "only {wg} WireGuard packets captured ({} frames, {control} control); the capture missed the traffic",
+            frames.len()
+        );
+        eprintln!(
+            "capture: {} frames, {wg} WireGuard, {control} control, 0 with the marker",
+            frames.len()
+        );
 
         // Status: both ends of each pair show the same key id, handshakes and counters.
         for i in 1..=3 {
             let peers = lab.peers(i)?;
             for p in &peers {
-                let wgp = p.wireguard.as_ref().with_context(|| format!("node-{i}: {} has no WireGuard state", p.name))?;
-                ensure!(wgp.last_handshake_seconds.is_some(), "node-{i}: no handshake with {}", p.name);
-                ensure!(wgp.rx_bytes > 0 && wgp.tx_bytes > 0, "node-{i}: no bytes with {}", p.name);
+                let wgp = p
+                    .wireguard
+                    .as_ref()
+                    .with_context(|| format!("node-{i}: {} has no WireGuard state", p.name))?;
+                ensure!(
+                    wgp.last_handshake_seconds.is_some(),
+                    "node-{i}: no handshake with {}",
+                    p.name
+                );
+                ensure!(
+                    wgp.rx_bytes > 0 && wgp.tx_bytes > 0,
+                    "node-{i}: no bytes with {}",
+                    p.name
+                );
                 let cert = p.certificate.as_ref().context("no certificate shown")?;
-                ensure!(cert.subject.contains(&p.name), "subject {} does not name {}", cert.subject, p.name);
-                let k = lab.node(p.name.trim_start_matches("node-").parse::<usize>()?).index;
+                ensure!(
+                    cert.subject.contains(&p.name),
+                    "subject {} does not name {}",
+                    cert.subject,
+                    p.name
+                );
+                let k = lab
+                    .node(p.name.trim_start_matches("node-").parse::<usize>()?)
+                    .index;
                 let back = lab.peers(k)?;
-                let mirror = back.iter().find(|q| q.name == format!("node-{i}")).context("mirror peer")?;
-                ensure!(mirror.key == p.key, "key ids differ between node-{i} and {}: {:?} vs {:?}", p.name, p.key, mirror.key);
+                let mirror = back
+                    .iter()
+                    .find(|q| q.name == format!("node-{i}"))
+                    .context("mirror peer")?;
+                ensure!(
+                    mirror.key == p.key,
+                    "key ids differ between node-{i} and {}: {:?} vs {:?}",
+                    p.name,
+                    p.key,
+                    mirror.key
+                );
             }
             let st = lab.status(i)?;
-            ensure!(st.peers.authenticated == 2 && st.peers.failed == 0, "node-{i} counts {:?}", st.peers);
-            ensure!(st.encryption.backend == "boringtun" && st.encryption.mtu == 1440, "{:?}", st.encryption);
+            ensure!(
+                st.peers.authenticated == 2 && st.peers.failed == 0,
+                "node-{i} counts {:?}",
+                st.peers
+            );
+            ensure!(
+                st.encryption.backend == "boringtun" && st.encryption.mtu == 1440,
+                "{:?}",
+                st.encryption
+            );
         }
         let text = lab.encctl(1, &["peers"])?;
         eprintln!("encctl peers on node-1:\n{text}");
-        ensure!(text.contains("authenticated"), "text output lacks states:\n{text}");
+        ensure!(
+            text.contains("authenticated"),
+            "text output lacks states:\n{text}"
+        );
         for secretish in ["PrivateKey", "preshared", "psk"] {
-            ensure!(!text.to_lowercase().contains(&secretish.to_lowercase()), "peers output mentions {secretish}");
+            ensure!(
+                !text.to_lowercase().contains(&secretish.to_lowercase()),
+                "peers output mentions {secretish}"
+            );
         }
         Ok(())
     })();
@@ -142,10 +209,16 @@ fn privileged_foreign_ca_node_is_refused() {
         for i in 1..=3 {
             enc_tests::sys::wait_for(&format!("node-{i} to refuse node-4"), AUTH_TIMEOUT, || {
                 let peers = lab.peers(i)?;
-                let p = peers.iter().find(|p| p.name == "node-4").context("node-4 not listed")?;
+                let p = peers
+                    .iter()
+                    .find(|p| p.name == "node-4")
+                    .context("node-4 not listed")?;
                 match &p.auth {
                     AuthState::Failed { reason } => {
-                        ensure!(p.wireguard.is_none() && p.key.is_none(), "node-4 has keys on node-{i}");
+                        ensure!(
+                            p.wireguard.is_none() && p.key.is_none(),
+                            "node-4 has keys on node-{i}"
+                        );
                         Ok(Some(reason.clone()))
                     }
                     other => bail!("node-4 is {other:?}"),
@@ -156,17 +229,30 @@ fn privileged_foreign_ca_node_is_refused() {
         // node-4 sees the others fail too: their certificates are not from its CA.
         enc_tests::sys::wait_for("node-4 to refuse everyone", AUTH_TIMEOUT, || {
             let peers = lab.peers(4)?;
-            let failed = peers.iter().filter(|p| matches!(p.auth, AuthState::Failed { .. })).count();
+            let failed = peers
+                .iter()
+                .filter(|p| matches!(p.auth, AuthState::Failed { .. }))
+                .count();
             Ok((failed == 3).then_some(()))
         })?;
         let text = lab.encctl(1, &["peers"])?;
         eprintln!("encctl peers on node-1:\n{text}");
-        ensure!(text.lines().any(|l| l.starts_with("node-4") && l.contains("failed")), "{text}");
+        ensure!(
+            text.lines()
+                .any(|l| l.starts_with("node-4") && l.contains("failed")),
+            "{text}"
+        );
         // No traffic between node-4's pods and the cluster, in either direction.
         let n1 = lab.node(1).pods[0].addr;
         let n4 = lab.node(4).pods[0].addr;
-        ensure!(!lab.ping(4, 1, n1, 2, MARKER_HEX)?, "node-4's pod reached node-1's pod");
-        ensure!(!lab.ping(1, 1, n4, 2, MARKER_HEX)?, "node-1's pod reached node-4's pod");
+        ensure!(
+            !lab.ping(4, 1, n1, 2, MARKER_HEX)?,
+            "node-4's pod reached node-1's pod"
+        );
+        ensure!(
+            !lab.ping(1, 1, n4, 2, MARKER_HEX)?,
+            "node-1's pod reached node-4's pod"
+        );
         // The cluster itself still works.
         let failures = ping_all(&lab, &[1, 2, 3])?;
         ensure!(failures.is_empty(), "pings failed: {failures:?}");
@@ -188,29 +274,63 @@ fn privileged_agent_restart_restores_traffic() {
         lab.start_all()?;
         wait_mesh(&lab, &[1, 2])?;
         let to2 = lab.node(2).pods[0].addr;
-        ensure!(lab.ping(1, 1, to2, 2, MARKER_HEX)?, "no traffic before the restart");
-        let key_before = lab.peers(1)?[0].wireguard.clone().context("wg state")?.public_key;
+        ensure!(
+            lab.ping(1, 1, to2, 2, MARKER_HEX)?,
+            "no traffic before the restart"
+        );
+        let key_before = lab.peers(1)?[0]
+            .wireguard
+            .clone()
+            .context("wg state")?
+            .public_key;
 
         lab.stop_agent(2)?;
         // A clean stop removes what the agent configured: its routes and its device.
-        let routes = lab.node(2).ns.run(&["ip", "route", "show", "proto", "229"])?;
-        ensure!(routes.stdout.is_empty(), "routes left behind: {}", String::from_utf8_lossy(&routes.stdout));
-        let link = enc_tests::sys::output_in(lab.node(2).ns.name(), &["ip", "link", "show", "enc-wg0"])?;
-        ensure!(!link.status.success(), "enc-wg0 left behind after a clean stop");
+        let routes = lab
+            .node(2)
+            .ns
+            .run(&["ip", "route", "show", "proto", "229"])?;
+        ensure!(
+            routes.stdout.is_empty(),
+            "routes left behind: {}",
+            String::from_utf8_lossy(&routes.stdout)
+        );
+        let link =
+            enc_tests::sys::output_in(lab.node(2).ns.name(), &["ip", "link", "show", "enc-wg0"])?;
+        ensure!(
+            !link.status.success(),
+            "enc-wg0 left behind after a clean stop"
+        );
         // Fail closed while it is down: node-1 routes into WireGuard, nothing answers, nothing leaks.
         let capture = lab.capture("down")?;
-        ensure!(!lab.ping(1, 1, to2, 2, MARKER_HEX)?, "traffic passed while node-2's agent was down");
+        ensure!(
+            !lab.ping(1, 1, to2, 2, MARKER_HEX)?,
+            "traffic passed while node-2's agent was down"
+        );
         let frames = capture.stop()?;
-        ensure!(!frames.iter().any(|f| pcap::contains(&f.data, &MARKER[..16])), "plaintext while the peer was down");
+        ensure!(
+            !frames
+                .iter()
+                .any(|f| pcap::contains(&f.data, &MARKER[..16])),
+            "plaintext while the peer was down"
+        );
 
         lab.start_agent(2)?;
         wait_mesh(&lab, &[1, 2])?;
-        let ok = enc_tests::sys::wait_for("traffic after the restart", Duration::from_secs(20), || {
-            Ok(lab.ping(1, 1, to2, 1, MARKER_HEX)?.then_some(()))
-        });
+        let ok =
+            enc_tests::sys::wait_for("traffic after the restart", Duration::from_secs(20), || {
+                Ok(lab.ping(1, 1, to2, 1, MARKER_HEX)?.then_some(()))
+            });
         ok?;
-        let key_after = lab.peers(1)?[0].wireguard.clone().context("wg state")?.public_key;
-        ensure!(key_before != key_after, "node-2 kept its WireGuard key across a restart");
+        let key_after = lab.peers(1)?[0]
+            .wireguard
+            .clone()
+            .context("wg state")?
+            .public_key;
+        ensure!(
+            key_before != key_after,
+            "node-2 kept its WireGuard key across a restart"
+        );
         Ok(())
     })();
     lab.finish(r);

@@ -133,11 +133,17 @@ async fn dial_once(shared: &Arc<Shared>, peer: &PeerConfig) -> bool {
     ) {
         (Ok(c), Ok(n)) => (c, n),
         (Err(e), _) | (_, Err(e)) => {
-            not_connected(shared, peer, format!("TLS client config: {}", format_chain(&e)));
+            not_connected(
+                shared,
+                peer,
+                format!("TLS client config: {}", format_chain(&e)),
+            );
             return false;
         }
     };
-    let tls = match tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, stream)).await {
+    let tls = match tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, stream))
+        .await
+    {
         Err(_) => {
             not_connected(shared, peer, "TLS handshake timed out".into());
             return false;
@@ -161,12 +167,16 @@ async fn dial_once(shared: &Arc<Shared>, peer: &PeerConfig) -> bool {
 
 fn not_connected(shared: &Shared, peer: &PeerConfig, detail: String) {
     debug!(peer = %peer.name, %detail, "control connection not established");
-    shared.table().not_connected(&peer.name, Instant::now(), detail);
+    shared
+        .table()
+        .not_connected(&peer.name, Instant::now(), detail);
 }
 
 fn auth_failed(shared: &Shared, peer: &PeerConfig, reason: String) {
     warn!(peer = %peer.name, addr = %peer.underlay_address, %reason, "peer authentication failed");
-    shared.table().auth_failed(&peer.name, Instant::now(), reason);
+    shared
+        .table()
+        .auth_failed(&peer.name, Instant::now(), reason);
     shared.request_reconcile();
 }
 
@@ -182,7 +192,10 @@ enum ReadError {
     Proto(proto::ProtoError),
 }
 
-async fn read_frames<R: AsyncRead + Unpin>(mut rd: R, tx: tokio::sync::mpsc::Sender<Result<Message, ReadError>>) {
+async fn read_frames<R: AsyncRead + Unpin>(
+    mut rd: R,
+    tx: tokio::sync::mpsc::Sender<Result<Message, ReadError>>,
+) {
     loop {
         let mut prefix = [0u8; 4];
         if let Err(e) = rd.read_exact(&mut prefix).await {
@@ -233,7 +246,8 @@ where
     let (rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let reader = tokio::spawn(read_frames(rd, tx));
-    let (mut session, first) = Session::new(&peer.name, shared.hello(), shared.timing, Instant::now());
+    let (mut session, first) =
+        Session::new(&peer.name, shared.hello(), shared.timing, Instant::now());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut pending = first;
 
@@ -318,7 +332,9 @@ where
     };
     if established {
         info!(peer = %peer.name, session = session_id, %reason, "control session ended");
-        shared.table().session_lost(&peer.name, now, session_id, &reason);
+        shared
+            .table()
+            .session_lost(&peer.name, now, session_id, &reason);
         shared.request_reconcile();
     } else {
         not_connected(shared, peer, reason);

@@ -151,8 +151,14 @@ mod tests {
     #[test]
     fn limits_and_garbage_are_refused() {
         assert_eq!(decode(&[0, 0, 0, 0]), Err(ProtoError::Empty));
-        assert_eq!(decode(&[0, 1, 0, 1]), Err(ProtoError::TooLong { len: 65537 }));
-        assert!(matches!(decode(b"\0\0\0\x02{}"), Err(ProtoError::Malformed(_))));
+        assert_eq!(
+            decode(&[0, 1, 0, 1]),
+            Err(ProtoError::TooLong { len: 65537 })
+        );
+        assert!(matches!(
+            decode(b"\0\0\0\x02{}"),
+            Err(ProtoError::Malformed(_))
+        ));
         let extra = br#"{"type":"ping","seq":1,"key":"x"}"#;
         let mut f = (extra.len() as u32).to_be_bytes().to_vec();
         f.extend_from_slice(extra);

@@ -106,7 +106,12 @@ pub struct Session {
 impl Session {
     /// Starts a session with the peer whose certificate was verified for `expected_peer`;
     /// returns the hello to send first.
-    pub fn new(expected_peer: &str, hello: Hello, timing: Timing, now: Instant) -> (Self, Vec<Action>) {
+    pub fn new(
+        expected_peer: &str,
+        hello: Hello,
+        timing: Timing,
+        now: Instant,
+    ) -> (Self, Vec<Action>) {
         let s = Self {
             expected_peer: expected_peer.to_owned(),
             timing,
@@ -142,10 +147,13 @@ impl Session {
                     });
                 }
                 let public_key: PublicKey =
-                    h.wireguard.public_key.parse().map_err(|_| SessionError::BadHello {
-                        field: "wireguard.publicKey",
-                        value: h.wireguard.public_key.clone(),
-                    })?;
+                    h.wireguard
+                        .public_key
+                        .parse()
+                        .map_err(|_| SessionError::BadHello {
+                            field: "wireguard.publicKey",
+                            value: h.wireguard.public_key.clone(),
+                        })?;
                 if h.wireguard.listen_port == 0 {
                     return Err(SessionError::BadHello {
                         field: "wireguard.listenPort",
@@ -242,7 +250,9 @@ mod tests {
     #[test]
     fn wrong_node_is_an_auth_failure() {
         let t0 = Instant::now();
-        let err = start(t0).on_message(Message::Hello(hello("node-9")), t0).unwrap_err();
+        let err = start(t0)
+            .on_message(Message::Hello(hello("node-9")), t0)
+            .unwrap_err();
         assert!(err.is_auth_failure());
         assert!(err.to_string().contains("node-9"));
     }
@@ -262,7 +272,10 @@ mod tests {
         );
         let mut h = hello("node-2");
         h.protocol = 9;
-        assert_eq!(start(t0).on_message(Message::Hello(h), t0), Err(SessionError::Protocol(9)));
+        assert_eq!(
+            start(t0).on_message(Message::Hello(h), t0),
+            Err(SessionError::Protocol(9))
+        );
         assert_eq!(
             start(t0).on_message(Message::Ping(Seq { seq: 1 }), t0),
             Err(SessionError::Unexpected("message before hello"))
@@ -274,15 +287,22 @@ mod tests {
         let t0 = Instant::now();
         let mut s = start(t0);
         assert_eq!(s.on_tick(t0 + Duration::from_secs(9)), Ok(vec![]));
-        assert!(matches!(s.on_tick(t0 + Duration::from_secs(10)), Err(SessionError::HelloTimeout(_))));
+        assert!(matches!(
+            s.on_tick(t0 + Duration::from_secs(10)),
+            Err(SessionError::HelloTimeout(_))
+        ));
 
         let mut s = start(t0);
         s.on_message(Message::Hello(hello("node-2")), t0).unwrap();
         let a = s.on_tick(t0 + Duration::from_secs(5)).unwrap();
         assert_eq!(a, vec![Action::Send(Message::Ping(Seq { seq: 1 }))]);
         assert_eq!(s.on_tick(t0 + Duration::from_secs(6)), Ok(vec![]));
-        s.on_message(Message::Pong(Seq { seq: 1 }), t0 + Duration::from_secs(6)).unwrap();
-        assert!(matches!(s.on_tick(t0 + Duration::from_secs(26)), Err(SessionError::Silent(_))));
+        s.on_message(Message::Pong(Seq { seq: 1 }), t0 + Duration::from_secs(6))
+            .unwrap();
+        assert!(matches!(
+            s.on_tick(t0 + Duration::from_secs(26)),
+            Err(SessionError::Silent(_))
+        ));
     }
 
     #[test]
@@ -295,7 +315,12 @@ mod tests {
             vec![Action::Send(Message::Pong(Seq { seq: 7 }))]
         );
         assert_eq!(
-            s.on_message(Message::Goodbye(Goodbye { reason: "bye".into() }), t0),
+            s.on_message(
+                Message::Goodbye(Goodbye {
+                    reason: "bye".into()
+                }),
+                t0
+            ),
             Err(SessionError::Closed("bye".into()))
         );
     }

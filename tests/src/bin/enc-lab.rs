@@ -30,14 +30,28 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    let Cli { command: Cmd::Demo { nodes, keep } } = Cli::parse();
-    ensure!((2..=9).contains(&nodes), "--nodes must be 2 to 9 (got {nodes})");
-    ensure!(enc_tests::require_root("enc-lab demo"), "enc-lab needs root (network namespaces)");
+    let Cli {
+        command: Cmd::Demo { nodes, keep },
+    } = Cli::parse();
+    ensure!(
+        (2..=9).contains(&nodes),
+        "--nodes must be 2 to 9 (got {nodes})"
+    );
+    ensure!(
+        enc_tests::require_root("enc-lab demo"),
+        "enc-lab needs root (network namespaces)"
+    );
     let mut lab = Lab::build(&LabOptions::new("demo", nodes)).context("build the lab")?;
-    println!("==> {nodes} nodes in network namespaces {}-n1..n{nodes}; starting agents", lab.prefix());
+    println!(
+        "==> {nodes} nodes in network namespaces {}-n1..n{nodes}; starting agents",
+        lab.prefix()
+    );
     lab.start_all()?;
     for i in 1..=nodes {
-        let others: Vec<String> = (1..=nodes).filter(|k| *k != i).map(|k| format!("node-{k}")).collect();
+        let others: Vec<String> = (1..=nodes)
+            .filter(|k| *k != i)
+            .map(|k| format!("node-{k}"))
+            .collect();
         let refs: Vec<&str> = others.iter().map(String::as_str).collect();
         if let Err(e) = lab.wait_authenticated(i, &refs, Duration::from_secs(30)) {
             lab.finish(Err(e));
@@ -48,9 +62,15 @@ fn main() -> anyhow::Result<()> {
         let k = i % nodes + 1;
         let to = lab.node(k).pods[0].addr;
         let ok = lab.ping(i, 1, to, 3, "656e63")?;
-        println!("    node-{i} pod 1 -> node-{k} pod 1 ({to}): {}", if ok { "ok" } else { "FAILED" });
+        println!(
+            "    node-{i} pod 1 -> node-{k} pod 1 ({to}): {}",
+            if ok { "ok" } else { "FAILED" }
+        );
     }
-    println!("\n$ encctl status   (node-1)\n{}", lab.encctl(1, &["status"])?);
+    println!(
+        "\n$ encctl status   (node-1)\n{}",
+        lab.encctl(1, &["status"])?
+    );
     println!("$ encctl peers    (node-1)\n{}", lab.encctl(1, &["peers"])?);
     if keep {
         println!(

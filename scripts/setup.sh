@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what building and testing enc needs on a Debian machine: system tools for the
+# network-namespace tests and the Rust components for the checks. Idempotent and quiet when
+# everything is already there.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: run as root (installs packages; the tests create network namespaces)" >&2
+    exit 1
+fi
+
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v tcpdump >/dev/null || need+=(tcpdump)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v sysctl >/dev/null || need+=(procps)
+if [ "${#need[@]}" -gt 0 ]; then
+    echo "setup: installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found; install the Rust toolchain (rustup) first" >&2
+    exit 1
+fi
+for component in rustfmt clippy; do
+    if ! rustup component list --installed 2>/dev/null | grep -q "^${component}"; then
+        rustup component add "$component"
+    fi
+done
