@@ -21,6 +21,16 @@ step "build binaries (enc-agent, encctl, enc-lab)"
 cargo build --workspace --bins --locked --quiet
 
 step "cargo test (unit, property, network-namespace integration)"
-cargo test --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --locked 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
 
-step "done in $(( $(date +%s) - start ))s"
+# One closing line for the whole run, summed over every test binary.
+passed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^passed/) s += $i } END { print s + 0 }' "$log")
+failed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^failed/) s += $i } END { print s + 0 }' "$log")
+printf '\n==> finished in %ss\n' "$(( $(date +%s) - start ))"
+echo "tests: ${passed} passed, ${failed} failed"
+exit "$status"
