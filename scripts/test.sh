@@ -20,6 +20,9 @@ cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
 step "build binaries (enc-agent, encctl, enc-lab)"
 cargo build --workspace --bins --locked --quiet
 
+step "fuzz smoke run (every parser of untrusted bytes)"
+scripts/fuzz.sh "${ENC_FUZZ_SECONDS:-15}"
+
 step "cargo test (unit, property, network-namespace integration)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

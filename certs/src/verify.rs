@@ -263,11 +263,11 @@ fn remap_name_error(
 }
 
 /// Server verifier: standard WebPKI checks against the CA bundle, then the identity check.
+/// Handshake signatures are checked by `inner` (built with [`provider`]).
 #[derive(Debug)]
 struct PeerServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
     expected: ExpectedPeer,
-    provider: Arc<CryptoProvider>,
 }
 
 impl ServerCertVerifier for PeerServerVerifier {
@@ -292,12 +292,7 @@ impl ServerCertVerifier for PeerServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -306,27 +301,20 @@ impl ServerCertVerifier for PeerServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
 
 /// Client verifier: standard WebPKI checks against the CA bundle, then the identity check.
+/// Handshake signatures are checked by `inner` (built with [`provider`]).
 #[derive(Debug)]
 struct PeerClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     expected: ExpectedPeer,
-    provider: Arc<CryptoProvider>,
 }
 
 impl ClientCertVerifier for PeerClientVerifier {
@@ -360,12 +348,7 @@ impl ClientCertVerifier for PeerClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -374,18 +357,11 @@ impl ClientCertVerifier for PeerClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -418,7 +394,6 @@ pub fn client_config(id: &NodeIdentity, expected: &ExpectedPeer) -> Result<Arc<C
     let verifier = PeerServerVerifier {
         inner: webpki_server_verifier(id.roots())?,
         expected: expected.clone(),
-        provider: provider(),
     };
     let config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -443,7 +418,6 @@ pub fn server_config(id: &NodeIdentity, expected: &ExpectedPeer) -> Result<Arc<S
     let verifier = PeerClientVerifier {
         inner: webpki_client_verifier(id.roots())?,
         expected: expected.clone(),
-        provider: provider(),
     };
     let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])

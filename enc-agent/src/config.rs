@@ -263,30 +263,14 @@ impl Config {
     }
 }
 
-/// Checks a node name: a lowercase RFC 1123 DNS name, since it is matched against the
-/// certificate's DNS SAN.
+/// Checks a node name with the same rule certificates are issued under (a lowercase
+/// RFC 1123 DNS name), since it is matched against the certificate's DNS SAN.
 pub fn check_node_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("must not be empty".into());
+    match enc_certs::validate_node_name(name) {
+        Ok(()) => Ok(()),
+        Err(enc_certs::Error::InvalidField { reason, .. }) => Err(reason),
+        Err(other) => Err(other.to_string()),
     }
-    if name.len() > 253 {
-        return Err(format!("longer than 253 characters ({})", name.len()));
-    }
-    for label in name.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err("each dot-separated label must be 1 to 63 characters".into());
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            return Err("only lowercase letters, digits, '-' and '.' are allowed".into());
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err("a label must not start or end with '-'".into());
-        }
-    }
-    Ok(())
 }
 
 fn parse_ip(field: &str, value: &str) -> Result<IpAddr, ConfigError> {

@@ -2,71 +2,22 @@
 //! namespace. Needs root; under `CI` it fails rather than skips when it cannot run.
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::process::Command;
 
 use enc_geneve_vxlan::{Error, LinkBackend, RT_TABLE_MAIN, RouteSpec, RtnetlinkLinks};
+use enc_tests::netns::Netns;
+use enc_tests::sys;
 
+/// Runs `ip ARGS`, fails on a non-zero exit, and returns its stdout.
 fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Deletes the namespace when dropped, also when the test panics.
-struct NetnsGuard {
-    name: String,
-}
-
-impl NetnsGuard {
-    fn create(name: String) -> Self {
-        // A leftover from an earlier crashed run of the same pid.
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        ip(&["netns", "add", &name]);
-        Self { name }
-    }
-}
-
-impl Drop for NetnsGuard {
-    fn drop(&mut self) {
-        match Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output()
-        {
-            Ok(out) if out.status.success() => {}
-            other => eprintln!("could not delete netns {}: {other:?}", self.name),
-        }
-    }
-}
-
-/// Runs `f` in a new thread that has joined the namespace `ns`.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = File::open(&path).expect("open netns file");
-        // SAFETY: setns on a valid fd; it changes only this thread's network namespace, and this
-        // thread is dedicated to the test and ends with it.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    let full = [&["ip"], args].concat();
+    String::from_utf8_lossy(&sys::run(&full).expect("run ip").stdout).into_owned()
 }
 
 /// Adds a dummy link `name` in `ns`. Kernels built without `CONFIG_DUMMY` (like the 6.18 test
 /// host) lack the dummy type; there a veth pair stands in, its peer `<name>p` up so that `name`
 /// gets carrier once it is up itself.
 fn add_test_link(ns: &str, name: &str) {
-    let out = Command::new("ip")
-        .args(["-n", ns, "link", "add", name, "type", "dummy"])
-        .output()
-        .expect("run ip");
+    let out = sys::output(&["ip", "-n", ns, "link", "add", name, "type", "dummy"]).expect("run ip");
     if out.status.success() {
         return;
     }
@@ -98,24 +49,21 @@ fn line_for<'a>(table: &'a str, prefix: &str) -> Option<&'a str> {
 
 #[test]
 fn privileged_rtnetlink_routes_in_netns() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        if std::env::var("CI").is_ok() {
-            panic!("privileged_rtnetlink_routes_in_netns needs root and CI is set");
-        } else {
-            eprintln!("SKIPPED privileged_rtnetlink_routes_in_netns: needs root");
-            return;
-        }
+    if !enc_tests::require_root("privileged_rtnetlink_routes_in_netns") {
+        return;
     }
-    let ns = format!("encln-{}", std::process::id());
-    let _guard = NetnsGuard::create(ns.clone());
-    add_test_link(&ns, "d0");
+    let name = format!("encln-{}", std::process::id());
+    // A leftover from an earlier crashed run of the same pid.
+    let _ = sys::output(&["ip", "netns", "del", &name]);
+    let netns = Netns::new(&name).expect("create netns");
+    let ns = netns.name();
+    add_test_link(ns, "d0");
     // A second link with a route of another protocol, which enc must not report.
-    add_test_link(&ns, "d1");
-    ip(&["-n", &ns, "link", "set", "d1", "up"]);
+    add_test_link(ns, "d1");
+    ip(&["-n", ns, "link", "set", "d1", "up"]);
     ip(&[
         "-n",
-        &ns,
+        ns,
         "route",
         "add",
         "10.99.0.0/16",
@@ -129,8 +77,8 @@ fn privileged_rtnetlink_routes_in_netns() {
     let v6 = route("fd00:42:1::/64", "d0", Some(1400));
 
     let (v4c, v6c) = (v4.clone(), v6.clone());
-    let ns_in = ns.clone();
-    in_netns(&ns, move || {
+    let ns_in = ns.to_owned();
+    let outcome = netns.enter(move || {
         let links = RtnetlinkLinks::new().expect("open rtnetlink");
 
         // Links.
@@ -250,4 +198,5 @@ fn privileged_rtnetlink_routes_in_netns() {
         );
         assert_eq!(links.link("d0").unwrap().map(|l| l.mtu), Some(1400));
     });
+    outcome.expect("run in netns");
 }

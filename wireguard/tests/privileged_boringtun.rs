@@ -3,68 +3,26 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::fs::File;
-use std::os::fd::AsRawFd as _;
-use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
+use enc_tests::netns::Netns;
+use enc_tests::sys;
 use enc_wireguard::{
     BoringtunConfig, BoringtunWg, PeerSpec, PresharedKey, PrivateKey, PublicKey, WgBackend,
 };
 
-/// Deletes the namespaces it names when dropped, even when the test fails.
-struct NetnsGuard {
-    names: Vec<String>,
-}
-
-impl Drop for NetnsGuard {
-    fn drop(&mut self) {
-        for n in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
-fn run(args: &[&str]) -> std::process::Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {args:?}: {e}"))
-}
-
-fn ok(args: &[&str]) {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs `f` on a thread that has entered network namespace `ns`; what `f` creates (sockets, TUN
-/// devices) stays in that namespace and can be used from any thread afterwards.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        // SAFETY: plain syscall on an fd we own; it only changes this (throwaway) thread's netns.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
-}
-
-fn start_in(ns: &str, ifname: &str, key: &PrivateKey, listen: &str) -> BoringtunWg {
+/// Starts a device from a thread inside `ns`: its TUN device and UDP socket stay in that
+/// namespace and can be used from any thread afterwards.
+fn start_in(ns: &Netns, ifname: &str, key: &PrivateKey, listen: &str) -> BoringtunWg {
     let cfg = BoringtunConfig {
         ifname: ifname.to_owned(),
         private_key: key.clone(),
         listen: listen.parse().unwrap(),
     };
-    in_netns(ns, move || BoringtunWg::start(cfg)).expect("start BoringtunWg")
+    ns.enter(move || BoringtunWg::start(cfg))
+        .unwrap()
+        .expect("start BoringtunWg")
 }
 
 fn spec(key: PublicKey, psk: &PresharedKey, endpoint: &str, allowed: &str) -> PeerSpec {
@@ -77,69 +35,46 @@ fn spec(key: PublicKey, psk: &PresharedKey, endpoint: &str, allowed: &str) -> Pe
     }
 }
 
-fn configure_link(ns: &str, ifname: &str, local: &str, remote: &str) {
-    ok(&["ip", "-n", ns, "link", "set", ifname, "up", "mtu", "1420"]);
-    ok(&[
-        "ip",
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{local}/32"),
-        "dev",
-        ifname,
-    ]);
-    ok(&[
-        "ip",
-        "-n",
-        ns,
-        "route",
-        "add",
-        &format!("{remote}/32"),
-        "dev",
-        ifname,
-    ]);
+fn configure_link(ns: &Netns, ifname: &str, local: &str, remote: &str) {
+    ns.run(&["ip", "link", "set", ifname, "up", "mtu", "1420"])
+        .unwrap();
+    ns.run(&["ip", "addr", "add", &format!("{local}/32"), "dev", ifname])
+        .unwrap();
+    ns.run(&["ip", "route", "add", &format!("{remote}/32"), "dev", ifname])
+        .unwrap();
 }
 
-fn ping(ns: &str, count: &str, wait: &str, dst: &str) -> bool {
-    run(&[
-        "ip", "netns", "exec", ns, "ping", "-n", "-q", "-c", count, "-W", wait, dst,
-    ])
+fn ping(ns: &Netns, count: &str, wait: &str, dst: &str) -> bool {
+    sys::output_in(
+        ns.name(),
+        &["ping", "-n", "-q", "-c", count, "-W", wait, dst],
+    )
+    .unwrap()
     .status
     .success()
 }
 
 #[test]
 fn privileged_boringtun_two_netns_ping() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        if std::env::var("CI").is_ok() {
-            panic!("privileged_boringtun_two_netns_ping needs root (CI is set, refusing to skip)");
-        } else {
-            eprintln!("SKIPPED privileged_boringtun_two_netns_ping: needs root");
-            return;
-        }
+    if !enc_tests::require_root("privileged_boringtun_two_netns_ping") {
+        return;
     }
 
     let pid = std::process::id();
-    let (ns_a, ns_b) = (format!("encwg-a-{pid}"), format!("encwg-b-{pid}"));
+    let ns_a = Netns::new(&format!("encwg-a-{pid}")).unwrap();
+    let ns_b = Netns::new(&format!("encwg-b-{pid}")).unwrap();
     let (veth_a, veth_b) = (format!("encva{pid}"), format!("encvb{pid}"));
-    let _guard = NetnsGuard {
-        names: vec![ns_a.clone(), ns_b.clone()],
-    };
-    ok(&["ip", "netns", "add", &ns_a]);
-    ok(&["ip", "netns", "add", &ns_b]);
-    ok(&[
+    sys::run(&[
         "ip", "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b,
-    ]);
+    ])
+    .unwrap();
     for (ns, veth, addr) in [
         (&ns_a, &veth_a, "192.0.2.1/24"),
         (&ns_b, &veth_b, "192.0.2.2/24"),
     ] {
-        ok(&["ip", "link", "set", veth, "netns", ns]);
-        ok(&["ip", "-n", ns, "addr", "add", addr, "dev", veth]);
-        ok(&["ip", "-n", ns, "link", "set", veth, "up"]);
-        ok(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        sys::run(&["ip", "link", "set", veth, "netns", ns.name()]).unwrap();
+        ns.run(&["ip", "addr", "add", addr, "dev", veth]).unwrap();
+        ns.run(&["ip", "link", "set", veth, "up"]).unwrap();
     }
 
     // --- matching preshared keys: traffic flows ---
@@ -191,32 +126,24 @@ fn privileged_boringtun_two_netns_ping() {
     );
 
     // Cryptokey routing: B sends from an inner source A does not allow for B; A drops it.
-    ok(&[
-        "ip",
-        "-n",
-        &ns_b,
-        "addr",
-        "add",
-        "10.99.0.9/32",
-        "dev",
-        "wg0",
-    ]);
-    let spoofed = run(&[
-        "ip",
-        "netns",
-        "exec",
-        &ns_b,
-        "ping",
-        "-n",
-        "-q",
-        "-c",
-        "1",
-        "-W",
-        "1",
-        "-I",
-        "10.99.0.9",
-        "10.99.0.1",
-    ]);
+    ns_b.run(&["ip", "addr", "add", "10.99.0.9/32", "dev", "wg0"])
+        .unwrap();
+    let spoofed = sys::output_in(
+        ns_b.name(),
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-I",
+            "10.99.0.9",
+            "10.99.0.1",
+        ],
+    )
+    .unwrap();
     assert!(
         !spoofed.status.success(),
         "packet from a disallowed source passed"
@@ -273,7 +200,8 @@ fn privileged_boringtun_two_netns_ping() {
     wg1_a.shutdown();
     thread::sleep(Duration::from_millis(100));
     assert!(
-        !run(&["ip", "-n", &ns_a, "link", "show", "wg1"])
+        !sys::output_in(ns_a.name(), &["ip", "link", "show", "wg1"])
+            .unwrap()
             .status
             .success(),
         "wg1 still exists after shutdown"
