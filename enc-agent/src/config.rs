@@ -185,7 +185,7 @@ pub struct ControlConfig {
     /// agent reconnects. Authentication failures tear keys down at once.
     #[serde(with = "humantime_secs")]
     pub key_grace_period: Duration,
-    /// Timeout of one connection attempt (TCP connect plus TLS handshake plus hello).
+    /// Timeout of the TCP connect and, separately, of the TLS handshake of one attempt.
     #[serde(with = "humantime_secs")]
     pub connect_timeout: Duration,
 }
