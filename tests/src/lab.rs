@@ -64,6 +64,9 @@ pub struct LabOptions {
     pub pods: usize,
     /// 1-based indices of nodes whose certificate comes from a foreign CA.
     pub foreign: Vec<usize>,
+    /// Impostors: node `i` (1-based) holds a valid cluster certificate, but for another name,
+    /// and runs under that name at the address where the others expect `node-<i>`.
+    pub impostors: Vec<(usize, String)>,
 }
 
 impl LabOptions {
@@ -74,6 +77,7 @@ impl LabOptions {
             nodes,
             pods: 2,
             foreign: vec![],
+            impostors: vec![],
         }
     }
 }
@@ -92,8 +96,10 @@ pub struct Pod {
 pub struct Node {
     /// 1-based index.
     pub index: usize,
-    /// Node name (`node-<i>`).
+    /// Node name (`node-<i>`), as the other nodes expect it.
     pub name: String,
+    /// The name the node's certificate and configuration carry (differs for impostors).
+    pub claimed_name: String,
     /// Underlay address.
     pub addr: Ipv4Addr,
     /// Pod CIDR.
@@ -261,6 +267,12 @@ impl Lab {
                 });
             }
 
+            let claimed_name = opts
+                .impostors
+                .iter()
+                .find(|(k, _)| *k == i)
+                .map(|(_, n)| n.clone())
+                .unwrap_or_else(|| name.clone());
             let issuer = if opts.foreign.contains(&i) {
                 &foreign_ca
             } else {
@@ -273,7 +285,7 @@ impl Lab {
                 "--ca",
                 path_str(issuer)?,
                 "--node",
-                &name,
+                &claimed_name,
                 "--ip",
                 &addr.to_string(),
                 "--days",
@@ -287,6 +299,7 @@ impl Lab {
             nodes.push(Node {
                 index: i,
                 name,
+                claimed_name,
                 addr,
                 pod_cidr: format!("10.78.{i}.0/24"),
                 config,
@@ -305,11 +318,11 @@ impl Lab {
                  control:\n  listenPort: {CONTROL_PORT}\n  connectTimeout: 3s\n  keyGracePeriod: 30s\n\
                  encryption:\n  type: wireguard\n  wireguard:\n    interface: enc-wg0\n    listenPort: {WG_PORT}\n\
                  statusSocket: {}\npeers:\n",
-                n.name,
+                n.claimed_name,
                 n.addr,
                 n.pod_cidr,
-                n.name,
-                n.name,
+                n.claimed_name,
+                n.claimed_name,
                 if opts.foreign.contains(&n.index) {
                     "foreign-ca"
                 } else {

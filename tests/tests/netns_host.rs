@@ -16,14 +16,6 @@ const MARKER: &[u8] = b"enc-plaintext-marker";
 const MARKER_HEX: &str = "656e632d706c61696e746578742d6d61";
 const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn names_except(lab: &Lab, i: usize) -> Vec<String> {
-    lab.nodes
-        .iter()
-        .filter(|n| n.index != i)
-        .map(|n| n.name.clone())
-        .collect()
-}
-
 fn wait_mesh(lab: &Lab, nodes: &[usize]) -> anyhow::Result<()> {
     for &i in nodes {
         let others: Vec<String> = nodes
@@ -193,38 +185,53 @@ fn privileged_three_nodes_encrypted_pod_to_pod() {
     lab.finish(r);
 }
 
+/// Waits until node `i` shows `peer` failed with a reason containing `why`, with no keys.
+fn wait_refused(lab: &Lab, i: usize, peer: &str, why: &str) -> anyhow::Result<()> {
+    let reason =
+        enc_tests::sys::wait_for(&format!("node-{i} to refuse {peer}"), AUTH_TIMEOUT, || {
+            let peers = lab.peers(i)?;
+            let p = peers
+                .iter()
+                .find(|p| p.name == peer)
+                .with_context(|| format!("{peer} not listed"))?;
+            match &p.auth {
+                AuthState::Failed { reason } => {
+                    ensure!(
+                        p.wireguard.is_none() && p.key.is_none(),
+                        "{peer} has keys on node-{i}"
+                    );
+                    Ok(Some(reason.clone()))
+                }
+                other => bail!("{peer} is {other:?}"),
+            }
+        })?;
+    ensure!(
+        reason.contains(why),
+        "node-{i} refuses {peer} for {reason:?}, expected {why:?}"
+    );
+    eprintln!("node-{i} refuses {peer}: {reason}");
+    Ok(())
+}
+
 #[test]
-fn privileged_foreign_ca_node_is_refused() {
-    if !require_root("privileged_foreign_ca_node_is_refused") {
+fn privileged_foreign_ca_and_impostor_are_refused() {
+    if !require_root("privileged_foreign_ca_and_impostor_are_refused") {
         return;
     }
-    let mut opts = LabOptions::new("b", 4);
+    let mut opts = LabOptions::new("b", 5);
     opts.pods = 1;
     opts.foreign = vec![4];
+    // node-5's address is held by a node with a genuine cluster certificate for node-9.
+    opts.impostors = vec![(5, "node-9".into())];
     let mut lab = Lab::build(&opts).expect("build lab");
     let r = (|| -> anyhow::Result<()> {
         lab.start_all()?;
         wait_mesh(&lab, &[1, 2, 3])?;
-        // Every cluster node shows node-4 failed, with the reason, and gives it no keys.
+        // Every cluster node shows node-4 and the impostor failed, with the reason, and
+        // gives them no keys.
         for i in 1..=3 {
-            enc_tests::sys::wait_for(&format!("node-{i} to refuse node-4"), AUTH_TIMEOUT, || {
-                let peers = lab.peers(i)?;
-                let p = peers
-                    .iter()
-                    .find(|p| p.name == "node-4")
-                    .context("node-4 not listed")?;
-                match &p.auth {
-                    AuthState::Failed { reason } => {
-                        ensure!(
-                            p.wireguard.is_none() && p.key.is_none(),
-                            "node-4 has keys on node-{i}"
-                        );
-                        Ok(Some(reason.clone()))
-                    }
-                    other => bail!("node-4 is {other:?}"),
-                }
-            })
-            .map(|reason| eprintln!("node-{i} refuses node-4: {reason}"))?;
+            wait_refused(&lab, i, "node-4", "not issued by the cluster CA")?;
+            wait_refused(&lab, i, "node-5", "does not name node \"node-5\"")?;
         }
         // node-4 sees the others fail too: their certificates are not from its CA.
         enc_tests::sys::wait_for("node-4 to refuse everyone", AUTH_TIMEOUT, || {
@@ -233,7 +240,11 @@ fn privileged_foreign_ca_node_is_refused() {
                 .iter()
                 .filter(|p| matches!(p.auth, AuthState::Failed { .. }))
                 .count();
-            Ok((failed == 3).then_some(()))
+            if failed != 4 {
+                let states: Vec<_> = peers.iter().map(|p| (&p.name, &p.auth)).collect();
+                bail!("node-4 sees {states:?}");
+            }
+            Ok(Some(()))
         })?;
         let text = lab.encctl(1, &["peers"])?;
         eprintln!("encctl peers on node-1:\n{text}");
@@ -256,7 +267,6 @@ fn privileged_foreign_ca_node_is_refused() {
         // The cluster itself still works.
         let failures = ping_all(&lab, &[1, 2, 3])?;
         ensure!(failures.is_empty(), "pings failed: {failures:?}");
-        let _ = names_except(&lab, 4);
         Ok(())
     })();
     lab.finish(r);
