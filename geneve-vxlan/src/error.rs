@@ -79,6 +79,33 @@ pub enum Error {
         /// Why it is rejected.
         reason: &'static str,
     },
+    /// A [`RuleSpec`](crate::RuleSpec) is not acceptable (checked before talking to the kernel).
+    #[error("invalid rule priority {priority} table {table}: {reason}")]
+    InvalidRule {
+        /// The rule's priority.
+        priority: u32,
+        /// The rule's table.
+        table: u32,
+        /// Why it is rejected.
+        reason: &'static str,
+    },
+    /// A rule operation failed.
+    #[error("{op} rule priority {priority} fwmark {fwmark:#x}/{fwmask:#x} table {table}")]
+    Rule {
+        /// The netlink operation (`"RTM_NEWRULE"`, `"RTM_DELRULE"`, `"RTM_GETRULE"`).
+        op: &'static str,
+        /// The rule's priority.
+        priority: u32,
+        /// The mark.
+        fwmark: u32,
+        /// The mark mask.
+        fwmask: u32,
+        /// The table.
+        table: u32,
+        /// The kernel's errno.
+        #[source]
+        source: io::Error,
+    },
     /// An MTU computation produced a value below the minimum the inner traffic needs.
     #[error(
         "underlay MTU {underlay_mtu} leaves {mtu} bytes, below the {minimum_name} of {minimum}"
@@ -116,6 +143,7 @@ impl Error {
             Self::Socket { source, .. }
             | Self::Link { source, .. }
             | Self::Route { source, .. }
+            | Self::Rule { source, .. }
             | Self::Dump { source, .. } => source.raw_os_error(),
             _ => None,
         }

@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use ipnet::IpNet;
 
-use crate::{Error, LinkBackend, LinkSnapshot, Result, RouteSpec};
+use crate::{Error, LinkBackend, LinkSnapshot, Result, RouteSpec, RuleSpec};
 
 /// In-memory [`LinkBackend`] that behaves like the kernel for the operations enc uses: routes are
 /// identified by `(table, dst)`, an upsert replaces, a route needs an existing device (`ENODEV`),
@@ -21,6 +21,7 @@ struct State {
     links: BTreeMap<String, LinkSnapshot>,
     next_index: u32,
     routes: Vec<RouteSpec>,
+    rules: Vec<RuleSpec>,
     failures: HashMap<IpNet, i32>,
     calls: usize,
 }
@@ -153,6 +154,36 @@ impl LinkBackend for FakeLinks {
             .filter(|r| r.table == table)
             .cloned()
             .collect())
+    }
+
+    fn links(&self) -> Result<Vec<LinkSnapshot>> {
+        let mut state = self.state();
+        state.calls += 1;
+        Ok(state.links.values().cloned().collect())
+    }
+
+    fn add_rule(&self, spec: &RuleSpec) -> Result<()> {
+        spec.validate()?;
+        let mut state = self.state();
+        state.calls += 1;
+        if !state.rules.contains(spec) {
+            state.rules.push(spec.clone());
+        }
+        Ok(())
+    }
+
+    fn delete_rule(&self, spec: &RuleSpec) -> Result<()> {
+        spec.validate()?;
+        let mut state = self.state();
+        state.calls += 1;
+        state.rules.retain(|r| r != spec);
+        Ok(())
+    }
+
+    fn dump_rules(&self) -> Result<Vec<RuleSpec>> {
+        let mut state = self.state();
+        state.calls += 1;
+        Ok(state.rules.clone())
     }
 }
 

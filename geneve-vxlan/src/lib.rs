@@ -13,6 +13,7 @@ mod fake;
 pub mod mtu;
 mod route;
 mod rtnl;
+mod rule;
 
 use serde::Serialize;
 
@@ -20,6 +21,7 @@ pub use error::{Error, Result};
 pub use fake::FakeLinks;
 pub use route::{RT_TABLE_MAIN, RTPROT_ENC, RouteChanges, RouteSpec, apply_routes, diff_routes};
 pub use rtnl::RtnetlinkLinks;
+pub use rule::{RuleChanges, RuleFamily, RuleSpec, apply_rules, diff_rules};
 
 /// What the kernel reports for one link.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -51,4 +53,12 @@ pub trait LinkBackend: Send + Sync {
     fn delete_route(&self, spec: &RouteSpec) -> Result<()>;
     /// Routes with enc's protocol number in `table` (IPv4 and IPv6).
     fn dump_routes(&self, table: u32) -> Result<Vec<RouteSpec>>;
+    /// Every link in the namespace.
+    fn links(&self) -> Result<Vec<LinkSnapshot>>;
+    /// Adds the rule (with enc's protocol number); an identical existing rule is `Ok`.
+    fn add_rule(&self, spec: &RuleSpec) -> Result<()>;
+    /// Deletes the rule; an absent rule is `Ok`.
+    fn delete_rule(&self, spec: &RuleSpec) -> Result<()>;
+    /// Rules with enc's protocol number (IPv4 and IPv6).
+    fn dump_rules(&self) -> Result<Vec<RuleSpec>>;
 }

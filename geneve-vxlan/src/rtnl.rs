@@ -15,10 +15,13 @@ use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteMetric,
     RouteProtocol, RouteScope, RouteType,
 };
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
-use crate::{Error, LinkBackend, LinkSnapshot, RTPROT_ENC, Result, RouteSpec};
+use crate::{
+    Error, LinkBackend, LinkSnapshot, RTPROT_ENC, Result, RouteSpec, RuleFamily, RuleSpec,
+};
 
 /// Receive buffer: larger than any datagram the kernel sends for our requests (dump skbs are
 /// capped at 32 KiB); a bigger datagram is reported as an error, never silently truncated.
@@ -31,6 +34,9 @@ const OP_NEWLINK: &str = "RTM_NEWLINK";
 const OP_NEWROUTE: &str = "RTM_NEWROUTE";
 const OP_DELROUTE: &str = "RTM_DELROUTE";
 const OP_GETROUTE: &str = "RTM_GETROUTE";
+const OP_NEWRULE: &str = "RTM_NEWRULE";
+const OP_DELRULE: &str = "RTM_DELRULE";
+const OP_GETRULE: &str = "RTM_GETRULE";
 
 /// [`LinkBackend`] over rtnetlink, with a synchronous NETLINK_ROUTE socket.
 ///
@@ -207,6 +213,83 @@ impl RtnetlinkLinks {
             }
         }
         Ok(())
+    }
+}
+
+impl RtnetlinkLinks {
+    /// A dump request, restarted when a concurrent change interrupts it.
+    fn dump(
+        &self,
+        message: impl Fn() -> RouteNetlinkMessage,
+        op: &'static str,
+    ) -> std::result::Result<Vec<RouteNetlinkMessage>, Failure> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.request(message(), NLM_F_REQUEST | NLM_F_DUMP, op) {
+                Err(Failure::Interrupted) if attempt < DUMP_ATTEMPTS => {
+                    tracing::debug!(op, attempt, "dump interrupted, restarting");
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+fn rule_message(spec: &RuleSpec) -> RuleMessage {
+    let mut message = RuleMessage::default();
+    message.header.family = match spec.family {
+        RuleFamily::V4 => AddressFamily::Inet,
+        RuleFamily::V6 => AddressFamily::Inet6,
+    };
+    message.header.table = u8::try_from(spec.table).unwrap_or(0);
+    message.header.action = RuleAction::ToTable;
+    message.attributes = vec![
+        RuleAttribute::Priority(spec.priority),
+        RuleAttribute::FwMark(spec.fwmark),
+        RuleAttribute::FwMask(spec.fwmask),
+        RuleAttribute::Table(spec.table),
+        RuleAttribute::Protocol(RouteProtocol::from(RTPROT_ENC)),
+    ];
+    message
+}
+
+/// Picks enc's rules out of a dump; others are `None`.
+fn parse_rule(message: &RuleMessage) -> Option<RuleSpec> {
+    let family = match message.header.family {
+        AddressFamily::Inet => RuleFamily::V4,
+        AddressFamily::Inet6 => RuleFamily::V6,
+        _ => return None,
+    };
+    let mut spec = RuleSpec {
+        family,
+        priority: 0,
+        fwmark: 0,
+        fwmask: 0,
+        table: u32::from(message.header.table),
+    };
+    let mut ours = false;
+    for attribute in &message.attributes {
+        match attribute {
+            RuleAttribute::Priority(p) => spec.priority = *p,
+            RuleAttribute::FwMark(m) => spec.fwmark = *m,
+            RuleAttribute::FwMask(m) => spec.fwmask = *m,
+            RuleAttribute::Table(t) => spec.table = *t,
+            RuleAttribute::Protocol(p) => ours = u8::from(*p) == RTPROT_ENC,
+            _ => {}
+        }
+    }
+    ours.then_some(spec)
+}
+
+fn rule_error<'a>(op: &'static str, spec: &'a RuleSpec) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |source| Error::Rule {
+        op,
+        priority: spec.priority,
+        fwmark: spec.fwmark,
+        fwmask: spec.fwmask,
+        table: spec.table,
+        source,
     }
 }
 
@@ -524,6 +607,99 @@ impl LinkBackend for RtnetlinkLinks {
         }
         Ok(routes)
     }
+
+    fn links(&self) -> Result<Vec<LinkSnapshot>> {
+        let replies = self
+            .dump(
+                || {
+                    let mut message = LinkMessage::default();
+                    message
+                        .attributes
+                        .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+                    RouteNetlinkMessage::GetLink(message)
+                },
+                OP_GETLINK,
+            )
+            .map_err(|failure| {
+                failure.into_error(|source| Error::Dump {
+                    op: OP_GETLINK,
+                    table: 0,
+                    source,
+                })
+            })?;
+        replies
+            .iter()
+            .filter_map(|reply| match reply {
+                RouteNetlinkMessage::NewLink(link) => Some(snapshot(link)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn add_rule(&self, spec: &RuleSpec) -> Result<()> {
+        spec.validate()?;
+        match self.request(
+            RouteNetlinkMessage::NewRule(rule_message(spec)),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | netlink_packet_core::NLM_F_EXCL,
+            OP_NEWRULE,
+        ) {
+            Ok(_) => Ok(()),
+            Err(failure) => {
+                let error = failure.into_error(rule_error(OP_NEWRULE, spec));
+                if error.is_exists() {
+                    Ok(())
+                } else {
+                    Err(error)
+                }
+            }
+        }
+    }
+
+    fn delete_rule(&self, spec: &RuleSpec) -> Result<()> {
+        spec.validate()?;
+        match self.request(
+            RouteNetlinkMessage::DelRule(rule_message(spec)),
+            NLM_F_REQUEST | NLM_F_ACK,
+            OP_DELRULE,
+        ) {
+            Ok(_) => Ok(()),
+            Err(failure) => {
+                let error = failure.into_error(rule_error(OP_DELRULE, spec));
+                if error.is_not_found() {
+                    Ok(())
+                } else {
+                    Err(error)
+                }
+            }
+        }
+    }
+
+    fn dump_rules(&self) -> Result<Vec<RuleSpec>> {
+        let mut rules = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let replies = self
+                .dump(
+                    || {
+                        let mut message = RuleMessage::default();
+                        message.header.family = family;
+                        RouteNetlinkMessage::GetRule(message)
+                    },
+                    OP_GETRULE,
+                )
+                .map_err(|failure| {
+                    failure.into_error(|source| Error::Dump {
+                        op: OP_GETRULE,
+                        table: 0,
+                        source,
+                    })
+                })?;
+            rules.extend(replies.iter().filter_map(|reply| match reply {
+                RouteNetlinkMessage::NewRule(rule) => parse_rule(rule),
+                _ => None,
+            }));
+        }
+        Ok(rules)
+    }
 }
 
 #[cfg(test)]
@@ -576,6 +752,25 @@ mod tests {
                 .iter()
                 .any(|a| matches!(a, RouteAttribute::Metrics(_)))
         );
+    }
+
+    #[test]
+    fn rule_message_roundtrips() {
+        let spec = RuleSpec {
+            family: RuleFamily::V6,
+            priority: 1000,
+            fwmark: 0xe00,
+            fwmask: 0xf00,
+            table: 1229,
+        };
+        let message = rule_message(&spec);
+        assert_eq!(message.header.table, 0);
+        assert_eq!(parse_rule(&message), Some(spec.clone()));
+        let mut foreign = message.clone();
+        foreign
+            .attributes
+            .retain(|a| !matches!(a, RuleAttribute::Protocol(_)));
+        assert_eq!(parse_rule(&foreign), None);
     }
 
     #[test]

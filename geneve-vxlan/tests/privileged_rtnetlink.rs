@@ -200,3 +200,81 @@ fn privileged_rtnetlink_routes_in_netns() {
     });
     outcome.expect("run in netns");
 }
+
+#[test]
+fn privileged_rtnetlink_rules_and_links_in_netns() {
+    use enc_geneve_vxlan::{RuleFamily, RuleSpec};
+    if !enc_tests::require_root("privileged_rtnetlink_rules_and_links_in_netns") {
+        return;
+    }
+    let netns = Netns::new(&format!("encrl-{}", std::process::id())).expect("create netns");
+    let ns = netns.name().to_owned();
+    add_test_link(&ns, "d0");
+    // A rule of someone else's, which enc must neither report nor delete.
+    ip(&[
+        "-n", &ns, "rule", "add", "fwmark", "0x1", "lookup", "100", "priority", "900",
+    ]);
+    let v4 = RuleSpec {
+        family: RuleFamily::V4,
+        priority: 1000,
+        fwmark: 0xe00,
+        fwmask: 0xf00,
+        table: 229,
+    };
+    let v6 = RuleSpec {
+        family: RuleFamily::V6,
+        ..v4.clone()
+    };
+    let (a, b) = (v4.clone(), v6.clone());
+    let dumped = netns
+        .enter(move || -> enc_geneve_vxlan::Result<_> {
+            let links = RtnetlinkLinks::new()?;
+            let names: Vec<String> = links.links()?.into_iter().map(|l| l.ifname).collect();
+            links.add_rule(&a)?;
+            links.add_rule(&b)?;
+            links.add_rule(&a)?; // idempotent
+            let dumped = links.dump_rules()?;
+            Ok((names, dumped))
+        })
+        .expect("enter netns")
+        .expect("rule operations");
+    assert!(
+        dumped.0.contains(&"lo".to_owned()) && dumped.0.contains(&"d0".to_owned()),
+        "{:?}",
+        dumped.0
+    );
+    let mut rules = dumped.1;
+    rules.sort();
+    assert_eq!(rules, vec![v4.clone(), v6.clone()]);
+    let shown = ip(&["-n", &ns, "rule", "show"]);
+    let line = shown
+        .lines()
+        .find(|l| l.starts_with("1000:"))
+        .expect("rule 1000 listed");
+    assert!(
+        line.contains("fwmark 0xe00/0xf00")
+            && line.contains("lookup 229")
+            && line.contains("proto 229"),
+        "{line}"
+    );
+    assert!(ip(&["-n", &ns, "-6", "rule", "show"]).contains("fwmark 0xe00/0xf00 lookup 229"));
+
+    let (a, b) = (v4.clone(), v6.clone());
+    let left = netns
+        .enter(move || -> enc_geneve_vxlan::Result<_> {
+            let links = RtnetlinkLinks::new()?;
+            links.delete_rule(&a)?;
+            links.delete_rule(&b)?;
+            links.delete_rule(&a)?; // absent is fine
+            links.dump_rules()
+        })
+        .expect("enter netns")
+        .expect("rule deletion");
+    assert!(left.is_empty(), "{left:?}");
+    let shown = ip(&["-n", &ns, "rule", "show"]);
+    assert!(!shown.contains("lookup 229"), "{shown}");
+    assert!(
+        shown.contains("lookup 100"),
+        "foreign rule removed: {shown}"
+    );
+}
