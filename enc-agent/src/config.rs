@@ -72,6 +72,8 @@ struct RawConfig {
     encryption: RawEncryption,
     #[serde(default)]
     underlay: RawUnderlay,
+    #[serde(default)]
+    datapath: RawDatapath,
     status_socket: Option<PathBuf>,
     #[serde(default)]
     peers: Vec<RawPeer>,
@@ -106,6 +108,7 @@ struct RawControl {
 struct RawEncryption {
     #[serde(rename = "type")]
     kind: String,
+    strict_mode: Option<bool>,
     #[serde(default)]
     wireguard: RawWireguard,
 }
@@ -121,6 +124,14 @@ struct RawWireguard {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawUnderlay {
     mtu: Option<u32>,
+    interface: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawDatapath {
+    pod_interface_prefixes: Option<Vec<String>>,
+    bpf_pin_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,8 +155,15 @@ pub struct Config {
     pub control: ControlConfig,
     /// Encryption datapath.
     pub encryption: EncryptionConfig,
+    /// Strict mode: traffic to or from a remote pod CIDR without an authenticated, keyed peer
+    /// is dropped (otherwise only counted).
+    pub strict_mode: bool,
     /// MTU of the underlay network.
     pub underlay_mtu: u32,
+    /// The underlay interface (the eBPF underlay programs and the leak sentinel attach here).
+    pub underlay_interface: String,
+    /// eBPF datapath settings.
+    pub datapath: DatapathConfig,
     /// Unix socket of the status API.
     pub status_socket: PathBuf,
     /// The peers discovery expects (standalone mode: listed here).
@@ -216,6 +234,21 @@ pub struct WireguardConfig {
     /// UDP listen port, on the underlay address.
     pub listen_port: u16,
 }
+
+/// eBPF datapath settings.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathConfig {
+    /// Interfaces whose name starts with one of these are pod-facing (veth host sides); the
+    /// pod programs attach to each as it appears.
+    pub pod_interface_prefixes: Vec<String>,
+    /// bpffs directory where maps and program links are pinned, so that strict mode outlives
+    /// an agent restart.
+    pub bpf_pin_dir: PathBuf,
+}
+
+/// Default prefixes of pod-facing interfaces (common CNI veth names).
+pub const DEFAULT_POD_PREFIXES: &[&str] = &["veth", "lxc", "cali"];
 
 /// A peer node as discovery describes it.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -346,6 +379,22 @@ fn check_file(field: &str, base: &Path, path: &Path) -> Result<PathBuf, ConfigEr
     }
 }
 
+fn check_ifname(field: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || name.len() > 15
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(invalid(
+            field,
+            name,
+            "interface names are 1 to 15 characters of letters, digits, '-', '_', '.'",
+        ));
+    }
+    Ok(())
+}
+
 fn check_port(field: &str, port: Option<u16>, default: u16) -> Result<u16, ConfigError> {
     match port {
         Some(0) => Err(invalid(field, 0, "port must be 1 to 65535")),
@@ -391,18 +440,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 .wireguard
                 .interface
                 .unwrap_or_else(|| DEFAULT_WG_INTERFACE.to_owned());
-            if interface.is_empty()
-                || interface.len() > 15
-                || !interface
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-            {
-                return Err(invalid(
-                    "encryption.wireguard.interface",
-                    &interface,
-                    "interface names are 1 to 15 characters of letters, digits, '-', '_', '.'",
-                ));
-            }
+            check_ifname("encryption.wireguard.interface", &interface)?;
             let listen_port = check_port(
                 "encryption.wireguard.listenPort",
                 raw.encryption.wireguard.listen_port,
@@ -436,6 +474,43 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         }
     };
 
+    let strict_mode = raw.encryption.strict_mode.unwrap_or(true);
+    let underlay_interface = raw.underlay.interface.unwrap_or_else(|| "eth0".to_owned());
+    check_ifname("underlay.interface", &underlay_interface)?;
+    let pod_interface_prefixes = raw.datapath.pod_interface_prefixes.unwrap_or_else(|| {
+        DEFAULT_POD_PREFIXES
+            .iter()
+            .map(|p| (*p).to_owned())
+            .collect()
+    });
+    if pod_interface_prefixes.is_empty() {
+        return Err(invalid(
+            "datapath.podInterfacePrefixes",
+            "[]",
+            "at least one prefix is needed",
+        ));
+    }
+    for (i, p) in pod_interface_prefixes.iter().enumerate() {
+        check_ifname(&format!("datapath.podInterfacePrefixes[{i}]"), p)?;
+        if *p == underlay_interface || underlay_interface.starts_with(p.as_str()) {
+            return Err(invalid(
+                format!("datapath.podInterfacePrefixes[{i}]"),
+                p,
+                format!("would match the underlay interface {underlay_interface:?}"),
+            ));
+        }
+    }
+    let bpf_pin_dir = raw
+        .datapath
+        .bpf_pin_dir
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/enc").join(&raw.node.name));
+    if !bpf_pin_dir.is_absolute() {
+        return Err(invalid(
+            "datapath.bpfPinDir",
+            bpf_pin_dir.display(),
+            "must be an absolute path",
+        ));
+    }
     let underlay_mtu = raw.underlay.mtu.unwrap_or(1500);
     if !(1280..=65535).contains(&underlay_mtu) {
         return Err(invalid(
@@ -519,7 +594,13 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         tls,
         control,
         encryption,
+        strict_mode,
         underlay_mtu,
+        underlay_interface,
+        datapath: DatapathConfig {
+            pod_interface_prefixes,
+            bpf_pin_dir,
+        },
         status_socket,
         peers,
     })
@@ -591,6 +672,16 @@ peers:
             })
         );
         assert_eq!(c.underlay_mtu, 1500);
+        assert!(c.strict_mode);
+        assert_eq!(c.underlay_interface, "eth0");
+        assert_eq!(
+            c.datapath.bpf_pin_dir,
+            PathBuf::from("/sys/fs/bpf/enc/node-1")
+        );
+        assert_eq!(
+            c.datapath.pod_interface_prefixes,
+            vec!["veth", "lxc", "cali"]
+        );
         assert_eq!(c.peers.len(), 2);
         assert_eq!(c.peers[1].control_port, 6000);
         assert_eq!(c.tls.cert, d.0.path().join("n1.crt"));

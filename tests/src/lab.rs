@@ -147,10 +147,41 @@ fn stop_child(mut child: Child, grace: Duration) -> anyhow::Result<std::process:
     }
 }
 
+/// A bpffs instance mounted for the lab: the agents pin their eBPF maps and links here, so
+/// that state survives an agent restart (as /sys/fs/bpf does on a real node). `ip netns exec`
+/// gives each agent its own /sys, so the host's /sys/fs/bpf would not be shared.
+#[derive(Debug)]
+pub struct BpfMount {
+    path: PathBuf,
+}
+
+impl BpfMount {
+    fn new(path: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        sys::run(&["mount", "-t", "bpf", "bpf", path_str(&path)?])?;
+        Ok(Self { path })
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        if let Err(e) = sys::run(&["umount", "-l", &self.path.to_string_lossy()]) {
+            eprintln!("warning: cannot unmount {}: {e:#}", self.path.display());
+        }
+    }
+}
+
 /// The whole lab. Field order is drop order: agents stop before namespaces go.
 pub struct Lab {
     /// The nodes.
     pub nodes: Vec<Node>,
+    /// The bpffs the agents pin to.
+    pub bpffs: BpfMount,
     /// The underlay namespace with bridge `br0`.
     pub underlay: Netns,
     /// Where certificates, configurations, sockets and logs live.
@@ -168,6 +199,7 @@ impl Lab {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{prefix}-"))
             .tempdir()?;
+        let bpffs = BpfMount::new(dir.path().join("bpf"))?;
         let underlay = Netns::new(&format!("{prefix}-ul"))?;
         underlay.run(&["ip", "link", "add", "br0", "type", "bridge"])?;
         underlay.run(&["ip", "link", "set", "br0", "up"])?;
@@ -317,6 +349,8 @@ impl Lab {
                  tls:\n  cert: certs/{}.crt\n  key: certs/{}.key\n  ca: {}/ca.crt\n\
                  control:\n  listenPort: {CONTROL_PORT}\n  connectTimeout: 3s\n  keyGracePeriod: 30s\n\
                  encryption:\n  type: wireguard\n  wireguard:\n    interface: enc-wg0\n    listenPort: {WG_PORT}\n\
+                 underlay:\n  interface: eth0\n\
+                 datapath:\n  podInterfacePrefixes: [p]\n  bpfPinDir: {}/{}\n\
                  statusSocket: {}\npeers:\n",
                 n.claimed_name,
                 n.addr,
@@ -328,6 +362,8 @@ impl Lab {
                 } else {
                     "ca"
                 },
+                bpffs.path().display(),
+                n.claimed_name,
                 n.socket.display()
             );
             for p in nodes.iter().filter(|p| p.index != n.index) {
@@ -342,6 +378,7 @@ impl Lab {
 
         Ok(Self {
             nodes,
+            bpffs,
             underlay,
             dir,
             bin,
