@@ -30,3 +30,16 @@ for component in rustfmt clippy; do
         rustup component add "$component"
     fi
 done
+
+# The eBPF programs (tunnel-ebpf/ebpf) build with the nightly toolchain's rust-src and
+# bpf-linker 0.10.0, the last release that links with rustc's own LLVM.
+if ! rustup toolchain list | grep -q '^nightly'; then
+    rustup toolchain install nightly --profile minimal
+fi
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+    rustup component add rust-src --toolchain nightly
+fi
+if ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.0'; then
+    echo "setup: installing bpf-linker 0.10.0 (a few minutes)"
+    cargo +nightly install bpf-linker --version 0.10.0 --locked --quiet
+fi

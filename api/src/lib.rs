@@ -39,6 +39,49 @@ pub struct Status {
     pub certificate: CertSummary,
     /// Peers by authentication state.
     pub peers: PeerCounts,
+    /// The eBPF datapath: attachment, strict mode, counters summed over peers.
+    pub datapath: DatapathInfo,
+}
+
+/// The eBPF datapath that marks, steers and polices inter-node pod traffic.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathInfo {
+    /// How tc programs attach: `tcx` or `clsact`.
+    pub attach_mode: String,
+    /// Whether unauthenticated or unencrypted pod traffic is dropped (always counted).
+    pub strict_mode: bool,
+    /// The underlay interface (underlay programs and leak sentinel).
+    pub underlay_interface: String,
+    /// Pod-facing interfaces with the pod programs attached.
+    pub pod_interfaces: Vec<String>,
+    /// Where maps and links are pinned.
+    pub pin_dir: String,
+    /// Counters summed over all peers.
+    pub totals: DatapathCounters,
+}
+
+/// Datapath counters (per peer, or summed).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathCounters {
+    /// Packets marked and steered into the encryption device.
+    pub steered_packets: u64,
+    /// Bytes marked and steered into the encryption device.
+    pub steered_bytes: u64,
+    /// Dropped packets by reason (in non-strict mode: would-be drops, counted, not dropped).
+    pub drops: std::collections::BTreeMap<String, u64>,
+    /// Packets towards a remote pod CIDR seen leaving the underlay unencrypted.
+    pub leak_packets: u64,
+    /// Bytes of those packets.
+    pub leak_bytes: u64,
+}
+
+impl DatapathCounters {
+    /// All drops, whatever the reason.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.values().sum()
+    }
 }
 
 /// Identity and addresses of a node.
@@ -175,6 +218,10 @@ pub struct PeerInfo {
     pub key: Option<KeyInfo>,
     /// WireGuard state of the peer, when configured in the datapath.
     pub wireguard: Option<WgPeerInfo>,
+    /// Datapath id of the peer (bits 31..16 of the skb mark).
+    pub datapath_id: u16,
+    /// eBPF counters of traffic to and from the peer's pod CIDR.
+    pub counters: DatapathCounters,
 }
 
 /// Identifies the key a pair uses without revealing it.

@@ -4,17 +4,23 @@ use crate::Error;
 use crate::config::{Config, EncryptionConfig};
 use crate::control::proto::{Hello, PROTOCOL_VERSION, WireguardAnnounce};
 use crate::control::session::Timing;
-use crate::peers::{Desired, PeerTable, Role};
-use crate::reconcile::reconcile;
+use crate::peers::{Desired, ENC_TABLE, PeerTable, Role};
+use crate::reconcile::{attach_pods, reconcile};
 use enc_certs::NodeIdentity;
-use enc_geneve_vxlan::{LinkBackend, RT_TABLE_MAIN, RtnetlinkLinks, mtu};
+use enc_geneve_vxlan::{LinkBackend, RtnetlinkLinks, mtu};
+use enc_tunnel_ebpf::{AyaDatapath, Datapath, DatapathConfig as DpConfig};
 use enc_wireguard::{BoringtunConfig, BoringtunWg, PrivateKey, WgBackend};
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tracing::{info, warn};
+
+/// Where bpffs is mounted on a node; mounted by the agent when missing.
+const BPFFS: &str = "/sys/fs/bpf";
 
 /// How often the reconciler runs even when nothing asked it to.
 const RECONCILE_PERIOD: Duration = Duration::from_secs(5);
@@ -29,6 +35,11 @@ pub struct Shared {
     pub wg: Arc<dyn WgBackend>,
     /// Links and routes.
     pub links: Arc<dyn LinkBackend>,
+    /// The eBPF datapath.
+    pub dp: Arc<dyn Datapath>,
+    /// Pod-facing interfaces with the pod programs attached, as of the last reconcile.
+    pub pod_interfaces: Mutex<Vec<String>>,
+    leaks_seen: Mutex<HashMap<u16, (u64, Instant)>>,
     /// Why this WireGuard implementation was chosen.
     pub backend_reason: String,
     /// MTU of the encryption device and of the routes into it.
@@ -76,7 +87,48 @@ impl Shared {
         t.expire(Instant::now(), self.config.control.key_grace_period);
         t.desired(self.wg.ifname(), self.mtu)
     }
+
+    /// Logs new unencrypted-egress (leak) counts, at most once per peer every 10 s.
+    fn report_leaks(&self) {
+        let counters = match self.dp.counters() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %format_chain(&e), "cannot read datapath counters");
+                return;
+            }
+        };
+        let names: HashMap<u16, String> = self
+            .table()
+            .iter()
+            .map(|e| (e.id, e.config.name.clone()))
+            .collect();
+        let now = Instant::now();
+        let mut seen = self.leaks_seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, c) in counters {
+            let entry = seen.entry(id).or_insert((0, now - LEAK_LOG_INTERVAL));
+            if c.leak_packets > entry.0
+                && now.saturating_duration_since(entry.1) >= LEAK_LOG_INTERVAL
+            {
+                warn!(
+                    peer = names.get(&id).map_or("?", String::as_str),
+                    new = c.leak_packets - entry.0,
+                    total = c.leak_packets,
+                    strict = self.config.strict_mode,
+                    "leak sentinel: packets towards a remote pod CIDR left the underlay unencrypted{}",
+                    if self.config.strict_mode {
+                        " (dropped)"
+                    } else {
+                        ""
+                    }
+                );
+                *entry = (c.leak_packets, now);
+            }
+        }
+    }
 }
+
+/// Shortest interval between two leak log events for one peer.
+const LEAK_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Picks the WireGuard implementation and says why.
 pub fn choose_wireguard_backend() -> String {
@@ -139,6 +191,53 @@ pub async fn run(
     links
         .set_link(wg.ifname(), mtu, true)
         .map_err(Error::Links)?;
+    let wg_index = links
+        .link(wg.ifname())
+        .map_err(Error::Links)?
+        .map(|l| l.index)
+        .ok_or_else(|| Error::Io {
+            context: format!("WireGuard device {} vanished after creation", wg.ifname()),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+    if links
+        .link(&config.underlay_interface)
+        .map_err(Error::Links)?
+        .is_none()
+    {
+        return Err(Error::Config(crate::config::ConfigError::Invalid {
+            field: "underlay.interface".into(),
+            value: config.underlay_interface.clone(),
+            reason: "no such interface in this network namespace".into(),
+        }));
+    }
+
+    // Pinned maps from a previous run are reused: their peers were left unauthenticated at
+    // shutdown, so strict mode held while the agent was away.
+    let pin_dir = &config.datapath.bpf_pin_dir;
+    if pin_dir.starts_with(BPFFS) {
+        enc_tunnel_ebpf::mount_bpffs(Path::new(BPFFS)).map_err(Error::Datapath)?;
+    }
+    let dp: Arc<dyn Datapath> = Arc::new(AyaDatapath::load(pin_dir).map_err(Error::Datapath)?);
+    dp.set_config(DpConfig {
+        strict: config.strict_mode,
+        decrypt_ifindex: wg_index,
+    })
+    .map_err(Error::Datapath)?;
+    dp.attach_underlay(&config.underlay_interface)
+        .map_err(Error::Datapath)?;
+    let pods = attach_pods(
+        links.as_ref(),
+        dp.as_ref(),
+        &config.datapath.pod_interface_prefixes,
+    )?;
+    info!(
+        mode = ?dp.attach_mode(),
+        strict = config.strict_mode,
+        underlay = %config.underlay_interface,
+        pods = ?pods,
+        pin_dir = %pin_dir.display(),
+        "eBPF datapath attached"
+    );
     info!(
         node = %config.node.name,
         interface = wg.ifname(),
@@ -155,6 +254,9 @@ pub async fn run(
         identity,
         wg,
         links,
+        dp,
+        pod_interfaces: Mutex::new(pods),
+        leaks_seen: Mutex::new(HashMap::new()),
         backend_reason,
         mtu,
         started: Instant::now(),
@@ -195,32 +297,74 @@ pub async fn run(
     info!("shutting down");
     tasks.shutdown().await;
 
-    let empty = Desired {
-        wg_peers: vec![],
-        routes: vec![],
-    };
+    // Remove keys, routes and rules, but keep the eBPF programs and maps pinned with every
+    // peer unauthenticated: strict mode keeps dropping remote-pod traffic until the agent is
+    // back (`enc-agent --cleanup` removes everything).
+    let mut down = shared.desired();
+    down.wg_peers.clear();
+    down.routes.clear();
+    down.rules.clear();
+    for (_, state) in &mut down.peer_states {
+        state.authenticated = false;
+        state.has_key = false;
+    }
     if let Err(e) = reconcile(
-        &empty,
+        &down,
         shared.wg.as_ref(),
         shared.links.as_ref(),
-        RT_TABLE_MAIN,
+        shared.dp.as_ref(),
     ) {
-        warn!(error = %format_chain(&e), "cleanup of routes and peers failed");
+        warn!(error = %format_chain(&e), "cleanup of routes, rules and peers failed");
     }
     if let Err(e) = std::fs::remove_file(&shared.config.status_socket) {
         warn!(error = %e, socket = %shared.config.status_socket.display(), "cannot remove status socket");
     }
-    info!("stopped; routes and WireGuard peers removed");
+    info!("stopped; routes, rules and WireGuard peers removed, eBPF strict mode left in place");
+    Ok(())
+}
+
+/// Removes everything enc configured on this node: routes and rules it owns, and the pinned
+/// eBPF programs and maps. For uninstalling; a normal stop leaves strict mode in place.
+pub fn cleanup(config: &Config) -> Result<(), Error> {
+    let links = RtnetlinkLinks::new().map_err(Error::Links)?;
+    let routes = links.dump_routes(ENC_TABLE).map_err(Error::Links)?;
+    for r in &routes {
+        links.delete_route(r).map_err(Error::Links)?;
+    }
+    let rules = links.dump_rules().map_err(Error::Links)?;
+    for r in &rules {
+        links.delete_rule(r).map_err(Error::Links)?;
+    }
+    AyaDatapath::remove_all(&config.datapath.bpf_pin_dir).map_err(Error::Datapath)?;
+    info!(
+        routes = routes.len(),
+        rules = rules.len(),
+        pin_dir = %config.datapath.bpf_pin_dir.display(),
+        "removed enc's routes, rules and eBPF datapath"
+    );
     Ok(())
 }
 
 fn reconcile_once(shared: &Shared) {
+    match attach_pods(
+        shared.links.as_ref(),
+        shared.dp.as_ref(),
+        &shared.config.datapath.pod_interface_prefixes,
+    ) {
+        Ok(pods) => {
+            *shared
+                .pod_interfaces
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = pods
+        }
+        Err(e) => warn!(error = %format_chain(&e), "attaching pod programs failed; will retry"),
+    }
     let desired = shared.desired();
     match reconcile(
         &desired,
         shared.wg.as_ref(),
         shared.links.as_ref(),
-        RT_TABLE_MAIN,
+        shared.dp.as_ref(),
     ) {
         Ok(out) if out != Default::default() => info!(?out, "reconciled datapath"),
         Ok(_) => {}
@@ -235,6 +379,7 @@ async fn reconciler(shared: Arc<Shared>) {
             _ = tokio::time::sleep(RECONCILE_PERIOD) => {}
         }
         reconcile_once(&shared);
+        shared.report_leaks();
     }
 }
 

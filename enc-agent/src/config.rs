@@ -15,6 +15,8 @@ use std::time::Duration;
 pub const DEFAULT_CONTROL_PORT: u16 = 51871;
 /// Default WireGuard UDP port.
 pub const DEFAULT_WG_PORT: u16 = 51820;
+/// Most peers a node can have: peer ids are 16-bit and 0 means "no peer".
+pub const MAX_PEERS: usize = 65535;
 /// Default WireGuard interface name.
 pub const DEFAULT_WG_INTERFACE: &str = "enc-wg0";
 
@@ -527,6 +529,13 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         return Err(invalid("statusSocket", "", "must not be empty"));
     }
 
+    if raw.peers.len() > MAX_PEERS {
+        return Err(invalid(
+            "peers",
+            format!("{} entries", raw.peers.len()),
+            format!("at most {MAX_PEERS} peers (datapath peer ids are 16 bits)"),
+        ));
+    }
     let mut names = HashSet::new();
     let mut addrs = HashSet::new();
     let mut cidrs: Vec<(String, IpNet)> = vec![("node.podCidr".into(), pod_cidr)];

@@ -35,6 +35,9 @@ pub enum Error {
     /// A link or route operation failed.
     #[error("links and routes")]
     Links(#[source] enc_geneve_vxlan::Error),
+    /// The eBPF datapath failed.
+    #[error("eBPF datapath")]
+    Datapath(#[source] enc_tunnel_ebpf::Error),
     /// Key derivation failed.
     #[error("key derivation")]
     Keys(#[source] enc_key_manager::Error),

@@ -17,6 +17,10 @@ struct Args {
     /// Validate the configuration, print it (no key material) and exit.
     #[arg(long)]
     print_config: bool,
+    /// Remove everything enc configured on this node (routes, rules, pinned eBPF programs
+    /// and maps) and exit. A normal stop leaves the eBPF strict mode in place.
+    #[arg(long, conflicts_with = "print_config")]
+    cleanup: bool,
     /// Log format.
     #[arg(long, env = "ENC_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -56,6 +60,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.print_config {
         print!("{}", config.to_yaml());
         return Ok(());
+    }
+    if args.cleanup {
+        return enc_agent::app::cleanup(&config).context("enc-agent --cleanup failed");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -6,9 +6,11 @@
 
 use crate::config::{Config, PeerConfig};
 use enc_certs::CertInfo;
-use enc_geneve_vxlan::RouteSpec;
+use enc_geneve_vxlan::{RouteSpec, RuleFamily, RuleSpec};
 use enc_key_manager::PairKeys;
+use enc_tunnel_ebpf::{Backend, PeerState};
 use enc_wireguard::{PeerSpec, PresharedKey, PublicKey};
+use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -69,6 +71,9 @@ pub struct SessionKeys {
 /// Everything known about one peer.
 #[derive(Clone, Debug)]
 pub struct PeerEntry {
+    /// Datapath id of the peer (1-based, in name order); it forms bits 31..16 of the skb
+    /// mark and keys the eBPF maps. Local to this node: peers need not agree on ids.
+    pub id: u16,
     /// What discovery says about the peer.
     pub config: PeerConfig,
     /// Which side dials.
@@ -96,13 +101,39 @@ impl PeerEntry {
     }
 }
 
+/// Routing table holding the routes into the encryption device; marked packets look it up.
+pub const ENC_TABLE: u32 = 229;
+/// Priority of the `ip rule` that sends marked packets to [`ENC_TABLE`].
+pub const ENC_RULE_PRIORITY: u32 = 1000;
+
+/// The rules that steer packets carrying the encrypt mark into [`ENC_TABLE`].
+pub fn steering_rules() -> Vec<RuleSpec> {
+    let magic = enc_tunnel_ebpf::common::MARK_MAGIC_ENCRYPT << 8;
+    [RuleFamily::V4, RuleFamily::V6]
+        .into_iter()
+        .map(|family| RuleSpec {
+            family,
+            priority: ENC_RULE_PRIORITY,
+            fwmark: magic,
+            fwmask: enc_tunnel_ebpf::common::MARK_MAGIC_MASK,
+            table: ENC_TABLE,
+        })
+        .collect()
+}
+
 /// The datapath state implied by the table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {
     /// WireGuard peers to configure.
     pub wg_peers: Vec<PeerSpec>,
-    /// Routes into the encryption device.
+    /// Routes into the encryption device, in [`ENC_TABLE`].
     pub routes: Vec<RouteSpec>,
+    /// Rules steering marked packets into [`ENC_TABLE`].
+    pub rules: Vec<RuleSpec>,
+    /// eBPF: remote pod CIDR to peer id.
+    pub cidrs: Vec<(IpNet, u16)>,
+    /// eBPF: peer id to state.
+    pub peer_states: Vec<(u16, PeerState)>,
 }
 
 /// All expected peers, by name.
@@ -115,10 +146,12 @@ pub struct PeerTable {
 impl PeerTable {
     /// A table with every configured peer pending.
     pub fn new(config: &Config, now: Instant) -> Self {
-        let entries = config
-            .peers
-            .iter()
-            .map(|p| {
+        let mut sorted: Vec<&PeerConfig> = config.peers.iter().collect();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        let entries = sorted
+            .into_iter()
+            .zip(1u16..)
+            .map(|(p, id)| {
                 let role = Role::of(&config.node.name, &p.name);
                 let detail = match role {
                     Role::Dial => "connecting",
@@ -127,6 +160,7 @@ impl PeerTable {
                 (
                     p.name.clone(),
                     PeerEntry {
+                        id,
                         config: p.clone(),
                         role,
                         auth: Auth::Pending(detail.into()),
@@ -234,13 +268,28 @@ impl PeerTable {
     pub fn desired(&self, device: &str, mtu: u32) -> Desired {
         let mut wg_peers = Vec::new();
         let mut routes = Vec::new();
+        let mut cidrs = Vec::new();
+        let mut peer_states = Vec::new();
         for e in self.entries.values() {
             routes.push(RouteSpec {
                 dst: e.config.pod_cidr,
                 dev: device.to_owned(),
                 mtu: Some(mtu),
-                table: enc_geneve_vxlan::RT_TABLE_MAIN,
+                table: ENC_TABLE,
             });
+            cidrs.push((e.config.pod_cidr, e.id));
+            // Keys kept through the grace period of a lost session still count as usable:
+            // WireGuard keeps the peer, so the datapath keeps steering to it.
+            let keyed = e.keys.is_some() && !matches!(e.auth, Auth::Failed(_));
+            peer_states.push((
+                e.id,
+                PeerState {
+                    authenticated: keyed,
+                    has_key: keyed,
+                    epoch: e.keys.as_ref().map_or(0, |k| (k.keys.epoch.0 & 0xf) as u8),
+                    backend: Backend::Wireguard,
+                },
+            ));
             if let Some(k) = &e.keys {
                 wg_peers.push(PeerSpec {
                     public_key: k.wg_public_key,
@@ -251,7 +300,13 @@ impl PeerTable {
                 });
             }
         }
-        Desired { wg_peers, routes }
+        Desired {
+            wg_peers,
+            routes,
+            rules: steering_rules(),
+            cidrs,
+            peer_states,
+        }
     }
 }
 
@@ -305,10 +360,27 @@ peers:
         let d = t.desired("wg0", 1440);
         assert_eq!(d.routes.len(), 2);
         assert!(d.wg_peers.is_empty());
+        assert!(d.routes.iter().all(|r| r.table == ENC_TABLE));
+        assert_eq!(
+            d.cidrs,
+            vec![
+                ("10.244.1.0/24".parse().unwrap(), 1),
+                ("10.244.3.0/24".parse().unwrap(), 2)
+            ]
+        );
+        assert!(
+            d.peer_states
+                .iter()
+                .all(|(_, s)| !s.authenticated && !s.has_key)
+        );
+        assert_eq!(d.rules.len(), 2);
         t.authenticated("node-1", now, None, keys(1));
         let d = t.desired("wg0", 1440);
         assert_eq!(d.wg_peers.len(), 1);
         let p = &d.wg_peers[0];
+        assert!(d.peer_states[0].1.authenticated);
+        assert_eq!(d.peer_states[0].1.epoch, 1);
+        assert!(!d.peer_states[1].1.authenticated);
         assert_eq!(p.endpoint, Some("10.0.0.1:51820".parse().unwrap()));
         assert_eq!(p.allowed_ips, vec!["10.244.1.0/24".parse().unwrap()]);
         assert!(p.preshared_key.is_some());
@@ -324,6 +396,7 @@ peers:
         assert_eq!(e.auth, Auth::Failed("certificate expired".into()));
         assert_eq!(e.failures, 1);
         assert!(t.desired("wg0", 1440).wg_peers.is_empty());
+        assert!(!t.desired("wg0", 1440).peer_states[0].1.authenticated);
         // A later connection error does not hide the failure reason.
         t.not_connected("node-1", now, "connection refused".into());
         assert!(matches!(t.get("node-1").unwrap().auth, Auth::Failed(_)));

@@ -5,10 +5,13 @@
 //! nothing the second time and an agent restart adopts what it finds.
 
 use crate::Error;
-use crate::peers::Desired;
-use enc_geneve_vxlan::{LinkBackend, RouteSpec, apply_routes, diff_routes};
+use crate::peers::{Desired, ENC_TABLE};
+use enc_geneve_vxlan::{
+    LinkBackend, RouteSpec, apply_routes, apply_rules, diff_routes, diff_rules,
+};
+use enc_tunnel_ebpf::Datapath;
 use enc_wireguard::WgBackend;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What one reconcile pass changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -21,27 +24,25 @@ pub struct Outcome {
     pub routes_upserted: usize,
     /// Routes removed.
     pub routes_deleted: usize,
+    /// Rules added or removed.
+    pub rules_changed: usize,
+    /// eBPF map entries (CIDRs and peer states) written or removed.
+    pub datapath_changed: usize,
 }
 
-/// Applies `desired` through the backends. WireGuard peers are reconciled before routes are
-/// added and after routes are removed never matters for safety: routes without a WireGuard
-/// peer drop traffic rather than leak it.
+/// Applies `desired` through the backends, in an order that never opens a gap:
+/// new WireGuard peers first, then routes and rules, then the eBPF maps (which let marked
+/// traffic through only for peers that now have keys, and stop it for peers that lost them),
+/// and stale WireGuard peers last, once nothing steers to them any more.
 pub fn reconcile(
     desired: &Desired,
     wg: &dyn WgBackend,
     links: &dyn LinkBackend,
-    route_table: u32,
+    dp: &dyn Datapath,
 ) -> Result<Outcome, Error> {
     let mut out = Outcome::default();
 
     let current = wg.dump().map_err(Error::Wireguard)?;
-    let wanted: BTreeSet<_> = desired.wg_peers.iter().map(|p| p.public_key).collect();
-    for p in &current.peers {
-        if !wanted.contains(&p.public_key) {
-            wg.delete_peer(&p.public_key).map_err(Error::Wireguard)?;
-            out.wg_deleted += 1;
-        }
-    }
     for spec in &desired.wg_peers {
         let unchanged = current.peers.iter().any(|p| {
             p.public_key == spec.public_key
@@ -57,20 +58,109 @@ pub fn reconcile(
         }
     }
 
-    let current_routes: Vec<RouteSpec> = links.dump_routes(route_table).map_err(Error::Links)?;
+    let current_routes: Vec<RouteSpec> = links.dump_routes(ENC_TABLE).map_err(Error::Links)?;
     let changes = diff_routes(&current_routes, &desired.routes);
     out.routes_upserted = changes.upsert.len();
     out.routes_deleted = changes.delete.len();
     apply_routes(links, &changes).map_err(Error::Links)?;
+
+    let rule_changes = diff_rules(&links.dump_rules().map_err(Error::Links)?, &desired.rules);
+    out.rules_changed = rule_changes.add.len() + rule_changes.delete.len();
+    apply_rules(links, &rule_changes).map_err(Error::Links)?;
+
+    out.datapath_changed = reconcile_datapath(desired, dp)?;
+
+    let wanted: BTreeSet<_> = desired.wg_peers.iter().map(|p| p.public_key).collect();
+    for p in &current.peers {
+        if !wanted.contains(&p.public_key) {
+            wg.delete_peer(&p.public_key).map_err(Error::Wireguard)?;
+            out.wg_deleted += 1;
+        }
+    }
     Ok(out)
+}
+
+/// Brings the eBPF maps to `desired`: peer states before CIDRs when adding (a CIDR never
+/// points at a peer without a state), CIDRs before states when removing.
+fn reconcile_datapath(desired: &Desired, dp: &dyn Datapath) -> Result<usize, Error> {
+    let mut changed = 0;
+    let current_peers: BTreeMap<_, _> = dp
+        .dump_peers()
+        .map_err(Error::Datapath)?
+        .into_iter()
+        .collect();
+    let wanted_peers: BTreeMap<_, _> = desired.peer_states.iter().copied().collect();
+    for (id, state) in &wanted_peers {
+        if current_peers.get(id) != Some(state) {
+            dp.upsert_peer(*id, *state).map_err(Error::Datapath)?;
+            changed += 1;
+        }
+    }
+    let current_cidrs: BTreeMap<_, _> = dp
+        .dump_cidrs()
+        .map_err(Error::Datapath)?
+        .into_iter()
+        .collect();
+    let wanted_cidrs: BTreeMap<_, _> = desired.cidrs.iter().copied().collect();
+    for (cidr, id) in &wanted_cidrs {
+        if current_cidrs.get(cidr) != Some(id) {
+            dp.upsert_cidr(*cidr, *id).map_err(Error::Datapath)?;
+            changed += 1;
+        }
+    }
+    for cidr in current_cidrs.keys() {
+        if !wanted_cidrs.contains_key(cidr) {
+            dp.delete_cidr(*cidr).map_err(Error::Datapath)?;
+            changed += 1;
+        }
+    }
+    for id in current_peers.keys() {
+        if !wanted_peers.contains_key(id) {
+            dp.delete_peer(*id).map_err(Error::Datapath)?;
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}
+
+/// Attaches the pod programs to every link whose name starts with one of `prefixes`, and
+/// forgets links that are gone. Returns the pod interfaces now attached.
+pub fn attach_pods(
+    links: &dyn LinkBackend,
+    dp: &dyn Datapath,
+    prefixes: &[String],
+) -> Result<Vec<String>, Error> {
+    let present: BTreeSet<String> = links
+        .links()
+        .map_err(Error::Links)?
+        .into_iter()
+        .map(|l| l.ifname)
+        .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
+        .collect();
+    for ifname in &present {
+        dp.attach_pod(ifname).map_err(Error::Datapath)?;
+    }
+    let attached: BTreeSet<String> = dp
+        .attached()
+        .map_err(Error::Datapath)?
+        .into_iter()
+        .filter(|(_, hook)| matches!(hook, enc_tunnel_ebpf::Hook::PodIngress))
+        .map(|(n, _)| n)
+        .collect();
+    for gone in attached.difference(&present) {
+        dp.detach_pod(gone).map_err(Error::Datapath)?;
+    }
+    Ok(present.into_iter().collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peers::ENC_TABLE;
     use crate::peers::{PeerTable, SessionKeys};
-    use enc_geneve_vxlan::{FakeLinks, RT_TABLE_MAIN};
+    use enc_geneve_vxlan::FakeLinks;
     use enc_key_manager::{Epoch, Pair, PairKeys, SessionSecret};
+    use enc_tunnel_ebpf::FakeDatapath;
     use enc_wireguard::{FakeWg, PublicKey};
     use std::time::Instant;
 
@@ -96,14 +186,25 @@ mod tests {
         let wg = FakeWg::new("wg0", PublicKey::from([9; 32]), 51820);
         let links = FakeLinks::new();
         links.add_link("wg0", 1440);
+        let dp = FakeDatapath::new(enc_tunnel_ebpf::AttachMode::Tcx);
 
-        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, RT_TABLE_MAIN).unwrap();
-        assert_eq!((out.wg_upserted, out.routes_upserted), (0, 2));
-        let again = reconcile(&table.desired("wg0", 1440), &wg, &links, RT_TABLE_MAIN).unwrap();
+        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
+        assert_eq!(
+            (out.wg_upserted, out.routes_upserted, out.rules_changed),
+            (0, 2, 2)
+        );
+        assert_eq!(out.datapath_changed, 4);
+        let again = reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
         assert_eq!(again, Outcome::default());
+        assert!(
+            dp.dump_peers()
+                .unwrap()
+                .iter()
+                .all(|(_, s)| !s.authenticated)
+        );
 
         table.authenticated("node-1", now, None, keys(1));
-        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, RT_TABLE_MAIN).unwrap();
+        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
         assert_eq!(
             (out.wg_upserted, out.wg_deleted, out.routes_upserted),
             (1, 0, 0)
@@ -112,7 +213,7 @@ mod tests {
 
         // The peer restarts with a new WireGuard key: the old peer goes, the new one comes.
         table.authenticated("node-1", now, None, keys(2));
-        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, RT_TABLE_MAIN).unwrap();
+        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
         assert_eq!((out.wg_upserted, out.wg_deleted), (1, 1));
         assert_eq!(
             wg.dump().unwrap().peers[0].public_key,
@@ -120,11 +221,35 @@ mod tests {
         );
 
         table.auth_failed("node-1", now, "revoked".into());
-        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, RT_TABLE_MAIN).unwrap();
+        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
         assert_eq!(out.wg_deleted, 1);
         assert!(wg.dump().unwrap().peers.is_empty());
+        let states: std::collections::BTreeMap<_, _> =
+            dp.dump_peers().unwrap().into_iter().collect();
+        assert!(
+            !states[&1].authenticated,
+            "a refused peer must be dropped by the datapath"
+        );
         // Routes stay, so the peer's traffic is dropped in the device rather than leaked.
-        assert_eq!(links.dump_routes(RT_TABLE_MAIN).unwrap().len(), 2);
+        assert_eq!(links.dump_routes(ENC_TABLE).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn pod_programs_follow_the_links() {
+        let links = FakeLinks::new();
+        let dp = FakeDatapath::new(enc_tunnel_ebpf::AttachMode::Tcx);
+        for l in ["eth0", "p1", "p2", "enc-wg0"] {
+            links.add_link(l, 1500);
+        }
+        let prefixes = vec!["p".to_owned()];
+        assert_eq!(
+            attach_pods(&links, &dp, &prefixes).unwrap(),
+            vec!["p1", "p2"]
+        );
+        links.remove_link("p2");
+        assert_eq!(attach_pods(&links, &dp, &prefixes).unwrap(), vec!["p1"]);
+        let attached: BTreeSet<_> = dp.attached().unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(attached.into_iter().collect::<Vec<_>>(), vec!["p1"]);
     }
 
     #[test]
@@ -135,13 +260,14 @@ mod tests {
             dst: "10.244.9.0/24".parse().unwrap(),
             dev: "wg0".into(),
             mtu: Some(1440),
-            table: RT_TABLE_MAIN,
+            table: ENC_TABLE,
         };
         links.upsert_route(&stale).unwrap();
         let wg = FakeWg::new("wg0", PublicKey::from([9; 32]), 51820);
+        let dp = FakeDatapath::new(enc_tunnel_ebpf::AttachMode::Tcx);
         let table = PeerTable::new(&crate::peers::tests::config(), Instant::now());
-        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, RT_TABLE_MAIN).unwrap();
+        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
         assert_eq!((out.routes_upserted, out.routes_deleted), (2, 1));
-        assert!(!links.dump_routes(RT_TABLE_MAIN).unwrap().contains(&stale));
+        assert!(!links.dump_routes(ENC_TABLE).unwrap().contains(&stale));
     }
 }

@@ -14,11 +14,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use enc_api::{
-    ApiError, AuthState, CertSummary, ControlInfo, EncryptionInfo, KeyInfo, NodeInfo, PeerCounts,
-    PeerInfo, Peers, Status, WgPeerInfo,
+    ApiError, AuthState, CertSummary, ControlInfo, DatapathCounters, DatapathInfo, EncryptionInfo,
+    KeyInfo, NodeInfo, PeerCounts, PeerInfo, Peers, Status, WgPeerInfo,
 };
 use enc_certs::CertInfo;
+use enc_tunnel_ebpf::{AttachMode, PeerCounters};
 use enc_wireguard::DeviceSnapshot;
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -104,8 +106,43 @@ fn snapshot(shared: &Shared) -> Option<DeviceSnapshot> {
     }
 }
 
+fn counters(shared: &Shared) -> BTreeMap<u16, PeerCounters> {
+    shared.dp.counters().unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read datapath counters for status");
+        BTreeMap::new()
+    })
+}
+
+fn api_counters(c: &PeerCounters) -> DatapathCounters {
+    DatapathCounters {
+        steered_packets: c.steered_packets,
+        steered_bytes: c.steered_bytes,
+        drops: c
+            .drops
+            .iter()
+            .map(|(r, n)| (r.name().to_owned(), *n))
+            .collect(),
+        leak_packets: c.leak_packets,
+        leak_bytes: c.leak_bytes,
+    }
+}
+
+fn add(total: &mut DatapathCounters, c: &DatapathCounters) {
+    total.steered_packets += c.steered_packets;
+    total.steered_bytes += c.steered_bytes;
+    total.leak_packets += c.leak_packets;
+    total.leak_bytes += c.leak_bytes;
+    for (k, v) in &c.drops {
+        *total.drops.entry(k.clone()).or_default() += v;
+    }
+}
+
 /// Builds the status answer.
 pub fn build_status(shared: &Shared) -> Status {
+    let mut totals = DatapathCounters::default();
+    for c in counters(shared).values() {
+        add(&mut totals, &api_counters(c));
+    }
     let mut counts = PeerCounts::default();
     for e in shared.table().iter() {
         counts.total += 1;
@@ -139,10 +176,30 @@ pub fn build_status(shared: &Shared) -> Status {
         },
         certificate: summary(shared.identity.info()),
         peers: counts,
+        datapath: DatapathInfo {
+            attach_mode: match shared.dp.attach_mode() {
+                AttachMode::Tcx => "tcx".into(),
+                AttachMode::Clsact => "clsact".into(),
+            },
+            strict_mode: shared.config.strict_mode,
+            underlay_interface: shared.config.underlay_interface.clone(),
+            pod_interfaces: shared
+                .pod_interfaces
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            pin_dir: shared.config.datapath.bpf_pin_dir.display().to_string(),
+            totals,
+        },
     }
 }
 
-fn peer_info(e: &PeerEntry, snap: Option<&DeviceSnapshot>, now: Instant) -> PeerInfo {
+fn peer_info(
+    e: &PeerEntry,
+    snap: Option<&DeviceSnapshot>,
+    counters: &BTreeMap<u16, PeerCounters>,
+    now: Instant,
+) -> PeerInfo {
     let wireguard = e.keys.as_ref().and_then(|k| {
         let p = snap?
             .peers
@@ -174,18 +231,21 @@ fn peer_info(e: &PeerEntry, snap: Option<&DeviceSnapshot>, now: Instant) -> Peer
             key_id: k.keys.key_id.clone(),
         }),
         wireguard,
+        datapath_id: e.id,
+        counters: counters.get(&e.id).map(api_counters).unwrap_or_default(),
     }
 }
 
 /// Builds the peers answer.
 pub fn build_peers(shared: &Shared) -> Peers {
     let snap = snapshot(shared);
+    let counters = counters(shared);
     let now = Instant::now();
     Peers {
         peers: shared
             .table()
             .iter()
-            .map(|e| peer_info(e, snap.as_ref(), now))
+            .map(|e| peer_info(e, snap.as_ref(), &counters, now))
             .collect(),
     }
 }

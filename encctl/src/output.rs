@@ -70,7 +70,9 @@ pub fn status(s: &Status) -> String {
          public key:  {}\n\
          control:     tls 1.3 mutual auth on {} ({})\n\
          certificate: {} serial {} expires {}\n\
-         peers:       {} total, {} authenticated, {} pending, {} failed\n",
+         peers:       {} total, {} authenticated, {} pending, {} failed\n\
+         datapath:    eBPF via {} on {} and {} pod interface(s), strict mode {}, pinned at {}\n\
+         counters:    {} packets steered ({}), {} dropped{}, {} leaked\n",
         s.node.name,
         s.node.underlay_address,
         s.node.pod_cidr,
@@ -92,7 +94,35 @@ pub fn status(s: &Status) -> String {
         p.authenticated,
         p.pending,
         p.failed,
+        s.datapath.attach_mode,
+        s.datapath.underlay_interface,
+        s.datapath.pod_interfaces.len(),
+        if s.datapath.strict_mode {
+            "on"
+        } else {
+            "off (drops are only counted)"
+        },
+        s.datapath.pin_dir,
+        s.datapath.totals.steered_packets,
+        bytes(s.datapath.totals.steered_bytes),
+        s.datapath.totals.total_drops(),
+        drop_detail(&s.datapath.totals),
+        s.datapath.totals.leak_packets,
     )
+}
+
+fn drop_detail(c: &enc_api::DatapathCounters) -> String {
+    let parts: Vec<String> = c
+        .drops
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
 }
 
 /// `encctl peers` text.
@@ -126,7 +156,13 @@ pub fn peers(peers: &[PeerInfo]) -> String {
                     .unwrap_or_else(|| "-".into()),
                 wg.map(|w| bytes(w.rx_bytes)).unwrap_or_else(|| "-".into()),
                 wg.map(|w| bytes(w.tx_bytes)).unwrap_or_else(|| "-".into()),
-                detail,
+                p.counters.total_drops().to_string(),
+                p.counters.leak_packets.to_string(),
+                match drop_detail(&p.counters) {
+                    d if d.is_empty() => detail,
+                    d if detail.is_empty() => format!("drops:{d}"),
+                    d => format!("{detail}; drops:{d}"),
+                },
             ]
         })
         .collect();
@@ -142,6 +178,8 @@ pub fn peers(peers: &[PeerInfo]) -> String {
             "HANDSHAKE",
             "RX",
             "TX",
+            "DROPS",
+            "LEAKS",
             "DETAIL",
         ],
         &rows,

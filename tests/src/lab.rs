@@ -64,6 +64,8 @@ pub struct LabOptions {
     pub pods: usize,
     /// 1-based indices of nodes whose certificate comes from a foreign CA.
     pub foreign: Vec<usize>,
+    /// Strict mode of every agent.
+    pub strict: bool,
     /// Impostors: node `i` (1-based) holds a valid cluster certificate, but for another name,
     /// and runs under that name at the address where the others expect `node-<i>`.
     pub impostors: Vec<(usize, String)>,
@@ -78,6 +80,7 @@ impl LabOptions {
             pods: 2,
             foreign: vec![],
             impostors: vec![],
+            strict: true,
         }
     }
 }
@@ -348,7 +351,7 @@ impl Lab {
                 "node:\n  name: {}\n  underlayAddress: {}\n  podCidr: {}\n\
                  tls:\n  cert: certs/{}.crt\n  key: certs/{}.key\n  ca: {}/ca.crt\n\
                  control:\n  listenPort: {CONTROL_PORT}\n  connectTimeout: 3s\n  keyGracePeriod: 30s\n\
-                 encryption:\n  type: wireguard\n  wireguard:\n    interface: enc-wg0\n    listenPort: {WG_PORT}\n\
+                 encryption:\n  type: wireguard\n  strictMode: {}\n  wireguard:\n    interface: enc-wg0\n    listenPort: {WG_PORT}\n\
                  underlay:\n  interface: eth0\n\
                  datapath:\n  podInterfacePrefixes: [p]\n  bpfPinDir: {}/{}\n\
                  statusSocket: {}\npeers:\n",
@@ -362,6 +365,7 @@ impl Lab {
                 } else {
                     "ca"
                 },
+                opts.strict,
                 bpffs.path().display(),
                 n.claimed_name,
                 n.socket.display()
@@ -489,6 +493,63 @@ impl Lab {
         let peers: enc_api::Peers =
             serde_json::from_str(&text).context("decode encctl peers -o json")?;
         Ok(peers.peers)
+    }
+
+    /// Gives node `i` (agent stopped) a certificate from a foreign CA, and makes it trust only
+    /// that CA: from then on the cluster refuses it and it refuses the cluster.
+    pub fn switch_to_foreign_ca(&self, i: usize) -> anyhow::Result<()> {
+        let encctl = self.bin.join("encctl");
+        let encctl = path_str(&encctl)?;
+        let foreign = self.dir.path().join("foreign-ca");
+        if !foreign.join("ca.crt").exists() {
+            sys::run(&[
+                encctl,
+                "ca",
+                "init",
+                "--out",
+                path_str(&foreign)?,
+                "--name",
+                "some other CA",
+            ])?;
+        }
+        let node = self.node(i);
+        let out = self.dir.path().join(format!("foreign-certs-{i}"));
+        sys::run(&[
+            encctl,
+            "cert",
+            "issue",
+            "--ca",
+            path_str(&foreign)?,
+            "--node",
+            &node.claimed_name,
+            "--ip",
+            &node.addr.to_string(),
+            "--days",
+            "2",
+            "--out",
+            path_str(&out)?,
+        ])?;
+        let certs = self.dir.path().join("certs");
+        for ext in ["crt", "key"] {
+            let f = format!("{}.{ext}", node.claimed_name);
+            std::fs::copy(out.join(&f), certs.join(&f)).with_context(|| format!("replace {f}"))?;
+        }
+        let text = std::fs::read_to_string(&node.config)?;
+        std::fs::write(
+            &node.config,
+            text.replace("ca: ca/ca.crt", "ca: foreign-ca/ca.crt"),
+        )?;
+        Ok(())
+    }
+
+    /// Node `i`'s datapath counters for traffic to and from `peer`.
+    pub fn counters(&self, i: usize, peer: &str) -> anyhow::Result<enc_api::DatapathCounters> {
+        let peers = self.peers(i)?;
+        let p = peers
+            .iter()
+            .find(|p| p.name == peer)
+            .with_context(|| format!("{peer} not listed on node-{i}"))?;
+        Ok(p.counters.clone())
     }
 
     /// Node `i`'s status.

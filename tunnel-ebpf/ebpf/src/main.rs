@@ -1,0 +1,286 @@
+//! The enc tc programs: marking of inter-node pod traffic, strict mode, and the leak sentinel.
+//!
+//! Four `SchedClassifier` programs share five maps (see `enc_tunnel_ebpf_common`):
+//!
+//! * `tunnel_pod_ingress`: packets from a local pod. A destination in a remote pod CIDR gets the
+//!   encrypt mark of its peer when the peer is authenticated and has a key; otherwise the packet
+//!   is dropped (strict) and counted.
+//! * `tunnel_pod_egress`: packets to a local pod. A source in a remote pod CIDR must have come
+//!   through the decrypt path (the decrypt device, or a decrypted mark) from an authenticated
+//!   peer with a key.
+//! * `tunnel_underlay_ingress`: plaintext from a remote pod CIDR on the wire is dropped.
+//! * `tunnel_underlay_egress`: the leak sentinel; plaintext towards a remote pod CIDR leaving on
+//!   the wire is counted as a leak and dropped (strict).
+//!
+//! Only the Ethernet header and the fixed IPv4 / IPv6 header are read, so fragments are handled
+//! like whole packets. Non-IP and short or malformed packets pass untouched. Outside strict mode
+//! nothing is dropped, but every verdict is still counted under its reason.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::{classifier, map},
+    maps::{Array, HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    programs::TcContext,
+};
+use enc_tunnel_ebpf_common::{
+    Config, DropReason, MARK_MAGIC_DECRYPTED, MARK_OWNED_MASK, MAX_CIDRS, MAX_PEERS, PeerCounters,
+    PeerState, encrypt_mark, mark_magic,
+};
+
+#[map]
+static REMOTE_CIDRS_V4: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(MAX_CIDRS, 0);
+#[map]
+static REMOTE_CIDRS_V6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(MAX_CIDRS, 0);
+#[map]
+static PEERS: HashMap<u32, PeerState> = HashMap::pinned(MAX_PEERS, 0);
+#[map]
+static COUNTERS: PerCpuHashMap<u32, PeerCounters> = PerCpuHashMap::pinned(MAX_PEERS, 0);
+#[map]
+static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+
+/// `TC_ACT_OK` / `TC_ACT_SHOT` (their binding type differs between targets).
+const OK: i32 = 0;
+const SHOT: i32 = 2;
+
+/// Which address of the IP header to look up.
+#[derive(Clone, Copy)]
+enum Addr {
+    Src,
+    Dst,
+}
+
+/// Peer id owning the remote pod CIDR that holds the chosen address, if any. `None` for
+/// non-IP, short or malformed packets and for addresses in no remote CIDR.
+#[inline(always)]
+fn remote_peer(ctx: &TcContext, which: Addr) -> Option<u32> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    match ethertype {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+            if vihl >> 4 != 4 || vihl & 0x0F < 5 {
+                return None;
+            }
+            if (ctx.len() as usize) < ETH_HLEN + IPV4_HLEN {
+                return None;
+            }
+            let off = match which {
+                Addr::Src => ETH_HLEN + 12,
+                Addr::Dst => ETH_HLEN + 16,
+            };
+            let addr: [u8; 4] = ctx.load(off).ok()?;
+            REMOTE_CIDRS_V4.get(Key::new(32, addr)).copied()
+        }
+        ETH_P_IPV6 => {
+            let v: u8 = ctx.load(ETH_HLEN).ok()?;
+            if v >> 4 != 6 {
+                return None;
+            }
+            if (ctx.len() as usize) < ETH_HLEN + IPV6_HLEN {
+                return None;
+            }
+            let off = match which {
+                Addr::Src => ETH_HLEN + 8,
+                Addr::Dst => ETH_HLEN + 24,
+            };
+            let addr: [u8; 16] = ctx.load(off).ok()?;
+            REMOTE_CIDRS_V6.get(Key::new(128, addr)).copied()
+        }
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn config() -> Config {
+    // A missing entry cannot happen with an array map; default() is strict anyway.
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+#[inline(always)]
+fn peer_state(peer: u32) -> Option<PeerState> {
+    // SAFETY: PeerState is plain data; a concurrent update can at worst give a torn read of
+    // three u32 flags/epoch/backend words, which is no worse than reading just before it.
+    unsafe { PEERS.get(peer) }.copied()
+}
+
+/// This CPU's counters of `peer`, created zeroed on first use.
+#[inline(always)]
+fn counters(peer: u32) -> Option<*mut PeerCounters> {
+    if let Some(p) = COUNTERS.get_ptr_mut(peer) {
+        return Some(p);
+    }
+    let zero = PeerCounters::default();
+    // Losing a race with another CPU creating it (EEXIST) is fine: the lookup below finds it.
+    let _ = COUNTERS.insert(peer, zero, u64::from(BPF_NOEXIST));
+    COUNTERS.get_ptr_mut(peer)
+}
+
+#[inline(always)]
+fn count_steered(peer: u32, len: u32) {
+    if let Some(c) = counters(peer) {
+        // SAFETY: a valid per-CPU map value; tc programs do not migrate CPUs while running.
+        unsafe {
+            (*c).steered_packets += 1;
+            (*c).steered_bytes += u64::from(len);
+        }
+    }
+}
+
+#[inline(always)]
+fn count_leak(peer: u32, len: u32) {
+    if let Some(c) = counters(peer) {
+        // SAFETY: as in count_steered.
+        unsafe {
+            (*c).leak_packets += 1;
+            (*c).leak_bytes += u64::from(len);
+        }
+    }
+}
+
+/// Counts a refused packet and returns the verdict: SHOT in strict mode, OK otherwise.
+#[inline(always)]
+fn refuse(ctx: &TcContext, cfg: &Config, peer: u32, reason: DropReason) -> i32 {
+    if let Some(c) = counters(peer) {
+        let i = reason.index();
+        // SAFETY: as in count_steered; `i` < DROP_REASONS by construction of DropReason.
+        unsafe {
+            if let Some(p) = (*c).drop_packets.get_mut(i) {
+                *p += 1;
+            }
+            if let Some(b) = (*c).drop_bytes.get_mut(i) {
+                *b += u64::from(ctx.len());
+            }
+        }
+    }
+    if cfg.is_strict() { SHOT } else { OK }
+}
+
+/// Why traffic of `peer` is not allowed, if it is not: no entry or not authenticated, no key.
+#[inline(always)]
+fn peer_refusal(peer: u32) -> Result<PeerState, DropReason> {
+    match peer_state(peer) {
+        Some(s) if s.authenticated() && s.has_key() => Ok(s),
+        Some(s) if s.authenticated() => Err(DropReason::PeerNoKey),
+        _ => Err(DropReason::PeerNotAuthenticated),
+    }
+}
+
+#[inline(always)]
+fn skb_mark(ctx: &TcContext) -> u32 {
+    // SAFETY: ctx.skb.skb is the __sk_buff the kernel passed to the program.
+    unsafe { (*ctx.skb.skb).mark }
+}
+
+#[inline(always)]
+fn skb_ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: as in skb_mark.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}
+
+/// tc ingress of a pod-facing veth: packets from a local pod.
+#[classifier]
+pub fn tunnel_pod_ingress(ctx: TcContext) -> i32 {
+    match try_tunnel_pod_ingress(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_tunnel_pod_ingress(ctx: &TcContext) -> Result<i32, i32> {
+    let Some(peer) = remote_peer(ctx, Addr::Dst) else {
+        return Ok(OK);
+    };
+    match peer_refusal(peer) {
+        Ok(state) => {
+            let mark =
+                (skb_mark(ctx) & !MARK_OWNED_MASK) | encrypt_mark(peer as u16, state.epoch as u8);
+            ctx.set_mark(mark);
+            count_steered(peer, ctx.len());
+            Ok(OK)
+        }
+        Err(reason) => Err(refuse(ctx, &config(), peer, reason)),
+    }
+}
+
+/// tc egress of a pod-facing veth: packets to a local pod.
+#[classifier]
+pub fn tunnel_pod_egress(ctx: TcContext) -> i32 {
+    match try_tunnel_pod_egress(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_tunnel_pod_egress(ctx: &TcContext) -> Result<i32, i32> {
+    let Some(peer) = remote_peer(ctx, Addr::Src) else {
+        return Ok(OK);
+    };
+    let cfg = config();
+    if cfg.decrypt_ifindex != 0
+        && skb_ingress_ifindex(ctx) != cfg.decrypt_ifindex
+        && mark_magic(skb_mark(ctx)) != MARK_MAGIC_DECRYPTED
+    {
+        return Err(refuse(ctx, &cfg, peer, DropReason::NotDecrypted));
+    }
+    match peer_refusal(peer) {
+        // Received traffic is counted by the decrypt device; nothing to count here.
+        Ok(_) => Ok(OK),
+        Err(reason) => Err(refuse(ctx, &cfg, peer, reason)),
+    }
+}
+
+/// tc ingress of the underlay interface.
+#[classifier]
+pub fn tunnel_underlay_ingress(ctx: TcContext) -> i32 {
+    match try_tunnel_underlay_ingress(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_tunnel_underlay_ingress(ctx: &TcContext) -> Result<i32, i32> {
+    // Encrypted traffic and the control channel are node-to-node, never in a pod CIDR.
+    let Some(peer) = remote_peer(ctx, Addr::Src) else {
+        return Ok(OK);
+    };
+    Err(refuse(
+        ctx,
+        &config(),
+        peer,
+        DropReason::PlaintextFromUnderlay,
+    ))
+}
+
+/// tc egress of the underlay interface: the leak sentinel.
+#[classifier]
+pub fn tunnel_underlay_egress(ctx: TcContext) -> i32 {
+    match try_tunnel_underlay_egress(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_tunnel_underlay_egress(ctx: &TcContext) -> Result<i32, i32> {
+    let Some(peer) = remote_peer(ctx, Addr::Dst) else {
+        return Ok(OK);
+    };
+    count_leak(peer, ctx.len());
+    Err(refuse(ctx, &config(), peer, DropReason::UnencryptedEgress))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 11] = *b"Apache-2.0\0";
