@@ -120,7 +120,7 @@ fn api_counters(c: &PeerCounters) -> DatapathCounters {
         drops: c
             .drops
             .iter()
-            .map(|(r, n)| (r.name().to_owned(), *n))
+            .map(|(r, n)| (r.label().to_owned(), *n))
             .collect(),
         leak_packets: c.leak_packets,
         leak_bytes: c.leak_bytes,

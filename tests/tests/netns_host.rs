@@ -294,16 +294,33 @@ fn privileged_agent_restart_restores_traffic() {
             .context("wg state")?
             .public_key;
 
+        let drops_before = lab
+            .counters(2, "node-1")?
+            .drops
+            .get("peer-not-authenticated")
+            .copied()
+            .unwrap_or(0);
         lab.stop_agent(2)?;
-        // A clean stop removes what the agent configured: its routes and its device.
-        let routes = lab
-            .node(2)
-            .ns
-            .run(&["ip", "route", "show", "proto", "229"])?;
+        // A clean stop removes what the agent configured: its routes, rules and device.
+        for what in [
+            &["route", "show", "table", "all", "proto", "229"][..],
+            &["rule", "show"][..],
+        ] {
+            let mut args = vec!["ip"];
+            args.extend_from_slice(what);
+            let out = lab.node(2).ns.run(&args)?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                !text.contains("229") || what[0] == "route" && text.trim().is_empty(),
+                "left behind after a clean stop: {text}"
+            );
+        }
+        // ...but strict mode stays: node-2's pinned eBPF programs drop its pod's traffic
+        // towards node-1 while the agent is away, and count it in the pinned maps.
+        let to1 = lab.node(1).pods[0].addr;
         ensure!(
-            routes.stdout.is_empty(),
-            "routes left behind: {}",
-            String::from_utf8_lossy(&routes.stdout)
+            !lab.ping(2, 1, to1, 3, MARKER_HEX)?,
+            "node-2's pod reached node-1 while node-2's agent was down"
         );
         let link =
             enc_tests::sys::output_in(lab.node(2).ns.name(), &["ip", "link", "show", "enc-wg0"])?;
@@ -326,6 +343,16 @@ fn privileged_agent_restart_restores_traffic() {
         );
 
         lab.start_agent(2)?;
+        let drops_after = lab
+            .counters(2, "node-1")?
+            .drops
+            .get("peer-not-authenticated")
+            .copied()
+            .unwrap_or(0);
+        ensure!(
+            drops_after >= drops_before + 3,
+            "drops while the agent was down were not counted in the pinned maps ({drops_before} -> {drops_after})"
+        );
         wait_mesh(&lab, &[1, 2])?;
         let ok =
             enc_tests::sys::wait_for("traffic after the restart", Duration::from_secs(20), || {
@@ -340,6 +367,42 @@ fn privileged_agent_restart_restores_traffic() {
         ensure!(
             key_before != key_after,
             "node-2 kept its WireGuard key across a restart"
+        );
+        // `enc-agent --cleanup` removes everything, the pinned eBPF state included.
+        lab.stop_agent(2)?;
+        let pin_dir = lab.bpffs.path().join("node-2");
+        ensure!(pin_dir.exists(), "no pinned state at {}", pin_dir.display());
+        let agent = enc_tests::lab::bin_dir()?.join("enc-agent");
+        lab.node(2).ns.run(&[
+            &agent.to_string_lossy(),
+            "--config",
+            &lab.node(2).config.to_string_lossy(),
+            "--cleanup",
+        ])?;
+        ensure!(!pin_dir.exists(), "--cleanup left {}", pin_dir.display());
+        // With node-2's programs gone, plaintext from its pod leaves unchecked; node-1's
+        // underlay guard (still running) is what drops it now.
+        let guard = |lab: &Lab| -> anyhow::Result<u64> {
+            Ok(lab
+                .counters(1, "node-2")?
+                .drops
+                .get("plaintext-from-underlay")
+                .copied()
+                .unwrap_or(0))
+        };
+        let before = guard(&lab)?;
+        lab.node(2)
+            .ns
+            .run(&["ip", "route", "add", "10.78.1.0/24", "via", "10.77.0.1"])?;
+        ensure!(
+            !lab.ping(2, 1, to1, 3, MARKER_HEX)?,
+            "plaintext crossed into node-1"
+        );
+        let after = guard(&lab)?;
+        ensure!(
+            after >= before + 3,
+            "node-1 saw {} plaintext packets; node-2's sentinel still active?",
+            after - before
         );
         Ok(())
     })();

@@ -191,7 +191,11 @@ fn underlay_guards(strict: bool, tag: &str) {
             ],
         )?;
         let dropped = drops(&lab, 1, "node-2", "plaintext-from-underlay")?;
-        ensure!(dropped >= 3, "{dropped} plaintext underlay packets counted");
+        ensure!(
+            dropped >= 3,
+            "{dropped} plaintext underlay packets counted: {}",
+            lab.encctl(1, &["peers", "-o", "json"])?
+        );
         if !strict {
             // It reached the pod side and was counted there as not decrypted.
             ensure!(

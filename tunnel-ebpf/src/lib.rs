@@ -167,6 +167,17 @@ impl DropReason {
         self.to_raw().name()
     }
 
+    /// Stable kebab-case label, as the status API and `encctl` show it.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::PeerNotAuthenticated => "peer-not-authenticated",
+            Self::PeerNoKey => "peer-no-key",
+            Self::PlaintextFromUnderlay => "plaintext-from-underlay",
+            Self::UnencryptedEgress => "unencrypted-egress",
+            Self::NotDecrypted => "not-decrypted",
+        }
+    }
+
     const fn to_raw(self) -> common::DropReason {
         match self {
             Self::PeerNotAuthenticated => common::DropReason::PeerNotAuthenticated,
