@@ -235,6 +235,38 @@ mod tests {
     }
 
     #[test]
+    fn datapath_entries_of_removed_peers_are_deleted() {
+        use enc_tunnel_ebpf::{Backend, PeerState};
+        let links = FakeLinks::new();
+        links.add_link("wg0", 1440);
+        let wg = FakeWg::new("wg0", PublicKey::from([9; 32]), 51820);
+        let dp = FakeDatapath::new(enc_tunnel_ebpf::AttachMode::Tcx);
+        let stale = PeerState {
+            authenticated: true,
+            has_key: true,
+            epoch: 1,
+            backend: Backend::Wireguard,
+        };
+        dp.upsert_peer(9, stale).unwrap();
+        dp.upsert_cidr("10.244.9.0/24".parse().unwrap(), 9).unwrap();
+        let table = PeerTable::new(&crate::peers::tests::config(), Instant::now());
+        reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
+        let ids: Vec<u16> = dp
+            .dump_peers()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, vec![1, 2]);
+        let cidrs = dp.dump_cidrs().unwrap();
+        assert!(
+            !cidrs.iter().any(|(c, _)| c.to_string() == "10.244.9.0/24"),
+            "{cidrs:?}"
+        );
+        assert_eq!(cidrs.len(), 2);
+    }
+
+    #[test]
     fn pod_programs_follow_the_links() {
         let links = FakeLinks::new();
         let dp = FakeDatapath::new(enc_tunnel_ebpf::AttachMode::Tcx);
