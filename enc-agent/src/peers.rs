@@ -341,6 +341,7 @@ peers:
                 &secret,
                 Epoch::FIRST,
                 &Pair::new("node-1", "node-2").unwrap(),
+                "node-2",
             )
             .unwrap(),
         }

@@ -173,6 +173,7 @@ mod tests {
                 &SessionSecret::from_bytes([id; 32]),
                 Epoch::FIRST,
                 &Pair::new("node-1", "node-2").unwrap(),
+                "node-2",
             )
             .unwrap(),
         }

@@ -156,6 +156,11 @@ pub enum Purpose {
     /// A public, non-secret identifier of the pair's key at an epoch, for status displays:
     /// both ends show the same id when they hold the same key.
     KeyId,
+    /// ESP (RFC 4106 AES-256-GCM) key material of one direction: 32 bytes of key, then the
+    /// 4-byte salt and the SPI from a second expansion.
+    EspKey,
+    /// SPI and salt of one ESP direction.
+    EspSpiSalt,
 }
 
 impl Purpose {
@@ -163,6 +168,8 @@ impl Purpose {
         match self {
             Purpose::WireguardPsk => "enc wireguard-psk",
             Purpose::KeyId => "enc key-id",
+            Purpose::EspKey => "enc esp-key",
+            Purpose::EspSpiSalt => "enc esp-spi-salt",
         }
     }
 }
@@ -176,6 +183,11 @@ impl hkdf::KeyType for Len32 {
 }
 
 fn info_bytes(purpose: Purpose, epoch: Epoch, pair: &Pair) -> Vec<u8> {
+    info_bytes_dir(purpose, epoch, pair, None)
+}
+
+/// `info` of a derivation; a directional one appends the sender's name, length-prefixed.
+fn info_bytes_dir(purpose: Purpose, epoch: Epoch, pair: &Pair, sender: Option<&str>) -> Vec<u8> {
     let label = purpose.label().as_bytes();
     let mut info = Vec::with_capacity(label.len() + 4 + 2 + pair.low.len() + pair.high.len() + 1);
     info.push(label.len() as u8);
@@ -186,6 +198,11 @@ fn info_bytes(purpose: Purpose, epoch: Epoch, pair: &Pair) -> Vec<u8> {
     info.extend_from_slice(pair.low.as_bytes());
     info.push(pair.high.len() as u8);
     info.extend_from_slice(pair.high.as_bytes());
+    if let Some(sender) = sender {
+        info.push(b'>');
+        info.push(sender.len() as u8);
+        info.extend_from_slice(sender.as_bytes());
+    }
     info
 }
 
@@ -196,9 +213,12 @@ pub fn derive(
     epoch: Epoch,
     pair: &Pair,
 ) -> Result<Key32> {
+    expand(secret, purpose, &info_bytes(purpose, epoch, pair))
+}
+
+fn expand(secret: &SessionSecret, purpose: Purpose, info: &[u8]) -> Result<Key32> {
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(&secret.0);
-    let info = info_bytes(purpose, epoch, pair);
-    let parts = [info.as_slice()];
+    let parts = [info];
     let okm = prk.expand(&parts, Len32).map_err(|_| Error::Hkdf {
         purpose: purpose.label(),
     })?;
@@ -207,6 +227,64 @@ pub fn derive(
         purpose: purpose.label(),
     })?;
     Ok(Key32(out))
+}
+
+/// One direction of ESP: the SPI the receiver knows it by, and the RFC 4106 key material.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EspSaKeys {
+    /// Security parameter index: bits 31..28 are the epoch (mod 16), so the next epoch's SA
+    /// can be installed beside the current one; never below 256 (RFC 4303 reserves 1..255).
+    pub spi: u32,
+    /// AES-256-GCM key.
+    pub key: Key32,
+    /// RFC 4106 salt (the implicit part of the nonce).
+    pub salt: [u8; 4],
+}
+
+impl fmt::Debug for EspSaKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EspSaKeys")
+            .field("spi", &format_args!("{:#010x}", self.spi))
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl EspSaKeys {
+    /// Derives the SA that `sender` uses towards the other node of `pair` at `epoch`.
+    ///
+    /// SPIs are derived, not negotiated: both ends compute the same value. A receiver that
+    /// finds a derived SPI already taken by another peer restarts that control session, which
+    /// yields a fresh exporter secret and so fresh SPIs.
+    pub fn derive(secret: &SessionSecret, epoch: Epoch, pair: &Pair, sender: &str) -> Result<Self> {
+        if sender != pair.low && sender != pair.high {
+            return Err(Error::BadNodeName {
+                name: sender.to_owned(),
+                reason: "is not a member of the pair",
+            });
+        }
+        let key = expand(
+            secret,
+            Purpose::EspKey,
+            &info_bytes_dir(Purpose::EspKey, epoch, pair, Some(sender)),
+        )?;
+        let extra = expand(
+            secret,
+            Purpose::EspSpiSalt,
+            &info_bytes_dir(Purpose::EspSpiSalt, epoch, pair, Some(sender)),
+        )?;
+        let e = extra.expose();
+        let mut spi = u32::from_be_bytes([e[0], e[1], e[2], e[3]]) & 0x0fff_ffff;
+        if spi < 0x100 {
+            spi |= 0x100;
+        }
+        spi |= (epoch.0 & 0xf) << 28;
+        Ok(Self {
+            spi,
+            key,
+            salt: [e[4], e[5], e[6], e[7]],
+        })
+    }
 }
 
 /// The key material a pair uses at one epoch.
@@ -218,11 +296,20 @@ pub struct PairKeys {
     pub wireguard_psk: Key32,
     /// Public identifier of these keys (8 hex digits), safe to show in status.
     pub key_id: String,
+    /// ESP SA this node sends with.
+    pub esp_out: EspSaKeys,
+    /// ESP SA this node receives with.
+    pub esp_in: EspSaKeys,
 }
 
 impl PairKeys {
-    /// Derives every key of `pair` at `epoch`.
-    pub fn derive(secret: &SessionSecret, epoch: Epoch, pair: &Pair) -> Result<Self> {
+    /// Derives every key of `pair` at `epoch`, as seen from `local` (one of the pair).
+    pub fn derive(secret: &SessionSecret, epoch: Epoch, pair: &Pair, local: &str) -> Result<Self> {
+        let remote = if local == pair.low {
+            pair.high.as_str()
+        } else {
+            pair.low.as_str()
+        };
         let wireguard_psk = derive(secret, Purpose::WireguardPsk, epoch, pair)?;
         let id = derive(secret, Purpose::KeyId, epoch, pair)?;
         let key_id = id.expose()[..4]
@@ -233,6 +320,8 @@ impl PairKeys {
             epoch,
             wireguard_psk,
             key_id,
+            esp_out: EspSaKeys::derive(secret, epoch, pair, local)?,
+            esp_in: EspSaKeys::derive(secret, epoch, pair, remote)?,
         })
     }
 }
@@ -249,13 +338,42 @@ mod tests {
     #[test]
     fn both_sides_derive_the_same_psk() {
         let s = secret(7);
-        let ab =
-            PairKeys::derive(&s, Epoch::FIRST, &Pair::new("node-a", "node-b").unwrap()).unwrap();
-        let ba =
-            PairKeys::derive(&s, Epoch::FIRST, &Pair::new("node-b", "node-a").unwrap()).unwrap();
+        let ab = PairKeys::derive(
+            &s,
+            Epoch::FIRST,
+            &Pair::new("node-a", "node-b").unwrap(),
+            "node-a",
+        )
+        .unwrap();
+        let ba = PairKeys::derive(
+            &s,
+            Epoch::FIRST,
+            &Pair::new("node-b", "node-a").unwrap(),
+            "node-b",
+        )
+        .unwrap();
         assert_eq!(ab.wireguard_psk, ba.wireguard_psk);
         assert_eq!(ab.key_id, ba.key_id);
         assert_eq!(ab.key_id.len(), 8);
+        // One side's outbound SA is the other's inbound SA, and the two directions differ.
+        assert_eq!(ab.esp_out, ba.esp_in);
+        assert_eq!(ab.esp_in, ba.esp_out);
+        assert_ne!(ab.esp_out.key, ab.esp_in.key);
+        assert_ne!(ab.esp_out.spi, ab.esp_in.spi);
+    }
+
+    #[test]
+    fn spis_carry_the_epoch_and_avoid_reserved_values() {
+        let pair = Pair::new("node-a", "node-b").unwrap();
+        for e in 0..40u32 {
+            let k = EspSaKeys::derive(&secret(e as u8), Epoch(e), &pair, "node-a").unwrap();
+            assert_eq!(k.spi >> 28, e & 0xf);
+            assert!(k.spi & 0x0fff_ffff >= 0x100);
+        }
+        assert!(EspSaKeys::derive(&secret(1), Epoch(1), &pair, "node-z").is_err());
+        let k = EspSaKeys::derive(&secret(1), Epoch(1), &pair, "node-a").unwrap();
+        let shown = format!("{k:?}");
+        assert!(shown.contains("redacted") && shown.contains("spi"));
     }
 
     #[test]
@@ -332,7 +450,7 @@ mod tests {
 
     #[test]
     fn debug_never_shows_key_bytes() {
-        let k = PairKeys::derive(&secret(9), Epoch(3), &Pair::new("a", "b").unwrap()).unwrap();
+        let k = PairKeys::derive(&secret(9), Epoch(3), &Pair::new("a", "b").unwrap(), "a").unwrap();
         let shown = format!("{k:?} {:?}", secret(9));
         assert!(shown.contains("redacted"));
         let hex: String = k

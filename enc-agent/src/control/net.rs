@@ -261,8 +261,9 @@ where
                     session.on_sent(Instant::now());
                 }
                 Action::Established(hello) => {
-                    let keys = Pair::new(&shared.config.node.name, &peer.name)
-                        .and_then(|pair| PairKeys::derive(&secret, Epoch::FIRST, &pair));
+                    let keys = Pair::new(&shared.config.node.name, &peer.name).and_then(|pair| {
+                        PairKeys::derive(&secret, Epoch::FIRST, &pair, &shared.config.node.name)
+                    });
                     let keys = match keys {
                         Ok(k) => k,
                         Err(e) => break 'outer End::Keys(e.to_string()),
