@@ -1,0 +1,70 @@
+//! The crate's error type.
+
+use std::io;
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors of the IPsec backends.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A system call failed; `call` names it and `target` what it acted on.
+    #[error("{call} {target}")]
+    Syscall {
+        /// The call (`"open /dev/net/tun"`, `"socket(AF_INET, SOCK_RAW, IPPROTO_ESP)"`, ...).
+        call: &'static str,
+        /// Interface, address or path.
+        target: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A value handed to the backend is not acceptable; names the field and the value.
+    #[error("invalid {field} {value:?}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: String,
+        /// Why.
+        reason: String,
+    },
+    /// The kernel refused an XFRM request; `op` and `what` identify it.
+    #[error("XFRM {op} {what}")]
+    Xfrm {
+        /// The netlink operation (`"XFRM_MSG_NEWSA"`, ...).
+        op: &'static str,
+        /// The state or policy (spi, addresses, direction, mark).
+        what: String,
+        /// The kernel's errno.
+        #[source]
+        source: io::Error,
+    },
+    /// A netlink reply could not be decoded.
+    #[error("netlink {op}: malformed reply: {reason}")]
+    Protocol {
+        /// The operation.
+        op: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+    /// ESP processing failed on the sending side (sequence number space exhausted, buffer).
+    #[error("ESP on SA {spi:#010x}: {reason}")]
+    Esp {
+        /// The SA.
+        spi: u32,
+        /// What happened.
+        reason: &'static str,
+    },
+}
+
+impl Error {
+    /// The OS error behind this error, if any.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Syscall { source, .. } | Error::Xfrm { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}

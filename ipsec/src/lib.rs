@@ -1,0 +1,169 @@
+//! IPsec for enc: ESP in tunnel mode between node addresses, with RFC 4106 AES-256-GCM.
+//!
+//! Two implementations sit behind one seam, [`IpsecBackend`]:
+//! - the kernel's XFRM (states and policies over netlink), where the kernel can do ESP-GCM;
+//! - a userspace ESP engine (RFC 4303 + RFC 4106, anti-replay with ESN) on a TUN device and a
+//!   raw IP-protocol-50 socket, where it cannot.
+//!
+//! Both use the same SPIs, keys, salts and sequence numbers, so a kernel-ESP node and a
+//! userspace-ESP node interoperate on the wire. Keys come from the agent (derived from the
+//! authenticated control session); this crate never derives or prints them.
+
+use ipnet::IpNet;
+use serde::Serialize;
+use std::fmt;
+use std::net::IpAddr;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+pub mod error;
+
+pub use error::{Error, Result};
+
+/// Length of an AES-256-GCM key.
+pub const KEY_LEN: usize = 32;
+/// Length of the RFC 4106 salt.
+pub const SALT_LEN: usize = 4;
+
+/// Key material of one ESP security association: SPI, AES-256-GCM key and RFC 4106 salt.
+/// Never printed: `Debug` shows only the SPI.
+#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+pub struct SaKeys {
+    /// Security parameter index (the receiver's name for the SA).
+    pub spi: u32,
+    /// AES-256-GCM key.
+    pub key: [u8; KEY_LEN],
+    /// Salt: the implicit first four bytes of every nonce.
+    pub salt: [u8; SALT_LEN],
+}
+
+impl fmt::Debug for SaKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SaKeys")
+            .field("spi", &format_args!("{:#010x}", self.spi))
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Which implementation carries ESP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IpsecKind {
+    /// The kernel's XFRM.
+    Kernel,
+    /// enc's userspace ESP engine.
+    Userspace,
+}
+
+/// Desired IPsec state towards one peer node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpsecPeerSpec {
+    /// The agent's datapath id of the peer (bits 31..16 of the skb mark).
+    pub peer_id: u16,
+    /// Peer node name, for logs and status.
+    pub name: String,
+    /// This node's underlay address (outer source).
+    pub local: IpAddr,
+    /// The peer's underlay address (outer destination).
+    pub remote: IpAddr,
+    /// Pod CIDRs behind this node (inner destinations of inbound traffic).
+    pub local_cidrs: Vec<IpNet>,
+    /// Pod CIDRs behind the peer (inner destinations of outbound traffic; inner sources of
+    /// inbound traffic must lie in them).
+    pub remote_cidrs: Vec<IpNet>,
+    /// Key epoch of `outbound` (bits 15..12 of the mark carry it modulo 16).
+    pub epoch: u8,
+    /// The SA this node sends with.
+    pub outbound: SaKeys,
+    /// The SAs this node accepts (the current epoch's, plus a neighbouring one during a
+    /// rotation).
+    pub inbound: Vec<SaKeys>,
+}
+
+/// Drop reasons of ESP input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EspDrop {
+    /// No inbound SA has this SPI.
+    BadSpi,
+    /// Sequence number already seen, or left of the replay window.
+    Replay,
+    /// Authentication (GCM tag) failed: tampered, or wrong key.
+    IcvFailure,
+    /// Too short, bad padding, bad next header, or not ESP.
+    Malformed,
+    /// Decrypted, but the inner source is not in the peer's pod CIDRs.
+    BadInnerSource,
+}
+
+impl EspDrop {
+    /// Every reason.
+    pub const ALL: [EspDrop; 5] = [
+        EspDrop::BadSpi,
+        EspDrop::Replay,
+        EspDrop::IcvFailure,
+        EspDrop::Malformed,
+        EspDrop::BadInnerSource,
+    ];
+
+    /// Stable kebab-case label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            EspDrop::BadSpi => "bad-spi",
+            EspDrop::Replay => "replay",
+            EspDrop::IcvFailure => "icv-failure",
+            EspDrop::Malformed => "malformed",
+            EspDrop::BadInnerSource => "bad-inner-source",
+        }
+    }
+}
+
+/// What a backend reports about one inbound SA.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InboundSaSnapshot {
+    /// SPI.
+    pub spi: u32,
+    /// Highest authenticated sequence number received (64-bit, ESN).
+    pub highest_seq: u64,
+    /// Packets accepted.
+    pub packets: u64,
+    /// Bytes of inner packets accepted.
+    pub bytes: u64,
+}
+
+/// What a backend reports about one peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpsecPeerSnapshot {
+    /// Datapath id of the peer.
+    pub peer_id: u16,
+    /// Outbound SPI in use.
+    pub out_spi: u32,
+    /// Last sequence number sent on the outbound SA (64-bit, ESN).
+    pub out_seq: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Bytes of inner packets sent.
+    pub tx_bytes: u64,
+    /// Inbound SAs installed.
+    pub inbound: Vec<InboundSaSnapshot>,
+    /// Input drops by reason (userspace engine; the kernel reports its own in /proc/net/xfrm_stat).
+    pub drops: Vec<(EspDrop, u64)>,
+}
+
+/// The seam between the agent and an IPsec implementation. Operations are idempotent:
+/// upserting an unchanged spec keeps sequence numbers and replay windows.
+pub trait IpsecBackend: Send + Sync {
+    /// Which implementation this is.
+    fn kind(&self) -> IpsecKind;
+    /// The device marked traffic must be routed into (the userspace engine's TUN), or `None`
+    /// when the kernel's XFRM policies take marked traffic by themselves.
+    fn ifname(&self) -> Option<&str>;
+    /// Adds or updates the SAs (and, for the kernel, policies) of one peer.
+    fn upsert_peer(&self, spec: &IpsecPeerSpec) -> Result<()>;
+    /// Removes everything of one peer; absent is `Ok`.
+    fn delete_peer(&self, peer_id: u16) -> Result<()>;
+    /// The peers currently configured.
+    fn peers(&self) -> Result<Vec<IpsecPeerSnapshot>>;
+}
