@@ -100,21 +100,73 @@ pub struct NodeInfo {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptionInfo {
-    /// Encryption type from the configuration (`wireguard`).
+    /// Encryption type from the configuration (`wireguard` or `ipsec`).
     #[serde(rename = "type")]
     pub kind: String,
-    /// Implementation in use (`boringtun`, `kernel`).
+    /// Implementation in use (`boringtun`, `kernel-wireguard`, `userspace-esp`, `kernel-xfrm`).
     pub backend: String,
     /// Why that implementation was chosen.
     pub backend_reason: String,
-    /// Datapath interface name.
+    /// Device the routes of marked traffic point at.
     pub interface: String,
-    /// UDP listen port of the datapath.
-    pub listen_port: u16,
+    /// WireGuard UDP listen port.
+    pub listen_port: Option<u16>,
     /// This node's WireGuard public key (base64).
-    pub public_key: String,
+    pub public_key: Option<String>,
     /// MTU of the datapath interface and of the routes into it.
     pub mtu: u32,
+    /// IPsec details, with `type: ipsec`.
+    pub ipsec: Option<IpsecInfo>,
+}
+
+/// IPsec state of this node.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IpsecInfo {
+    /// SAs installed that match what the authenticated sessions call for.
+    pub keys_in_use: usize,
+    /// SAs the authenticated sessions call for (one outbound and one inbound per peer).
+    pub keys_expected: usize,
+    /// The kernel's XFRM error counters (`/proc/net/xfrm_stat`) by name, where available.
+    pub xfrm_stat: std::collections::BTreeMap<String, u64>,
+}
+
+/// IPsec state towards one peer.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IpsecPeerInfo {
+    /// Outbound SPI installed (hex).
+    pub out_spi: String,
+    /// Outbound SPI the session calls for (hex).
+    pub expected_out_spi: String,
+    /// Highest sequence number sent (64-bit, ESN).
+    pub out_seq: u64,
+    /// Sequence numbers left before the ESN space is exhausted.
+    pub seq_headroom: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Bytes sent (inner packets).
+    pub tx_bytes: u64,
+    /// Inbound SAs installed.
+    pub inbound: Vec<IpsecInboundInfo>,
+    /// Inbound SPIs the session calls for (hex).
+    pub expected_in_spis: Vec<String>,
+    /// ESP input drops by reason (userspace engine).
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+/// One inbound SA.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IpsecInboundInfo {
+    /// SPI (hex).
+    pub spi: String,
+    /// Highest authenticated sequence number.
+    pub highest_seq: u64,
+    /// Packets accepted.
+    pub packets: u64,
+    /// Bytes accepted (inner packets).
+    pub bytes: u64,
 }
 
 /// The control channel.
@@ -218,6 +270,8 @@ pub struct PeerInfo {
     pub key: Option<KeyInfo>,
     /// WireGuard state of the peer, when configured in the datapath.
     pub wireguard: Option<WgPeerInfo>,
+    /// IPsec state of the peer, when configured in the datapath.
+    pub ipsec: Option<IpsecPeerInfo>,
     /// Datapath id of the peer (bits 31..16 of the skb mark).
     pub datapath_id: u16,
     /// eBPF counters of traffic to and from the peer's pod CIDR.

@@ -1,6 +1,7 @@
 //! Wiring: everything the agent runs, started and stopped in one place.
 
 use crate::Error;
+use crate::backend::Crypto;
 use crate::config::{Config, EncryptionConfig};
 use crate::control::proto::{Hello, PROTOCOL_VERSION, WireguardAnnounce};
 use crate::control::session::Timing;
@@ -8,11 +9,14 @@ use crate::peers::{Desired, ENC_TABLE, PeerTable, Role};
 use crate::reconcile::{attach_pods, reconcile};
 use enc_certs::NodeIdentity;
 use enc_geneve_vxlan::{LinkBackend, RtnetlinkLinks, mtu};
+use enc_ipsec::IpsecBackend;
+use enc_ipsec::userspace::{UserspaceConfig, UserspaceEsp};
+use enc_ipsec::xfrm::{KernelIpsec, NetlinkXfrm, probe_esp_gcm};
 use enc_tunnel_ebpf::{AyaDatapath, Datapath, DatapathConfig as DpConfig};
-use enc_wireguard::{BoringtunConfig, BoringtunWg, PrivateKey, WgBackend};
+use enc_wireguard::{BoringtunConfig, BoringtunWg, PrivateKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -31,8 +35,10 @@ pub struct Shared {
     pub config: Config,
     /// This node's TLS identity.
     pub identity: NodeIdentity,
-    /// The WireGuard datapath.
-    pub wg: Arc<dyn WgBackend>,
+    /// The encryption backend.
+    pub crypto: Crypto,
+    /// The device routes into table 229 point at.
+    pub route_device: String,
     /// Links and routes.
     pub links: Arc<dyn LinkBackend>,
     /// The eBPF datapath.
@@ -40,7 +46,7 @@ pub struct Shared {
     /// Pod-facing interfaces with the pod programs attached, as of the last reconcile.
     pub pod_interfaces: Mutex<Vec<String>>,
     leaks_seen: Mutex<HashMap<u16, (u64, Instant)>>,
-    /// Why this WireGuard implementation was chosen.
+    /// Why this encryption implementation was chosen.
     pub backend_reason: String,
     /// MTU of the encryption device and of the routes into it.
     pub mtu: u32,
@@ -75,9 +81,13 @@ impl Shared {
         Hello {
             protocol: PROTOCOL_VERSION,
             node: self.config.node.name.clone(),
-            wireguard: WireguardAnnounce {
-                public_key: self.wg.public_key().to_string(),
-                listen_port: self.wg.listen_port(),
+            encryption: self.crypto.type_name().to_owned(),
+            wireguard: match &self.crypto {
+                Crypto::Wireguard(wg) => Some(WireguardAnnounce {
+                    public_key: wg.public_key().to_string(),
+                    listen_port: wg.listen_port(),
+                }),
+                Crypto::Ipsec(_) => None,
             },
         }
     }
@@ -85,7 +95,7 @@ impl Shared {
     fn desired(&self) -> Desired {
         let mut t = self.table();
         t.expire(Instant::now(), self.config.control.key_grace_period);
-        t.desired(self.wg.ifname(), self.mtu)
+        t.desired(&self.route_device, self.mtu)
     }
 
     /// Logs new unencrypted-egress (leak) counts, at most once per peer every 10 s.
@@ -139,6 +149,114 @@ pub fn choose_wireguard_backend() -> String {
     }
 }
 
+/// Options from the command line (not part of the node configuration).
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Debug only: write every ESP SA, keys included, to this file in Wireshark's `esp_sa`
+    /// format so that captures can be decrypted. Off unless given.
+    pub esp_sa_log: Option<PathBuf>,
+}
+
+/// The encryption backend, started.
+struct StartedCrypto {
+    crypto: Crypto,
+    reason: String,
+    mtu: u32,
+    route_device: String,
+    decrypt_ifindex: u32,
+}
+
+fn underlay_family(config: &Config) -> mtu::Underlay {
+    if config.node.underlay_address.is_ipv4() {
+        mtu::Underlay::V4
+    } else {
+        mtu::Underlay::V6
+    }
+}
+
+/// Brings a freshly created device up with `mtu` and returns its index.
+fn device_up(links: &dyn LinkBackend, ifname: &str, mtu: u32) -> Result<u32, Error> {
+    links.set_link(ifname, mtu, true).map_err(Error::Links)?;
+    links
+        .link(ifname)
+        .map_err(Error::Links)?
+        .map(|l| l.index)
+        .ok_or_else(|| Error::Io {
+            context: format!("device {ifname} vanished after creation"),
+            source: std::io::ErrorKind::NotFound.into(),
+        })
+}
+
+/// Starts the configured encryption backend, choosing the implementation by probing the
+/// kernel, and says why.
+fn start_crypto(
+    config: &Config,
+    opts: &RunOptions,
+    links: &dyn LinkBackend,
+) -> Result<StartedCrypto, Error> {
+    let underlay = underlay_family(config);
+    match &config.encryption {
+        EncryptionConfig::Wireguard(wg_cfg) => {
+            let reason = choose_wireguard_backend();
+            let wg = BoringtunWg::start(BoringtunConfig {
+                ifname: wg_cfg.interface.clone(),
+                private_key: PrivateKey::generate().map_err(Error::Wireguard)?,
+                listen: SocketAddr::new(config.node.underlay_address, wg_cfg.listen_port),
+            })
+            .map_err(Error::Wireguard)?;
+            let mtu =
+                mtu::wireguard_device_mtu(config.underlay_mtu, underlay).map_err(Error::Links)?;
+            let index = device_up(links, &wg_cfg.interface, mtu)?;
+            Ok(StartedCrypto {
+                crypto: Crypto::Wireguard(Arc::new(wg)),
+                reason,
+                mtu,
+                route_device: wg_cfg.interface.clone(),
+                decrypt_ifindex: index,
+            })
+        }
+        EncryptionConfig::Ipsec(ipsec_cfg) => {
+            let mtu = mtu::esp_device_mtu(config.underlay_mtu, underlay, mtu::Inner::V4)
+                .map_err(Error::Links)?;
+            let probe = NetlinkXfrm::new()
+                .map_err(|e| format!("cannot open NETLINK_XFRM: {}", format_chain(&e)))
+                .and_then(|x| probe_esp_gcm(&x).map(|()| x));
+            match probe {
+                Ok(xfrm) => {
+                    let kernel = KernelIpsec::new(Arc::new(xfrm)).map_err(Error::Ipsec)?;
+                    Ok(StartedCrypto {
+                        crypto: Crypto::Ipsec(Arc::new(kernel)),
+                        reason: "the kernel can do ESP with rfc4106(gcm(aes)); using XFRM".into(),
+                        mtu,
+                        route_device: config.underlay_interface.clone(),
+                        decrypt_ifindex: 0,
+                    })
+                }
+                Err(why) => {
+                    let engine = UserspaceEsp::start(UserspaceConfig {
+                        ifname: ipsec_cfg.interface.clone(),
+                        local: config.node.underlay_address,
+                        replay_window: ipsec_cfg.replay_window,
+                        sa_log: opts.esp_sa_log.clone(),
+                    })
+                    .map_err(Error::Ipsec)?;
+                    let index = device_up(links, &ipsec_cfg.interface, mtu)?;
+                    if opts.esp_sa_log.is_some() {
+                        warn!("ESP SA log enabled: key material is written to a file (debug only)");
+                    }
+                    Ok(StartedCrypto {
+                        crypto: Crypto::Ipsec(Arc::new(engine) as Arc<dyn IpsecBackend>),
+                        reason: format!("{why}; using the userspace ESP engine"),
+                        mtu,
+                        route_device: ipsec_cfg.interface.clone(),
+                        decrypt_ifindex: index,
+                    })
+                }
+            }
+        }
+    }
+}
+
 /// Checks that the certificate names this node as configured.
 fn check_identity(config: &Config, identity: &NodeIdentity) -> Result<(), Error> {
     let info = identity.info();
@@ -164,6 +282,7 @@ fn check_identity(config: &Config, identity: &NodeIdentity) -> Result<(), Error>
 /// Runs the agent until `shutdown` completes, then removes what it configured.
 pub async fn run(
     config: Config,
+    opts: RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     enc_certs::install_crypto_provider();
@@ -171,34 +290,15 @@ pub async fn run(
         .map_err(Error::Certs)?;
     check_identity(&config, &identity)?;
 
-    let EncryptionConfig::Wireguard(wg_cfg) = &config.encryption;
-    let backend_reason = choose_wireguard_backend();
     let links: Arc<dyn LinkBackend> = Arc::new(RtnetlinkLinks::new().map_err(Error::Links)?);
-    let private_key = PrivateKey::generate().map_err(Error::Wireguard)?;
-    let wg = BoringtunWg::start(BoringtunConfig {
-        ifname: wg_cfg.interface.clone(),
-        private_key,
-        listen: SocketAddr::new(config.node.underlay_address, wg_cfg.listen_port),
-    })
-    .map_err(Error::Wireguard)?;
-    let wg: Arc<dyn WgBackend> = Arc::new(wg);
-    let underlay = if config.node.underlay_address.is_ipv4() {
-        mtu::Underlay::V4
-    } else {
-        mtu::Underlay::V6
-    };
-    let mtu = mtu::wireguard_device_mtu(config.underlay_mtu, underlay).map_err(Error::Links)?;
-    links
-        .set_link(wg.ifname(), mtu, true)
-        .map_err(Error::Links)?;
-    let wg_index = links
-        .link(wg.ifname())
-        .map_err(Error::Links)?
-        .map(|l| l.index)
-        .ok_or_else(|| Error::Io {
-            context: format!("WireGuard device {} vanished after creation", wg.ifname()),
-            source: std::io::ErrorKind::NotFound.into(),
-        })?;
+    let started = start_crypto(&config, &opts, links.as_ref())?;
+    let StartedCrypto {
+        crypto,
+        reason: backend_reason,
+        mtu,
+        route_device,
+        decrypt_ifindex,
+    } = started;
     if links
         .link(&config.underlay_interface)
         .map_err(Error::Links)?
@@ -220,7 +320,7 @@ pub async fn run(
     let dp: Arc<dyn Datapath> = Arc::new(AyaDatapath::load(pin_dir).map_err(Error::Datapath)?);
     dp.set_config(DpConfig {
         strict: config.strict_mode,
-        decrypt_ifindex: wg_index,
+        decrypt_ifindex,
     })
     .map_err(Error::Datapath)?;
     dp.attach_underlay(&config.underlay_interface)
@@ -240,19 +340,20 @@ pub async fn run(
     );
     info!(
         node = %config.node.name,
-        interface = wg.ifname(),
-        public_key = %wg.public_key(),
-        port = wg.listen_port(),
+        encryption = crypto.type_name(),
+        implementation = crypto.implementation(),
+        device = %route_device,
         mtu,
         reason = %backend_reason,
-        "WireGuard datapath up (boringtun)"
+        "encryption datapath up"
     );
 
     let shared = Arc::new(Shared {
         table: Mutex::new(PeerTable::new(&config, Instant::now())),
         config,
         identity,
-        wg,
+        crypto,
+        route_device,
         links,
         dp,
         pod_interfaces: Mutex::new(pods),
@@ -302,6 +403,7 @@ pub async fn run(
     // back (`enc-agent --cleanup` removes everything).
     let mut down = shared.desired();
     down.wg_peers.clear();
+    down.ipsec_peers.clear();
     down.routes.clear();
     down.rules.clear();
     for (_, state) in &mut down.peer_states {
@@ -310,7 +412,7 @@ pub async fn run(
     }
     if let Err(e) = reconcile(
         &down,
-        shared.wg.as_ref(),
+        &shared.crypto,
         shared.links.as_ref(),
         shared.dp.as_ref(),
     ) {
@@ -362,7 +464,7 @@ fn reconcile_once(shared: &Shared) {
     let desired = shared.desired();
     match reconcile(
         &desired,
-        shared.wg.as_ref(),
+        &shared.crypto,
         shared.links.as_ref(),
         shared.dp.as_ref(),
     ) {

@@ -113,6 +113,15 @@ struct RawEncryption {
     strict_mode: Option<bool>,
     #[serde(default)]
     wireguard: RawWireguard,
+    #[serde(default)]
+    ipsec: RawIpsec,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawIpsec {
+    interface: Option<String>,
+    replay_window: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -225,7 +234,24 @@ mod humantime_secs {
 pub enum EncryptionConfig {
     /// WireGuard.
     Wireguard(WireguardConfig),
+    /// IPsec (ESP tunnel mode, RFC 4106 AES-256-GCM).
+    Ipsec(IpsecConfig),
 }
+
+/// IPsec settings.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IpsecConfig {
+    /// TUN interface of the userspace ESP engine (used when the kernel cannot do ESP-GCM).
+    pub interface: String,
+    /// Anti-replay window of inbound SAs, in packets.
+    pub replay_window: u32,
+}
+
+/// Default userspace ESP interface name.
+pub const DEFAULT_ESP_INTERFACE: &str = "enc-esp0";
+/// Default anti-replay window.
+pub const DEFAULT_REPLAY_WINDOW: u32 = 2048;
 
 /// WireGuard settings.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -461,17 +487,34 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             })
         }
         "ipsec" => {
-            return Err(invalid(
-                "encryption.type",
-                "ipsec",
-                "the IPsec backend is not part of this build yet (supported: wireguard)",
-            ));
+            let interface = raw
+                .encryption
+                .ipsec
+                .interface
+                .unwrap_or_else(|| DEFAULT_ESP_INTERFACE.to_owned());
+            check_ifname("encryption.ipsec.interface", &interface)?;
+            let replay_window = raw
+                .encryption
+                .ipsec
+                .replay_window
+                .unwrap_or(DEFAULT_REPLAY_WINDOW);
+            if !(32..=65536).contains(&replay_window) {
+                return Err(invalid(
+                    "encryption.ipsec.replayWindow",
+                    replay_window,
+                    "must be 32 to 65536 packets",
+                ));
+            }
+            EncryptionConfig::Ipsec(IpsecConfig {
+                interface,
+                replay_window,
+            })
         }
         other => {
             return Err(invalid(
                 "encryption.type",
                 other,
-                "unknown type (supported: wireguard)",
+                "unknown type (supported: wireguard, ipsec)",
             ));
         }
     };
@@ -732,7 +775,6 @@ peers:
                 "encryption.type",
                 "wiregaurd",
             ),
-            ("type: wireguard", "type: ipsec", "encryption.type", "ipsec"),
             (
                 "cert: n1.crt",
                 "cert: missing.crt",
@@ -813,6 +855,29 @@ peers:
             let (f, v, _) = invalid_field(&d, &extra(snippet));
             assert_eq!((f.as_str(), v.as_str()), (*field, *value));
         }
+    }
+
+    #[test]
+    fn ipsec_settings() {
+        let d = dir();
+        let c = parse(&d, &GOOD.replacen("type: wireguard", "type: ipsec", 1)).unwrap();
+        assert_eq!(
+            c.encryption,
+            EncryptionConfig::Ipsec(IpsecConfig {
+                interface: "enc-esp0".into(),
+                replay_window: 2048
+            })
+        );
+        let text = GOOD.replacen(
+            "type: wireguard",
+            "type: ipsec\n  ipsec:\n    replayWindow: 8",
+            1,
+        );
+        let (f, v, _) = invalid_field(&d, &text);
+        assert_eq!(
+            (f.as_str(), v.as_str()),
+            ("encryption.ipsec.replayWindow", "8")
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! [`status`] (the Unix-socket API), [`app`] (wiring).
 
 pub mod app;
+pub mod backend;
 pub mod config;
 pub mod control;
 pub mod peers;
@@ -32,6 +33,9 @@ pub enum Error {
     /// The WireGuard datapath failed.
     #[error("WireGuard datapath")]
     Wireguard(#[source] enc_wireguard::Error),
+    /// The IPsec datapath failed.
+    #[error("IPsec datapath")]
+    Ipsec(#[source] enc_ipsec::Error),
     /// A link or route operation failed.
     #[error("links and routes")]
     Links(#[source] enc_geneve_vxlan::Error),

@@ -21,6 +21,10 @@ struct Args {
     /// and maps) and exit. A normal stop leaves the eBPF strict mode in place.
     #[arg(long, conflicts_with = "print_config")]
     cleanup: bool,
+    /// Debug only: write every ESP SA, keys included, to FILE in Wireshark's esp_sa format so
+    /// that captures can be decrypted. Never enable in production.
+    #[arg(long, value_name = "FILE")]
+    esp_sa_log: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "ENC_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -71,7 +75,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("start the async runtime")?;
     runtime.block_on(async {
-        enc_agent::app::run(config, shutdown_signal())
+        let opts = enc_agent::app::RunOptions {
+            esp_sa_log: args.esp_sa_log.clone(),
+        };
+        enc_agent::app::run(config, opts, shutdown_signal())
             .await
             .context("enc-agent failed")
     })

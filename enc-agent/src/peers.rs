@@ -7,6 +7,7 @@
 use crate::config::{Config, PeerConfig};
 use enc_certs::CertInfo;
 use enc_geneve_vxlan::{RouteSpec, RuleFamily, RuleSpec};
+use enc_ipsec::{IpsecPeerSpec, SaKeys};
 use enc_key_manager::PairKeys;
 use enc_tunnel_ebpf::{Backend, PeerState};
 use enc_wireguard::{PeerSpec, PresharedKey, PublicKey};
@@ -60,10 +61,9 @@ pub enum Auth {
 pub struct SessionKeys {
     /// Id of the control session the keys come from.
     pub session_id: u64,
-    /// The peer's WireGuard public key.
-    pub wg_public_key: PublicKey,
-    /// The peer's WireGuard UDP port.
-    pub wg_port: u16,
+    /// The peer's WireGuard public key and UDP port (WireGuard sessions only; an IPsec
+    /// session has none and uses the ESP keys of `keys`).
+    pub wg: Option<(PublicKey, u16)>,
     /// Keys derived for the pair.
     pub keys: PairKeys,
 }
@@ -101,6 +101,14 @@ impl PeerEntry {
     }
 }
 
+fn sa_keys(k: &enc_key_manager::EspSaKeys) -> SaKeys {
+    SaKeys {
+        spi: k.spi,
+        key: *k.key.expose(),
+        salt: k.salt,
+    }
+}
+
 /// Routing table holding the routes into the encryption device; marked packets look it up.
 pub const ENC_TABLE: u32 = 229;
 /// Priority of the `ip rule` that sends marked packets to [`ENC_TABLE`].
@@ -126,6 +134,8 @@ pub fn steering_rules() -> Vec<RuleSpec> {
 pub struct Desired {
     /// WireGuard peers to configure.
     pub wg_peers: Vec<PeerSpec>,
+    /// IPsec peers to configure.
+    pub ipsec_peers: Vec<IpsecPeerSpec>,
     /// Routes into the encryption device, in [`ENC_TABLE`].
     pub routes: Vec<RouteSpec>,
     /// Rules steering marked packets into [`ENC_TABLE`].
@@ -140,6 +150,8 @@ pub struct Desired {
 #[derive(Debug)]
 pub struct PeerTable {
     local: String,
+    local_addr: std::net::IpAddr,
+    local_cidr: IpNet,
     entries: BTreeMap<String, PeerEntry>,
 }
 
@@ -175,6 +187,8 @@ impl PeerTable {
             .collect();
         Self {
             local: config.node.name.clone(),
+            local_addr: config.node.underlay_address,
+            local_cidr: config.node.pod_cidr,
             entries,
         }
     }
@@ -267,6 +281,7 @@ impl PeerTable {
     /// peer without keys then finds no WireGuard peer and is dropped, never sent in clear.
     pub fn desired(&self, device: &str, mtu: u32) -> Desired {
         let mut wg_peers = Vec::new();
+        let mut ipsec_peers = Vec::new();
         let mut routes = Vec::new();
         let mut cidrs = Vec::new();
         let mut peer_states = Vec::new();
@@ -287,21 +302,37 @@ impl PeerTable {
                     authenticated: keyed,
                     has_key: keyed,
                     epoch: e.keys.as_ref().map_or(0, |k| (k.keys.epoch.0 & 0xf) as u8),
-                    backend: Backend::Wireguard,
+                    backend: match e.keys.as_ref().map(|k| k.wg.is_some()) {
+                        Some(false) => Backend::Ipsec,
+                        _ => Backend::Wireguard,
+                    },
                 },
             ));
-            if let Some(k) = &e.keys {
-                wg_peers.push(PeerSpec {
-                    public_key: k.wg_public_key,
+            match e.keys.as_ref().map(|k| (k, k.wg)) {
+                Some((k, Some((public_key, port)))) => wg_peers.push(PeerSpec {
+                    public_key,
                     preshared_key: Some(PresharedKey::from_bytes(*k.keys.wireguard_psk.expose())),
-                    endpoint: Some(SocketAddr::new(e.config.underlay_address, k.wg_port)),
+                    endpoint: Some(SocketAddr::new(e.config.underlay_address, port)),
                     allowed_ips: vec![e.config.pod_cidr],
                     persistent_keepalive: None,
-                });
+                }),
+                Some((k, None)) => ipsec_peers.push(IpsecPeerSpec {
+                    peer_id: e.id,
+                    name: e.config.name.clone(),
+                    local: self.local_addr,
+                    remote: e.config.underlay_address,
+                    local_cidrs: vec![self.local_cidr],
+                    remote_cidrs: vec![e.config.pod_cidr],
+                    epoch: (k.keys.epoch.0 & 0xf) as u8,
+                    outbound: sa_keys(&k.keys.esp_out),
+                    inbound: vec![sa_keys(&k.keys.esp_in)],
+                }),
+                None => {}
             }
         }
         Desired {
             wg_peers,
+            ipsec_peers,
             routes,
             rules: steering_rules(),
             cidrs,
@@ -335,8 +366,7 @@ peers:
         let secret = SessionSecret::from_bytes([session_id as u8; 32]);
         SessionKeys {
             session_id,
-            wg_public_key: PublicKey::from([session_id as u8; 32]),
-            wg_port: 51820,
+            wg: Some((PublicKey::from([session_id as u8; 32]), 51820)),
             keys: PairKeys::derive(
                 &secret,
                 Epoch::FIRST,

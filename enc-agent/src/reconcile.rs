@@ -5,10 +5,12 @@
 //! nothing the second time and an agent restart adopts what it finds.
 
 use crate::Error;
+use crate::backend::Crypto;
 use crate::peers::{Desired, ENC_TABLE};
 use enc_geneve_vxlan::{
     LinkBackend, RouteSpec, apply_routes, apply_rules, diff_routes, diff_rules,
 };
+use enc_ipsec::IpsecBackend;
 use enc_tunnel_ebpf::Datapath;
 use enc_wireguard::WgBackend;
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,9 +18,9 @@ use std::collections::{BTreeMap, BTreeSet};
 /// What one reconcile pass changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
-    /// WireGuard peers added or updated.
+    /// Encryption peers (WireGuard or IPsec) added or updated.
     pub wg_upserted: usize,
-    /// WireGuard peers removed.
+    /// Encryption peers removed.
     pub wg_deleted: usize,
     /// Routes added or replaced.
     pub routes_upserted: usize,
@@ -36,12 +38,57 @@ pub struct Outcome {
 /// and stale WireGuard peers last, once nothing steers to them any more.
 pub fn reconcile(
     desired: &Desired,
-    wg: &dyn WgBackend,
+    crypto: &Crypto,
     links: &dyn LinkBackend,
     dp: &dyn Datapath,
 ) -> Result<Outcome, Error> {
     let mut out = Outcome::default();
+    let stale = match crypto {
+        Crypto::Wireguard(wg) => Stale::Wireguard(upsert_wg(desired, wg.as_ref(), &mut out)?),
+        Crypto::Ipsec(ipsec) => Stale::Ipsec(upsert_ipsec(desired, ipsec.as_ref(), &mut out)?),
+    };
 
+    let current_routes: Vec<RouteSpec> = links.dump_routes(ENC_TABLE).map_err(Error::Links)?;
+    let changes = diff_routes(&current_routes, &desired.routes);
+    out.routes_upserted = changes.upsert.len();
+    out.routes_deleted = changes.delete.len();
+    apply_routes(links, &changes).map_err(Error::Links)?;
+
+    let rule_changes = diff_rules(&links.dump_rules().map_err(Error::Links)?, &desired.rules);
+    out.rules_changed = rule_changes.add.len() + rule_changes.delete.len();
+    apply_rules(links, &rule_changes).map_err(Error::Links)?;
+
+    out.datapath_changed = reconcile_datapath(desired, dp)?;
+
+    match (crypto, stale) {
+        (Crypto::Wireguard(wg), Stale::Wireguard(keys)) => {
+            for key in keys {
+                wg.delete_peer(&key).map_err(Error::Wireguard)?;
+                out.wg_deleted += 1;
+            }
+        }
+        (Crypto::Ipsec(ipsec), Stale::Ipsec(ids)) => {
+            for id in ids {
+                ipsec.delete_peer(id).map_err(Error::Ipsec)?;
+                out.wg_deleted += 1;
+            }
+        }
+        _ => {}
+    }
+    Ok(out)
+}
+
+/// Peers to remove once nothing steers to them any more.
+enum Stale {
+    Wireguard(Vec<enc_wireguard::PublicKey>),
+    Ipsec(Vec<u16>),
+}
+
+fn upsert_wg(
+    desired: &Desired,
+    wg: &dyn WgBackend,
+    out: &mut Outcome,
+) -> Result<Vec<enc_wireguard::PublicKey>, Error> {
     let current = wg.dump().map_err(Error::Wireguard)?;
     for spec in &desired.wg_peers {
         let unchanged = current.peers.iter().any(|p| {
@@ -57,27 +104,42 @@ pub fn reconcile(
             out.wg_upserted += 1;
         }
     }
-
-    let current_routes: Vec<RouteSpec> = links.dump_routes(ENC_TABLE).map_err(Error::Links)?;
-    let changes = diff_routes(&current_routes, &desired.routes);
-    out.routes_upserted = changes.upsert.len();
-    out.routes_deleted = changes.delete.len();
-    apply_routes(links, &changes).map_err(Error::Links)?;
-
-    let rule_changes = diff_rules(&links.dump_rules().map_err(Error::Links)?, &desired.rules);
-    out.rules_changed = rule_changes.add.len() + rule_changes.delete.len();
-    apply_rules(links, &rule_changes).map_err(Error::Links)?;
-
-    out.datapath_changed = reconcile_datapath(desired, dp)?;
-
     let wanted: BTreeSet<_> = desired.wg_peers.iter().map(|p| p.public_key).collect();
-    for p in &current.peers {
-        if !wanted.contains(&p.public_key) {
-            wg.delete_peer(&p.public_key).map_err(Error::Wireguard)?;
-            out.wg_deleted += 1;
+    Ok(current
+        .peers
+        .iter()
+        .map(|p| p.public_key)
+        .filter(|k| !wanted.contains(k))
+        .collect())
+}
+
+fn upsert_ipsec(
+    desired: &Desired,
+    ipsec: &dyn IpsecBackend,
+    out: &mut Outcome,
+) -> Result<Vec<u16>, Error> {
+    let current = ipsec.peers().map_err(Error::Ipsec)?;
+    for spec in &desired.ipsec_peers {
+        let unchanged = current.iter().any(|p| {
+            p.peer_id == spec.peer_id
+                && p.out_spi == spec.outbound.spi
+                && p.inbound
+                    .iter()
+                    .map(|i| i.spi)
+                    .eq(spec.inbound.iter().map(|k| k.spi))
+        });
+        // Idempotent: an unchanged spec keeps sequence numbers and replay windows.
+        ipsec.upsert_peer(spec).map_err(Error::Ipsec)?;
+        if !unchanged {
+            out.wg_upserted += 1;
         }
     }
-    Ok(out)
+    let wanted: BTreeSet<u16> = desired.ipsec_peers.iter().map(|p| p.peer_id).collect();
+    Ok(current
+        .iter()
+        .map(|p| p.peer_id)
+        .filter(|id| !wanted.contains(id))
+        .collect())
 }
 
 /// Brings the eBPF maps to `desired`: peer states before CIDRs when adding (a CIDR never
@@ -167,8 +229,7 @@ mod tests {
     fn keys(id: u8) -> SessionKeys {
         SessionKeys {
             session_id: id as u64,
-            wg_public_key: PublicKey::from([id; 32]),
-            wg_port: 51820,
+            wg: Some((PublicKey::from([id; 32]), 51820)),
             keys: PairKeys::derive(
                 &SessionSecret::from_bytes([id; 32]),
                 Epoch::FIRST,
@@ -184,18 +245,30 @@ mod tests {
         let now = Instant::now();
         let cfg = crate::peers::tests::config();
         let mut table = PeerTable::new(&cfg, now);
-        let wg = FakeWg::new("wg0", PublicKey::from([9; 32]), 51820);
+        let wg = std::sync::Arc::new(FakeWg::new("wg0", PublicKey::from([9; 32]), 51820));
         let links = FakeLinks::new();
         links.add_link("wg0", 1440);
         let dp = FakeDatapath::new(enc_tunnel_ebpf::AttachMode::Tcx);
 
-        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
+        let out = reconcile(
+            &table.desired("wg0", 1440),
+            &Crypto::Wireguard(wg.clone()),
+            &links,
+            &dp,
+        )
+        .unwrap();
         assert_eq!(
             (out.wg_upserted, out.routes_upserted, out.rules_changed),
             (0, 2, 2)
         );
         assert_eq!(out.datapath_changed, 4);
-        let again = reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
+        let again = reconcile(
+            &table.desired("wg0", 1440),
+            &Crypto::Wireguard(wg.clone()),
+            &links,
+            &dp,
+        )
+        .unwrap();
         assert_eq!(again, Outcome::default());
         assert!(
             dp.dump_peers()
@@ -205,7 +278,13 @@ mod tests {
         );
 
         table.authenticated("node-1", now, None, keys(1));
-        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
+        let out = reconcile(
+            &table.desired("wg0", 1440),
+            &Crypto::Wireguard(wg.clone()),
+            &links,
+            &dp,
+        )
+        .unwrap();
         assert_eq!(
             (out.wg_upserted, out.wg_deleted, out.routes_upserted),
             (1, 0, 0)
@@ -214,7 +293,13 @@ mod tests {
 
         // The peer restarts with a new WireGuard key: the old peer goes, the new one comes.
         table.authenticated("node-1", now, None, keys(2));
-        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
+        let out = reconcile(
+            &table.desired("wg0", 1440),
+            &Crypto::Wireguard(wg.clone()),
+            &links,
+            &dp,
+        )
+        .unwrap();
         assert_eq!((out.wg_upserted, out.wg_deleted), (1, 1));
         assert_eq!(
             wg.dump().unwrap().peers[0].public_key,
@@ -222,7 +307,13 @@ mod tests {
         );
 
         table.auth_failed("node-1", now, "revoked".into());
-        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
+        let out = reconcile(
+            &table.desired("wg0", 1440),
+            &Crypto::Wireguard(wg.clone()),
+            &links,
+            &dp,
+        )
+        .unwrap();
         assert_eq!(out.wg_deleted, 1);
         assert!(wg.dump().unwrap().peers.is_empty());
         let states: std::collections::BTreeMap<_, _> =
@@ -240,7 +331,7 @@ mod tests {
         use enc_tunnel_ebpf::{Backend, PeerState};
         let links = FakeLinks::new();
         links.add_link("wg0", 1440);
-        let wg = FakeWg::new("wg0", PublicKey::from([9; 32]), 51820);
+        let wg = std::sync::Arc::new(FakeWg::new("wg0", PublicKey::from([9; 32]), 51820));
         let dp = FakeDatapath::new(enc_tunnel_ebpf::AttachMode::Tcx);
         let stale = PeerState {
             authenticated: true,
@@ -251,7 +342,13 @@ mod tests {
         dp.upsert_peer(9, stale).unwrap();
         dp.upsert_cidr("10.244.9.0/24".parse().unwrap(), 9).unwrap();
         let table = PeerTable::new(&crate::peers::tests::config(), Instant::now());
-        reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
+        reconcile(
+            &table.desired("wg0", 1440),
+            &Crypto::Wireguard(wg.clone()),
+            &links,
+            &dp,
+        )
+        .unwrap();
         let ids: Vec<u16> = dp
             .dump_peers()
             .unwrap()
@@ -296,10 +393,16 @@ mod tests {
             table: ENC_TABLE,
         };
         links.upsert_route(&stale).unwrap();
-        let wg = FakeWg::new("wg0", PublicKey::from([9; 32]), 51820);
+        let wg = std::sync::Arc::new(FakeWg::new("wg0", PublicKey::from([9; 32]), 51820));
         let dp = FakeDatapath::new(enc_tunnel_ebpf::AttachMode::Tcx);
         let table = PeerTable::new(&crate::peers::tests::config(), Instant::now());
-        let out = reconcile(&table.desired("wg0", 1440), &wg, &links, &dp).unwrap();
+        let out = reconcile(
+            &table.desired("wg0", 1440),
+            &Crypto::Wireguard(wg.clone()),
+            &links,
+            &dp,
+        )
+        .unwrap();
         assert_eq!((out.routes_upserted, out.routes_deleted), (2, 1));
         assert!(!links.dump_routes(ENC_TABLE).unwrap().contains(&stale));
     }

@@ -6,7 +6,7 @@
 
 use crate::Error;
 use crate::app::Shared;
-use crate::config::EncryptionConfig;
+use crate::backend::Crypto;
 use crate::peers::{Auth, PeerEntry};
 use axum::Router;
 use axum::extract::State;
@@ -15,9 +15,11 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use enc_api::{
     ApiError, AuthState, CertSummary, ControlInfo, DatapathCounters, DatapathInfo, EncryptionInfo,
-    KeyInfo, NodeInfo, PeerCounts, PeerInfo, Peers, Status, WgPeerInfo,
+    IpsecInboundInfo, IpsecInfo, IpsecPeerInfo, KeyInfo, NodeInfo, PeerCounts, PeerInfo, Peers,
+    Status, WgPeerInfo,
 };
 use enc_certs::CertInfo;
+use enc_ipsec::IpsecPeerSnapshot;
 use enc_tunnel_ebpf::{AttachMode, PeerCounters};
 use enc_wireguard::DeviceSnapshot;
 use std::collections::BTreeMap;
@@ -96,14 +98,98 @@ fn summary(c: &CertInfo) -> CertSummary {
     }
 }
 
-fn snapshot(shared: &Shared) -> Option<DeviceSnapshot> {
-    match shared.wg.dump() {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!(error = %e, "cannot read WireGuard state for status");
-            None
+/// What the encryption backend reports, read once per API call.
+enum Snapshot {
+    Wireguard(DeviceSnapshot),
+    Ipsec(Vec<IpsecPeerSnapshot>),
+    Unavailable,
+}
+
+fn snapshot(shared: &Shared) -> Snapshot {
+    match &shared.crypto {
+        Crypto::Wireguard(wg) => match wg.dump() {
+            Ok(s) => Snapshot::Wireguard(s),
+            Err(e) => {
+                warn!(error = %e, "cannot read WireGuard state for status");
+                Snapshot::Unavailable
+            }
+        },
+        Crypto::Ipsec(ipsec) => match ipsec.peers() {
+            Ok(s) => Snapshot::Ipsec(s),
+            Err(e) => {
+                warn!(error = %e, "cannot read IPsec state for status");
+                Snapshot::Unavailable
+            }
+        },
+    }
+}
+
+fn hex(spi: u32) -> String {
+    format!("{spi:#010x}")
+}
+
+fn ipsec_peer(e: &PeerEntry, snaps: &[IpsecPeerSnapshot]) -> Option<IpsecPeerInfo> {
+    let k = e.keys.as_ref()?;
+    if k.wg.is_some() {
+        return None;
+    }
+    let snap = snaps.iter().find(|s| s.peer_id == e.id);
+    Some(IpsecPeerInfo {
+        out_spi: snap.map(|s| hex(s.out_spi)).unwrap_or_default(),
+        expected_out_spi: hex(k.keys.esp_out.spi),
+        out_seq: snap.map_or(0, |s| s.out_seq),
+        seq_headroom: u64::MAX - snap.map_or(0, |s| s.out_seq),
+        tx_packets: snap.map_or(0, |s| s.tx_packets),
+        tx_bytes: snap.map_or(0, |s| s.tx_bytes),
+        inbound: snap
+            .map(|s| {
+                s.inbound
+                    .iter()
+                    .map(|i| IpsecInboundInfo {
+                        spi: hex(i.spi),
+                        highest_seq: i.highest_seq,
+                        packets: i.packets,
+                        bytes: i.bytes,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        expected_in_spis: vec![hex(k.keys.esp_in.spi)],
+        drops: snap
+            .map(|s| {
+                s.drops
+                    .iter()
+                    .map(|(r, n)| (r.label().to_owned(), *n))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+}
+
+fn ipsec_info(shared: &Shared, snap: &Snapshot) -> Option<IpsecInfo> {
+    let Crypto::Ipsec(_) = &shared.crypto else {
+        return None;
+    };
+    let snaps = match snap {
+        Snapshot::Ipsec(s) => s.as_slice(),
+        _ => &[],
+    };
+    let mut info = IpsecInfo::default();
+    for e in shared.table().iter() {
+        if let Some(p) = ipsec_peer(e, snaps) {
+            info.keys_expected += 1 + p.expected_in_spis.len();
+            info.keys_in_use += usize::from(p.out_spi == p.expected_out_spi)
+                + p.inbound
+                    .iter()
+                    .filter(|i| p.expected_in_spis.contains(&i.spi))
+                    .count();
         }
     }
+    match enc_ipsec::xfrm::xfrm_stat() {
+        Ok(stats) => info.xfrm_stat = stats.into_iter().collect(),
+        Err(e) => tracing::debug!(error = %e, "no /proc/net/xfrm_stat"),
+    }
+    Some(info)
 }
 
 fn counters(shared: &Shared) -> BTreeMap<u16, PeerCounters> {
@@ -152,7 +238,11 @@ pub fn build_status(shared: &Shared) -> Status {
             Auth::Failed(_) => counts.failed += 1,
         }
     }
-    let EncryptionConfig::Wireguard(_) = &shared.config.encryption;
+    let snap = snapshot(shared);
+    let (listen_port, public_key) = match &shared.crypto {
+        Crypto::Wireguard(wg) => (Some(wg.listen_port()), Some(wg.public_key().to_string())),
+        Crypto::Ipsec(_) => (None, None),
+    };
     Status {
         node: NodeInfo {
             name: shared.config.node.name.clone(),
@@ -162,13 +252,14 @@ pub fn build_status(shared: &Shared) -> Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_seconds: shared.started.elapsed().as_secs(),
         encryption: EncryptionInfo {
-            kind: "wireguard".into(),
-            backend: "boringtun".into(),
+            kind: shared.crypto.type_name().into(),
+            backend: shared.crypto.implementation().into(),
             backend_reason: shared.backend_reason.clone(),
-            interface: shared.wg.ifname().to_owned(),
-            listen_port: shared.wg.listen_port(),
-            public_key: shared.wg.public_key().to_string(),
+            interface: shared.route_device.clone(),
+            listen_port,
+            public_key,
             mtu: shared.mtu,
+            ipsec: ipsec_info(shared, &snap),
         },
         control: ControlInfo {
             listen: shared.config.control.listen.to_string(),
@@ -196,15 +287,16 @@ pub fn build_status(shared: &Shared) -> Status {
 
 fn peer_info(
     e: &PeerEntry,
-    snap: Option<&DeviceSnapshot>,
+    snap: &Snapshot,
     counters: &BTreeMap<u16, PeerCounters>,
     now: Instant,
 ) -> PeerInfo {
     let wireguard = e.keys.as_ref().and_then(|k| {
-        let p = snap?
-            .peers
-            .iter()
-            .find(|p| p.public_key == k.wg_public_key)?;
+        let (key, _) = k.wg?;
+        let Snapshot::Wireguard(dev) = snap else {
+            return None;
+        };
+        let p = dev.peers.iter().find(|p| p.public_key == key)?;
         Some(WgPeerInfo {
             public_key: p.public_key.to_string(),
             endpoint: p.endpoint.map(|e| e.to_string()),
@@ -231,6 +323,10 @@ fn peer_info(
             key_id: k.keys.key_id.clone(),
         }),
         wireguard,
+        ipsec: match snap {
+            Snapshot::Ipsec(s) => ipsec_peer(e, s),
+            _ => None,
+        },
         datapath_id: e.id,
         counters: counters.get(&e.id).map(api_counters).unwrap_or_default(),
     }
@@ -245,7 +341,7 @@ pub fn build_peers(shared: &Shared) -> Peers {
         peers: shared
             .table()
             .iter()
-            .map(|e| peer_info(e, snap.as_ref(), &counters, now))
+            .map(|e| peer_info(e, &snap, &counters, now))
             .collect(),
     }
 }

@@ -65,9 +65,9 @@ pub fn status(s: &Status) -> String {
     format!(
         "node:        {} ({}, pods {})\n\
          agent:       enc-agent {} up {}\n\
-         encryption:  {} via {} on {} (udp port {}, mtu {})\n\
+         encryption:  {} via {} on {}{} (mtu {})\n\
          backend:     {}\n\
-         public key:  {}\n\
+         {}\
          control:     tls 1.3 mutual auth on {} ({})\n\
          certificate: {} serial {} expires {}\n\
          peers:       {} total, {} authenticated, {} pending, {} failed\n\
@@ -81,10 +81,21 @@ pub fn status(s: &Status) -> String {
         e.kind,
         e.backend,
         e.interface,
-        e.listen_port,
+        e.listen_port
+            .map(|p| format!(", udp port {p}"))
+            .unwrap_or_default(),
         e.mtu,
         e.backend_reason,
-        e.public_key,
+        match (&e.public_key, &e.ipsec) {
+            (Some(k), _) => format!("public key:  {k}\n"),
+            (None, Some(i)) => format!(
+                "ipsec keys:  {} of {} expected SAs installed{}\n",
+                i.keys_in_use,
+                i.keys_expected,
+                xfrm_errors(&i.xfrm_stat)
+            ),
+            (None, None) => String::new(),
+        },
         s.control.listen,
         s.control.dial_rule,
         s.certificate.subject,
@@ -109,6 +120,19 @@ pub fn status(s: &Status) -> String {
         drop_detail(&s.datapath.totals),
         s.datapath.totals.leak_packets,
     )
+}
+
+fn xfrm_errors(stat: &std::collections::BTreeMap<String, u64>) -> String {
+    let nonzero: Vec<String> = stat
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    if nonzero.is_empty() {
+        String::new()
+    } else {
+        format!("; kernel XFRM errors: {}", nonzero.join(", "))
+    }
 }
 
 fn drop_detail(c: &enc_api::DatapathCounters) -> String {
@@ -137,6 +161,36 @@ pub fn peers(peers: &[PeerInfo]) -> String {
             };
             let cert = p.certificate.as_ref();
             let wg = p.wireguard.as_ref();
+            let esp = p.ipsec.as_ref();
+            let (link, rx, tx) = match (wg, esp) {
+                (Some(w), _) => (
+                    w.last_handshake_seconds
+                        .map(|s| format!("{} ago", age(s)))
+                        .unwrap_or_else(|| "-".into()),
+                    bytes(w.rx_bytes),
+                    bytes(w.tx_bytes),
+                ),
+                (None, Some(e)) => (
+                    format!("esp {} seq {}", e.out_spi, e.out_seq),
+                    bytes(e.inbound.iter().map(|i| i.bytes).sum()),
+                    bytes(e.tx_bytes),
+                ),
+                (None, None) => ("-".into(), "-".into(), "-".into()),
+            };
+            let esp_drops: Vec<String> = esp
+                .map(|e| {
+                    e.drops
+                        .iter()
+                        .filter(|(_, n)| **n > 0)
+                        .map(|(k, n)| format!("esp {k} {n}"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let detail = match (detail.is_empty(), esp_drops.is_empty()) {
+                (_, true) => detail,
+                (true, false) => esp_drops.join(", "),
+                (false, false) => format!("{detail}; {}", esp_drops.join(", ")),
+            };
             vec![
                 p.name.clone(),
                 p.address.to_string(),
@@ -151,11 +205,9 @@ pub fn peers(peers: &[PeerInfo]) -> String {
                     .as_ref()
                     .map(|k| format!("{}/{}", k.epoch, k.key_id))
                     .unwrap_or_else(|| "-".into()),
-                wg.and_then(|w| w.last_handshake_seconds)
-                    .map(|s| format!("{} ago", age(s)))
-                    .unwrap_or_else(|| "-".into()),
-                wg.map(|w| bytes(w.rx_bytes)).unwrap_or_else(|| "-".into()),
-                wg.map(|w| bytes(w.tx_bytes)).unwrap_or_else(|| "-".into()),
+                link,
+                rx,
+                tx,
                 p.counters.total_drops().to_string(),
                 p.counters.leak_packets.to_string(),
                 match drop_detail(&p.counters) {
@@ -175,7 +227,7 @@ pub fn peers(peers: &[PeerInfo]) -> String {
             "SERIAL",
             "EXPIRES",
             "EPOCH/KEY",
-            "HANDSHAKE",
+            "HANDSHAKE/SA",
             "RX",
             "TX",
             "DROPS",

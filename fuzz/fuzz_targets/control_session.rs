@@ -12,10 +12,11 @@ fuzz_target!(|data: &[u8]| {
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         node: "node-1".into(),
-        wireguard: WireguardAnnounce {
+        encryption: "wireguard".into(),
+        wireguard: Some(WireguardAnnounce {
             public_key: "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=".into(),
             listen_port: 51820,
-        },
+        }),
     };
     let (mut s, _) = Session::new("node-2", hello, Timing::default(), t0);
     let mut rest = data;

@@ -95,9 +95,58 @@ pub fn wireguard_device_mtu_for(
     Ok(mtu)
 }
 
+/// ESP header (SPI + sequence number).
+pub const ESP_HEADER: u32 = 8;
+/// RFC 4106 explicit IV.
+pub const ESP_IV: u32 = 8;
+/// ESP trailer: pad length and next header.
+pub const ESP_TRAILER: u32 = 2;
+/// RFC 4106 ICV (GCM tag).
+pub const ESP_ICV: u32 = 16;
+
+/// MTU of an ESP tunnel (RFC 4303 tunnel mode, RFC 4106 AES-GCM, 16-byte ICV) on an underlay of
+/// `underlay_mtu`: the largest inner packet whose ESP packet fits. The encrypted part (inner +
+/// padding + 2-byte trailer) is padded to a multiple of 4, so the result is the largest value
+/// for which outer IP + 8 + 8 + round4(inner + 2) + 16 <= underlay MTU: 1446 on a 1500-byte IPv4
+/// underlay, 1426 on IPv6.
+pub fn esp_device_mtu(underlay_mtu: u32, underlay: Underlay, inner: Inner) -> Result<u32> {
+    let room =
+        underlay_mtu.saturating_sub(underlay.ip_header_len() + ESP_HEADER + ESP_IV + ESP_ICV);
+    // The padded part is a multiple of 4; two of its bytes are the trailer.
+    let mtu = (room / 4 * 4).saturating_sub(ESP_TRAILER);
+    let (minimum, minimum_name) = inner.minimum();
+    if mtu < minimum {
+        return Err(Error::MtuTooSmall {
+            underlay_mtu,
+            mtu,
+            minimum,
+            minimum_name,
+        });
+    }
+    Ok(mtu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn esp_values() {
+        assert_eq!(esp_device_mtu(1500, Underlay::V4, Inner::V4).unwrap(), 1446);
+        assert_eq!(esp_device_mtu(1500, Underlay::V6, Inner::V4).unwrap(), 1426);
+        // The result always fits exactly: outer + 16 + padded + 16 <= underlay.
+        for underlay_mtu in 1280..1600u32 {
+            let inner = esp_device_mtu(underlay_mtu, Underlay::V4, Inner::V4).unwrap();
+            let padded = (inner + 2).div_ceil(4) * 4;
+            assert!(20 + 16 + padded + 16 <= underlay_mtu, "{underlay_mtu}");
+            let padded_one_more = (inner + 3).div_ceil(4) * 4;
+            assert!(
+                20 + 16 + padded_one_more + 16 > underlay_mtu,
+                "{underlay_mtu} not maximal"
+            );
+        }
+        assert!(esp_device_mtu(1300, Underlay::V6, Inner::V6).is_err());
+    }
 
     #[test]
     fn standard_values() {

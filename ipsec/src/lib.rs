@@ -16,6 +16,11 @@ use std::net::IpAddr;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub mod error;
+pub mod esp;
+pub mod replay;
+pub mod sa_log;
+pub mod userspace;
+pub mod xfrm;
 
 pub use error::{Error, Result};
 

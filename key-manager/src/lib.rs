@@ -253,9 +253,9 @@ impl fmt::Debug for EspSaKeys {
 impl EspSaKeys {
     /// Derives the SA that `sender` uses towards the other node of `pair` at `epoch`.
     ///
-    /// SPIs are derived, not negotiated: both ends compute the same value. A receiver that
-    /// finds a derived SPI already taken by another peer restarts that control session, which
-    /// yields a fresh exporter secret and so fresh SPIs.
+    /// SPIs are derived, not negotiated: both ends compute the same value. The 28 random bits
+    /// make a clash between two peers of one receiver unlikely but possible; the IPsec
+    /// backends refuse a clashing inbound SPI with an error that names both peers.
     pub fn derive(secret: &SessionSecret, epoch: Epoch, pair: &Pair, sender: &str) -> Result<Self> {
         if sender != pair.low && sender != pair.high {
             return Err(Error::BadNodeName {

@@ -66,6 +66,8 @@ pub struct LabOptions {
     pub foreign: Vec<usize>,
     /// Strict mode of every agent.
     pub strict: bool,
+    /// Encryption type of every agent: `wireguard` or `ipsec`.
+    pub encryption: &'static str,
     /// Impostors: node `i` (1-based) holds a valid cluster certificate, but for another name,
     /// and runs under that name at the address where the others expect `node-<i>`.
     pub impostors: Vec<(usize, String)>,
@@ -81,6 +83,7 @@ impl LabOptions {
             foreign: vec![],
             impostors: vec![],
             strict: true,
+            encryption: "wireguard",
         }
     }
 }
@@ -351,7 +354,7 @@ impl Lab {
                 "node:\n  name: {}\n  underlayAddress: {}\n  podCidr: {}\n\
                  tls:\n  cert: certs/{}.crt\n  key: certs/{}.key\n  ca: {}/ca.crt\n\
                  control:\n  listenPort: {CONTROL_PORT}\n  connectTimeout: 3s\n  keyGracePeriod: 30s\n\
-                 encryption:\n  type: wireguard\n  strictMode: {}\n  wireguard:\n    interface: enc-wg0\n    listenPort: {WG_PORT}\n\
+                 encryption:\n  type: {}\n  strictMode: {}\n  wireguard:\n    interface: enc-wg0\n    listenPort: {WG_PORT}\n\
                  underlay:\n  interface: eth0\n\
                  datapath:\n  podInterfacePrefixes: [p]\n  bpfPinDir: {}/{}\n\
                  statusSocket: {}\npeers:\n",
@@ -365,6 +368,7 @@ impl Lab {
                 } else {
                     "ca"
                 },
+                opts.encryption,
                 opts.strict,
                 bpffs.path().display(),
                 n.claimed_name,

@@ -3,9 +3,16 @@
 //! Pin directory layout (`pin_dir`, e.g. `/sys/fs/bpf/enc/<node>`):
 //!
 //! ```text
-//! REMOTE_CIDRS_V4 REMOTE_CIDRS_V6 PEERS COUNTERS CONFIG     maps, pinned by name
-//! links/<hook>/<ifname>                                     tcx links (tcx mode only)
+//! REMOTE_NETS_V4 REMOTE_NETS_V6 PREFIX_LENS PEERS COUNTERS CONFIG   maps, pinned by name
+//! links/<hook>/<ifname>                                              tcx links (tcx mode only)
 //! ```
+//!
+//! `PREFIX_LENS` is derived from `REMOTE_NETS_*` (the distinct prefix lengths in use, longest
+//! first): this loader keeps a count of CIDRs per length, rebuilds it from the maps on every
+//! `load` and rewrites the list then, so it stays consistent across restarts. A pin directory
+//! of an earlier version, with LPM tries `REMOTE_CIDRS_V4/V6`, is migrated on `load`: their
+//! entries are copied into `REMOTE_NETS_*` before any link moves to the new programs, and the
+//! old pins are removed.
 //!
 //! A new `AyaDatapath::load` on the same directory reuses the pinned maps (state and counters
 //! survive) and moves every pinned link to the newly loaded programs with `BPF_LINK_UPDATE`,
@@ -14,11 +21,10 @@
 //! across a restart (on the same maps), and the agent's next `attach_*` replaces them in place.
 
 use crate::{
-    AttachMode, Datapath, DatapathConfig, Error, Hook, PeerCounters, PeerId, PeerState, Result,
-    TestRun, common, validate_cidr, validate_ifname, validate_peer,
+    AttachMode, Datapath, DatapathConfig, Error, Hook, PeerCounters, PeerId, PeerState,
+    PrefixLenSet, Result, TestRun, common, validate_cidr, validate_ifname, validate_peer,
 };
-use aya::maps::lpm_trie::Key;
-use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions};
@@ -56,8 +62,11 @@ pub struct AyaDatapath {
 
 struct Inner {
     ebpf: Ebpf,
-    cidrs_v4: LpmTrie<MapData, [u8; 4], u32>,
-    cidrs_v6: LpmTrie<MapData, [u8; 16], u32>,
+    nets_v4: HashMap<MapData, common::NetKeyV4, u32>,
+    nets_v6: HashMap<MapData, common::NetKeyV6, u32>,
+    prefix_lens: HashMap<MapData, u32, common::PrefixLens>,
+    /// CIDRs per prefix length and family, mirroring `nets_v4` / `nets_v6`; rebuilt by `load`.
+    lens: PrefixLenSet,
     peers: HashMap<MapData, u32, common::PeerState>,
     counters: PerCpuHashMap<MapData, u32, common::PeerCounters>,
     config: Array<MapData, common::Config>,
@@ -246,6 +255,195 @@ fn remove_file_if_exists(path: &Path) -> Result<bool> {
     }
 }
 
+fn bad_entry(map: &'static str, key: u32, reason: &'static str) -> Error {
+    Error::InvalidEntry { map, key, reason }
+}
+
+/// A CIDR read back from a map: host bits must be clear (the programs would never match it).
+fn checked_net(map: &'static str, net: IpNet) -> Result<IpNet> {
+    if net.trunc() != net {
+        return Err(bad_entry(
+            map,
+            u32::from(net.prefix_len()),
+            "host bits are set in the address",
+        ));
+    }
+    Ok(net)
+}
+
+fn checked_peer(map: &'static str, peer: u32) -> Result<PeerId> {
+    PeerId::try_from(peer).map_err(|_| bad_entry(map, peer, "peer id > 65535"))
+}
+
+fn key_v4(n: Ipv4Net) -> common::NetKeyV4 {
+    common::NetKeyV4::masked(n.addr().octets(), u32::from(n.prefix_len()))
+}
+
+fn key_v6(n: Ipv6Net) -> common::NetKeyV6 {
+    common::NetKeyV6::masked(n.addr().octets(), u32::from(n.prefix_len()))
+}
+
+const fn nets_map(cidr: IpNet) -> &'static str {
+    match cidr {
+        IpNet::V4(_) => common::map_names::REMOTE_NETS_V4,
+        IpNet::V6(_) => common::map_names::REMOTE_NETS_V6,
+    }
+}
+
+impl Inner {
+    fn net_exists(&self, cidr: IpNet) -> Result<bool> {
+        let res = match cidr {
+            IpNet::V4(n) => self.nets_v4.get(&key_v4(n), 0).map(drop),
+            IpNet::V6(n) => self.nets_v6.get(&key_v6(n), 0).map(drop),
+        };
+        match res {
+            Ok(()) => Ok(true),
+            Err(e) if is_absent(&e) => Ok(false),
+            Err(e) => Err(map_err(nets_map(cidr), format!("look up {cidr}"))(e)),
+        }
+    }
+
+    fn net_insert(&mut self, cidr: IpNet, peer: u32) -> Result<()> {
+        match cidr {
+            IpNet::V4(n) => self.nets_v4.insert(key_v4(n), peer, 0),
+            IpNet::V6(n) => self.nets_v6.insert(key_v6(n), peer, 0),
+        }
+        .map_err(map_err(nets_map(cidr), format!("insert {cidr}")))
+    }
+
+    /// Removes the entry of `cidr`; returns whether there was one.
+    fn net_remove(&mut self, cidr: IpNet) -> Result<bool> {
+        let res = match cidr {
+            IpNet::V4(n) => self.nets_v4.remove(&key_v4(n)),
+            IpNet::V6(n) => self.nets_v6.remove(&key_v6(n)),
+        };
+        match res {
+            Ok(()) => Ok(true),
+            Err(e) if is_absent(&e) => Ok(false),
+            Err(e) => Err(map_err(nets_map(cidr), format!("remove {cidr}"))(e)),
+        }
+    }
+
+    /// Writes the `PREFIX_LENS` list of the family of `cidr` from `self.lens`.
+    fn write_prefix_lens(&mut self, cidr: IpNet) -> Result<()> {
+        let v4 = cidr.addr().is_ipv4();
+        let key = if v4 {
+            common::PREFIX_LENS_V4
+        } else {
+            common::PREFIX_LENS_V6
+        };
+        self.prefix_lens
+            .insert(key, self.lens.to_raw(v4), 0)
+            .map_err(map_err(
+                common::map_names::PREFIX_LENS,
+                format!("set the IPv{} list", if v4 { 4 } else { 6 }),
+            ))
+    }
+
+    /// Recounts the prefix lengths of `REMOTE_NETS_*` and rewrites both `PREFIX_LENS` lists
+    /// (they may be missing, from an interrupted update, or from an earlier version).
+    fn rebuild_prefix_lens(&mut self) -> Result<()> {
+        let mut lens = PrefixLenSet::default();
+        let mut cidrs = Vec::new();
+        for item in self.nets_v4.keys() {
+            let map = common::map_names::REMOTE_NETS_V4;
+            let key = item.map_err(map_err(map, "iterate"))?;
+            let prefix = u8::try_from(key.prefix_len).unwrap_or(u8::MAX);
+            let net = Ipv4Net::new(Ipv4Addr::from(key.addr), prefix)
+                .map_err(|_| bad_entry(map, key.prefix_len, "prefix length out of range"))?;
+            cidrs.push(IpNet::V4(net));
+        }
+        for item in self.nets_v6.keys() {
+            let map = common::map_names::REMOTE_NETS_V6;
+            let key = item.map_err(map_err(map, "iterate"))?;
+            let prefix = u8::try_from(key.prefix_len).unwrap_or(u8::MAX);
+            let net = Ipv6Net::new(Ipv6Addr::from(key.addr), prefix)
+                .map_err(|_| bad_entry(map, key.prefix_len, "prefix length out of range"))?;
+            cidrs.push(IpNet::V6(net));
+        }
+        // Longest first, so that if a future limit is lower, the CIDR named is a short one.
+        cidrs.sort_by_key(|c| std::cmp::Reverse(c.prefix_len()));
+        for cidr in cidrs {
+            lens.check_new(cidr)?;
+            lens.add(cidr);
+        }
+        let v4 = IpNet::V4(Ipv4Net::default());
+        let v6 = IpNet::V6(Ipv6Net::default());
+        let before = (self.read_prefix_lens(true), self.read_prefix_lens(false));
+        self.lens = lens;
+        self.write_prefix_lens(v4)?;
+        self.write_prefix_lens(v6)?;
+        let after = (Some(self.lens.to_raw(true)), Some(self.lens.to_raw(false)));
+        if before != after {
+            tracing::info!(
+                v4 = ?self.lens.in_use(v4),
+                v6 = ?self.lens.in_use(v6),
+                "rebuilt the prefix-length lists"
+            );
+        }
+        Ok(())
+    }
+
+    fn read_prefix_lens(&self, v4: bool) -> Option<common::PrefixLens> {
+        let key = if v4 {
+            common::PREFIX_LENS_V4
+        } else {
+            common::PREFIX_LENS_V6
+        };
+        self.prefix_lens.get(&key, 0).ok()
+    }
+}
+
+/// Copies the entries of the LPM tries pinned by an earlier version (`REMOTE_CIDRS_V4/V6`) into
+/// `REMOTE_NETS_*` (an entry already there wins), then unpins the tries.
+fn migrate_legacy_lpm(inner: &mut Inner, pin_dir: &Path) -> Result<()> {
+    use common::map_names as m;
+    for name in [m::LEGACY_REMOTE_CIDRS_V4, m::LEGACY_REMOTE_CIDRS_V6] {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let map = MapData::from_pin(&path)
+            .and_then(Map::from_map_data)
+            .map_err(map_err(name, "open the legacy pin"))?;
+        let mut cidrs = Vec::new();
+        if name == m::LEGACY_REMOTE_CIDRS_V4 {
+            let trie: LpmTrie<MapData, [u8; 4], u32> =
+                LpmTrie::try_from(map).map_err(map_err(name, "open the legacy pin"))?;
+            for item in trie.iter() {
+                let (key, peer) = item.map_err(map_err(name, "iterate"))?;
+                let prefix = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
+                let net = Ipv4Net::new(Ipv4Addr::from(key.data()), prefix)
+                    .map_err(|_| bad_entry(name, key.prefix_len(), "prefix length out of range"))?;
+                cidrs.push((IpNet::V4(net.trunc()), peer));
+            }
+        } else {
+            let trie: LpmTrie<MapData, [u8; 16], u32> =
+                LpmTrie::try_from(map).map_err(map_err(name, "open the legacy pin"))?;
+            for item in trie.iter() {
+                let (key, peer) = item.map_err(map_err(name, "iterate"))?;
+                let prefix = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
+                let net = Ipv6Net::new(Ipv6Addr::from(key.data()), prefix)
+                    .map_err(|_| bad_entry(name, key.prefix_len(), "prefix length out of range"))?;
+                cidrs.push((IpNet::V6(net.trunc()), peer));
+            }
+        }
+        let n = cidrs.len();
+        for (cidr, peer) in cidrs {
+            if !inner.net_exists(cidr)? {
+                inner.net_insert(cidr, peer)?;
+            }
+        }
+        remove_file_if_exists(&path)?;
+        tracing::info!(
+            map = name,
+            cidrs = n,
+            "migrated the legacy LPM trie and unpinned it"
+        );
+    }
+    Ok(())
+}
+
 impl AyaDatapath {
     /// Loads the programs, pinning maps (and tc links) under `pin_dir` (e.g.
     /// `/sys/fs/bpf/enc/<node>`, created if missing; it must be on bpffs). Maps already pinned
@@ -280,15 +478,20 @@ impl AyaDatapath {
                 })?;
         }
         use common::map_names as m;
-        let inner = Inner {
-            cidrs_v4: take(&mut ebpf, m::REMOTE_CIDRS_V4)?,
-            cidrs_v6: take(&mut ebpf, m::REMOTE_CIDRS_V6)?,
+        let mut inner = Inner {
+            nets_v4: take(&mut ebpf, m::REMOTE_NETS_V4)?,
+            nets_v6: take(&mut ebpf, m::REMOTE_NETS_V6)?,
+            prefix_lens: take(&mut ebpf, m::PREFIX_LENS)?,
+            lens: PrefixLenSet::default(),
             peers: take(&mut ebpf, m::PEERS)?,
             counters: take(&mut ebpf, m::COUNTERS)?,
             config: take(&mut ebpf, m::CONFIG)?,
             ebpf,
             clsact_attached: BTreeSet::new(),
         };
+        // Before any link moves to the new programs: they must see every CIDR.
+        migrate_legacy_lpm(&mut inner, pin_dir)?;
+        inner.rebuild_prefix_lens()?;
         let dp = Self {
             pin_dir: pin_dir.to_owned(),
             mode,
@@ -587,79 +790,64 @@ impl Datapath for AyaDatapath {
         validate_cidr(cidr)?;
         validate_peer(peer)?;
         let mut inner = self.lock();
-        let value = u32::from(peer);
-        match cidr {
-            IpNet::V4(n) => inner
-                .cidrs_v4
-                .insert(
-                    &Key::new(u32::from(n.prefix_len()), n.addr().octets()),
-                    value,
-                    0,
-                )
-                .map_err(map_err(
-                    common::map_names::REMOTE_CIDRS_V4,
-                    format!("insert {cidr}"),
-                )),
-            IpNet::V6(n) => inner
-                .cidrs_v6
-                .insert(
-                    &Key::new(u32::from(n.prefix_len()), n.addr().octets()),
-                    value,
-                    0,
-                )
-                .map_err(map_err(
-                    common::map_names::REMOTE_CIDRS_V6,
-                    format!("insert {cidr}"),
-                )),
+        let new_len = inner.lens.check_new(cidr)?;
+        let existed = !new_len && inner.net_exists(cidr)?;
+        if new_len {
+            // The length first: until the entry is in, the programs only try one more length.
+            inner.lens.add(cidr);
+            if let Err(e) = inner.write_prefix_lens(cidr) {
+                inner.lens.remove(cidr);
+                return Err(e);
+            }
+        }
+        match inner.net_insert(cidr, u32::from(peer)) {
+            Ok(()) => {
+                if !new_len && !existed {
+                    inner.lens.add(cidr);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if new_len {
+                    inner.lens.remove(cidr);
+                    // Best effort: a stale length in the list only costs a lookup that misses.
+                    if let Err(e2) = inner.write_prefix_lens(cidr) {
+                        tracing::warn!(%cidr, error = %e2, "cannot drop the prefix length again");
+                    }
+                }
+                Err(e)
+            }
         }
     }
 
     fn delete_cidr(&self, cidr: IpNet) -> Result<()> {
         validate_cidr(cidr)?;
         let mut inner = self.lock();
-        let (map, res) = match cidr {
-            IpNet::V4(n) => (
-                common::map_names::REMOTE_CIDRS_V4,
-                inner
-                    .cidrs_v4
-                    .remove(&Key::new(u32::from(n.prefix_len()), n.addr().octets())),
-            ),
-            IpNet::V6(n) => (
-                common::map_names::REMOTE_CIDRS_V6,
-                inner
-                    .cidrs_v6
-                    .remove(&Key::new(u32::from(n.prefix_len()), n.addr().octets())),
-            ),
-        };
-        match res {
-            Err(e) if !is_absent(&e) => Err(map_err(map, format!("remove {cidr}"))(e)),
-            _ => Ok(()),
+        // The entry first, then (if it was the last of its length) the length.
+        if inner.net_remove(cidr)? && inner.lens.remove(cidr) {
+            inner.write_prefix_lens(cidr)?;
         }
+        Ok(())
     }
 
     fn dump_cidrs(&self) -> Result<Vec<(IpNet, PeerId)>> {
         let inner = self.lock();
         let mut out = Vec::new();
-        let bad = |map, key: u32, reason| Error::InvalidEntry { map, key, reason };
-        for item in inner.cidrs_v4.iter() {
-            let map = common::map_names::REMOTE_CIDRS_V4;
+        for item in inner.nets_v4.iter() {
+            let map = common::map_names::REMOTE_NETS_V4;
             let (key, peer) = item.map_err(map_err(map, "iterate"))?;
-            let addr = Ipv4Addr::from(key.data());
-            let prefix = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
-            let net = Ipv4Net::new(addr, prefix)
-                .map_err(|_| bad(map, key.prefix_len(), "prefix length out of range"))?;
-            let peer = PeerId::try_from(peer).map_err(|_| bad(map, peer, "peer id > 65535"))?;
-            out.push((IpNet::V4(net), peer));
+            let prefix = u8::try_from(key.prefix_len).unwrap_or(u8::MAX);
+            let net = Ipv4Net::new(Ipv4Addr::from(key.addr), prefix)
+                .map_err(|_| bad_entry(map, key.prefix_len, "prefix length out of range"))?;
+            out.push((checked_net(map, IpNet::V4(net))?, checked_peer(map, peer)?));
         }
-        for item in inner.cidrs_v6.iter() {
-            let map = common::map_names::REMOTE_CIDRS_V6;
+        for item in inner.nets_v6.iter() {
+            let map = common::map_names::REMOTE_NETS_V6;
             let (key, peer) = item.map_err(map_err(map, "iterate"))?;
-            let addr = Ipv6Addr::from(key.data());
-            let prefix = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
-            let net = Ipv6Net::new(addr, prefix)
-                .map_err(|_| bad(map, key.prefix_len(), "prefix length out of range"))?;
-            let peer = PeerId::try_from(peer).map_err(|_| bad(map, peer, "peer id > 65535"))?;
-            out.push((IpNet::V6(net), peer));
+            let prefix = u8::try_from(key.prefix_len).unwrap_or(u8::MAX);
+            let net = Ipv6Net::new(Ipv6Addr::from(key.addr), prefix)
+                .map_err(|_| bad_entry(map, key.prefix_len, "prefix length out of range"))?;
+            out.push((checked_net(map, IpNet::V6(net))?, checked_peer(map, peer)?));
         }
         out.sort();
         Ok(out)

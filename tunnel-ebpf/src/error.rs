@@ -19,6 +19,24 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
+    /// The CIDR's prefix length is not in use yet for its family, and the datapath already
+    /// holds CIDRs of the maximum number of distinct prefix lengths (the programs try one hash
+    /// lookup per length in use).
+    #[error(
+        "cannot add CIDR {cidr}: its prefix length /{} would be one more distinct IPv{} prefix \
+         length than the datapath supports (at most {limit}; in use: {})",
+        cidr.prefix_len(),
+        if cidr.addr().is_ipv4() { 4 } else { 6 },
+        fmt_lens(in_use)
+    )]
+    TooManyPrefixLengths {
+        /// The CIDR.
+        cidr: IpNet,
+        /// The limit (`common::MAX_PREFIX_LENS`).
+        limit: usize,
+        /// The prefix lengths in use for the CIDR's family, longest first.
+        in_use: Vec<u8>,
+    },
     /// Peer id 0 means "no peer" in the mark and cannot be used.
     #[error("invalid peer id {peer}: 0 means no peer")]
     InvalidPeerId {
@@ -146,7 +164,18 @@ impl Error {
     pub fn is_invalid_input(&self) -> bool {
         matches!(
             self,
-            Self::InvalidCidr { .. } | Self::InvalidPeerId { .. } | Self::InvalidIfname { .. }
+            Self::InvalidCidr { .. }
+                | Self::TooManyPrefixLengths { .. }
+                | Self::InvalidPeerId { .. }
+                | Self::InvalidIfname { .. }
         )
     }
+}
+
+/// "/26, /24, /16".
+fn fmt_lens(lens: &[u8]) -> String {
+    lens.iter()
+        .map(|l| format!("/{l}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -1,14 +1,15 @@
 //! In-memory [`Datapath`] for tests of the agent.
 
 use crate::{
-    AttachMode, Datapath, DatapathConfig, Hook, PeerCounters, PeerId, PeerState, Result,
-    validate_cidr, validate_ifname, validate_peer,
+    AttachMode, Datapath, DatapathConfig, Hook, PeerCounters, PeerId, PeerState, PrefixLenSet,
+    Result, validate_cidr, validate_ifname, validate_peer,
 };
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-/// An in-memory [`Datapath`] with the same validation as [`crate::AyaDatapath`]. Tests can
+/// An in-memory [`Datapath`] with the same validation as [`crate::AyaDatapath`] (including
+/// the limit of [`crate::common::MAX_PREFIX_LENS`] distinct prefix lengths per family). Tests can
 /// set counters with [`FakeDatapath::set_counters`] and read the config back.
 #[derive(Debug)]
 pub struct FakeDatapath {
@@ -20,6 +21,7 @@ pub struct FakeDatapath {
 struct FakeState {
     config: Option<DatapathConfig>,
     cidrs: BTreeMap<IpNet, PeerId>,
+    lens: PrefixLenSet,
     peers: BTreeMap<PeerId, PeerState>,
     counters: BTreeMap<PeerId, PeerCounters>,
     attached: BTreeSet<(String, Hook)>,
@@ -68,13 +70,20 @@ impl Datapath for FakeDatapath {
     fn upsert_cidr(&self, cidr: IpNet, peer: PeerId) -> Result<()> {
         validate_cidr(cidr)?;
         validate_peer(peer)?;
-        self.state().cidrs.insert(cidr, peer);
+        let mut s = self.state();
+        s.lens.check_new(cidr)?;
+        if s.cidrs.insert(cidr, peer).is_none() {
+            s.lens.add(cidr);
+        }
         Ok(())
     }
 
     fn delete_cidr(&self, cidr: IpNet) -> Result<()> {
         validate_cidr(cidr)?;
-        self.state().cidrs.remove(&cidr);
+        let mut s = self.state();
+        if s.cidrs.remove(&cidr).is_some() {
+            s.lens.remove(cidr);
+        }
         Ok(())
     }
 
@@ -166,6 +175,34 @@ mod tests {
         dp.delete_cidr(net("10.244.2.0/24")).unwrap();
         dp.delete_cidr(net("10.244.2.0/24")).unwrap();
         assert_eq!(dp.dump_cidrs().unwrap(), vec![(net("fd00:2::/64"), 2)]);
+    }
+
+    #[test]
+    fn prefix_length_limit_per_family() {
+        let dp = FakeDatapath::default();
+        let max = crate::common::MAX_PREFIX_LENS;
+        // /8 .. /8+max-1: exactly the limit.
+        for len in 8..8 + max as u8 {
+            dp.upsert_cidr(IpNet::new("10.0.0.0".parse().unwrap(), len).unwrap(), 2)
+                .unwrap();
+        }
+        // More CIDRs of a length in use are fine, and so are other families' lengths.
+        dp.upsert_cidr(net("11.0.0.0/8"), 3).unwrap();
+        dp.upsert_cidr(net("fd00::/100"), 3).unwrap();
+        let err = dp.upsert_cidr(net("10.1.2.0/30"), 4).unwrap_err();
+        assert!(matches!(err, Error::TooManyPrefixLengths { limit, .. } if limit == max));
+        assert!(err.is_invalid_input());
+        let msg = err.to_string();
+        assert!(msg.contains("10.1.2.0/30"), "{msg}");
+        assert!(msg.contains(&format!("at most {max}")), "{msg}");
+        assert!(msg.contains("IPv4"), "{msg}");
+        assert!(!dp.dump_cidrs().unwrap().contains(&(net("10.1.2.0/30"), 4)));
+        // Dropping the last CIDR of a length frees a slot; one of two does not.
+        dp.delete_cidr(net("10.0.0.0/8")).unwrap();
+        assert!(dp.upsert_cidr(net("10.1.2.0/30"), 4).is_err());
+        dp.delete_cidr(net("11.0.0.0/8")).unwrap();
+        dp.delete_cidr(net("11.0.0.0/8")).unwrap();
+        dp.upsert_cidr(net("10.1.2.0/30"), 4).unwrap();
     }
 
     #[test]

@@ -295,7 +295,8 @@ impl std::fmt::Display for Hook {
 /// `BPF_PROG_TEST_RUN`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TestRun {
-    /// The tc action the program returned (`TC_ACT_OK` = 0, `TC_ACT_SHOT` = 2).
+    /// The tc action the program returned: [`TC_ACT_UNSPEC`] (-1, no objection) or
+    /// [`TC_ACT_SHOT`] (2, drop).
     pub action: i32,
     /// The skb mark after the program ran.
     pub mark: u32,
@@ -303,7 +304,13 @@ pub struct TestRun {
     pub duration: Duration,
 }
 
-/// tc action: let the packet through.
+/// tc action the programs return for "no objection": `TC_ACT_UNSPEC` (-1), which tcx calls
+/// `TCX_NEXT`. The next tcx program (another component's) or clsact filter runs, and at the
+/// end of the chain the packet goes on. The programs never return [`TC_ACT_OK`].
+pub const TC_ACT_UNSPEC: i32 = -1;
+/// tc action `TC_ACT_OK` (0; `TCX_PASS` under tcx): let the packet through *and skip every
+/// program attached after this one*. The programs do not return it; it is exported for
+/// callers that want to assert so.
 pub const TC_ACT_OK: i32 = 0;
 /// tc action: drop the packet.
 pub const TC_ACT_SHOT: i32 = 2;
@@ -315,7 +322,9 @@ pub trait Datapath: Send + Sync {
     /// Sets the datapath-wide configuration.
     fn set_config(&self, cfg: DatapathConfig) -> Result<()>;
     /// Maps a remote pod CIDR to its peer node. The CIDR must have no host bits set and the
-    /// peer id must not be 0.
+    /// peer id must not be 0. Overlapping CIDRs are allowed: the longest prefix wins. Each
+    /// family may use at most [`common::MAX_PREFIX_LENS`] distinct prefix lengths; a CIDR
+    /// that would need one more is refused with [`Error::TooManyPrefixLengths`].
     fn upsert_cidr(&self, cidr: IpNet, peer: PeerId) -> Result<()>;
     /// Removes a remote pod CIDR; an absent one is Ok.
     fn delete_cidr(&self, cidr: IpNet) -> Result<()>;
@@ -339,6 +348,85 @@ pub trait Datapath: Send + Sync {
     fn attach_underlay(&self, ifname: &str) -> Result<()>;
     /// (ifname, hook) pairs currently attached by us.
     fn attached(&self) -> Result<Vec<(String, Hook)>>;
+}
+
+/// The distinct prefix lengths in use per family, as the programs see them (`PREFIX_LENS`):
+/// a count of CIDRs per length, so that a length is dropped when its last CIDR goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct PrefixLenSet {
+    v4: BTreeMap<u8, u32>,
+    v6: BTreeMap<u8, u32>,
+}
+
+impl PrefixLenSet {
+    fn family(&self, cidr: IpNet) -> &BTreeMap<u8, u32> {
+        match cidr {
+            IpNet::V4(_) => &self.v4,
+            IpNet::V6(_) => &self.v6,
+        }
+    }
+
+    fn family_mut(&mut self, cidr: IpNet) -> &mut BTreeMap<u8, u32> {
+        match cidr {
+            IpNet::V4(_) => &mut self.v4,
+            IpNet::V6(_) => &mut self.v6,
+        }
+    }
+
+    /// The lengths in use for the family of `cidr`, longest first.
+    fn in_use(&self, cidr: IpNet) -> Vec<u8> {
+        self.family(cidr).keys().rev().copied().collect()
+    }
+
+    /// Whether `cidr` brings a new prefix length to its family; an error if that would exceed
+    /// [`common::MAX_PREFIX_LENS`].
+    fn check_new(&self, cidr: IpNet) -> Result<bool> {
+        let lens = self.family(cidr);
+        if lens.contains_key(&cidr.prefix_len()) {
+            return Ok(false);
+        }
+        if lens.len() >= common::MAX_PREFIX_LENS {
+            return Err(Error::TooManyPrefixLengths {
+                cidr,
+                limit: common::MAX_PREFIX_LENS,
+                in_use: self.in_use(cidr),
+            });
+        }
+        Ok(true)
+    }
+
+    /// Counts one more CIDR (call only for a CIDR that was not there yet).
+    fn add(&mut self, cidr: IpNet) {
+        *self.family_mut(cidr).entry(cidr.prefix_len()).or_insert(0) += 1;
+    }
+
+    /// Counts one CIDR less; returns whether that was the last of its length (now dropped).
+    fn remove(&mut self, cidr: IpNet) -> bool {
+        let lens = self.family_mut(cidr);
+        let len = cidr.prefix_len();
+        match lens.get_mut(&len) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                lens.remove(&len);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The `PREFIX_LENS` value of a family (`v4` or not), longest first.
+    fn to_raw(&self, v4: bool) -> common::PrefixLens {
+        let lens = if v4 { &self.v4 } else { &self.v6 };
+        let mut raw = common::PrefixLens::default();
+        for (slot, len) in raw.lens.iter_mut().zip(lens.keys().rev()) {
+            *slot = *len;
+            raw.count += 1;
+        }
+        raw
+    }
 }
 
 /// Checks a CIDR and peer id before they reach a map.

@@ -4,10 +4,10 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use enc_tests::netns::Netns;
-use enc_tunnel_ebpf::common::{MARK_MAGIC_DECRYPTED, encrypt_mark};
+use enc_tunnel_ebpf::common::{MARK_MAGIC_DECRYPTED, MAX_PREFIX_LENS, encrypt_mark};
 use enc_tunnel_ebpf::{
-    AttachMode, AyaDatapath, Backend, Datapath, DatapathConfig, DropReason, Hook, PeerState,
-    TC_ACT_OK, TC_ACT_SHOT,
+    AttachMode, AyaDatapath, Backend, Datapath, DatapathConfig, DropReason, Error, Hook, PeerState,
+    TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
 };
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -152,23 +152,27 @@ fn privileged_pod_ingress_marks_authenticated_peers() {
 
     let v4 = ipv4("10.244.1.7", "10.244.2.5");
     let r = dp.test_run(Hook::PodIngress, &v4, 0, 1).unwrap();
-    assert_eq!((r.action, r.mark), (TC_ACT_OK, want));
+    assert_eq!((r.action, r.mark), (TC_ACT_UNSPEC, want));
 
     let v6 = ipv6("fd00:1::7", "fd00:2::5");
     let r = dp.test_run(Hook::PodIngress, &v6, 0, 1).unwrap();
-    assert_eq!((r.action, r.mark), (TC_ACT_OK, want));
+    assert_eq!((r.action, r.mark), (TC_ACT_UNSPEC, want));
 
     // Bits 7..0 are not ours and survive; a stale enc mark is replaced.
     let r = dp
         .test_run_with_mark(Hook::PodIngress, &v4, 0, 0xFFFF_FF5A, 1)
         .unwrap();
-    assert_eq!((r.action, r.mark), (TC_ACT_OK, want | 0x5A));
+    assert_eq!((r.action, r.mark), (TC_ACT_UNSPEC, want | 0x5A));
 
     // Fragments are handled like whole packets: first (MF), middle and last (offset != 0).
     for frag in [0x2000, 0x2000 | 185, 185] {
         let p = ipv4_frag("10.244.1.7", "10.244.2.5", frag);
         let r = dp.test_run(Hook::PodIngress, &p, 0, 1).unwrap();
-        assert_eq!((r.action, r.mark), (TC_ACT_OK, want), "frag word {frag:#x}");
+        assert_eq!(
+            (r.action, r.mark),
+            (TC_ACT_UNSPEC, want),
+            "frag word {frag:#x}"
+        );
     }
 
     let c = dp.counters().unwrap()[&2].clone();
@@ -258,7 +262,7 @@ fn privileged_pod_ingress_passes_local_non_ip_and_short_packets() {
     ];
     for (what, p) in short {
         match dp.test_run_with_mark(Hook::PodIngress, &p, 0, mark_in, 1) {
-            Ok(r) => assert_eq!((r.action, r.mark), (TC_ACT_OK, mark_in), "{what}"),
+            Ok(r) => assert_eq!((r.action, r.mark), (TC_ACT_UNSPEC, mark_in), "{what}"),
             Err(e) => {
                 let einval = e.raw_os_error() == Some(libc::EINVAL);
                 assert!(einval, "{what}: {e:?}");
@@ -270,7 +274,7 @@ fn privileged_pod_ingress_passes_local_non_ip_and_short_packets() {
         let r = dp
             .test_run_with_mark(Hook::PodIngress, &p, 0, mark_in, 1)
             .unwrap_or_else(|e| panic!("{what} ({} bytes): {e:?}", p.len()));
-        assert_eq!((r.action, r.mark), (TC_ACT_OK, mark_in), "{what}");
+        assert_eq!((r.action, r.mark), (TC_ACT_UNSPEC, mark_in), "{what}");
     }
     assert!(
         dp.counters()
@@ -289,11 +293,11 @@ fn privileged_non_strict_counts_without_dropping() {
     setup(&dp, false, 0);
     let p = ipv4("10.244.1.7", "10.244.3.5");
     let r = dp.test_run(Hook::PodIngress, &p, 0, 1).unwrap();
-    assert_eq!((r.action, r.mark), (TC_ACT_OK, 0));
+    assert_eq!((r.action, r.mark), (TC_ACT_UNSPEC, 0));
     let r = dp
         .test_run(Hook::UnderlayEgress, &ipv4("10.0.0.1", "10.244.2.5"), 0, 1)
         .unwrap();
-    assert_eq!(r.action, TC_ACT_OK);
+    assert_eq!(r.action, TC_ACT_UNSPEC);
     let r = dp
         .test_run(
             Hook::UnderlayIngress,
@@ -302,7 +306,7 @@ fn privileged_non_strict_counts_without_dropping() {
             1,
         )
         .unwrap();
-    assert_eq!(r.action, TC_ACT_OK);
+    assert_eq!(r.action, TC_ACT_UNSPEC);
     let c = dp.counters().unwrap();
     assert_eq!(c[&3].drops_for(DropReason::PeerNotAuthenticated), 1);
     assert_eq!(c[&2].drops_for(DropReason::UnencryptedEgress), 1);
@@ -334,14 +338,14 @@ fn privileged_pod_egress_requires_decrypt_path() {
     for (src, dst) in [("10.244.2.5", "10.244.1.7"), ("fd00:2::5", "fd00:1::7")] {
         let p = packet(src, dst);
         let r = dp.test_run(Hook::PodEgress, &p, wg, 1).unwrap();
-        assert_eq!((r.action, r.mark), (TC_ACT_OK, 0), "{src} via wg");
+        assert_eq!((r.action, r.mark), (TC_ACT_UNSPEC, 0), "{src} via wg");
         let r = dp.test_run(Hook::PodEgress, &p, 7, 1).unwrap();
         assert_eq!(r.action, TC_ACT_SHOT, "{src} via ifindex 7");
         // The decrypted mark (XFRM output mark) also proves the decrypt path.
         let r = dp
             .test_run_with_mark(Hook::PodEgress, &p, 7, MARK_MAGIC_DECRYPTED << 8, 1)
             .unwrap();
-        assert_eq!(r.action, TC_ACT_OK, "{src} with decrypted mark");
+        assert_eq!(r.action, TC_ACT_UNSPEC, "{src} with decrypted mark");
     }
     assert_eq!(drops(&dp, 2, DropReason::NotDecrypted), 2);
 
@@ -353,7 +357,7 @@ fn privileged_pod_egress_requires_decrypt_path() {
     let r = dp
         .test_run(Hook::PodEgress, &ipv4("10.244.1.8", "10.244.1.7"), 7, 1)
         .unwrap();
-    assert_eq!(r.action, TC_ACT_OK, "local source");
+    assert_eq!(r.action, TC_ACT_UNSPEC, "local source");
 
     // decrypt_ifindex 0 turns the interface check off.
     dp.set_config(DatapathConfig {
@@ -364,7 +368,7 @@ fn privileged_pod_egress_requires_decrypt_path() {
     let r = dp
         .test_run(Hook::PodEgress, &ipv4("10.244.2.5", "10.244.1.7"), 7, 1)
         .unwrap();
-    assert_eq!(r.action, TC_ACT_OK);
+    assert_eq!(r.action, TC_ACT_UNSPEC);
     assert_eq!(drops(&dp, 2, DropReason::NotDecrypted), 2);
 }
 
@@ -380,7 +384,7 @@ fn privileged_underlay_refuses_plaintext_and_counts_leaks() {
         let r = dp
             .test_run(hook, &ipv4("10.0.0.2", "10.0.0.1"), 0, 1)
             .unwrap();
-        assert_eq!(r.action, TC_ACT_OK, "{hook}");
+        assert_eq!(r.action, TC_ACT_UNSPEC, "{hook}");
         assert_eq!(r.action, dp.test_run(hook, &arp(), 0, 1).unwrap().action);
     }
     let r = dp
@@ -462,9 +466,206 @@ fn privileged_test_run_reports_duration() {
     let r = dp
         .test_run(Hook::PodIngress, &ipv4("10.244.1.7", "10.244.2.5"), 0, 1000)
         .unwrap();
-    assert_eq!(r.action, TC_ACT_OK);
+    assert_eq!(r.action, TC_ACT_UNSPEC);
     assert!(r.duration.as_nanos() > 0);
     assert_eq!(dp.counters().unwrap()[&2].steered_packets, 1000);
+}
+
+/// The mark pod ingress sets for a packet to `dst` (0 if it passes unmarked); panics on a drop.
+fn marked_peer(dp: &AyaDatapath, dst: &str) -> u32 {
+    let src = if dst.contains(':') {
+        "fd00:1::7"
+    } else {
+        "10.244.1.7"
+    };
+    let r = dp
+        .test_run(Hook::PodIngress, &packet(src, dst), 0, 1)
+        .unwrap();
+    assert_eq!(r.action, TC_ACT_UNSPEC, "{dst}");
+    r.mark
+}
+
+#[test]
+fn privileged_overlapping_prefixes_longest_wins() {
+    if !enc_tests::require_root("privileged_overlapping_prefixes_longest_wins") {
+        return;
+    }
+    let (_dir, dp) = load("overlap");
+    setup(&dp, true, 0);
+    dp.upsert_peer(9, AUTH_KEY).unwrap();
+    // 10.244.2.0/24 (peer 2) is inside 10.244.0.0/16 (peer 9); the same in IPv6.
+    dp.upsert_cidr(net("10.244.0.0/16"), 9).unwrap();
+    dp.upsert_cidr(net("fd00:2::/48"), 9).unwrap();
+    let (two, nine) = (encrypt_mark(2, 17), encrypt_mark(9, 17));
+    assert_eq!(marked_peer(&dp, "10.244.2.5"), two);
+    assert_eq!(marked_peer(&dp, "10.244.2.255"), two);
+    assert_eq!(marked_peer(&dp, "10.244.7.5"), nine);
+    assert_eq!(marked_peer(&dp, "10.244.255.1"), nine);
+    assert_eq!(marked_peer(&dp, "10.245.0.1"), 0);
+    assert_eq!(marked_peer(&dp, "fd00:2::5"), two);
+    assert_eq!(marked_peer(&dp, "fd00:2:0:1::5"), nine);
+    assert_eq!(marked_peer(&dp, "fd00:3::5"), 0);
+    // A host route (/32) beats both, and a default route (/0) catches the rest.
+    dp.upsert_cidr(net("10.244.2.9/32"), 9).unwrap();
+    dp.upsert_cidr(net("0.0.0.0/0"), 2).unwrap();
+    assert_eq!(marked_peer(&dp, "10.244.2.9"), nine);
+    assert_eq!(marked_peer(&dp, "10.244.2.8"), two);
+    assert_eq!(marked_peer(&dp, "192.0.2.1"), two);
+    dp.delete_cidr(net("10.244.2.9/32")).unwrap();
+    dp.delete_cidr(net("0.0.0.0/0")).unwrap();
+    assert_eq!(marked_peer(&dp, "10.244.2.9"), two);
+    assert_eq!(marked_peer(&dp, "192.0.2.1"), 0);
+
+    // Deleting the /24 falls back to the /16; the /24 length stays in use (10.244.3.0/24...).
+    dp.delete_cidr(net("10.244.2.0/24")).unwrap();
+    assert_eq!(marked_peer(&dp, "10.244.2.5"), nine);
+    dp.delete_cidr(net("fd00:2::/64")).unwrap();
+    assert_eq!(marked_peer(&dp, "fd00:2::5"), nine);
+    // ... and deleting the /16 too leaves no match at all.
+    dp.delete_cidr(net("10.244.0.0/16")).unwrap();
+    assert_eq!(marked_peer(&dp, "10.244.2.5"), 0);
+    assert_eq!(marked_peer(&dp, "10.244.7.5"), 0);
+    // The other /24s still match after their length's neighbours came and went.
+    let r = dp
+        .test_run(Hook::PodIngress, &ipv4("10.244.1.7", "10.244.3.5"), 0, 1)
+        .unwrap();
+    assert_eq!(r.action, TC_ACT_SHOT);
+    // Re-adding brings the /24 back.
+    dp.upsert_cidr(net("10.244.2.0/24"), 2).unwrap();
+    assert_eq!(marked_peer(&dp, "10.244.2.5"), two);
+}
+
+#[test]
+fn privileged_prefix_length_limit() {
+    if !enc_tests::require_root("privileged_prefix_length_limit") {
+        return;
+    }
+    let (dir, dp) = load("len-limit");
+    setup(&dp, true, 0); // IPv4 /24, IPv6 /64
+    dp.upsert_peer(9, AUTH_KEY).unwrap();
+    // Fill the IPv4 list: /24 plus MAX_PREFIX_LENS - 1 more lengths, nested in 10.0.0.0/8.
+    let extra: Vec<u8> = (8..24).chain(25..=32).take(MAX_PREFIX_LENS - 1).collect();
+    for len in &extra {
+        let cidr = IpNet::new("10.200.0.0".parse().unwrap(), *len)
+            .unwrap()
+            .trunc();
+        dp.upsert_cidr(cidr, 9).unwrap();
+    }
+    let unused = (8..=32)
+        .find(|l| *l != 24 && !extra.contains(l))
+        .unwrap_or(0);
+    let over = IpNet::new("10.201.0.0".parse().unwrap(), unused)
+        .unwrap()
+        .trunc();
+    let err = dp.upsert_cidr(over, 9).unwrap_err();
+    assert!(matches!(err, Error::TooManyPrefixLengths { limit, .. } if limit == MAX_PREFIX_LENS));
+    let msg = err.to_string();
+    assert!(msg.contains(&over.to_string()), "{msg}");
+    assert!(msg.contains(&format!("at most {MAX_PREFIX_LENS}")), "{msg}");
+    assert!(!dp.dump_cidrs().unwrap().iter().any(|(c, _)| *c == over));
+    // A length in use is still fine, and IPv6 has its own list.
+    dp.upsert_cidr(net("10.202.0.0/24"), 9).unwrap();
+    dp.upsert_cidr(net("fd00:9::/56"), 9).unwrap();
+    // Every length still matches: the longest one in use first.
+    assert_eq!(marked_peer(&dp, "10.200.0.1"), encrypt_mark(9, 17));
+    assert_eq!(marked_peer(&dp, "10.244.2.5"), encrypt_mark(2, 17));
+
+    // Dropping the last CIDR of a length frees its slot.
+    let freed = IpNet::new("10.200.0.0".parse().unwrap(), extra[0])
+        .unwrap()
+        .trunc();
+    dp.delete_cidr(freed).unwrap();
+    dp.upsert_cidr(over, 9).unwrap();
+    assert_eq!(
+        marked_peer(&dp, &over.addr().to_string()),
+        encrypt_mark(9, 17)
+    );
+    let err = dp.upsert_cidr(freed, 9).unwrap_err();
+    assert!(err.to_string().contains(&freed.to_string()), "{err}");
+
+    // A reload recounts the lengths from the maps: the limit and the matches survive it.
+    let cidrs = dp.dump_cidrs().unwrap();
+    drop(dp);
+    let dp = AyaDatapath::load(&dir.0).unwrap();
+    assert_eq!(dp.dump_cidrs().unwrap(), cidrs);
+    assert!(matches!(
+        dp.upsert_cidr(freed, 9).unwrap_err(),
+        Error::TooManyPrefixLengths { .. }
+    ));
+    assert_eq!(marked_peer(&dp, "10.200.0.1"), encrypt_mark(9, 17));
+    assert_eq!(
+        marked_peer(&dp, &over.addr().to_string()),
+        encrypt_mark(9, 17)
+    );
+}
+
+#[test]
+fn privileged_reload_rebuilds_prefix_lengths() {
+    if !enc_tests::require_root("privileged_reload_rebuilds_prefix_lengths") {
+        return;
+    }
+    use aya::maps::{HashMap, Map, MapData};
+    use enc_tunnel_ebpf::common::{PREFIX_LENS_V4, PREFIX_LENS_V6, PrefixLens, map_names};
+    let (dir, dp) = load("lens-reload");
+    setup(&dp, true, 0);
+    dp.upsert_cidr(net("10.0.0.0/8"), 2).unwrap();
+    assert_eq!(marked_peer(&dp, "10.9.9.9"), encrypt_mark(2, 17));
+    drop(dp);
+    // Lose the lists (as if an update had been interrupted, or an older version had run).
+    let lens_path = dir.0.join(map_names::PREFIX_LENS);
+    let mut lens: HashMap<MapData, u32, PrefixLens> =
+        HashMap::try_from(Map::from_map_data(MapData::from_pin(&lens_path).unwrap()).unwrap())
+            .unwrap();
+    lens.remove(&PREFIX_LENS_V4).unwrap();
+    lens.remove(&PREFIX_LENS_V6).unwrap();
+    let dp = AyaDatapath::load(&dir.0).unwrap();
+    let v4 = lens.get(&PREFIX_LENS_V4, 0).unwrap();
+    assert_eq!((v4.count, &v4.lens[..2]), (2, &[24u8, 8][..]));
+    assert_eq!(lens.get(&PREFIX_LENS_V6, 0).unwrap().lens[0], 64);
+    assert_eq!(marked_peer(&dp, "10.9.9.9"), encrypt_mark(2, 17));
+    assert_eq!(marked_peer(&dp, "10.244.2.5"), encrypt_mark(2, 17));
+    assert_eq!(marked_peer(&dp, "fd00:2::5"), encrypt_mark(2, 17));
+    // Deleting the only /8 drops the length from the list.
+    dp.delete_cidr(net("10.0.0.0/8")).unwrap();
+    assert_eq!(lens.get(&PREFIX_LENS_V4, 0).unwrap().count, 1);
+}
+
+#[test]
+fn privileged_legacy_lpm_pins_are_migrated() {
+    if !enc_tests::require_root("privileged_legacy_lpm_pins_are_migrated") {
+        return;
+    }
+    use aya::maps::LpmTrie;
+    use aya::maps::lpm_trie::Key;
+    use enc_tunnel_ebpf::common::map_names;
+    let dir = PinDir::new("legacy");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    // What an earlier version pinned: LPM tries (BPF_F_NO_PREALLOC is required for them).
+    let mut v4: LpmTrie<_, [u8; 4], u32> = LpmTrie::create(16, 1).unwrap();
+    v4.insert(&Key::new(24, [10, 244, 2, 0]), 2, 0).unwrap();
+    v4.insert(&Key::new(16, [10, 250, 0, 0]), 3, 0).unwrap();
+    v4.pin(dir.0.join(map_names::LEGACY_REMOTE_CIDRS_V4))
+        .unwrap();
+    let mut v6: LpmTrie<_, [u8; 16], u32> = LpmTrie::create(16, 1).unwrap();
+    let a6: std::net::Ipv6Addr = "fd00:2::".parse().unwrap();
+    v6.insert(&Key::new(64, a6.octets()), 2, 0).unwrap();
+    v6.pin(dir.0.join(map_names::LEGACY_REMOTE_CIDRS_V6))
+        .unwrap();
+
+    let dp = AyaDatapath::load(&dir.0).unwrap();
+    assert_eq!(
+        dp.dump_cidrs().unwrap(),
+        vec![
+            (net("10.244.2.0/24"), 2),
+            (net("10.250.0.0/16"), 3),
+            (net("fd00:2::/64"), 2)
+        ]
+    );
+    assert!(!dir.0.join(map_names::LEGACY_REMOTE_CIDRS_V4).exists());
+    assert!(!dir.0.join(map_names::LEGACY_REMOTE_CIDRS_V6).exists());
+    dp.upsert_peer(2, AUTH_KEY).unwrap();
+    assert_eq!(marked_peer(&dp, "10.244.2.5"), encrypt_mark(2, 17));
+    assert_eq!(marked_peer(&dp, "fd00:2::5"), encrypt_mark(2, 17));
 }
 
 fn tcx_program_count(ifname: &str, hook: Hook) -> usize {
@@ -562,4 +763,97 @@ fn privileged_attach_in_netns_survives_reload() {
         assert!(!pin.exists());
     })
     .unwrap();
+}
+
+/// Sends `frame` out of `ifname` through an AF_PACKET socket (it arrives at the ingress of the
+/// veth peer). Call from inside the namespace.
+fn send_frame(ifname: &str, frame: &[u8]) {
+    let name = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: a NUL-terminated name that outlives the call.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(ifindex, 0, "{ifname}: {}", std::io::Error::last_os_error());
+    // SAFETY: plain socket(2); protocol 0 = send only.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = i32::try_from(ifindex).unwrap();
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+    // SAFETY: `frame` and `sll` are valid for the lengths given and outlive the call.
+    let rc = unsafe {
+        libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            std::ptr::from_ref(&sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    assert_eq!(rc, frame.len() as isize, "sendto {ifname}: {err}");
+}
+
+/// The programs answer "no objection" with TC_ACT_UNSPEC (TCX_NEXT), so a tcx program attached
+/// after ours still runs. Here the one after ours is another datapath's underlay-ingress
+/// program on the same interface; with TC_ACT_OK (TCX_PASS) it would never see the packet.
+#[test]
+fn privileged_pass_verdict_lets_the_next_tcx_program_run() {
+    if !enc_tests::require_root("privileged_pass_verdict_lets_the_next_tcx_program_run") {
+        return;
+    }
+    let ns = Netns::new(&format!("enc-tnext-{}", std::process::id())).unwrap();
+    ns.run(&[
+        "ip", "link", "add", "encpod0", "type", "veth", "peer", "name", "encpeer0",
+    ])
+    .unwrap();
+    ns.run(&["ip", "link", "set", "encpod0", "up"]).unwrap();
+    ns.run(&["ip", "link", "set", "encpeer0", "up"]).unwrap();
+    let (first_dir, second_dir) = (PinDir::new("next-1"), PinDir::new("next-2"));
+    let (first_pin, second_pin) = (first_dir.0.clone(), second_dir.0.clone());
+    ns.enter(move || {
+        let first = AyaDatapath::load(&first_pin).unwrap();
+        setup(&first, true, 0);
+        first.attach_pod("encpod0").unwrap();
+        let second = AyaDatapath::load(&second_pin).unwrap();
+        setup(&second, true, 0);
+        second.attach_underlay("encpod0").unwrap();
+        assert_eq!(tcx_program_count("encpod0", Hook::PodIngress), 2);
+
+        // The verdict itself: not TC_ACT_OK, which would end the chain.
+        let local = ipv4("10.244.2.5", "10.244.1.7");
+        let r = first.test_run(Hook::PodIngress, &local, 0, 1).unwrap();
+        assert_eq!(r.action, TC_ACT_UNSPEC);
+        assert_ne!(r.action, TC_ACT_OK);
+
+        // Plaintext from a remote pod CIDR to a local pod: ours (first) has no objection, the
+        // second program drops and counts it.
+        for _ in 0..3 {
+            send_frame("encpeer0", &local);
+        }
+        let mut seen = 0;
+        for _ in 0..50 {
+            seen = second
+                .counters()
+                .unwrap()
+                .get(&2)
+                .map_or(0, |c| c.drops_for(DropReason::PlaintextFromUnderlay));
+            if seen >= 3 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(seen, 3, "the program after ours did not see every packet");
+        assert!(!first.counters().unwrap().contains_key(&2));
+    })
+    .unwrap();
+    drop((first_dir, second_dir));
 }

@@ -274,7 +274,9 @@ where
                         session = session_id,
                         epoch = %keys.epoch,
                         key_id = %keys.key_id,
-                        wg_public_key = %hello.public_key,
+                        wg_public_key = %hello.wireguard.map(|(k, _)| k.to_string()).unwrap_or_default(),
+                        esp_spi_out = %format_args!("{:#010x}", keys.esp_out.spi),
+                        esp_spi_in = %format_args!("{:#010x}", keys.esp_in.spi),
                         "peer authenticated; keys derived from the control session"
                     );
                     shared.table().authenticated(
@@ -283,8 +285,7 @@ where
                         cert.clone(),
                         SessionKeys {
                             session_id,
-                            wg_public_key: hello.public_key,
-                            wg_port: hello.listen_port,
+                            wg: hello.wireguard,
                             keys,
                         },
                     );

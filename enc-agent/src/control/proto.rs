@@ -52,8 +52,11 @@ pub struct Hello {
     pub protocol: u32,
     /// The sender's node name (must equal its certificate's DNS SAN).
     pub node: String,
-    /// The sender's WireGuard public key (base64) and UDP port.
-    pub wireguard: WireguardAnnounce,
+    /// The sender's encryption type (`wireguard` or `ipsec`); both ends must agree.
+    pub encryption: String,
+    /// The sender's WireGuard public key (base64) and UDP port, with WireGuard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireguardAnnounce>,
 }
 
 /// WireGuard parameters a node announces; public values only.
@@ -131,10 +134,11 @@ mod tests {
         Message::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             node: "node-1".into(),
-            wireguard: WireguardAnnounce {
+            encryption: "wireguard".into(),
+            wireguard: Some(WireguardAnnounce {
                 public_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
                 listen_port: 51820,
-            },
+            }),
         })
     }
 

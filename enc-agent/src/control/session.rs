@@ -32,10 +32,8 @@ impl Default for Timing {
 /// What the peer announced in its hello, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerHello {
-    /// The peer's WireGuard public key.
-    pub public_key: PublicKey,
-    /// The peer's WireGuard UDP port.
-    pub listen_port: u16,
+    /// The peer's WireGuard public key and UDP port (WireGuard only).
+    pub wireguard: Option<(PublicKey, u16)>,
 }
 
 /// What the caller must do.
@@ -67,6 +65,14 @@ pub enum SessionError {
         /// The value.
         value: String,
     },
+    /// The peer is configured for another encryption type.
+    #[error("peer encrypts with {peer:?}, this node with {local:?}")]
+    EncryptionMismatch {
+        /// This node's type.
+        local: String,
+        /// The peer's type.
+        peer: String,
+    },
     /// The peer speaks another protocol version.
     #[error("peer speaks control protocol {0}, this agent speaks {PROTOCOL_VERSION}")]
     Protocol(u32),
@@ -87,7 +93,10 @@ pub enum SessionError {
 impl SessionError {
     /// Whether the failure is about identity (the peer is then marked failed, not pending).
     pub fn is_auth_failure(&self) -> bool {
-        matches!(self, SessionError::WrongNode { .. })
+        matches!(
+            self,
+            SessionError::WrongNode { .. } | SessionError::EncryptionMismatch { .. }
+        )
     }
 }
 
@@ -95,6 +104,7 @@ impl SessionError {
 #[derive(Debug)]
 pub struct Session {
     expected_peer: String,
+    encryption: String,
     timing: Timing,
     started: Instant,
     established: bool,
@@ -114,6 +124,7 @@ impl Session {
     ) -> (Self, Vec<Action>) {
         let s = Self {
             expected_peer: expected_peer.to_owned(),
+            encryption: hello.encryption.clone(),
             timing,
             started: now,
             established: false,
@@ -146,25 +157,37 @@ impl Session {
                         announced: h.node,
                     });
                 }
-                let public_key: PublicKey =
-                    h.wireguard
-                        .public_key
-                        .parse()
-                        .map_err(|_| SessionError::BadHello {
-                            field: "wireguard.publicKey",
-                            value: h.wireguard.public_key.clone(),
-                        })?;
-                if h.wireguard.listen_port == 0 {
-                    return Err(SessionError::BadHello {
-                        field: "wireguard.listenPort",
-                        value: "0".into(),
+                if h.encryption != self.encryption {
+                    return Err(SessionError::EncryptionMismatch {
+                        local: self.encryption.clone(),
+                        peer: h.encryption,
                     });
                 }
+                let wireguard = match (self.encryption.as_str(), h.wireguard) {
+                    ("wireguard", Some(wg)) => {
+                        let key: PublicKey =
+                            wg.public_key.parse().map_err(|_| SessionError::BadHello {
+                                field: "wireguard.publicKey",
+                                value: wg.public_key.clone(),
+                            })?;
+                        if wg.listen_port == 0 {
+                            return Err(SessionError::BadHello {
+                                field: "wireguard.listenPort",
+                                value: "0".into(),
+                            });
+                        }
+                        Some((key, wg.listen_port))
+                    }
+                    ("wireguard", None) => {
+                        return Err(SessionError::BadHello {
+                            field: "wireguard",
+                            value: "missing".into(),
+                        });
+                    }
+                    _ => None,
+                };
                 self.established = true;
-                Ok(vec![Action::Established(PeerHello {
-                    public_key,
-                    listen_port: h.wireguard.listen_port,
-                })])
+                Ok(vec![Action::Established(PeerHello { wireguard })])
             }
             _ if !self.established => Err(SessionError::Unexpected("message before hello")),
             Message::Ping(Seq { seq }) => {
@@ -215,10 +238,11 @@ mod tests {
         Hello {
             protocol: PROTOCOL_VERSION,
             node: node.into(),
-            wireguard: WireguardAnnounce {
+            encryption: "wireguard".into(),
+            wireguard: Some(WireguardAnnounce {
                 public_key: KEY.into(),
                 listen_port: 51820,
-            },
+            }),
         }
     }
 
@@ -236,8 +260,7 @@ mod tests {
         assert_eq!(
             a,
             vec![Action::Established(PeerHello {
-                public_key: KEY.parse().unwrap(),
-                listen_port: 51820
+                wireguard: Some((KEY.parse().unwrap(), 51820))
             })]
         );
         assert!(s.is_established());
@@ -261,7 +284,7 @@ mod tests {
     fn bad_hello_fields_are_named() {
         let t0 = Instant::now();
         let mut h = hello("node-2");
-        h.wireguard.public_key = "not-a-key".into();
+        h.wireguard.as_mut().unwrap().public_key = "not-a-key".into();
         let err = start(t0).on_message(Message::Hello(h), t0).unwrap_err();
         assert_eq!(
             err,
@@ -280,6 +303,26 @@ mod tests {
             start(t0).on_message(Message::Ping(Seq { seq: 1 }), t0),
             Err(SessionError::Unexpected("message before hello"))
         );
+    }
+
+    #[test]
+    fn encryption_types_must_agree() {
+        let t0 = Instant::now();
+        let mut h = hello("node-2");
+        h.encryption = "ipsec".into();
+        h.wireguard = None;
+        let err = start(t0).on_message(Message::Hello(h), t0).unwrap_err();
+        assert!(err.is_auth_failure(), "{err}");
+        assert!(err.to_string().contains("ipsec"));
+        let mut h = hello("node-2");
+        h.wireguard = None;
+        assert!(matches!(
+            start(t0).on_message(Message::Hello(h), t0),
+            Err(SessionError::BadHello {
+                field: "wireguard",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -69,10 +69,13 @@ pub const fn mark_epoch(mark: u32) -> u8 {
 
 /// Names of the maps, as the programs declare them and as they are pinned.
 pub mod map_names {
-    /// IPv4 remote pod CIDRs: `LpmTrie<[u8; 4], u32 peer id>`.
-    pub const REMOTE_CIDRS_V4: &str = "REMOTE_CIDRS_V4";
-    /// IPv6 remote pod CIDRs: `LpmTrie<[u8; 16], u32 peer id>`.
-    pub const REMOTE_CIDRS_V6: &str = "REMOTE_CIDRS_V6";
+    /// IPv4 remote pod CIDRs: `HashMap<NetKeyV4 (prefix length, masked address), u32 peer id>`.
+    pub const REMOTE_NETS_V4: &str = "REMOTE_NETS_V4";
+    /// IPv6 remote pod CIDRs: `HashMap<NetKeyV6 (prefix length, masked address), u32 peer id>`.
+    pub const REMOTE_NETS_V6: &str = "REMOTE_NETS_V6";
+    /// The distinct prefix lengths in `REMOTE_NETS_V4` / `REMOTE_NETS_V6`, longest first:
+    /// `HashMap<u32 family (PREFIX_LENS_V4 / PREFIX_LENS_V6), PrefixLens>`.
+    pub const PREFIX_LENS: &str = "PREFIX_LENS";
     /// Peer states: `HashMap<u32 peer id, PeerState>`.
     pub const PEERS: &str = "PEERS";
     /// Per-CPU per-peer counters: `PerCpuHashMap<u32 peer id, PeerCounters>`.
@@ -80,7 +83,19 @@ pub mod map_names {
     /// The datapath configuration: `Array<Config>` with one entry.
     pub const CONFIG: &str = "CONFIG";
     /// Every map, in a fixed order.
-    pub const ALL: [&str; 5] = [REMOTE_CIDRS_V4, REMOTE_CIDRS_V6, PEERS, COUNTERS, CONFIG];
+    pub const ALL: [&str; 6] = [
+        REMOTE_NETS_V4,
+        REMOTE_NETS_V6,
+        PREFIX_LENS,
+        PEERS,
+        COUNTERS,
+        CONFIG,
+    ];
+    /// The LPM-trie maps of earlier versions (`LpmTrie<[u8; 4] / [u8; 16], u32 peer id>`).
+    /// The loader moves their entries into `REMOTE_NETS_*` and unpins them.
+    pub const LEGACY_REMOTE_CIDRS_V4: &str = "REMOTE_CIDRS_V4";
+    /// See `LEGACY_REMOTE_CIDRS_V4`.
+    pub const LEGACY_REMOTE_CIDRS_V6: &str = "REMOTE_CIDRS_V6";
 }
 
 /// Names of the programs (the ELF symbols the loader looks up).
@@ -95,10 +110,101 @@ pub mod program_names {
     pub const UNDERLAY_EGRESS: &str = "tunnel_underlay_egress";
 }
 
-/// Capacity of each remote-CIDR LPM map.
+/// Capacity of each remote-CIDR map (`REMOTE_NETS_V4`, `REMOTE_NETS_V6`).
 pub const MAX_CIDRS: u32 = 65536;
 /// Capacity of `PEERS` and `COUNTERS`.
 pub const MAX_PEERS: u32 = 65536;
+/// How many distinct prefix lengths each family's remote CIDRs may use. The programs try
+/// each length in use (longest first) with one hash lookup, so this bounds the per-packet
+/// cost; the loader refuses a CIDR that would need one more.
+pub const MAX_PREFIX_LENS: usize = 16;
+/// `PREFIX_LENS` key of the IPv4 list.
+pub const PREFIX_LENS_V4: u32 = 4;
+/// `PREFIX_LENS` key of the IPv6 list.
+pub const PREFIX_LENS_V6: u32 = 6;
+
+/// Key of `REMOTE_NETS_V4`: a CIDR as (prefix length, address with the host bits cleared).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NetKeyV4 {
+    /// 0..=32.
+    pub prefix_len: u32,
+    /// The network address in network byte order; bits past `prefix_len` are zero.
+    pub addr: [u8; 4],
+}
+
+impl NetKeyV4 {
+    /// The key of the `prefix_len` network holding `addr` (host bits cleared). A
+    /// `prefix_len` above 32 is taken as 32.
+    #[inline(always)]
+    pub const fn masked(addr: [u8; 4], prefix_len: u32) -> Self {
+        let len = if prefix_len > 32 { 32 } else { prefix_len };
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        Self {
+            prefix_len: len,
+            addr: (u32::from_be_bytes(addr) & mask).to_be_bytes(),
+        }
+    }
+}
+
+/// Key of `REMOTE_NETS_V6`: a CIDR as (prefix length, address with the host bits cleared).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NetKeyV6 {
+    /// 0..=128.
+    pub prefix_len: u32,
+    /// The network address in network byte order; bits past `prefix_len` are zero.
+    pub addr: [u8; 16],
+}
+
+/// The top `len` bits of a u64 set (`len` 0..=64).
+#[inline(always)]
+const fn high_bits(len: u32) -> u64 {
+    if len == 0 {
+        0
+    } else if len >= 64 {
+        u64::MAX
+    } else {
+        u64::MAX << (64 - len)
+    }
+}
+
+impl NetKeyV6 {
+    /// The key of the `prefix_len` network holding `addr` (host bits cleared). A
+    /// `prefix_len` above 128 is taken as 128.
+    #[inline(always)]
+    pub const fn masked(addr: [u8; 16], prefix_len: u32) -> Self {
+        let len = if prefix_len > 128 { 128 } else { prefix_len };
+        // Two u64 halves: 128-bit arithmetic is not available on the BPF target.
+        let hi = u64::from_be_bytes([
+            addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+        ]) & high_bits(len);
+        let lo = u64::from_be_bytes([
+            addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
+        ]) & high_bits(len.saturating_sub(64));
+        let h = hi.to_be_bytes();
+        let l = lo.to_be_bytes();
+        Self {
+            prefix_len: len,
+            addr: [
+                h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], l[0], l[1], l[2], l[3], l[4], l[5],
+                l[6], l[7],
+            ],
+        }
+    }
+}
+
+/// Value of `PREFIX_LENS`: the distinct prefix lengths of one family's remote CIDRs, longest
+/// first. Written by the loader as a whole (a hash-map update replaces the value, so the
+/// programs never see a half-written list).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixLens {
+    /// How many entries of `lens` are in use (0..=MAX_PREFIX_LENS).
+    pub count: u32,
+    /// The lengths, strictly decreasing; entries past `count` are 0 and unused.
+    pub lens: [u8; MAX_PREFIX_LENS],
+}
 
 /// `PeerState::flags` bit: the peer passed the mutual-TLS node check.
 pub const PEER_F_AUTHENTICATED: u32 = 1 << 0;
@@ -238,13 +344,20 @@ impl Config {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all four are #[repr(C)], Copy, contain only integers (arrays of u64 included),
-    // and have no padding (u32 x3, u64 x14), so every bit pattern is a valid value.
+    // SAFETY: all of these are #[repr(C)], Copy, contain only integers (arrays included), and
+    // have no padding (u32 x3; u64 x14; u32 + [u8; 4]; u32 + [u8; 16]; u32 + [u8; 16]), so
+    // every bit pattern is a valid value.
     unsafe impl aya::Pod for super::PeerState {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::PeerCounters {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::NetKeyV4 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::NetKeyV6 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::PrefixLens {}
 }
 
 #[cfg(test)]
@@ -288,6 +401,54 @@ mod tests {
             core::mem::size_of::<PeerCounters>(),
             8 * (4 + 2 * DROP_REASONS)
         );
+        assert_eq!(core::mem::size_of::<NetKeyV4>(), 8);
+        assert_eq!(core::mem::size_of::<NetKeyV6>(), 20);
+        assert_eq!(core::mem::size_of::<PrefixLens>(), 4 + MAX_PREFIX_LENS);
+    }
+
+    #[test]
+    fn net_keys_mask_host_bits() {
+        let k = NetKeyV4::masked([10, 244, 2, 77], 24);
+        assert_eq!(
+            k,
+            NetKeyV4 {
+                prefix_len: 24,
+                addr: [10, 244, 2, 0]
+            }
+        );
+        assert_eq!(NetKeyV4::masked([10, 244, 2, 77], 0).addr, [0; 4]);
+        assert_eq!(
+            NetKeyV4::masked([10, 244, 2, 77], 32).addr,
+            [10, 244, 2, 77]
+        );
+        assert_eq!(NetKeyV4::masked([10, 244, 2, 77], 40).prefix_len, 32);
+        assert_eq!(
+            NetKeyV4::masked([10, 244, 255, 77], 17).addr,
+            [10, 244, 128, 0]
+        );
+        let a = [
+            0xfd, 0, 0, 2, 0xab, 0xcd, 0xef, 0x12, 1, 2, 3, 4, 5, 6, 7, 8,
+        ];
+        assert_eq!(NetKeyV6::masked(a, 128).addr, a);
+        assert_eq!(NetKeyV6::masked(a, 0).addr, [0; 16]);
+        assert_eq!(
+            NetKeyV6::masked(a, 64).addr,
+            [
+                0xfd, 0, 0, 2, 0xab, 0xcd, 0xef, 0x12, 0, 0, 0, 0, 0, 0, 0, 0
+            ]
+        );
+        assert_eq!(
+            NetKeyV6::masked(a, 20).addr,
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            NetKeyV6::masked(a, 68).addr,
+            [
+                0xfd, 0, 0, 2, 0xab, 0xcd, 0xef, 0x12, 0, 0, 0, 0, 0, 0, 0, 0
+            ]
+        );
+        assert_eq!(NetKeyV6::masked(a, 72).addr[8], 1);
+        assert_eq!(NetKeyV6::masked(a, 200).prefix_len, 128);
     }
 
     #[test]
@@ -308,7 +469,26 @@ mod tests {
         );
     }
 
+    /// Reference masking, bit by bit.
+    fn mask_bits<const N: usize>(addr: [u8; N], len: u32) -> [u8; N] {
+        let mut out = [0u8; N];
+        for bit in 0..(len as usize).min(N * 8) {
+            out[bit / 8] |= addr[bit / 8] & (0x80 >> (bit % 8));
+        }
+        out
+    }
+
     proptest! {
+        #[test]
+        fn net_key_masking_matches_bitwise(a4 in any::<[u8; 4]>(), a6 in any::<[u8; 16]>(), len in 0u32..=140) {
+            let k4 = NetKeyV4::masked(a4, len);
+            prop_assert_eq!(k4.prefix_len, len.min(32));
+            prop_assert_eq!(k4.addr, mask_bits(a4, len));
+            let k6 = NetKeyV6::masked(a6, len);
+            prop_assert_eq!(k6.prefix_len, len.min(128));
+            prop_assert_eq!(k6.addr, mask_bits(a6, len));
+        }
+
         #[test]
         fn encrypt_mark_round_trips(peer in any::<u16>(), epoch in any::<u8>(), low in any::<u8>()) {
             let mark = encrypt_mark(peer, epoch) | u32::from(low);

@@ -1,6 +1,6 @@
 //! The enc tc programs: marking of inter-node pod traffic, strict mode, and the leak sentinel.
 //!
-//! Four `SchedClassifier` programs share five maps (see `enc_tunnel_ebpf_common`):
+//! Four `SchedClassifier` programs share six maps (see `enc_tunnel_ebpf_common`):
 //!
 //! * `tunnel_pod_ingress`: packets from a local pod. A destination in a remote pod CIDR gets the
 //!   encrypt mark of its peer when the peer is authenticated and has a key; otherwise the packet
@@ -15,24 +15,39 @@
 //! Only the Ethernet header and the fixed IPv4 / IPv6 header are read, so fragments are handled
 //! like whole packets. Non-IP and short or malformed packets pass untouched. Outside strict mode
 //! nothing is dropped, but every verdict is still counted under its reason.
+//!
+//! "Pass" is `TC_ACT_UNSPEC` (-1, `TCX_NEXT` under tcx): no objection, the next tcx program or
+//! clsact filter (or the default action) decides. `TC_ACT_OK` (0, `TCX_PASS`) would end the tcx
+//! chain and skip whatever another component attached after us. Drops are `TC_ACT_SHOT`.
+//!
+//! Remote pod CIDRs are found by longest-prefix match without an LPM trie (whose walk deepens
+//! with the number of entries): `REMOTE_NETS_V4/V6` are hash maps keyed by (prefix length,
+//! masked address), and `PREFIX_LENS` lists the distinct lengths in use, longest first. The
+//! programs try each length in turn and stop at the first hit, so the cost depends on the
+//! number of distinct lengths (at most `MAX_PREFIX_LENS`), not on the number of CIDRs.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use enc_tunnel_ebpf_common::{
-    Config, DropReason, MARK_MAGIC_DECRYPTED, MARK_OWNED_MASK, MAX_CIDRS, MAX_PEERS, PeerCounters,
-    PeerState, encrypt_mark, mark_magic,
+    Config, DropReason, MARK_MAGIC_DECRYPTED, MARK_OWNED_MASK, MAX_CIDRS, MAX_PEERS,
+    MAX_PREFIX_LENS, NetKeyV4, NetKeyV6, PREFIX_LENS_V4, PREFIX_LENS_V6, PeerCounters, PeerState,
+    PrefixLens, encrypt_mark, mark_magic,
 };
 
 #[map]
-static REMOTE_CIDRS_V4: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(MAX_CIDRS, 0);
+static REMOTE_NETS_V4: HashMap<NetKeyV4, u32> = HashMap::pinned(MAX_CIDRS, 0);
 #[map]
-static REMOTE_CIDRS_V6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(MAX_CIDRS, 0);
+static REMOTE_NETS_V6: HashMap<NetKeyV6, u32> = HashMap::pinned(MAX_CIDRS, 0);
+/// A hash map rather than an array: an update replaces the value as a whole, so a program
+/// never reads a list the loader is halfway through rewriting.
+#[map]
+static PREFIX_LENS: HashMap<u32, PrefixLens> = HashMap::pinned(2, 0);
 #[map]
 static PEERS: HashMap<u32, PeerState> = HashMap::pinned(MAX_PEERS, 0);
 #[map]
@@ -46,8 +61,10 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 
-/// `TC_ACT_OK` / `TC_ACT_SHOT` (their binding type differs between targets).
-const OK: i32 = 0;
+/// `TC_ACT_UNSPEC` (== `TCX_NEXT`): no objection, let the next program or filter decide.
+/// Not `TC_ACT_OK` (== `TCX_PASS`), which would skip the programs attached after ours.
+const PASS: i32 = -1;
+/// `TC_ACT_SHOT`: drop. (Both are spelled out: their binding type differs between targets.)
 const SHOT: i32 = 2;
 
 /// Which address of the IP header to look up.
@@ -76,7 +93,7 @@ fn remote_peer(ctx: &TcContext, which: Addr) -> Option<u32> {
                 Addr::Dst => ETH_HLEN + 16,
             };
             let addr: [u8; 4] = ctx.load(off).ok()?;
-            REMOTE_CIDRS_V4.get(Key::new(32, addr)).copied()
+            lookup_v4(addr)
         }
         ETH_P_IPV6 => {
             let v: u8 = ctx.load(ETH_HLEN).ok()?;
@@ -91,10 +108,52 @@ fn remote_peer(ctx: &TcContext, which: Addr) -> Option<u32> {
                 Addr::Dst => ETH_HLEN + 24,
             };
             let addr: [u8; 16] = ctx.load(off).ok()?;
-            REMOTE_CIDRS_V6.get(Key::new(128, addr)).copied()
+            lookup_v6(addr)
         }
         _ => None,
     }
+}
+
+/// The prefix lengths in use for `family` (`PREFIX_LENS_V4` / `PREFIX_LENS_V6`), longest first.
+#[inline(always)]
+fn prefix_lens(family: u32) -> Option<PrefixLens> {
+    // SAFETY: PrefixLens is plain data, and the loader replaces it as a whole (hash-map update).
+    unsafe { PREFIX_LENS.get(family) }.copied()
+}
+
+/// Longest-prefix match of `addr` in `REMOTE_NETS_V4`: one hash lookup per prefix length in
+/// use, longest first, stopping at the first hit.
+#[inline(always)]
+fn lookup_v4(addr: [u8; 4]) -> Option<u32> {
+    let lens = prefix_lens(PREFIX_LENS_V4)?;
+    for i in 0..MAX_PREFIX_LENS {
+        if i >= lens.count as usize {
+            break;
+        }
+        let len = u32::from(*lens.lens.get(i)?);
+        // SAFETY: the value is a plain u32.
+        if let Some(peer) = unsafe { REMOTE_NETS_V4.get(NetKeyV4::masked(addr, len)) } {
+            return Some(*peer);
+        }
+    }
+    None
+}
+
+/// Longest-prefix match of `addr` in `REMOTE_NETS_V6` (see `lookup_v4`).
+#[inline(always)]
+fn lookup_v6(addr: [u8; 16]) -> Option<u32> {
+    let lens = prefix_lens(PREFIX_LENS_V6)?;
+    for i in 0..MAX_PREFIX_LENS {
+        if i >= lens.count as usize {
+            break;
+        }
+        let len = u32::from(*lens.lens.get(i)?);
+        // SAFETY: the value is a plain u32.
+        if let Some(peer) = unsafe { REMOTE_NETS_V6.get(NetKeyV6::masked(addr, len)) } {
+            return Some(*peer);
+        }
+    }
+    None
 }
 
 #[inline(always)]
@@ -144,7 +203,7 @@ fn count_leak(peer: u32, len: u32) {
     }
 }
 
-/// Counts a refused packet and returns the verdict: SHOT in strict mode, OK otherwise.
+/// Counts a refused packet and returns the verdict: SHOT in strict mode, PASS otherwise.
 #[inline(always)]
 fn refuse(ctx: &TcContext, cfg: &Config, peer: u32, reason: DropReason) -> i32 {
     if let Some(c) = counters(peer) {
@@ -159,7 +218,7 @@ fn refuse(ctx: &TcContext, cfg: &Config, peer: u32, reason: DropReason) -> i32 {
             }
         }
     }
-    if cfg.is_strict() { SHOT } else { OK }
+    if cfg.is_strict() { SHOT } else { PASS }
 }
 
 /// Why traffic of `peer` is not allowed, if it is not: no entry or not authenticated, no key.
@@ -195,7 +254,7 @@ pub fn tunnel_pod_ingress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_tunnel_pod_ingress(ctx: &TcContext) -> Result<i32, i32> {
     let Some(peer) = remote_peer(ctx, Addr::Dst) else {
-        return Ok(OK);
+        return Ok(PASS);
     };
     match peer_refusal(peer) {
         Ok(state) => {
@@ -203,7 +262,7 @@ fn try_tunnel_pod_ingress(ctx: &TcContext) -> Result<i32, i32> {
                 (skb_mark(ctx) & !MARK_OWNED_MASK) | encrypt_mark(peer as u16, state.epoch as u8);
             ctx.set_mark(mark);
             count_steered(peer, ctx.len());
-            Ok(OK)
+            Ok(PASS)
         }
         Err(reason) => Err(refuse(ctx, &config(), peer, reason)),
     }
@@ -220,7 +279,7 @@ pub fn tunnel_pod_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_tunnel_pod_egress(ctx: &TcContext) -> Result<i32, i32> {
     let Some(peer) = remote_peer(ctx, Addr::Src) else {
-        return Ok(OK);
+        return Ok(PASS);
     };
     let cfg = config();
     if cfg.decrypt_ifindex != 0
@@ -231,7 +290,7 @@ fn try_tunnel_pod_egress(ctx: &TcContext) -> Result<i32, i32> {
     }
     match peer_refusal(peer) {
         // Received traffic is counted by the decrypt device; nothing to count here.
-        Ok(_) => Ok(OK),
+        Ok(_) => Ok(PASS),
         Err(reason) => Err(refuse(ctx, &cfg, peer, reason)),
     }
 }
@@ -248,7 +307,7 @@ pub fn tunnel_underlay_ingress(ctx: TcContext) -> i32 {
 fn try_tunnel_underlay_ingress(ctx: &TcContext) -> Result<i32, i32> {
     // Encrypted traffic and the control channel are node-to-node, never in a pod CIDR.
     let Some(peer) = remote_peer(ctx, Addr::Src) else {
-        return Ok(OK);
+        return Ok(PASS);
     };
     Err(refuse(
         ctx,
@@ -269,7 +328,7 @@ pub fn tunnel_underlay_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_tunnel_underlay_egress(ctx: &TcContext) -> Result<i32, i32> {
     let Some(peer) = remote_peer(ctx, Addr::Dst) else {
-        return Ok(OK);
+        return Ok(PASS);
     };
     count_leak(peer, ctx.len());
     Err(refuse(ctx, &config(), peer, DropReason::UnencryptedEgress))
