@@ -21,6 +21,12 @@ if [ "${#need[@]}" -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# scapy is the independent ESP peer of the interop tests.
+if ! python3 -c 'import scapy' 2>/dev/null; then
+    echo "setup: installing scapy (PyPI)"
+    python3 -m pip install --quiet --disable-pip-version-check scapy
+fi
+
 if ! command -v cargo >/dev/null; then
     echo "setup: cargo not found; install the Rust toolchain (rustup) first" >&2
     exit 1
