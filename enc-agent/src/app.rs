@@ -438,7 +438,21 @@ pub fn cleanup(config: &Config) -> Result<(), Error> {
         links.delete_rule(r).map_err(Error::Links)?;
     }
     AyaDatapath::remove_all(&config.datapath.bpf_pin_dir).map_err(Error::Datapath)?;
+    // enc's XFRM states and policies (recognised by their marks), the block policies included.
+    let xfrm = NetlinkXfrm::new().map_err(Error::Ipsec)?;
+    let sas = enc_ipsec::xfrm::XfrmBackend::dump_sas(&xfrm)
+        .map_err(Error::Ipsec)?
+        .len();
+    let policies = enc_ipsec::xfrm::XfrmBackend::dump_policies(&xfrm)
+        .map_err(Error::Ipsec)?
+        .len();
+    let xfrm: Arc<dyn enc_ipsec::xfrm::XfrmBackend> = Arc::new(xfrm);
+    KernelIpsec::adopt(xfrm)
+        .remove_all()
+        .map_err(Error::Ipsec)?;
     info!(
+        xfrm_states = sas,
+        xfrm_policies = policies,
         routes = routes.len(),
         rules = rules.len(),
         pin_dir = %config.datapath.bpf_pin_dir.display(),

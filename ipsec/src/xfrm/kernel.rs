@@ -207,6 +207,12 @@ impl KernelIpsec {
         Ok(Self { backend })
     }
 
+    /// Wraps a backend without installing anything (for [`KernelIpsec::remove_all`] at
+    /// uninstall time).
+    pub fn adopt(backend: Arc<dyn XfrmBackend>) -> Self {
+        Self { backend }
+    }
+
     /// The XFRM backend.
     pub fn backend(&self) -> &Arc<dyn XfrmBackend> {
         &self.backend
