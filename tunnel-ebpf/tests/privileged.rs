@@ -741,6 +741,16 @@ fn privileged_attach_in_netns_survives_reload() {
 
         dp.detach_pod("encpod0").unwrap();
         dp.detach_pod("encpod0").unwrap();
+        // Unpinning drops the last reference to the link; the kernel may release it (and
+        // detach the program) from a work item a moment later.
+        for _ in 0..100 {
+            if tcx_program_count("encpod0", Hook::PodIngress) == 0
+                && tcx_program_count("encpod0", Hook::PodEgress) == 0
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(tcx_program_count("encpod0", Hook::PodIngress), 0);
         assert_eq!(tcx_program_count("encpod0", Hook::PodEgress), 0);
         assert_eq!(dp.attached().unwrap().len(), 2);

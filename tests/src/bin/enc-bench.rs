@@ -1007,13 +1007,19 @@ impl Report {
                 let _ = writeln!(m, "| {what} | {x:.2} | {y:.2} | {c:+.1}% |");
             }
             if let (Some(x), Some(y)) = (a.series(Dest::Last), b.series(Dest::Last)) {
-                let c = change(x.wall(), y.wall());
+                // The kernel's figure leaves out the time the calling thread was rescheduled
+                // (BPF_PROG_TEST_RUN stops its timer around cond_resched), so on a shared
+                // machine it is the steadier one; the wall figure is shown beside it.
+                let c = change(x.kernel(), y.kernel());
                 let _ = writeln!(
                     m,
-                    "\nenc per-packet cost (BPF_PROG_TEST_RUN, last CIDR, wall): {:.2} -> {:.2} ns, {c:+.1}%: \
-                     goal (within 5%) {}.",
+                    "\nenc per-packet cost (BPF_PROG_TEST_RUN, last CIDR, kernel): {:.0} -> {:.0} ns, \
+                     {c:+.1}% (wall: {:.2} -> {:.2} ns, {:+.1}%): goal (within 5%) {}.",
+                    x.kernel(),
+                    y.kernel(),
                     x.wall(),
                     y.wall(),
+                    change(x.wall(), y.wall()),
                     if c.abs() <= 5.0 { "MET" } else { "NOT MET" }
                 );
             }
