@@ -562,7 +562,8 @@ impl Lab {
         serde_json::from_str(&text).context("decode encctl status -o json")
     }
 
-    /// Waits until node `i` reports each of `names` authenticated with WireGuard configured.
+    /// Waits until node `i` reports each of `names` authenticated with its encryption peer
+    /// (WireGuard or IPsec) configured.
     pub fn wait_authenticated(
         &self,
         i: usize,
@@ -579,7 +580,8 @@ impl Lab {
                         .iter()
                         .find(|p| p.name == *n)
                         .with_context(|| format!("{n} not listed"))?;
-                    if p.auth != enc_api::AuthState::Authenticated || p.wireguard.is_none() {
+                    let keyed = p.wireguard.is_some() || p.ipsec.is_some();
+                    if p.auth != enc_api::AuthState::Authenticated || !keyed {
                         bail!("{n} is {:?}", p.auth);
                     }
                 }

@@ -23,15 +23,22 @@ enum Cmd {
         /// Number of nodes (2 to 9).
         #[arg(long, default_value_t = 3)]
         nodes: usize,
-        /// Keep the cluster running until Ctrl-C (prints how to reach it).
+        /// Keep the cluster running until Enter (prints how to reach it).
         #[arg(long)]
         keep: bool,
+        /// Encryption: wireguard or ipsec.
+        #[arg(long, default_value = "wireguard", value_parser = ["wireguard", "ipsec"])]
+        encryption: String,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let Cli {
-        command: Cmd::Demo { nodes, keep },
+        command: Cmd::Demo {
+            nodes,
+            keep,
+            encryption,
+        },
     } = Cli::parse();
     ensure!(
         (2..=9).contains(&nodes),
@@ -41,7 +48,13 @@ fn main() -> anyhow::Result<()> {
         enc_tests::require_root("enc-lab demo"),
         "enc-lab needs root (network namespaces)"
     );
-    let mut lab = Lab::build(&LabOptions::new("demo", nodes)).context("build the lab")?;
+    let mut opts = LabOptions::new("demo", nodes);
+    opts.encryption = if encryption == "ipsec" {
+        "ipsec"
+    } else {
+        "wireguard"
+    };
+    let mut lab = Lab::build(&opts).context("build the lab")?;
     println!(
         "==> {nodes} nodes in network namespaces {}-n1..n{nodes}; starting agents",
         lab.prefix()
