@@ -3,13 +3,10 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::{Mutex, PoisonError};
 
+use enc_sys::netlink::Conn;
 use ipnet::IpNet;
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_REQUEST,
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST};
 use netlink_packet_route::link::{LinkAttribute, LinkExtentMask, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteMetric,
@@ -17,17 +14,11 @@ use netlink_packet_route::route::{
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use netlink_sys::protocols::NETLINK_ROUTE;
 
 use crate::{
     Error, LinkBackend, LinkSnapshot, RTPROT_ENC, Result, RouteSpec, RuleFamily, RuleSpec,
 };
-
-/// Receive buffer: larger than any datagram the kernel sends for our requests (dump skbs are
-/// capped at 32 KiB); a bigger datagram is reported as an error, never silently truncated.
-const RECV_BUF_LEN: usize = 64 * 1024;
-/// How often a dump interrupted by a concurrent change (`NLM_F_DUMP_INTR`) is restarted.
-const DUMP_ATTEMPTS: usize = 5;
 
 const OP_GETLINK: &str = "RTM_GETLINK";
 const OP_NEWLINK: &str = "RTM_NEWLINK";
@@ -45,66 +36,34 @@ const OP_GETRULE: &str = "RTM_GETRULE";
 /// mutex, so one value can be shared between threads.
 #[derive(Debug)]
 pub struct RtnetlinkLinks {
-    conn: Mutex<Conn>,
+    conn: Conn<RouteNetlinkMessage>,
 }
 
-#[derive(Debug)]
-struct Conn {
-    socket: Socket,
-    seq: u32,
-    buf: Vec<u8>,
-}
-
-/// Why a request failed: the kernel refused it (errno, to be wrapped with the caller's context),
-/// or the transport failed (already an [`Error`]).
-enum Failure {
-    Kernel(io::Error),
-    Interrupted,
-    Other(Error),
-}
-
-impl Failure {
-    fn into_error(self, wrap: impl FnOnce(io::Error) -> Error) -> Error {
-        match self {
-            Self::Kernel(source) => wrap(source),
-            Self::Interrupted => wrap(io::Error::from_raw_os_error(libc::EINTR)),
-            Self::Other(error) => error,
-        }
+/// Maps a failed request: a kernel refusal (or a dump interrupted on every attempt, as `EINTR`)
+/// is wrapped by `wrap` with the caller's context; transport and decoding failures become
+/// [`Error::Socket`] and [`Error::Protocol`].
+fn into_error(failure: enc_sys::Error, wrap: impl FnOnce(io::Error) -> Error) -> Error {
+    match failure {
+        enc_sys::Error::Kernel { source, .. } => wrap(source),
+        enc_sys::Error::DumpInterrupted { .. } => wrap(io::Error::from_raw_os_error(libc::EINTR)),
+        enc_sys::Error::Syscall { call, source } => Error::Socket {
+            op: if call == "socket" { "open" } else { call },
+            source,
+        },
+        enc_sys::Error::Protocol { op, reason } => Error::Protocol { op, reason },
+        other => Error::Socket {
+            op: "netlink",
+            source: io::Error::other(other),
+        },
     }
 }
 
 impl RtnetlinkLinks {
     /// Opens a NETLINK_ROUTE socket in the current network namespace of the calling thread.
     pub fn new() -> Result<Self> {
-        let socket_err = |op| move |source| Error::Socket { op, source };
-        let mut socket = Socket::new(NETLINK_ROUTE).map_err(socket_err("open"))?;
-        socket.bind_auto().map_err(socket_err("bind"))?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(socket_err("connect"))?;
-        // Acks then carry only the header of the request, not the request itself.
-        socket
-            .set_cap_ack(true)
-            .map_err(socket_err("setsockopt NETLINK_CAP_ACK"))?;
-        Ok(Self {
-            conn: Mutex::new(Conn {
-                socket,
-                seq: 0,
-                buf: Vec::with_capacity(RECV_BUF_LEN),
-            }),
-        })
-    }
-
-    /// Sends one request and collects the replies: for a dump until `NLMSG_DONE`, otherwise until
-    /// the ack.
-    fn request(
-        &self,
-        message: RouteNetlinkMessage,
-        flags: u16,
-        op: &'static str,
-    ) -> std::result::Result<Vec<RouteNetlinkMessage>, Failure> {
-        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        conn.request(message, flags, op)
+        let conn = Conn::open(NETLINK_ROUTE)
+            .map_err(|e| into_error(e, |source| Error::Socket { op: "open", source }))?;
+        Ok(Self { conn })
     }
 
     fn get_link(&self, header_index: u32, ifname: Option<&str>) -> Result<Option<LinkSnapshot>> {
@@ -119,17 +78,17 @@ impl RtnetlinkLinks {
             .attributes
             .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
         let name_for_error = || ifname.map_or_else(|| format!("#{header_index}"), str::to_owned);
-        let replies = match self.request(
+        let replies = match self.conn.request(
             RouteNetlinkMessage::GetLink(message),
             NLM_F_REQUEST | NLM_F_ACK,
             OP_GETLINK,
         ) {
             Ok(replies) => replies,
-            Err(Failure::Kernel(source)) if source.raw_os_error() == Some(libc::ENODEV) => {
+            Err(failure) if failure.kernel_errno() == Some(libc::ENODEV) => {
                 return Ok(None);
             }
             Err(failure) => {
-                return Err(failure.into_error(|source| Error::Link {
+                return Err(into_error(failure, |source| Error::Link {
                     op: OP_GETLINK,
                     ifname: name_for_error(),
                     source,
@@ -167,23 +126,17 @@ impl RtnetlinkLinks {
             table,
             source,
         };
-        let mut attempt = 0;
-        let replies = loop {
-            attempt += 1;
-            let mut message = RouteMessage::default();
-            message.header.address_family = family;
-            match self.request(
-                RouteNetlinkMessage::GetRoute(message),
-                NLM_F_REQUEST | NLM_F_DUMP,
+        let replies = self
+            .conn
+            .dump(
+                || {
+                    let mut message = RouteMessage::default();
+                    message.header.address_family = family;
+                    RouteNetlinkMessage::GetRoute(message)
+                },
                 OP_GETROUTE,
-            ) {
-                Ok(replies) => break replies,
-                Err(Failure::Interrupted) if attempt < DUMP_ATTEMPTS => {
-                    tracing::debug!(table, attempt, "route dump interrupted, restarting");
-                }
-                Err(failure) => return Err(failure.into_error(dump_error)),
-            }
-        };
+            )
+            .map_err(|failure| into_error(failure, dump_error))?;
         for reply in replies {
             let RouteNetlinkMessage::NewRoute(route) = reply else {
                 continue;
@@ -213,26 +166,6 @@ impl RtnetlinkLinks {
             }
         }
         Ok(())
-    }
-}
-
-impl RtnetlinkLinks {
-    /// A dump request, restarted when a concurrent change interrupts it.
-    fn dump(
-        &self,
-        message: impl Fn() -> RouteNetlinkMessage,
-        op: &'static str,
-    ) -> std::result::Result<Vec<RouteNetlinkMessage>, Failure> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.request(message(), NLM_F_REQUEST | NLM_F_DUMP, op) {
-                Err(Failure::Interrupted) if attempt < DUMP_ATTEMPTS => {
-                    tracing::debug!(op, attempt, "dump interrupted, restarting");
-                }
-                other => return other,
-            }
-        }
     }
 }
 
@@ -291,110 +224,6 @@ fn rule_error<'a>(op: &'static str, spec: &'a RuleSpec) -> impl FnOnce(io::Error
         table: spec.table,
         source,
     }
-}
-
-impl Conn {
-    fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.seq
-    }
-
-    fn request(
-        &mut self,
-        message: RouteNetlinkMessage,
-        flags: u16,
-        op: &'static str,
-    ) -> std::result::Result<Vec<RouteNetlinkMessage>, Failure> {
-        let seq = self.next_seq();
-        let mut header = NetlinkHeader::default();
-        header.flags = flags;
-        header.sequence_number = seq;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
-        packet.finalize();
-        let mut out = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut out);
-        let sent = self
-            .socket
-            .send(&out, 0)
-            .map_err(|source| Failure::Other(Error::Socket { op: "send", source }))?;
-        if sent != out.len() {
-            return Err(Failure::Other(Error::Protocol {
-                op,
-                reason: format!("sent {sent} of {} bytes", out.len()),
-            }));
-        }
-
-        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
-        let mut replies = Vec::new();
-        let mut interrupted = false;
-        loop {
-            self.buf.clear();
-            let len = self
-                .socket
-                .recv(&mut self.buf, libc::MSG_TRUNC)
-                .map_err(|source| Failure::Other(Error::Socket { op: "recv", source }))?;
-            if len > self.buf.len() {
-                return Err(Failure::Other(Error::Protocol {
-                    op,
-                    reason: format!(
-                        "datagram of {len} bytes exceeds the {RECV_BUF_LEN}-byte receive buffer"
-                    ),
-                }));
-            }
-            let mut offset = 0;
-            while offset < len {
-                let bytes = &self.buf[offset..len];
-                let msg_len = NetlinkBuffer::new_checked(bytes)
-                    .map(|b| b.length() as usize)
-                    .map_err(|e| protocol(op, format!("bad netlink header: {e}")))?;
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes[..msg_len])
-                    .map_err(|e| protocol(op, e.to_string()))?;
-                // NLMSG_ALIGN
-                offset += (msg_len + 3) & !3;
-                if msg.header.sequence_number != seq {
-                    tracing::debug!(
-                        got = msg.header.sequence_number,
-                        want = seq,
-                        "skipping stale netlink message"
-                    );
-                    continue;
-                }
-                if msg.header.flags & NLM_F_DUMP_INTR != 0 {
-                    interrupted = true;
-                }
-                match msg.payload {
-                    NetlinkPayload::InnerMessage(inner) => replies.push(inner),
-                    NetlinkPayload::Error(error) => {
-                        return match error.code {
-                            None if !dump => Ok(replies),
-                            None => Err(protocol(op, "ack in the middle of a dump".into())),
-                            Some(code) => {
-                                Err(Failure::Kernel(io::Error::from_raw_os_error(-code.get())))
-                            }
-                        };
-                    }
-                    NetlinkPayload::Done(done) => {
-                        return if done.code < 0 {
-                            Err(Failure::Kernel(io::Error::from_raw_os_error(-done.code)))
-                        } else if interrupted {
-                            Err(Failure::Interrupted)
-                        } else {
-                            Ok(replies)
-                        };
-                    }
-                    NetlinkPayload::Noop => {}
-                    NetlinkPayload::Overrun(_) => {
-                        return Err(protocol(op, "NLMSG_OVERRUN".into()));
-                    }
-                    _ => return Err(protocol(op, "unknown netlink payload".into())),
-                }
-            }
-        }
-    }
-}
-
-fn protocol(op: &'static str, reason: String) -> Failure {
-    Failure::Other(Error::Protocol { op, reason })
 }
 
 fn snapshot(link: &LinkMessage) -> Result<LinkSnapshot> {
@@ -545,19 +374,20 @@ impl LinkBackend for RtnetlinkLinks {
             .attributes
             .push(LinkAttribute::IfName(ifname.to_owned()));
         message.attributes.push(LinkAttribute::Mtu(mtu));
-        self.request(
-            RouteNetlinkMessage::NewLink(message),
-            NLM_F_REQUEST | NLM_F_ACK,
-            OP_NEWLINK,
-        )
-        .map(drop)
-        .map_err(|failure| {
-            failure.into_error(|source| Error::Link {
-                op: OP_NEWLINK,
-                ifname: ifname.to_owned(),
-                source,
+        self.conn
+            .request(
+                RouteNetlinkMessage::NewLink(message),
+                NLM_F_REQUEST | NLM_F_ACK,
+                OP_NEWLINK,
+            )
+            .map(drop)
+            .map_err(|failure| {
+                into_error(failure, |source| Error::Link {
+                    op: OP_NEWLINK,
+                    ifname: ifname.to_owned(),
+                    source,
+                })
             })
-        })
     }
 
     fn upsert_route(&self, spec: &RouteSpec) -> Result<()> {
@@ -567,13 +397,14 @@ impl LinkBackend for RtnetlinkLinks {
                 io::Error::from_raw_os_error(libc::ENODEV),
             ));
         };
-        self.request(
-            RouteNetlinkMessage::NewRoute(route_message(spec, oif, false)),
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-            OP_NEWROUTE,
-        )
-        .map(drop)
-        .map_err(|failure| failure.into_error(route_error(OP_NEWROUTE, spec)))
+        self.conn
+            .request(
+                RouteNetlinkMessage::NewRoute(route_message(spec, oif, false)),
+                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+                OP_NEWROUTE,
+            )
+            .map(drop)
+            .map_err(|failure| into_error(failure, route_error(OP_NEWROUTE, spec)))
     }
 
     fn delete_route(&self, spec: &RouteSpec) -> Result<()> {
@@ -582,14 +413,14 @@ impl LinkBackend for RtnetlinkLinks {
             // No device, no route through it.
             return Ok(());
         };
-        match self.request(
+        match self.conn.request(
             RouteNetlinkMessage::DelRoute(route_message(spec, oif, true)),
             NLM_F_REQUEST | NLM_F_ACK,
             OP_DELROUTE,
         ) {
             Ok(_) => Ok(()),
             Err(failure) => {
-                let error = failure.into_error(route_error(OP_DELROUTE, spec));
+                let error = into_error(failure, route_error(OP_DELROUTE, spec));
                 if error.is_not_found() {
                     Ok(())
                 } else {
@@ -610,6 +441,7 @@ impl LinkBackend for RtnetlinkLinks {
 
     fn links(&self) -> Result<Vec<LinkSnapshot>> {
         let replies = self
+            .conn
             .dump(
                 || {
                     let mut message = LinkMessage::default();
@@ -621,7 +453,7 @@ impl LinkBackend for RtnetlinkLinks {
                 OP_GETLINK,
             )
             .map_err(|failure| {
-                failure.into_error(|source| Error::Dump {
+                into_error(failure, |source| Error::Dump {
                     op: OP_GETLINK,
                     table: 0,
                     source,
@@ -638,14 +470,14 @@ impl LinkBackend for RtnetlinkLinks {
 
     fn add_rule(&self, spec: &RuleSpec) -> Result<()> {
         spec.validate()?;
-        match self.request(
+        match self.conn.request(
             RouteNetlinkMessage::NewRule(rule_message(spec)),
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | netlink_packet_core::NLM_F_EXCL,
             OP_NEWRULE,
         ) {
             Ok(_) => Ok(()),
             Err(failure) => {
-                let error = failure.into_error(rule_error(OP_NEWRULE, spec));
+                let error = into_error(failure, rule_error(OP_NEWRULE, spec));
                 if error.is_exists() {
                     Ok(())
                 } else {
@@ -657,14 +489,14 @@ impl LinkBackend for RtnetlinkLinks {
 
     fn delete_rule(&self, spec: &RuleSpec) -> Result<()> {
         spec.validate()?;
-        match self.request(
+        match self.conn.request(
             RouteNetlinkMessage::DelRule(rule_message(spec)),
             NLM_F_REQUEST | NLM_F_ACK,
             OP_DELRULE,
         ) {
             Ok(_) => Ok(()),
             Err(failure) => {
-                let error = failure.into_error(rule_error(OP_DELRULE, spec));
+                let error = into_error(failure, rule_error(OP_DELRULE, spec));
                 if error.is_not_found() {
                     Ok(())
                 } else {
@@ -678,6 +510,7 @@ impl LinkBackend for RtnetlinkLinks {
         let mut rules = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let replies = self
+                .conn
                 .dump(
                     || {
                         let mut message = RuleMessage::default();
@@ -687,7 +520,7 @@ impl LinkBackend for RtnetlinkLinks {
                     OP_GETRULE,
                 )
                 .map_err(|failure| {
-                    failure.into_error(|source| Error::Dump {
+                    into_error(failure, |source| Error::Dump {
                         op: OP_GETRULE,
                         table: 0,
                         source,

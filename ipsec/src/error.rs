@@ -60,11 +60,57 @@ pub enum Error {
 }
 
 impl Error {
+    /// Maps an error of the shared low-level layer (TUN, netlink transport), adding the
+    /// interface, address or socket (`target`) it was about. Kernel refusals of XFRM requests are
+    /// mapped by the caller into [`Error::Xfrm`], which names the state or policy.
+    pub(crate) fn from_sys(target: &str, error: enc_sys::Error) -> Self {
+        match error {
+            enc_sys::Error::InvalidIfname { ifname, reason } => Self::Invalid {
+                field: "ifname",
+                value: ifname,
+                reason: reason.to_owned(),
+            },
+            enc_sys::Error::Syscall { call, source } => Self::Syscall {
+                call,
+                target: target.to_owned(),
+                source,
+            },
+            enc_sys::Error::Protocol { op, reason } => Self::Protocol { op, reason },
+            other => Self::Syscall {
+                call: "netlink",
+                target: target.to_owned(),
+                source: io::Error::other(other),
+            },
+        }
+    }
+
     /// The OS error behind this error, if any.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
             Error::Syscall { source, .. } | Error::Xfrm { source, .. } => source.raw_os_error(),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn low_level_errors_keep_the_target() {
+        let err = Error::from_sys("esp0", enc_sys::tun::validate_ifname("esp%d").unwrap_err());
+        assert!(
+            matches!(err, Error::Invalid { field: "ifname", ref value, .. } if value == "esp%d")
+        );
+        let err = Error::from_sys(
+            "esp0",
+            enc_sys::Error::Syscall {
+                call: "ioctl(TUNSETIFF)",
+                source: io::Error::from_raw_os_error(libc::EBUSY),
+            },
+        );
+        assert_eq!(err.to_string(), "ioctl(TUNSETIFF) esp0");
+        assert_eq!(err.raw_os_error(), Some(libc::EBUSY));
     }
 }

@@ -447,29 +447,17 @@ fn validate_peer(peer: PeerId) -> Result<()> {
     Ok(())
 }
 
-/// Checks an interface name: 1 to 15 bytes, no '/', ':' or whitespace (it also names a pin).
+/// Checks an interface name (it also names a pin) with [`enc_sys::tun::validate_ifname`]: 1 to
+/// 15 bytes, no '/', '%', ':', whitespace or control characters.
 fn validate_ifname(ifname: &str) -> Result<()> {
-    let reason = if ifname.is_empty() {
-        Some("empty")
-    } else if ifname.len() > 15 {
-        Some("longer than 15 bytes")
-    } else if ifname == "." || ifname == ".." {
-        Some("reserved name")
-    } else if ifname
-        .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
-    {
-        Some("contains '/', ':', whitespace or a control character")
-    } else {
-        None
-    };
-    match reason {
-        Some(reason) => Err(Error::InvalidIfname {
+    enc_sys::tun::validate_ifname(ifname).map_err(|e| match e {
+        enc_sys::Error::InvalidIfname { ifname, reason } => Error::InvalidIfname { ifname, reason },
+        // Validation reports nothing else; keep the name in any case.
+        _ => Error::InvalidIfname {
             ifname: ifname.to_owned(),
-            reason,
-        }),
-        None => Ok(()),
-    }
+            reason: "rejected",
+        },
+    })
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsFd as _;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
@@ -24,11 +25,10 @@ use ipnet::IpNet;
 use ring::rand::{SecureRandom as _, SystemRandom};
 use serde::Serialize;
 
-use crate::allowed_ips::AllowedIps;
+use crate::AllowedIps;
 use crate::backend::{BackendKind, DeviceSnapshot, PeerSnapshot, PeerSpec, WgBackend};
 use crate::error::{Error, Result};
 use crate::keys::{PrivateKey, PublicKey};
-use crate::sys;
 
 /// How often timers run, and the longest a thread takes to notice shutdown.
 const TICK: Duration = Duration::from_millis(250);
@@ -254,7 +254,7 @@ impl BoringtunWg {
             private_key,
             listen,
         } = cfg;
-        sys::validate_ifname(&ifname)?;
+        enc_sys::tun::validate_ifname(&ifname).map_err(|e| Error::from_sys(&ifname, e))?;
         let syscall = |call: &'static str, io_error: io::Error| Error::Syscall {
             ifname: ifname.clone(),
             call,
@@ -268,7 +268,7 @@ impl BoringtunWg {
         udp.set_read_timeout(Some(TICK))
             .map_err(|e| syscall("setsockopt(SO_RCVTIMEO)", e))?;
         let local_addr = udp.local_addr().map_err(|e| syscall("getsockname", e))?;
-        let tun = sys::open_tun(&ifname)?;
+        let tun = enc_sys::tun::open(&ifname).map_err(|e| Error::from_sys(&ifname, e))?;
 
         let secret = private_key.to_static_secret();
         let static_public = x25519::PublicKey::from(&secret);
@@ -489,7 +489,7 @@ fn tun_loop(sh: &Shared) {
     let mut dst = vec![0u8; BUF_LEN];
     let mut tun = &sh.tun;
     while !sh.stopped() {
-        match sys::wait_readable(&sh.tun, TICK) {
+        match enc_sys::poll::wait_readable(sh.tun.as_fd(), TICK) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(_) => {

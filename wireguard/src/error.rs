@@ -78,6 +78,25 @@ pub enum Error {
 }
 
 impl Error {
+    /// Maps an error of the shared low-level layer, adding the interface it was about.
+    pub(crate) fn from_sys(ifname: &str, error: enc_sys::Error) -> Self {
+        match error {
+            enc_sys::Error::InvalidIfname { ifname, reason } => {
+                Self::InvalidIfname { ifname, reason }
+            }
+            enc_sys::Error::Syscall { call, source } => Self::Syscall {
+                ifname: ifname.to_owned(),
+                call,
+                io_error: source,
+            },
+            other => Self::Syscall {
+                ifname: ifname.to_owned(),
+                call: "tun",
+                io_error: io::Error::other(other),
+            },
+        }
+    }
+
     /// The OS error behind this error, if there is one.
     pub fn io_error(&self) -> Option<&io::Error> {
         match self {
@@ -100,5 +119,25 @@ impl Error {
         self.io_error().is_some_and(|e| {
             e.kind() == io::ErrorKind::AddrInUse || e.raw_os_error() == Some(libc::EBUSY)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn low_level_errors_keep_the_interface() {
+        let err = Error::from_sys("wg0", enc_sys::tun::validate_ifname("a/b").unwrap_err());
+        assert!(matches!(err, Error::InvalidIfname { ref ifname, .. } if ifname == "a/b"));
+        let err = Error::from_sys(
+            "wg0",
+            enc_sys::Error::Syscall {
+                call: "ioctl(TUNSETIFF)",
+                source: io::Error::from_raw_os_error(libc::EPERM),
+            },
+        );
+        assert_eq!(err.to_string(), "ioctl(TUNSETIFF) failed for interface wg0");
+        assert!(err.is_permission_denied());
     }
 }

@@ -10,17 +10,20 @@
 //!
 //! Key material ([`PrivateKey`], [`PresharedKey`]) is never printed and is wiped on drop.
 
-mod allowed_ips;
 mod backend;
 mod boringtun_wg;
 mod error;
 mod fake;
 mod keys;
-mod sys;
 
-pub use allowed_ips::AllowedIps;
 pub use backend::{BackendKind, DeviceSnapshot, PeerSnapshot, PeerSpec, WgBackend, overhead};
 pub use boringtun_wg::{BoringtunConfig, BoringtunWg, DropCounters};
 pub use error::{Error, Result};
 pub use fake::FakeWg;
 pub use keys::{KEY_LEN, PresharedKey, PrivateKey, PublicKey};
+
+/// A longest-prefix-match table from allowed IPs to peers (cryptokey routing).
+///
+/// Prefixes are stored truncated (host bits cleared), so `10.0.0.1/24` and `10.0.0.0/24` are the
+/// same entry. Lookups do not allocate. The table itself is [`enc_sys::lpm::PrefixTable`].
+pub type AllowedIps<V> = enc_sys::lpm::PrefixTable<V>;

@@ -19,7 +19,6 @@
 //! The device never configures the interface: MTU, addresses, link state and routes are the
 //! agent's job (over rtnetlink).
 
-mod lpm;
 mod sys;
 
 use std::collections::{BTreeMap, HashMap};
@@ -44,7 +43,7 @@ use crate::{Error, Result};
 use crate::{
     EspDrop, InboundSaSnapshot, IpsecBackend, IpsecKind, IpsecPeerSnapshot, IpsecPeerSpec, SaKeys,
 };
-use lpm::Lpm;
+use enc_sys::lpm::PrefixTable;
 use sys::RawEsp;
 
 /// The longest a thread waits before it checks whether the device is shutting down.
@@ -197,14 +196,14 @@ struct Table {
     /// Underlay address -> peer, to charge drops to the sender (lowest peer id on a tie).
     by_remote: HashMap<IpAddr, Arc<Peer>>,
     /// Inner destination prefix -> peer.
-    routes: Lpm<Arc<Peer>>,
+    routes: PrefixTable<Arc<Peer>>,
 }
 
 impl Table {
     fn build(peers: BTreeMap<u16, Arc<Peer>>) -> Self {
         let mut by_spi = HashMap::new();
         let mut by_remote = HashMap::new();
-        let mut routes = Lpm::default();
+        let mut routes = PrefixTable::default();
         for peer in peers.values() {
             for sa in &peer.inbound {
                 by_spi.insert(sa.keys.spi, (Arc::clone(peer), Arc::clone(sa)));
@@ -681,7 +680,7 @@ impl UserspaceEsp {
             replay_window,
             sa_log,
         } = cfg;
-        sys::validate_ifname(&ifname)?;
+        enc_sys::tun::validate_ifname(&ifname).map_err(|e| Error::from_sys(&ifname, e))?;
         if local.is_unspecified() || local.is_multicast() {
             return Err(invalid(
                 "local",
@@ -698,7 +697,7 @@ impl UserspaceEsp {
         }
         let sa_log = sa_log.as_deref().map(SaLog::open).transpose()?;
         let raw = RawEsp::bind(local)?;
-        let tun = sys::open_tun(&ifname)?;
+        let tun = enc_sys::tun::open(&ifname).map_err(|e| Error::from_sys(&ifname, e))?;
         let shared = Arc::new(Shared {
             ifname,
             state: State::new(local, replay_window, sa_log),
@@ -810,7 +809,7 @@ fn tun_loop(sh: &Shared) {
     let mut out = Vec::with_capacity(MAX_PACKET + esp::overhead() + 16);
     let mut tun = &sh.tun;
     while !sh.stopped() {
-        match sys::wait_readable(sh.tun.as_fd(), TICK) {
+        match enc_sys::poll::wait_readable(sh.tun.as_fd(), TICK) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(_) => {
@@ -859,7 +858,7 @@ fn raw_loop(sh: &Shared) {
                 logged = now;
             }
         }
-        match sys::wait_readable(sh.raw.as_fd(), TICK) {
+        match enc_sys::poll::wait_readable(sh.raw.as_fd(), TICK) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(_) => {

@@ -1,86 +1,13 @@
-//! The kernel calls of the userspace ESP device: a TUN interface, a raw IP-protocol-50 socket, and
-//! waiting on either. Nothing else in the device touches a file descriptor directly.
+//! The raw IP-protocol-50 socket of the userspace ESP device. The TUN interface and waiting on
+//! either descriptor come from [`enc_sys`]; nothing else in the device touches a file descriptor
+//! directly.
 
-use std::fs::{File, OpenOptions};
 use std::io;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt as _;
-use std::time::Duration;
 
 use crate::error::{Error, Result};
-
-/// `IFNAMSIZ - 1`: the longest interface name Linux accepts.
-const MAX_IFNAME_LEN: usize = 15;
-
-/// `struct ifreq` as `TUNSETIFF` reads it: the name, then the flags at the start of the 24-byte
-/// union (40 bytes in all).
-#[repr(C)]
-struct IfReqFlags {
-    name: [u8; 16],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-/// Checks that `ifname` is a name Linux accepts for an interface.
-pub(crate) fn validate_ifname(ifname: &str) -> Result<()> {
-    let reason = if ifname.is_empty() {
-        Some("empty")
-    } else if ifname.len() > MAX_IFNAME_LEN {
-        Some("longer than 15 bytes")
-    } else if ifname == "." || ifname == ".." {
-        Some("reserved name")
-    } else if ifname
-        .bytes()
-        .any(|b| matches!(b, b'/' | b'%' | b':') || b <= b' ' || b == 0x7f)
-    {
-        Some("contains '/', '%', ':', whitespace or a control character")
-    } else {
-        None
-    };
-    match reason {
-        Some(reason) => Err(Error::Invalid {
-            field: "ifname",
-            value: ifname.to_owned(),
-            reason: reason.to_owned(),
-        }),
-        None => Ok(()),
-    }
-}
-
-/// Creates the TUN interface `ifname` (IFF_TUN | IFF_NO_PI, not persistent) in the calling
-/// thread's network namespace and returns its non-blocking fd. Closing the fd removes the
-/// interface.
-pub(crate) fn open_tun(ifname: &str) -> Result<File> {
-    validate_ifname(ifname)?;
-    let syscall = |call: &'static str, source: io::Error| Error::Syscall {
-        call,
-        target: ifname.to_owned(),
-        source,
-    };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open("/dev/net/tun")
-        .map_err(|e| syscall("open /dev/net/tun", e))?;
-    let mut req = IfReqFlags {
-        name: [0; 16],
-        // 0x0001 | 0x1000 fits in a c_short.
-        flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
-        _pad: [0; 22],
-    };
-    req.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
-    // SAFETY: `file` is an open /dev/net/tun fd. TUNSETIFF reads a `struct ifreq` and writes the
-    // name back into it; IfReqFlags has the full 40-byte layout, the name is NUL-terminated
-    // (validate_ifname bounds it to 15 bytes), and `req` outlives the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &raw mut req) };
-    if rc < 0 {
-        return Err(syscall("ioctl(TUNSETIFF)", io::Error::last_os_error()));
-    }
-    Ok(file)
-}
 
 /// A socket address in the C layout, for either family.
 #[repr(C)]
@@ -230,48 +157,9 @@ impl AsFd for RawEsp {
     }
 }
 
-/// Waits until `fd` is readable (or in error) or `timeout` passes. Returns true if it is.
-pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd on our stack, nfds = 1; the fd is borrowed, so open, for the call.
-    let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted {
-            Ok(false)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(rc > 0 && pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ifname_validation() {
-        assert!(validate_ifname("esp0").is_ok());
-        assert!(validate_ifname("enc-esp-1234567").is_ok()); // 15 bytes
-        for bad in ["", "enc-esp-12345678", "a/b", "esp%d", "a b", ".", "esp:0"] {
-            assert!(
-                matches!(
-                    validate_ifname(bad),
-                    Err(Error::Invalid {
-                        field: "ifname",
-                        ..
-                    })
-                ),
-                "{bad:?}"
-            );
-        }
-    }
 
     #[test]
     fn sockaddr_round_trip() {

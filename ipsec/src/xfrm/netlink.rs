@@ -2,13 +2,10 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
 
+use enc_sys::netlink::Conn;
 use ipnet::IpNet;
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer,
-    NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
 use netlink_packet_xfrm::policy::{
     DelGetMessage as PolicyDelGetMessage, ModifyMessage as PolicyModifyMessage,
 };
@@ -21,7 +18,7 @@ use netlink_packet_xfrm::{
     XFRM_INF, XFRM_MODE_TUNNEL, XFRM_POLICY_ALLOW, XFRM_POLICY_BLOCK, XFRM_POLICY_FWD,
     XFRM_POLICY_IN, XFRM_POLICY_OUT, XFRM_STATE_ESN, XfrmAttrs, XfrmMessage,
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_XFRM};
+use netlink_sys::protocols::NETLINK_XFRM;
 use zeroize::Zeroize;
 
 use super::{
@@ -30,11 +27,8 @@ use super::{
 };
 use crate::{Error, Result};
 
-/// Receive buffer: larger than any datagram the kernel sends for our requests (dump skbs are
-/// capped well below); a bigger datagram is reported as an error, never silently truncated.
-const RECV_BUF_LEN: usize = 64 * 1024;
-/// How often a dump interrupted by a concurrent change (`NLM_F_DUMP_INTR`) is restarted.
-const DUMP_ATTEMPTS: usize = 5;
+/// The socket's name in errors.
+const NETLINK_XFRM_NAME: &str = "NETLINK_XFRM";
 
 const OP_NEWSA: &str = "XFRM_MSG_NEWSA";
 const OP_UPDSA: &str = "XFRM_MSG_UPDSA";
@@ -52,81 +46,45 @@ const OP_GETPOLICY: &str = "XFRM_MSG_GETPOLICY";
 /// requests, SA dumps) are zeroed after use.
 #[derive(Debug)]
 pub struct NetlinkXfrm {
-    conn: Mutex<Conn>,
+    conn: Conn<XfrmMessage>,
 }
 
-#[derive(Debug)]
-struct Conn {
-    socket: Socket,
-    seq: u32,
-    buf: Vec<u8>,
-}
-
-/// Why a request failed: the kernel refused it (errno, to be wrapped with the caller's context),
-/// or the transport failed (already an [`Error`]).
-enum Failure {
-    Kernel(io::Error),
-    Interrupted,
-    Other(Error),
-}
-
-impl Failure {
-    fn into_error(self, wrap: impl FnOnce(io::Error) -> Error) -> Error {
-        match self {
-            Self::Kernel(source) => wrap(source),
-            Self::Interrupted => wrap(io::Error::from_raw_os_error(libc::EINTR)),
-            Self::Other(error) => error,
-        }
+/// Maps a failed request: a kernel refusal (or a dump interrupted on every attempt, as `EINTR`)
+/// becomes [`Error::Xfrm`] naming the operation and the state or policy; transport and decoding
+/// failures keep their own variants.
+fn xfrm_error(op: &'static str, what: String) -> impl FnOnce(enc_sys::Error) -> Error {
+    move |error| match error {
+        enc_sys::Error::Kernel { source, .. } => Error::Xfrm { op, what, source },
+        enc_sys::Error::DumpInterrupted { .. } => Error::Xfrm {
+            op,
+            what,
+            source: io::Error::from_raw_os_error(libc::EINTR),
+        },
+        other => Error::from_sys(NETLINK_XFRM_NAME, other),
     }
-
-    fn errno(&self) -> Option<i32> {
-        match self {
-            Self::Kernel(source) => source.raw_os_error(),
-            _ => None,
-        }
-    }
-}
-
-fn xfrm_error(op: &'static str, what: String) -> impl FnOnce(io::Error) -> Error {
-    move |source| Error::Xfrm { op, what, source }
 }
 
 impl NetlinkXfrm {
     /// Opens a NETLINK_XFRM socket in the current network namespace of the calling thread.
     pub fn new() -> Result<Self> {
-        let socket_err = |call| {
-            move |source| Error::Syscall {
-                call,
-                target: "NETLINK_XFRM".to_owned(),
-                source,
-            }
-        };
-        let mut socket = Socket::new(NETLINK_XFRM).map_err(socket_err("socket"))?;
-        socket.bind_auto().map_err(socket_err("bind"))?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(socket_err("connect"))?;
-        // Acks then carry only the header of the request, not the request (and its key).
-        socket
-            .set_cap_ack(true)
-            .map_err(socket_err("setsockopt NETLINK_CAP_ACK"))?;
-        Ok(Self {
-            conn: Mutex::new(Conn {
-                socket,
-                seq: 0,
-                buf: Vec::with_capacity(RECV_BUF_LEN),
-            }),
-        })
+        // Acks carry only the header of the request, not the request (and its key); requests
+        // are wiped once serialised and the buffers zeroed after use.
+        let conn = Conn::open(NETLINK_XFRM)
+            .map_err(|e| Error::from_sys(NETLINK_XFRM_NAME, e))?
+            .scrubbing(wipe_keys);
+        Ok(Self { conn })
     }
 
+    /// Sends a request that is answered by an ack (never a dump), and wipes any reply.
     fn request(
         &self,
         message: XfrmMessage,
         flags: u16,
         op: &'static str,
-    ) -> std::result::Result<Vec<XfrmMessage>, Failure> {
-        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        conn.request(message, flags, op)
+    ) -> std::result::Result<(), enc_sys::Error> {
+        let mut replies = self.conn.request(message, flags, op)?;
+        replies.iter_mut().for_each(wipe_keys);
+        Ok(())
     }
 
     /// A dump request, restarted when a concurrent change interrupts it.
@@ -135,22 +93,12 @@ impl NetlinkXfrm {
         message: impl Fn() -> XfrmMessage,
         op: &'static str,
     ) -> Result<Vec<XfrmMessage>> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.request(message(), NLM_F_REQUEST | NLM_F_DUMP, op) {
-                Err(Failure::Interrupted) if attempt < DUMP_ATTEMPTS => {
-                    tracing::debug!(op, attempt, "XFRM dump interrupted, restarting");
-                }
-                Ok(replies) => return Ok(replies),
-                Err(failure) => {
-                    return Err(failure.into_error(xfrm_error(op, "dump".to_owned())));
-                }
-            }
-        }
+        self.conn
+            .dump(message, op)
+            .map_err(xfrm_error(op, "dump".to_owned()))
     }
 
-    fn sa_request(&self, sa: &SaSpec, update: bool) -> std::result::Result<(), Failure> {
+    fn sa_request(&self, sa: &SaSpec, update: bool) -> std::result::Result<(), enc_sys::Error> {
         let (message, op) = if update {
             (XfrmMessage::UpdateSa(sa_message(sa)), OP_UPDSA)
         } else {
@@ -162,143 +110,8 @@ impl NetlinkXfrm {
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
         };
         // `request` wipes the key from the message and from the serialised copy.
-        self.request(message, flags, op).map(drop)
+        self.request(message, flags, op)
     }
-}
-
-impl Conn {
-    fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.seq
-    }
-
-    fn request(
-        &mut self,
-        message: XfrmMessage,
-        flags: u16,
-        op: &'static str,
-    ) -> std::result::Result<Vec<XfrmMessage>, Failure> {
-        let seq = self.next_seq();
-        let mut header = NetlinkHeader::default();
-        header.flags = flags;
-        header.sequence_number = seq;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
-        packet.finalize();
-        let mut out = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut out);
-        if let NetlinkPayload::InnerMessage(inner) = &mut packet.payload {
-            wipe_keys(inner);
-        }
-        let sent = self.socket.send(&out, 0);
-        let len = out.len();
-        out.zeroize();
-        let sent = sent.map_err(|source| {
-            Failure::Other(Error::Syscall {
-                call: "send",
-                target: "NETLINK_XFRM".to_owned(),
-                source,
-            })
-        })?;
-        if sent != len {
-            return Err(protocol(op, format!("sent {sent} of {len} bytes")));
-        }
-        let result = self.receive(seq, flags & NLM_F_DUMP == NLM_F_DUMP, op);
-        // Dumps of SAs carry keys; so may an error message echoing a request.
-        self.buf.zeroize();
-        result
-    }
-
-    fn receive(
-        &mut self,
-        seq: u32,
-        dump: bool,
-        op: &'static str,
-    ) -> std::result::Result<Vec<XfrmMessage>, Failure> {
-        let mut replies = Vec::new();
-        let mut interrupted = false;
-        loop {
-            self.buf.clear();
-            let len = self
-                .socket
-                .recv(&mut self.buf, libc::MSG_TRUNC)
-                .map_err(|source| {
-                    Failure::Other(Error::Syscall {
-                        call: "recv",
-                        target: "NETLINK_XFRM".to_owned(),
-                        source,
-                    })
-                })?;
-            if len > self.buf.len() {
-                return Err(protocol(
-                    op,
-                    format!(
-                        "datagram of {len} bytes exceeds the {RECV_BUF_LEN}-byte receive buffer"
-                    ),
-                ));
-            }
-            let mut offset = 0;
-            while offset < len {
-                let bytes = &self.buf[offset..len];
-                let msg_len = NetlinkBuffer::new_checked(bytes)
-                    .map(|b| b.length() as usize)
-                    .map_err(|e| protocol(op, format!("bad netlink header: {e}")))?;
-                if msg_len > bytes.len() || msg_len == 0 {
-                    return Err(protocol(op, format!("bad netlink length {msg_len}")));
-                }
-                let msg = NetlinkMessage::<XfrmMessage>::deserialize(&bytes[..msg_len])
-                    .map_err(|e| protocol(op, e.to_string()))?;
-                // NLMSG_ALIGN
-                offset += (msg_len + 3) & !3;
-                if msg.header.sequence_number != seq {
-                    tracing::debug!(
-                        got = msg.header.sequence_number,
-                        want = seq,
-                        "skipping stale netlink message"
-                    );
-                    continue;
-                }
-                if msg.header.flags & NLM_F_DUMP_INTR != 0 {
-                    interrupted = true;
-                }
-                match msg.payload {
-                    NetlinkPayload::InnerMessage(mut inner) => {
-                        if dump {
-                            replies.push(inner);
-                        } else {
-                            wipe_keys(&mut inner);
-                        }
-                    }
-                    NetlinkPayload::Error(error) => {
-                        return match error.code {
-                            None if !dump => Ok(replies),
-                            None => Err(protocol(op, "ack in the middle of a dump".into())),
-                            Some(code) => {
-                                Err(Failure::Kernel(io::Error::from_raw_os_error(-code.get())))
-                            }
-                        };
-                    }
-                    NetlinkPayload::Done(done) => {
-                        return if done.code < 0 {
-                            Err(Failure::Kernel(io::Error::from_raw_os_error(-done.code)))
-                        } else if interrupted {
-                            Err(Failure::Interrupted)
-                        } else {
-                            Ok(replies)
-                        };
-                    }
-                    NetlinkPayload::Noop => {}
-                    NetlinkPayload::Overrun(_) => {
-                        return Err(protocol(op, "NLMSG_OVERRUN".into()));
-                    }
-                    _ => return Err(protocol(op, "unknown netlink payload".into())),
-                }
-            }
-        }
-    }
-}
-
-fn protocol(op: &'static str, reason: String) -> Failure {
-    Failure::Other(Error::Protocol { op, reason })
 }
 
 /// Zeroes any key material a message holds.
@@ -594,10 +407,10 @@ impl XfrmBackend for NetlinkXfrm {
         let what = || sa.id().to_string();
         match self.sa_request(sa, false) {
             Ok(()) => Ok(()),
-            Err(failure) if failure.errno() == Some(libc::EEXIST) => self
+            Err(failure) if failure.kernel_errno() == Some(libc::EEXIST) => self
                 .sa_request(sa, true)
-                .map_err(|failure| failure.into_error(xfrm_error(OP_UPDSA, what()))),
-            Err(failure) => Err(failure.into_error(xfrm_error(OP_NEWSA, what()))),
+                .map_err(xfrm_error(OP_UPDSA, what())),
+            Err(failure) => Err(xfrm_error(OP_NEWSA, what())(failure)),
         }
     }
 
@@ -617,8 +430,8 @@ impl XfrmBackend for NetlinkXfrm {
             OP_DELSA,
         ) {
             Ok(_) => Ok(()),
-            Err(failure) if failure.errno() == Some(libc::ESRCH) => Ok(()),
-            Err(failure) => Err(failure.into_error(xfrm_error(OP_DELSA, id.to_string()))),
+            Err(failure) if failure.kernel_errno() == Some(libc::ESRCH) => Ok(()),
+            Err(failure) => Err(xfrm_error(OP_DELSA, id.to_string())(failure)),
         }
     }
 
@@ -646,8 +459,7 @@ impl XfrmBackend for NetlinkXfrm {
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
             OP_UPDPOLICY,
         )
-        .map(drop)
-        .map_err(|failure| failure.into_error(xfrm_error(OP_UPDPOLICY, p.to_string())))
+        .map_err(xfrm_error(OP_UPDPOLICY, p.to_string()))
     }
 
     fn delete_policy(&self, p: &PolicySpec) -> Result<()> {
@@ -658,8 +470,8 @@ impl XfrmBackend for NetlinkXfrm {
             OP_DELPOLICY,
         ) {
             Ok(_) => Ok(()),
-            Err(failure) if failure.errno() == Some(libc::ENOENT) => Ok(()),
-            Err(failure) => Err(failure.into_error(xfrm_error(OP_DELPOLICY, p.to_string()))),
+            Err(failure) if failure.kernel_errno() == Some(libc::ENOENT) => Ok(()),
+            Err(failure) => Err(xfrm_error(OP_DELPOLICY, p.to_string())(failure)),
         }
     }
 
@@ -684,7 +496,7 @@ mod tests {
     use super::*;
     use crate::SaKeys;
     use crate::xfrm::{OUT_MARK_MASK, PRIORITY_PEER, encrypt_mark};
-    use netlink_packet_core::Emitable;
+    use netlink_packet_core::{Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 
     fn sa(esn: bool, window: u32) -> SaSpec {
         SaSpec {

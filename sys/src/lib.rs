@@ -1,0 +1,22 @@
+//! The shared bottom layer of enc's backend crates.
+//!
+//! The backends (`enc-wireguard`, `enc-ipsec`, `enc-geneve-vxlan`, `enc-tunnel-ebpf`) must not
+//! depend on each other, yet need the same small pieces of kernel plumbing. Those live here, once:
+//!
+//! - [`tun`]: interface-name validation and opening a TUN device;
+//! - [`poll`]: waiting for a descriptor to become readable;
+//! - [`lpm`]: a longest-prefix-match table from IP prefixes to values;
+//! - [`netlink`]: a synchronous netlink connection (request, ack, dump) generic over the message
+//!   family.
+//!
+//! This crate depends on no enc crate. Its [`Error`] is deliberately small and carries no
+//! caller context: each backend maps it into its own error, adding the interface, SA or route
+//! the call was about.
+
+pub mod error;
+pub mod lpm;
+pub mod netlink;
+pub mod poll;
+pub mod tun;
+
+pub use error::{Error, Result};

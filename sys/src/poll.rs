@@ -1,0 +1,53 @@
+//! Waiting for a descriptor to become readable.
+
+use std::io;
+use std::os::fd::{AsRawFd as _, BorrowedFd};
+use std::time::Duration;
+
+/// Waits until `fd` is readable (or in error, or hung up) or `timeout` passes.
+///
+/// Returns true if the fd is ready. A signal interrupting the wait counts as a timeout
+/// (`Ok(false)`), so callers simply loop. Timeouts beyond `c_int::MAX` milliseconds are clamped.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is one valid pollfd on our stack and we pass nfds = 1; the fd is borrowed,
+    // so it stays open for the whole call.
+    let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(rc > 0 && pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+    use std::os::fd::AsFd as _;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn readable_only_once_written() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        assert!(!wait_readable(b.as_fd(), Duration::from_millis(10)).unwrap());
+        a.write_all(b"x").unwrap();
+        assert!(wait_readable(b.as_fd(), Duration::from_secs(5)).unwrap());
+    }
+
+    #[test]
+    fn hangup_counts_as_ready() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(a);
+        assert!(wait_readable(b.as_fd(), Duration::from_secs(5)).unwrap());
+    }
+}
