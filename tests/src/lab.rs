@@ -499,6 +499,30 @@ impl Lab {
         Ok(peers.peers)
     }
 
+    /// Adds another host on the underlay bridge: a namespace `<prefix>-x` whose `eth0` holds
+    /// `addr` (with prefix) — an outsider for tests that inject packets onto the wire.
+    pub fn underlay_host(&self, addr: &str) -> anyhow::Result<Netns> {
+        let ns = Netns::new(&format!("{}-x", self.prefix))?;
+        self.underlay.run(&[
+            "ip",
+            "link",
+            "add",
+            "x0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        self.underlay
+            .run(&["ip", "link", "set", "x0", "master", "br0", "up"])?;
+        ns.run(&["ip", "addr", "add", addr, "dev", "eth0"])?;
+        ns.run(&["ip", "link", "set", "eth0", "up"])?;
+        Ok(ns)
+    }
+
     /// Gives node `i` (agent stopped) a certificate from a foreign CA, and makes it trust only
     /// that CA: from then on the cluster refuses it and it refuses the cluster.
     pub fn switch_to_foreign_ca(&self, i: usize) -> anyhow::Result<()> {

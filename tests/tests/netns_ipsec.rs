@@ -158,24 +158,7 @@ fn privileged_ipsec_userspace_three_nodes() {
             .nth(3)
             .context("no ESP packet from node-2 to node-1 captured")?;
         let packet = sample.data[14..].to_vec();
-        let x = Netns::new(&format!("{}-x", lab.prefix()))?;
-        lab.underlay.run(&[
-            "ip",
-            "link",
-            "add",
-            "x0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            x.name(),
-        ])?;
-        lab.underlay
-            .run(&["ip", "link", "set", "x0", "master", "br0", "up"])?;
-        x.run(&["ip", "addr", "add", "10.77.0.99/24", "dev", "eth0"])?;
-        x.run(&["ip", "link", "set", "eth0", "up"])?;
+        let x = lab.underlay_host("10.77.0.99/24")?;
 
         let replays = esp_drops(&lab, 1, "node-2", "replay")?;
         inject(&x, packet.clone(), n1)?;

@@ -136,25 +136,8 @@ fn privileged_strict_mode_follows_authentication() {
 
 /// An attacker on the underlay, holding an address inside node-2's pod CIDR.
 fn attacker(lab: &Lab) -> anyhow::Result<Netns> {
-    let ns = Netns::new(&format!("{}-x", lab.prefix()))?;
-    lab.underlay.run(&[
-        "ip",
-        "link",
-        "add",
-        "x0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        ns.name(),
-    ])?;
-    lab.underlay
-        .run(&["ip", "link", "set", "x0", "master", "br0", "up"])?;
-    ns.run(&["ip", "addr", "add", "10.77.0.99/24", "dev", "eth0"])?;
+    let ns = lab.underlay_host("10.77.0.99/24")?;
     ns.run(&["ip", "addr", "add", "10.78.2.99/32", "dev", "eth0"])?;
-    ns.run(&["ip", "link", "set", "eth0", "up"])?;
     ns.run(&["ip", "route", "add", "10.78.1.0/24", "via", "10.77.0.1"])?;
     Ok(ns)
 }
