@@ -14,6 +14,80 @@ pub const STATUS_PATH: &str = "/v1/status";
 /// `GET`: [`Peers`], one entry per expected peer.
 pub const PEERS_PATH: &str = "/v1/peers";
 
+/// `POST` a [`RotateRequest`]: start a key rotation; answers [`RotateResponse`].
+pub const ROTATE_PATH: &str = "/v1/rotate";
+
+/// Body of a rotation request.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RotateRequest {
+    /// Rotate only with this peer; every authenticated peer when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+}
+
+/// Answer to a rotation request: one entry per peer whose rotation was started or joined.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotateResponse {
+    /// The rotations, sorted by peer name.
+    pub rotations: Vec<RotationStarted>,
+}
+
+/// A rotation started (or an in-flight one joined) with one peer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationStarted {
+    /// Peer node name.
+    pub peer: String,
+    /// Epoch in use when the request arrived.
+    pub from_epoch: Option<u32>,
+    /// Epoch the rotation reaches; it is complete when `lastCompletedEpoch` reaches it.
+    pub target_epoch: u32,
+}
+
+/// Key rotation state with one peer (from this node's side).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationInfo {
+    /// `leader` (this node drives rotations with the peer) or `follower`.
+    pub side: String,
+    /// Epoch this node sends with.
+    pub outbound_epoch: Option<u32>,
+    /// Epochs this node accepts.
+    pub inbound_epochs: Vec<u32>,
+    /// `idle`, `requested`, `prepared`, `acked` or `committed`.
+    pub phase: String,
+    /// Epoch being rotated to.
+    pub target_epoch: Option<u32>,
+    /// Seconds in the current phase.
+    pub phase_age_seconds: Option<u64>,
+    /// Set when the rotation waits on the peer too long: `rotation stuck: no ack since ...`.
+    pub stuck: Option<String>,
+    /// Rotations completed in the current control session.
+    pub completed: u64,
+    /// Last epoch whose rotation completed (old keys retired).
+    pub last_completed_epoch: Option<u32>,
+    /// Seconds since that completion.
+    pub last_completed_seconds_ago: Option<u64>,
+}
+
+/// Key state of the node: keys installed against keys expected, and rotations.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeysSummary {
+    /// Keys the datapath reports installed (per peer: outbound plus each inbound epoch).
+    pub in_use: usize,
+    /// Keys the agent expects installed.
+    pub expected: usize,
+    /// Peers with a rotation in progress.
+    pub rotations_in_progress: usize,
+    /// Peers whose rotation is stuck.
+    pub stuck_peers: Vec<String>,
+    /// Scheduled rotation interval in seconds (`None`: no schedule).
+    pub rotation_interval_seconds: Option<u64>,
+}
+
 /// Body of every non-2xx answer.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApiError {
@@ -41,6 +115,8 @@ pub struct Status {
     pub peers: PeerCounts,
     /// The eBPF datapath: attachment, strict mode, counters summed over peers.
     pub datapath: DatapathInfo,
+    /// Keys in use against keys expected, and rotations.
+    pub keys: KeysSummary,
 }
 
 /// The eBPF datapath that marks, steers and polices inter-node pod traffic.
@@ -272,6 +348,9 @@ pub struct PeerInfo {
     pub wireguard: Option<WgPeerInfo>,
     /// IPsec state of the peer, when configured in the datapath.
     pub ipsec: Option<IpsecPeerInfo>,
+    /// Key rotation state (present while a control session is up).
+    #[serde(default)]
+    pub rotation: Option<RotationInfo>,
     /// Datapath id of the peer (bits 31..16 of the skb mark).
     pub datapath_id: u16,
     /// eBPF counters of traffic to and from the peer's pod CIDR.

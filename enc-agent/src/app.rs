@@ -5,7 +5,9 @@ use crate::backend::Crypto;
 use crate::config::{Config, EncryptionConfig};
 use crate::control::proto::{Hello, PROTOCOL_VERSION, WireguardAnnounce};
 use crate::control::session::Timing;
-use crate::peers::{Desired, ENC_TABLE, PeerTable, Role};
+use crate::peers::{Auth, Desired, ENC_TABLE, PeerTable, Role};
+use enc_key_manager::Epoch;
+use enc_key_manager::rotation::{Rotation, RotationTiming};
 use crate::reconcile::{attach_pods, reconcile};
 use enc_certs::NodeIdentity;
 use enc_geneve_vxlan::{LinkBackend, RtnetlinkLinks, mtu};
@@ -13,7 +15,7 @@ use enc_ipsec::IpsecBackend;
 use enc_ipsec::userspace::{UserspaceConfig, UserspaceEsp};
 use enc_ipsec::xfrm::{KernelIpsec, NetlinkXfrm, probe_esp_gcm};
 use enc_tunnel_ebpf::{AyaDatapath, Datapath, DatapathConfig as DpConfig};
-use enc_wireguard::{BoringtunConfig, BoringtunWg, PrivateKey};
+use enc_wireguard::{BoringtunConfig, BoringtunWg, PrivateKey, PublicKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -56,7 +58,58 @@ pub struct Shared {
     pub timing: Timing,
     table: Mutex<PeerTable>,
     reconcile: Notify,
+    /// Serialises reconcile passes (the periodic reconciler and the sessions' key steps).
+    reconcile_lock: Mutex<()>,
     next_session: AtomicU64,
+    /// Per peer: the session that currently runs its rotation, and how to reach it.
+    rotators: Mutex<HashMap<String, (u64, tokio::sync::mpsc::Sender<RotateCmd>)>>,
+    /// When the WireGuard static key pair was last rolled (or created).
+    wg_key_rolled: Mutex<Instant>,
+}
+
+/// An operator's rotation request, sent to the session task of one peer.
+#[derive(Debug)]
+pub struct RotateCmd {
+    /// Gets the epoch in use and the target epoch, or why the session cannot rotate.
+    pub reply: tokio::sync::oneshot::Sender<Result<(Option<Epoch>, Epoch), String>>,
+}
+
+/// Why a rotation request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RotateRefusal {
+    /// No expected peer has this name.
+    #[error("no peer named {0:?} is expected by this node")]
+    UnknownPeer(String),
+    /// The peer has no control session to rotate over.
+    #[error("peer {peer:?} is not authenticated ({state}); nothing to rotate")]
+    NotConnected {
+        /// The peer.
+        peer: String,
+        /// Its authentication state.
+        state: String,
+    },
+    /// No peer is authenticated.
+    #[error("no peer is authenticated; nothing to rotate")]
+    NoPeers,
+}
+
+impl RotateRefusal {
+    /// The HTTP status of the refusal in the status API.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            RotateRefusal::UnknownPeer(_) => 404,
+            RotateRefusal::NotConnected { .. } | RotateRefusal::NoPeers => 409,
+        }
+    }
+}
+
+/// Bytes and ESP sequence number sent to one peer, as the backend reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerTx {
+    /// Bytes sent to the peer (all epochs).
+    pub bytes: u64,
+    /// Sequence number of the outbound ESP SA in use (IPsec only).
+    pub esp_seq: Option<u64>,
 }
 
 impl Shared {
@@ -76,12 +129,222 @@ impl Shared {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The hello this node sends to every peer.
-    pub fn hello(&self) -> Hello {
+    /// Timers of the rotation protocol, from the configuration.
+    pub fn rotation_timing(&self) -> RotationTiming {
+        RotationTiming {
+            grace: self.config.rotation.grace_period,
+            stuck_after: self.config.rotation.stuck_after,
+            resend: Duration::from_secs(2),
+        }
+    }
+
+    /// Makes `tx` the way to reach the rotation of `peer`'s session `session_id`.
+    pub fn register_rotator(
+        &self,
+        peer: &str,
+        session_id: u64,
+        tx: tokio::sync::mpsc::Sender<RotateCmd>,
+    ) {
+        self.rotators
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer.to_owned(), (session_id, tx));
+    }
+
+    /// Forgets the rotation of a session that ended (a newer session's stays).
+    pub fn unregister_rotator(&self, peer: &str, session_id: u64) {
+        let mut r = self.rotators.lock().unwrap_or_else(|p| p.into_inner());
+        if r.get(peer).is_some_and(|(id, _)| *id == session_id) {
+            r.remove(peer);
+        }
+    }
+
+    /// Starts a rotation with `peer`, or with every authenticated peer.
+    pub async fn request_rotation(
+        &self,
+        peer: Option<&str>,
+    ) -> Result<Vec<enc_api::RotationStarted>, RotateRefusal> {
+        let targets: Vec<(String, tokio::sync::mpsc::Sender<RotateCmd>)> = {
+            let table = self.table();
+            let rotators = self.rotators.lock().unwrap_or_else(|p| p.into_inner());
+            match peer {
+                Some(name) => {
+                    let entry = table
+                        .get(name)
+                        .ok_or_else(|| RotateRefusal::UnknownPeer(name.to_owned()))?;
+                    let tx = rotators
+                        .get(name)
+                        .filter(|_| entry.auth == Auth::Authenticated)
+                        .ok_or_else(|| RotateRefusal::NotConnected {
+                            peer: name.to_owned(),
+                            state: match &entry.auth {
+                                Auth::Pending(d) => format!("pending: {d}"),
+                                Auth::Failed(r) => format!("failed: {r}"),
+                                Auth::Authenticated => "authenticated, session starting".into(),
+                            },
+                        })?;
+                    vec![(name.to_owned(), tx.1.clone())]
+                }
+                None => table
+                    .iter()
+                    .filter(|e| e.auth == Auth::Authenticated)
+                    .filter_map(|e| {
+                        rotators
+                            .get(&e.config.name)
+                            .map(|(_, tx)| (e.config.name.clone(), tx.clone()))
+                    })
+                    .collect(),
+            }
+        };
+        if targets.is_empty() {
+            return Err(RotateRefusal::NoPeers);
+        }
+        if peer.is_none()
+            && let Err(e) = self.roll_wg_key()
+        {
+            warn!(error = %format_chain(&e), "cannot roll the WireGuard static key; rotating preshared keys only");
+        }
+        let mut started = Vec::new();
+        for (name, tx) in targets {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            let answer = match tx.send(RotateCmd { reply }).await {
+                Ok(()) => rx.await.unwrap_or_else(|_| Err("the session ended".into())),
+                Err(_) => Err("the session ended".into()),
+            };
+            match answer {
+                Ok((from, target)) => started.push(enc_api::RotationStarted {
+                    peer: name,
+                    from_epoch: from.map(|e| e.0),
+                    target_epoch: target.0,
+                }),
+                Err(state) if peer.is_some() => {
+                    return Err(RotateRefusal::NotConnected { peer: name, state });
+                }
+                Err(state) => warn!(peer = %name, %state, "cannot rotate with this peer now"),
+            }
+        }
+        if started.is_empty() {
+            return Err(RotateRefusal::NoPeers);
+        }
+        Ok(started)
+    }
+
+    /// What the backend reports sent to `peer`.
+    pub fn peer_tx(&self, peer: &str) -> Option<PeerTx> {
+        let (id, wg_key, out_spi) = {
+            let t = self.table();
+            let e = t.get(peer)?;
+            // The WireGuard peer is known by the key bound to the outbound epoch.
+            let wg_key = e
+                .outbound
+                .and_then(|o| e.wg_keys.get(&o))
+                .map(|(_, r)| *r)
+                .or_else(|| e.keys.as_ref().and_then(|k| k.wg).map(|(k, _)| k));
+            (e.id, wg_key, e.outbound_keys().map(|k| k.esp_out.spi))
+        };
+        match &self.crypto {
+            Crypto::Wireguard(wg) => {
+                let key = wg_key?;
+                let dump = wg.dump().ok()?;
+                let p = dump.peers.iter().find(|p| p.public_key == key)?;
+                Some(PeerTx {
+                    bytes: p.tx_bytes,
+                    esp_seq: None,
+                })
+            }
+            Crypto::Ipsec(ipsec) => {
+                let peers = ipsec.peers().ok()?;
+                let p = peers.iter().find(|p| p.peer_id == id)?;
+                Some(PeerTx {
+                    bytes: p.tx_bytes,
+                    esp_seq: (Some(p.out_spi) == out_spi).then_some(p.out_seq),
+                })
+            }
+        }
+    }
+
+    /// Whether an automatic trigger asks for a rotation with `peer` now, and which.
+    pub fn rotation_due(
+        &self,
+        peer: &str,
+        rotation: &Rotation,
+        tx_base: u64,
+        now: Instant,
+    ) -> Option<String> {
+        if rotation.in_progress() || rotation.outbound().is_none() {
+            return None;
+        }
+        let cfg = &self.config.rotation;
+        let switched = self.table().get(peer).and_then(|e| e.switched_at)?;
+        let why = rotation_trigger(
+            cfg,
+            now.saturating_duration_since(switched),
+            self.peer_tx(peer),
+            tx_base,
+        )?;
+        if let (Trigger::Schedule, Some(interval)) = (&why, cfg.interval) {
+            self.roll_wg_key_if_older(interval / 2);
+        }
+        Some(why.to_string())
+    }
+
+    /// This node's current WireGuard static public key (WireGuard only).
+    pub fn wg_public_key(&self) -> Option<PublicKey> {
+        match &self.crypto {
+            Crypto::Wireguard(wg) => Some(wg.public_key()),
+            Crypto::Ipsec(_) => None,
+        }
+    }
+
+    /// Rolls this node's WireGuard static key pair: the new key becomes the device's primary
+    /// and is bound to every epoch prepared from now on; the old one stays for the peers
+    /// whose installed epochs still use it and goes when none does.
+    pub fn roll_wg_key(&self) -> Result<(), Error> {
+        let Crypto::Wireguard(wg) = &self.crypto else {
+            return Ok(());
+        };
+        let old = wg.public_key();
+        let new = wg
+            .add_private_key(PrivateKey::generate().map_err(Error::Wireguard)?)
+            .map_err(Error::Wireguard)?;
+        *self
+            .wg_key_rolled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        info!(old = %old, new = %new, "rolled the WireGuard static key pair; peers adopt it at their next epoch");
+        Ok(())
+    }
+
+    /// Rolls the static key if it is older than `age` (the schedule rolls it once per round).
+    fn roll_wg_key_if_older(&self, age: Duration) {
+        let rolled = *self
+            .wg_key_rolled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if rolled.elapsed() >= age
+            && let Err(e) = self.roll_wg_key()
+        {
+            warn!(error = %format_chain(&e), "cannot roll the WireGuard static key");
+        }
+    }
+
+    /// Brings the datapath to the table's state now, serialised with the reconciler.
+    pub fn apply_now(&self) -> Result<(), Error> {
+        let _guard = self
+            .reconcile_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let desired = self.desired();
+        reconcile(&desired, &self.crypto, self.links.as_ref(), self.dp.as_ref()).map(|_| ())
+    }
+
+    /// The hello this node sends to `peer`.
+    pub fn hello(&self, peer: &str) -> Hello {
         Hello {
             protocol: PROTOCOL_VERSION,
             node: self.config.node.name.clone(),
             encryption: self.crypto.type_name().to_owned(),
+            epoch: self.table().get(peer).map_or(0, |e| e.max_epoch()),
             wireguard: match &self.crypto {
                 Crypto::Wireguard(wg) => Some(WireguardAnnounce {
                     public_key: wg.public_key().to_string(),
@@ -135,6 +398,47 @@ impl Shared {
             }
         }
     }
+}
+
+/// Why an automatic rotation is due.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// The configured interval passed since the last switch.
+    Schedule,
+    /// The outbound ESP sequence number reached the threshold.
+    EspSeq(u64),
+    /// This many bytes were sent under the epoch.
+    Bytes(u64),
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trigger::Schedule => f.write_str("scheduled rotation interval reached"),
+            Trigger::EspSeq(s) => write!(f, "ESP sequence number {s} reached the threshold"),
+            Trigger::Bytes(b) => write!(f, "{b} bytes sent under this epoch reached the threshold"),
+        }
+    }
+}
+
+/// Which automatic trigger, if any, asks for a rotation: `since_switch` is the time since the
+/// outbound epoch last changed, `tx` what the backend reports sent, `tx_base` the bytes sent
+/// when the epoch started.
+pub fn rotation_trigger(
+    cfg: &crate::config::RotationConfig,
+    since_switch: Duration,
+    tx: Option<PeerTx>,
+    tx_base: u64,
+) -> Option<Trigger> {
+    if cfg.interval.is_some_and(|i| since_switch >= i) {
+        return Some(Trigger::Schedule);
+    }
+    let tx = tx?;
+    if let Some(seq) = tx.esp_seq.filter(|s| *s >= cfg.esp_seq_threshold) {
+        return Some(Trigger::EspSeq(seq));
+    }
+    let sent = tx.bytes.saturating_sub(tx_base);
+    (sent >= cfg.bytes_threshold).then_some(Trigger::Bytes(sent))
 }
 
 /// Shortest interval between two leak log events for one peer.
@@ -363,7 +667,10 @@ pub async fn run(
         started: Instant::now(),
         timing: Timing::default(),
         reconcile: Notify::new(),
+        reconcile_lock: Mutex::new(()),
         next_session: AtomicU64::new(1),
+        rotators: Mutex::new(HashMap::new()),
+        wg_key_rolled: Mutex::new(Instant::now()),
     });
 
     // First reconcile before any peer is reachable: routes for every peer go into the
@@ -475,6 +782,10 @@ fn reconcile_once(shared: &Shared) {
         }
         Err(e) => warn!(error = %format_chain(&e), "attaching pod programs failed; will retry"),
     }
+    let _guard = shared
+        .reconcile_lock
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     let desired = shared.desired();
     match reconcile(
         &desired,
@@ -509,4 +820,49 @@ pub fn format_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RotationConfig;
+
+    fn cfg() -> RotationConfig {
+        RotationConfig {
+            interval: Some(Duration::from_secs(3600)),
+            grace_period: Duration::from_secs(10),
+            stuck_after: Duration::from_secs(10),
+            esp_seq_threshold: 1_000_000,
+            bytes_threshold: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn triggers() {
+        let c = cfg();
+        let tx = |bytes, esp_seq| Some(PeerTx { bytes, esp_seq });
+        let min = Duration::from_secs(60);
+        assert_eq!(rotation_trigger(&c, min, tx(0, Some(5)), 0), None);
+        assert_eq!(rotation_trigger(&c, min, None, 0), None);
+        assert_eq!(
+            rotation_trigger(&c, Duration::from_secs(3600), None, 0),
+            Some(Trigger::Schedule)
+        );
+        assert_eq!(
+            rotation_trigger(&c, min, tx(0, Some(1_000_000)), 0),
+            Some(Trigger::EspSeq(1_000_000))
+        );
+        // Bytes count from the epoch's start, not from the agent's.
+        assert_eq!(rotation_trigger(&c, min, tx(5 << 30, None), 5 << 30), None);
+        assert_eq!(
+            rotation_trigger(&c, min, tx(6 << 30, None), 5 << 30),
+            Some(Trigger::Bytes(1 << 30))
+        );
+        let off = RotationConfig {
+            interval: None,
+            ..cfg()
+        };
+        assert_eq!(rotation_trigger(&off, Duration::MAX, None, 0), None);
+        assert!(Trigger::EspSeq(7).to_string().contains("7"));
+    }
 }

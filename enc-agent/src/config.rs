@@ -76,6 +76,8 @@ struct RawConfig {
     underlay: RawUnderlay,
     #[serde(default)]
     datapath: RawDatapath,
+    #[serde(default)]
+    rotation: RawRotation,
     status_socket: Option<PathBuf>,
     #[serde(default)]
     peers: Vec<RawPeer>,
@@ -145,6 +147,16 @@ struct RawDatapath {
     bpf_pin_dir: Option<PathBuf>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawRotation {
+    interval: Option<String>,
+    grace_period: Option<String>,
+    stuck_after: Option<String>,
+    esp_seq_threshold: Option<u64>,
+    bytes_threshold: Option<u64>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawPeer {
@@ -175,6 +187,8 @@ pub struct Config {
     pub underlay_interface: String,
     /// eBPF datapath settings.
     pub datapath: DatapathConfig,
+    /// Key rotation.
+    pub rotation: RotationConfig,
     /// Unix socket of the status API.
     pub status_socket: PathBuf,
     /// The peers discovery expects (standalone mode: listed here).
@@ -217,6 +231,37 @@ pub struct ControlConfig {
     /// Timeout of the TCP connect and, separately, of the TLS handshake of one attempt.
     #[serde(with = "humantime_secs")]
     pub connect_timeout: Duration,
+}
+
+/// Key rotation: schedule, thresholds and timers of the two-phase protocol.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationConfig {
+    /// Rotate every pair's keys this often (`None`: no schedule; `off` in the file).
+    #[serde(with = "humantime_opt")]
+    pub interval: Option<Duration>,
+    /// How long the old epoch's keys keep decrypting after both sides switched.
+    #[serde(with = "humantime_secs")]
+    pub grace_period: Duration,
+    /// A rotation waiting on its peer longer than this is reported stuck.
+    #[serde(with = "humantime_secs")]
+    pub stuck_after: Duration,
+    /// Rotate when the outbound ESP sequence number reaches this value.
+    pub esp_seq_threshold: u64,
+    /// Rotate when this many bytes were sent to a peer under one epoch.
+    pub bytes_threshold: u64,
+}
+
+mod humantime_opt {
+    use serde::Serializer;
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_str("off"),
+        }
+    }
 }
 
 mod humantime_secs {
@@ -394,6 +439,70 @@ fn parse_duration(
     }
 }
 
+/// Default scheduled rotation interval.
+const DEFAULT_ROTATION_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// Default ESP sequence-number threshold: far below the 64-bit ESN limit, and below 2^32 so
+/// that a peer without ESN would also be safe.
+const DEFAULT_ESP_SEQ_THRESHOLD: u64 = 1 << 31;
+/// Default bytes threshold (256 GiB under one epoch).
+const DEFAULT_BYTES_THRESHOLD: u64 = 256 << 30;
+
+fn validate_rotation(raw: &RawRotation) -> Result<RotationConfig, ConfigError> {
+    let interval = match raw.interval.as_deref() {
+        Some("off") => None,
+        v => Some(parse_duration(
+            "rotation.interval",
+            v,
+            DEFAULT_ROTATION_INTERVAL,
+        )?),
+    };
+    let grace_period = parse_duration(
+        "rotation.gracePeriod",
+        raw.grace_period.as_deref(),
+        Duration::from_secs(10),
+    )?;
+    let stuck_after = parse_duration(
+        "rotation.stuckAfter",
+        raw.stuck_after.as_deref(),
+        Duration::from_secs(10),
+    )?;
+    if let (Some(i), Some(v)) = (interval, raw.interval.as_deref())
+        && i <= grace_period
+    {
+        return Err(invalid(
+            "rotation.interval",
+            v,
+            format!(
+                "must be longer than rotation.gracePeriod ({})",
+                humantime::format_duration(grace_period)
+            ),
+        ));
+    }
+    let esp_seq_threshold = raw.esp_seq_threshold.unwrap_or(DEFAULT_ESP_SEQ_THRESHOLD);
+    if !(1000..=1 << 62).contains(&esp_seq_threshold) {
+        return Err(invalid(
+            "rotation.espSeqThreshold",
+            esp_seq_threshold,
+            "must be 1000 to 2^62",
+        ));
+    }
+    let bytes_threshold = raw.bytes_threshold.unwrap_or(DEFAULT_BYTES_THRESHOLD);
+    if bytes_threshold < 1 << 20 {
+        return Err(invalid(
+            "rotation.bytesThreshold",
+            bytes_threshold,
+            "must be at least 1 MiB (1048576)",
+        ));
+    }
+    Ok(RotationConfig {
+        interval,
+        grace_period,
+        stuck_after,
+        esp_seq_threshold,
+        bytes_threshold,
+    })
+}
+
 fn check_file(field: &str, base: &Path, path: &Path) -> Result<PathBuf, ConfigError> {
     let full = if path.is_absolute() {
         path.to_owned()
@@ -519,6 +628,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         }
     };
 
+    let rotation = validate_rotation(&raw.rotation)?;
     let strict_mode = raw.encryption.strict_mode.unwrap_or(true);
     let underlay_interface = raw.underlay.interface.unwrap_or_else(|| "eth0".to_owned());
     check_ifname("underlay.interface", &underlay_interface)?;
@@ -653,6 +763,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             pod_interface_prefixes,
             bpf_pin_dir,
         },
+        rotation,
         status_socket,
         peers,
     })
@@ -850,11 +961,56 @@ peers:
                 "underlay.mtu",
                 "500",
             ),
+            (
+                "rotation:\n  interval: hourly\nencryption:\n  type: wireguard\n",
+                "rotation.interval",
+                "hourly",
+            ),
+            (
+                "rotation:\n  interval: 5s\n  gracePeriod: 10s\nencryption:\n  type: wireguard\n",
+                "rotation.interval",
+                "5s",
+            ),
+            (
+                "rotation:\n  espSeqThreshold: 10\nencryption:\n  type: wireguard\n",
+                "rotation.espSeqThreshold",
+                "10",
+            ),
+            (
+                "rotation:\n  bytesThreshold: 1000\nencryption:\n  type: wireguard\n",
+                "rotation.bytesThreshold",
+                "1000",
+            ),
+            (
+                "rotation:\n  stuckAfter: 0s\nencryption:\n  type: wireguard\n",
+                "rotation.stuckAfter",
+                "0s",
+            ),
         ];
         for (snippet, field, value) in cases {
             let (f, v, _) = invalid_field(&d, &extra(snippet));
             assert_eq!((f.as_str(), v.as_str()), (*field, *value));
         }
+    }
+
+    #[test]
+    fn rotation_settings() {
+        let d = dir();
+        let c = parse(&d, GOOD).unwrap();
+        assert_eq!(c.rotation.interval, Some(Duration::from_secs(86400)));
+        assert_eq!(c.rotation.grace_period, Duration::from_secs(10));
+        let text = GOOD.replacen(
+            "encryption:\n",
+            "rotation:\n  interval: \"off\"\n  gracePeriod: 2s\n  espSeqThreshold: 5000\nencryption:\n",
+            1,
+        );
+        let c = parse(&d, &text).unwrap();
+        assert_eq!(c.rotation.interval, None);
+        assert_eq!(c.rotation.esp_seq_threshold, 5000);
+        assert!(c.to_yaml().contains("interval: off"), "{}", c.to_yaml());
+        let text = GOOD.replacen("encryption:\n", "rotation:\n  intervall: 1h\nencryption:\n", 1);
+        let err = crate::app::format_chain(&parse(&d, &text).unwrap_err());
+        assert!(err.contains("intervall"), "{err}");
     }
 
     #[test]

@@ -8,7 +8,8 @@ use crate::config::{Config, PeerConfig};
 use enc_certs::CertInfo;
 use enc_geneve_vxlan::{RouteSpec, RuleFamily, RuleSpec};
 use enc_ipsec::{IpsecPeerSpec, SaKeys};
-use enc_key_manager::PairKeys;
+use enc_key_manager::rotation::{Progress, Side};
+use enc_key_manager::{Epoch, PairKeys};
 use enc_tunnel_ebpf::{Backend, PeerState};
 use enc_wireguard::{PeerSpec, PresharedKey, PublicKey};
 use ipnet::IpNet;
@@ -56,16 +57,23 @@ pub enum Auth {
     Failed(String),
 }
 
-/// Keys and datapath parameters learnt from an authenticated session.
+/// The control session that authenticated a peer, and what the peer announced in it.
 #[derive(Clone, Debug)]
 pub struct SessionKeys {
-    /// Id of the control session the keys come from.
+    /// Id of the control session.
     pub session_id: u64,
     /// The peer's WireGuard public key and UDP port (WireGuard sessions only; an IPsec
-    /// session has none and uses the ESP keys of `keys`).
+    /// session has none and uses the ESP keys of the epochs).
     pub wg: Option<(PublicKey, u16)>,
-    /// Keys derived for the pair.
-    pub keys: PairKeys,
+}
+
+/// Key rotation state of a peer, as the session's state machine last reported it.
+#[derive(Clone, Debug)]
+pub struct RotationView {
+    /// Whether this node leads rotations with the peer.
+    pub side: Side,
+    /// Where the rotation stands.
+    pub progress: Progress,
 }
 
 /// Everything known about one peer.
@@ -86,8 +94,22 @@ pub struct PeerEntry {
     pub failures: u64,
     /// The certificate seen at the last successful authentication.
     pub cert: Option<CertInfo>,
-    /// Installed keys, if any.
+    /// The session that authenticated the peer (kept through the grace period of a loss).
     pub keys: Option<SessionKeys>,
+    /// Installed keys by epoch: the current session's, and an earlier session's until they
+    /// are retired.
+    pub epochs: BTreeMap<Epoch, PairKeys>,
+    /// The epoch this node sends with.
+    pub outbound: Option<Epoch>,
+    /// Epochs of an earlier session: removed a grace period after the current session
+    /// switched its outbound (`None` until then, so that they keep carrying traffic).
+    pub stale: BTreeMap<Epoch, Option<Instant>>,
+    /// When the outbound epoch last changed.
+    pub switched_at: Option<Instant>,
+    /// WireGuard static keys bound to each installed epoch: (this node's, the peer's).
+    pub wg_keys: BTreeMap<Epoch, (PublicKey, PublicKey)>,
+    /// Rotation progress of the current session.
+    pub rotation: Option<RotationView>,
     /// When the session that delivered `keys` was lost, if it was.
     pub lost_at: Option<Instant>,
 }
@@ -98,6 +120,30 @@ impl PeerEntry {
             self.auth = auth;
             self.since = now;
         }
+    }
+
+    fn session_is(&self, session_id: u64) -> bool {
+        self.keys.as_ref().is_some_and(|k| k.session_id == session_id)
+    }
+
+    fn drop_keys(&mut self) {
+        self.keys = None;
+        self.epochs.clear();
+        self.wg_keys.clear();
+        self.outbound = None;
+        self.stale.clear();
+        self.rotation = None;
+        self.lost_at = None;
+    }
+
+    /// The keys this node sends with.
+    pub fn outbound_keys(&self) -> Option<&PairKeys> {
+        self.outbound.and_then(|e| self.epochs.get(&e))
+    }
+
+    /// The highest epoch installed (0: none); announced in the hello of a new session.
+    pub fn max_epoch(&self) -> u32 {
+        self.epochs.keys().next_back().map_or(0, |e| e.0)
     }
 }
 
@@ -134,6 +180,9 @@ pub fn steering_rules() -> Vec<RuleSpec> {
 pub struct Desired {
     /// WireGuard peers to configure.
     pub wg_peers: Vec<PeerSpec>,
+    /// WireGuard static keys of this node still bound to an installed epoch; the device keeps
+    /// these (and its primary key) and drops the others.
+    pub wg_local_keys: Vec<PublicKey>,
     /// IPsec peers to configure.
     pub ipsec_peers: Vec<IpsecPeerSpec>,
     /// Routes into the encryption device, in [`ENC_TABLE`].
@@ -180,6 +229,12 @@ impl PeerTable {
                         failures: 0,
                         cert: None,
                         keys: None,
+                        epochs: BTreeMap::new(),
+                        outbound: None,
+                        stale: BTreeMap::new(),
+                        wg_keys: BTreeMap::new(),
+                        switched_at: None,
+                        rotation: None,
                         lost_at: None,
                     },
                 )
@@ -208,7 +263,8 @@ impl PeerTable {
         self.entries.values()
     }
 
-    /// A session authenticated the peer and delivered its keys.
+    /// A session authenticated the peer. Keys installed by an earlier session become stale:
+    /// they keep carrying traffic until this session switches to its own first epoch.
     pub fn authenticated(
         &mut self,
         name: &str,
@@ -221,6 +277,92 @@ impl PeerTable {
             e.cert = cert;
             e.keys = Some(keys);
             e.lost_at = None;
+            e.rotation = None;
+            for epoch in e.epochs.keys() {
+                e.stale.entry(*epoch).or_insert(None);
+            }
+        }
+    }
+
+    /// Installs the keys of one epoch for receiving. Ignored for a session that is not the
+    /// peer's current one; returns whether they were installed.
+    pub fn install_inbound(&mut self, name: &str, session_id: u64, keys: PairKeys) -> bool {
+        match self.entries.get_mut(name) {
+            Some(e) if e.session_is(session_id) && !matches!(e.auth, Auth::Failed(_)) => {
+                e.stale.remove(&keys.epoch);
+                e.epochs.insert(keys.epoch, keys);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Binds WireGuard static keys to an epoch: this node's and the peer's. Either may be
+    /// left out to keep what is bound (the peer's key of a prepared epoch arrives with its ack).
+    pub fn bind_wg_keys(
+        &mut self,
+        name: &str,
+        session_id: u64,
+        epoch: Epoch,
+        local: Option<PublicKey>,
+        remote: Option<PublicKey>,
+    ) -> bool {
+        match self.entries.get_mut(name) {
+            Some(e) if e.session_is(session_id) => {
+                let fallback = e.keys.as_ref().and_then(|k| k.wg).map(|(k, _)| k);
+                let cur = e.wg_keys.get(&epoch).copied();
+                let (Some(l), Some(r)) = (
+                    local.or(cur.map(|c| c.0)),
+                    remote.or(cur.map(|c| c.1)).or(fallback),
+                ) else {
+                    return false;
+                };
+                e.wg_keys.insert(epoch, (l, r));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends with `epoch` from now on; an earlier session's keys are retired `grace` later.
+    pub fn switch_outbound(
+        &mut self,
+        name: &str,
+        session_id: u64,
+        epoch: Epoch,
+        now: Instant,
+        grace: Duration,
+    ) -> bool {
+        match self.entries.get_mut(name) {
+            Some(e) if e.session_is(session_id) && e.epochs.contains_key(&epoch) => {
+                e.outbound = Some(epoch);
+                e.switched_at = Some(now);
+                for at in e.stale.values_mut() {
+                    at.get_or_insert(now + grace);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes the keys of `epoch` (never the outbound epoch's).
+    pub fn retire(&mut self, name: &str, session_id: u64, epoch: Epoch) -> bool {
+        match self.entries.get_mut(name) {
+            Some(e) if e.session_is(session_id) && e.outbound != Some(epoch) => {
+                e.wg_keys.remove(&epoch);
+                e.epochs.remove(&epoch).is_some()
+            }
+            _ => false,
+        }
+    }
+
+    /// Records the rotation progress the session's state machine reports.
+    pub fn set_rotation(&mut self, name: &str, session_id: u64, view: RotationView) {
+        if let Some(e) = self.entries.get_mut(name)
+            && e.session_is(session_id)
+        {
+            e.rotation = Some(view);
         }
     }
 
@@ -229,8 +371,7 @@ impl PeerTable {
         if let Some(e) = self.entries.get_mut(name) {
             e.failures += 1;
             e.set_auth(Auth::Failed(reason), now);
-            e.keys = None;
-            e.lost_at = None;
+            e.drop_keys();
         }
     }
 
@@ -242,6 +383,7 @@ impl PeerTable {
             && e.keys.as_ref().is_some_and(|k| k.session_id == session_id)
         {
             e.lost_at = Some(now);
+            e.rotation = None;
             e.set_auth(Auth::Pending(format!("reconnecting: {reason}")), now);
         }
     }
@@ -256,16 +398,29 @@ impl PeerTable {
         }
     }
 
-    /// Drops keys whose session has been lost for longer than `grace`. Returns whether
-    /// anything changed.
+    /// Drops keys whose session has been lost for longer than `grace`, and an earlier
+    /// session's keys whose retirement is due. Returns whether anything changed.
     pub fn expire(&mut self, now: Instant, grace: Duration) -> bool {
         let mut changed = false;
         for e in self.entries.values_mut() {
+            let due: Vec<Epoch> = e
+                .stale
+                .iter()
+                .filter(|(_, at)| at.is_some_and(|at| now >= at))
+                .map(|(ep, _)| *ep)
+                .collect();
+            for ep in due {
+                e.stale.remove(&ep);
+                if e.outbound != Some(ep) {
+                    e.epochs.remove(&ep);
+                    e.wg_keys.remove(&ep);
+                    changed = true;
+                }
+            }
             if e.lost_at
                 .is_some_and(|t| now.saturating_duration_since(t) >= grace)
             {
-                e.keys = None;
-                e.lost_at = None;
+                e.drop_keys();
                 e.set_auth(
                     Auth::Pending("session lost; keys removed after the grace period".into()),
                     now,
@@ -285,6 +440,7 @@ impl PeerTable {
         let mut routes = Vec::new();
         let mut cidrs = Vec::new();
         let mut peer_states = Vec::new();
+        let mut wg_local_keys = Vec::new();
         for e in self.entries.values() {
             routes.push(RouteSpec {
                 dst: e.config.pod_cidr,
@@ -295,42 +451,76 @@ impl PeerTable {
             cidrs.push((e.config.pod_cidr, e.id));
             // Keys kept through the grace period of a lost session still count as usable:
             // WireGuard keeps the peer, so the datapath keeps steering to it.
-            let keyed = e.keys.is_some() && !matches!(e.auth, Auth::Failed(_));
+            let out = e
+                .outbound_keys()
+                .filter(|_| e.keys.is_some() && !matches!(e.auth, Auth::Failed(_)));
+            let keyed = out.is_some();
+            let wg = e.keys.as_ref().and_then(|k| k.wg);
             peer_states.push((
                 e.id,
                 PeerState {
                     authenticated: keyed,
                     has_key: keyed,
-                    epoch: e.keys.as_ref().map_or(0, |k| (k.keys.epoch.0 & 0xf) as u8),
-                    backend: match e.keys.as_ref().map(|k| k.wg.is_some()) {
-                        Some(false) => Backend::Ipsec,
+                    epoch: out.map_or(0, |k| (k.epoch.0 & 0xf) as u8),
+                    backend: match (e.keys.is_some(), wg.is_some()) {
+                        (true, false) => Backend::Ipsec,
                         _ => Backend::Wireguard,
                     },
                 },
             ));
-            match e.keys.as_ref().map(|k| (k, k.wg)) {
-                Some((k, Some((public_key, port)))) => wg_peers.push(PeerSpec {
-                    public_key,
-                    preshared_key: Some(PresharedKey::from_bytes(*k.keys.wireguard_psk.expose())),
-                    endpoint: Some(SocketAddr::new(e.config.underlay_address, port)),
-                    allowed_ips: vec![e.config.pod_cidr],
-                    persistent_keepalive: None,
-                }),
-                Some((k, None)) => ipsec_peers.push(IpsecPeerSpec {
+            match (out, wg) {
+                (Some(k), Some((hello_key, port))) => {
+                    // The static keys bound to the outbound epoch; an epoch installed before
+                    // keys were bound (none in practice) falls back to the hello's.
+                    let (local, public_key) = match e.wg_keys.get(&k.epoch) {
+                        Some((l, r)) => (Some(*l), *r),
+                        None => (None, hello_key),
+                    };
+                    // The peer's key at the newest older epoch: if it differs, the device
+                    // re-keys the peer make-before-break instead of replacing it.
+                    let previous_public_key = e
+                        .wg_keys
+                        .range(..k.epoch)
+                        .next_back()
+                        .map(|(_, (_, r))| *r)
+                        .filter(|r| *r != public_key);
+                    wg_local_keys.extend(e.wg_keys.values().map(|(l, _)| *l));
+                    wg_peers.push(PeerSpec {
+                        public_key,
+                        preshared_key: Some(PresharedKey::from_bytes(
+                            *k.wireguard_psk.expose(),
+                        )),
+                        endpoint: Some(SocketAddr::new(e.config.underlay_address, port)),
+                        allowed_ips: vec![e.config.pod_cidr],
+                        persistent_keepalive: None,
+                        local_key: local,
+                        previous_public_key,
+                    })
+                }
+                (Some(k), None) => ipsec_peers.push(IpsecPeerSpec {
                     peer_id: e.id,
                     name: e.config.name.clone(),
                     local: self.local_addr,
                     remote: e.config.underlay_address,
                     local_cidrs: vec![self.local_cidr],
                     remote_cidrs: vec![e.config.pod_cidr],
-                    epoch: (k.keys.epoch.0 & 0xf) as u8,
-                    outbound: sa_keys(&k.keys.esp_out),
-                    inbound: vec![sa_keys(&k.keys.esp_in)],
+                    epoch: (k.epoch.0 & 0xf) as u8,
+                    outbound: sa_keys(&k.esp_out),
+                    inbound: e.epochs.values().map(|k| sa_keys(&k.esp_in)).collect(),
+                    older_outbound: e
+                        .epochs
+                        .values()
+                        .filter(|o| o.epoch < k.epoch)
+                        .map(|o| ((o.epoch.0 & 0xf) as u8, sa_keys(&o.esp_out)))
+                        .collect(),
                 }),
-                None => {}
+                (None, _) => {}
             }
         }
+        wg_local_keys.sort();
+        wg_local_keys.dedup();
         Desired {
+            wg_local_keys,
             wg_peers,
             ipsec_peers,
             routes,
@@ -362,19 +552,31 @@ peers:
         Config::parse(text, &d.path().join("a.yaml")).unwrap()
     }
 
-    fn keys(session_id: u64) -> SessionKeys {
-        let secret = SessionSecret::from_bytes([session_id as u8; 32]);
+    fn session(session_id: u64) -> SessionKeys {
         SessionKeys {
             session_id,
             wg: Some((PublicKey::from([session_id as u8; 32]), 51820)),
-            keys: PairKeys::derive(
-                &secret,
-                Epoch::FIRST,
-                &Pair::new("node-1", "node-2").unwrap(),
-                "node-2",
-            )
-            .unwrap(),
         }
+    }
+
+    fn pair_keys(session_id: u64, epoch: u32) -> PairKeys {
+        let secret = SessionSecret::from_bytes([session_id as u8; 32]);
+        PairKeys::derive(
+            &secret,
+            Epoch(epoch),
+            &Pair::new("node-1", "node-2").unwrap(),
+            "node-2",
+        )
+        .unwrap()
+    }
+
+    const GRACE: Duration = Duration::from_secs(10);
+
+    /// Authenticates node-1 in session `id` and installs and switches to `epoch`.
+    fn establish(t: &mut PeerTable, now: Instant, id: u64, epoch: u32) {
+        t.authenticated("node-1", now, None, session(id));
+        assert!(t.install_inbound("node-1", id, pair_keys(id, epoch)));
+        assert!(t.switch_outbound("node-1", id, Epoch(epoch), now, GRACE));
     }
 
     #[test]
@@ -405,7 +607,12 @@ peers:
                 .all(|(_, s)| !s.authenticated && !s.has_key)
         );
         assert_eq!(d.rules.len(), 2);
-        t.authenticated("node-1", now, None, keys(1));
+        // Authenticated but no epoch switched yet: nothing is keyed.
+        t.authenticated("node-1", now, None, session(1));
+        assert!(t.desired("wg0", 1440).wg_peers.is_empty());
+        assert!(t.install_inbound("node-1", 1, pair_keys(1, 1)));
+        assert!(t.desired("wg0", 1440).wg_peers.is_empty());
+        assert!(t.switch_outbound("node-1", 1, Epoch(1), now, GRACE));
         let d = t.desired("wg0", 1440);
         assert_eq!(d.wg_peers.len(), 1);
         let p = &d.wg_peers[0];
@@ -421,7 +628,7 @@ peers:
     fn auth_failure_tears_keys_down_at_once() {
         let now = Instant::now();
         let mut t = PeerTable::new(&config(), now);
-        t.authenticated("node-1", now, None, keys(1));
+        establish(&mut t, now, 1, 1);
         t.auth_failed("node-1", now, "certificate expired".into());
         let e = t.get("node-1").unwrap();
         assert_eq!(e.auth, Auth::Failed("certificate expired".into()));
@@ -438,7 +645,7 @@ peers:
         let t0 = Instant::now();
         let grace = Duration::from_secs(60);
         let mut t = PeerTable::new(&config(), t0);
-        t.authenticated("node-1", t0, None, keys(1));
+        establish(&mut t, t0, 1, 1);
         // A stale session's end is ignored.
         t.session_lost("node-1", t0, 99, "eof");
         assert_eq!(t.get("node-1").unwrap().auth, Auth::Authenticated);
@@ -449,11 +656,87 @@ peers:
         assert!(t.expire(t0 + grace, grace));
         assert!(t.desired("wg0", 1440).wg_peers.is_empty());
         // Reconnecting within the grace period replaces keys and clears the loss.
-        t.authenticated("node-1", t0, None, keys(2));
+        establish(&mut t, t0, 2, 1);
         assert!(!t.expire(t0 + grace * 3, grace));
         assert_eq!(
             t.get("node-1").unwrap().keys.as_ref().unwrap().session_id,
             2
         );
+    }
+
+    fn ipsec_spec(t: &PeerTable) -> IpsecPeerSpec {
+        let d = t.desired("enc-esp0", 1446);
+        assert!(d.wg_peers.is_empty());
+        d.ipsec_peers.into_iter().next().expect("an IPsec peer")
+    }
+
+    #[test]
+    fn ipsec_spec_follows_each_rotation_step() {
+        let now = Instant::now();
+        let mut t = PeerTable::new(&config(), now);
+        let ipsec = |id| SessionKeys {
+            session_id: id,
+            wg: None,
+        };
+        t.authenticated("node-1", now, None, ipsec(1));
+        t.install_inbound("node-1", 1, pair_keys(1, 1));
+        t.switch_outbound("node-1", 1, Epoch(1), now, GRACE);
+        let (k1, k2) = (pair_keys(1, 1), pair_keys(1, 2));
+        let spec = ipsec_spec(&t);
+        assert_eq!((spec.epoch, spec.outbound.spi), (1, k1.esp_out.spi));
+        assert_eq!(spec.inbound.len(), 1);
+        assert!(spec.older_outbound.is_empty());
+        // Prepare: inbound of 2 beside 1; still sending with 1.
+        t.install_inbound("node-1", 1, pair_keys(1, 2));
+        let spec = ipsec_spec(&t);
+        assert_eq!(spec.epoch, 1);
+        let spis: Vec<u32> = spec.inbound.iter().map(|k| k.spi).collect();
+        assert_eq!(spis, vec![k1.esp_in.spi, k2.esp_in.spi]);
+        assert_eq!(t.desired("x", 1).peer_states[0].1.epoch, 1);
+        // Commit: outbound 2; 1's outbound SA stays until retirement.
+        t.switch_outbound("node-1", 1, Epoch(2), now, GRACE);
+        let spec = ipsec_spec(&t);
+        assert_eq!((spec.epoch, spec.outbound.spi), (2, k2.esp_out.spi));
+        assert_eq!(spec.older_outbound.len(), 1);
+        assert_eq!(spec.older_outbound[0].0, 1);
+        assert_eq!(t.desired("x", 1).peer_states[0].1.epoch, 2);
+        // The outbound epoch can never be retired; the old one can.
+        assert!(!t.retire("node-1", 1, Epoch(2)));
+        assert!(t.retire("node-1", 1, Epoch(1)));
+        let spec = ipsec_spec(&t);
+        assert_eq!(spec.inbound.len(), 1);
+        assert!(spec.older_outbound.is_empty());
+        // A stale session cannot touch the keys.
+        assert!(!t.install_inbound("node-1", 7, pair_keys(7, 3)));
+    }
+
+    #[test]
+    fn a_new_session_keeps_the_old_keys_until_it_switches() {
+        let t0 = Instant::now();
+        let mut t = PeerTable::new(&config(), t0);
+        establish(&mut t, t0, 1, 1);
+        t.session_lost("node-1", t0, 1, "eof");
+        let e = t.get("node-1").unwrap();
+        assert_eq!(e.max_epoch(), 1);
+        // Session 2 starts above epoch 1; until it switches, epoch 1 of session 1 carries
+        // traffic.
+        t.authenticated("node-1", t0, None, session(2));
+        t.install_inbound("node-1", 2, pair_keys(2, 2));
+        let psk_old = pair_keys(1, 1).wireguard_psk;
+        let d = t.desired("wg0", 1440);
+        assert_eq!(
+            d.wg_peers[0].preshared_key,
+            Some(PresharedKey::from_bytes(*psk_old.expose()))
+        );
+        assert!(!t.expire(t0 + GRACE * 5, Duration::from_secs(600)));
+        assert!(t.get("node-1").unwrap().epochs.contains_key(&Epoch(1)));
+        // Switched: epoch 1 goes one grace period later.
+        let t1 = t0 + GRACE * 5;
+        t.switch_outbound("node-1", 2, Epoch(2), t1, GRACE);
+        assert!(!t.expire(t1, Duration::from_secs(600)));
+        assert!(t.expire(t1 + GRACE, Duration::from_secs(600)));
+        let e = t.get("node-1").unwrap();
+        assert_eq!(e.epochs.keys().copied().collect::<Vec<_>>(), vec![Epoch(2)]);
+        assert!(e.stale.is_empty());
     }
 }

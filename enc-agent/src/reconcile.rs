@@ -66,6 +66,12 @@ pub fn reconcile(
                 wg.delete_peer(&key).map_err(Error::Wireguard)?;
                 out.wg_deleted += 1;
             }
+            // Static keys of this node that no installed epoch uses any more.
+            let mut keep = desired.wg_local_keys.clone();
+            keep.push(wg.public_key());
+            if wg.private_keys().iter().any(|k| !keep.contains(k)) {
+                wg.retain_private_keys(&keep).map_err(Error::Wireguard)?;
+            }
         }
         (Crypto::Ipsec(ipsec), Stale::Ipsec(ids)) => {
             for id in ids {
@@ -226,18 +232,32 @@ mod tests {
     use enc_wireguard::{FakeWg, PublicKey};
     use std::time::Instant;
 
-    fn keys(id: u8) -> SessionKeys {
-        SessionKeys {
-            session_id: id as u64,
-            wg: Some((PublicKey::from([id; 32]), 51820)),
-            keys: PairKeys::derive(
-                &SessionSecret::from_bytes([id; 32]),
-                Epoch::FIRST,
-                &Pair::new("node-1", "node-2").unwrap(),
-                "node-2",
-            )
-            .unwrap(),
-        }
+    /// Session `id` authenticates node-1 and switches to its first epoch, `id`.
+    fn establish(table: &mut PeerTable, now: Instant, id: u8) {
+        table.authenticated(
+            "node-1",
+            now,
+            None,
+            SessionKeys {
+                session_id: id as u64,
+                wg: Some((PublicKey::from([id; 32]), 51820)),
+            },
+        );
+        let keys = PairKeys::derive(
+            &SessionSecret::from_bytes([id; 32]),
+            Epoch(id as u32),
+            &Pair::new("node-1", "node-2").unwrap(),
+            "node-2",
+        )
+        .unwrap();
+        assert!(table.install_inbound("node-1", id as u64, keys));
+        assert!(table.switch_outbound(
+            "node-1",
+            id as u64,
+            Epoch(id as u32),
+            now,
+            std::time::Duration::from_secs(1)
+        ));
     }
 
     #[test]
@@ -277,7 +297,7 @@ mod tests {
                 .all(|(_, s)| !s.authenticated)
         );
 
-        table.authenticated("node-1", now, None, keys(1));
+        establish(&mut table, now, 1);
         let out = reconcile(
             &table.desired("wg0", 1440),
             &Crypto::Wireguard(wg.clone()),
@@ -292,7 +312,7 @@ mod tests {
         assert_eq!(wg.dump().unwrap().peers.len(), 1);
 
         // The peer restarts with a new WireGuard key: the old peer goes, the new one comes.
-        table.authenticated("node-1", now, None, keys(2));
+        establish(&mut table, now, 2);
         let out = reconcile(
             &table.desired("wg0", 1440),
             &Crypto::Wireguard(wg.clone()),

@@ -2,31 +2,36 @@
 //!
 //! The socket is created with mode 0660 so that only root (and the socket's group) can read
 //! peer state. Answers carry public values only: names, addresses, certificate metadata,
-//! public keys, key ids and counters; never key material.
+//! public keys, key ids, SPIs and counters; never key material.
+//!
+//! `POST /v1/rotate` is the only call that changes anything: it starts a key rotation.
 
 use crate::Error;
 use crate::app::Shared;
 use crate::backend::Crypto;
-use crate::peers::{Auth, PeerEntry};
+use crate::peers::{Auth, PeerEntry, RotationView};
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use enc_api::{
     ApiError, AuthState, CertSummary, ControlInfo, DatapathCounters, DatapathInfo, EncryptionInfo,
-    IpsecInboundInfo, IpsecInfo, IpsecPeerInfo, KeyInfo, NodeInfo, PeerCounts, PeerInfo, Peers,
-    Status, WgPeerInfo,
+    IpsecInboundInfo, IpsecInfo, IpsecPeerInfo, KeyInfo, KeysSummary, NodeInfo, PeerCounts,
+    PeerInfo, Peers, RotateRequest, RotateResponse, RotationInfo, Status, WgPeerInfo,
 };
 use enc_certs::CertInfo;
 use enc_ipsec::IpsecPeerSnapshot;
+use enc_key_manager::rotation::{Phase, Side};
 use enc_tunnel_ebpf::{AttachMode, PeerCounters};
-use enc_wireguard::DeviceSnapshot;
+use enc_wireguard::{DeviceSnapshot, PublicKey};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
 use tokio::net::UnixListener;
 use tracing::warn;
 
@@ -71,18 +76,30 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(enc_api::STATUS_PATH, get(status))
         .route(enc_api::PEERS_PATH, get(peers))
+        .route(enc_api::ROTATE_PATH, post(rotate))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
 }
 
+fn api_error(status: StatusCode, error: String) -> Response {
+    (status, Json(ApiError { error })).into_response()
+}
+
 async fn not_found() -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        Json(ApiError {
-            error: "no such endpoint".into(),
-        }),
+    api_error(StatusCode::NOT_FOUND, "no such endpoint".into())
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let allowed = if uri.path() == enc_api::ROTATE_PATH {
+        "POST"
+    } else {
+        "GET"
+    };
+    api_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}; use {allowed}", uri.path()),
     )
-        .into_response()
 }
 
 fn summary(c: &CertInfo) -> CertSummary {
@@ -128,15 +145,27 @@ fn hex(spi: u32) -> String {
     format!("{spi:#010x}")
 }
 
+/// The peer's WireGuard public key as the datapath holds it: the one bound to the outbound
+/// epoch, or the one the session's hello announced (`None`: not a WireGuard peer).
+fn wg_peer_key(e: &PeerEntry) -> Option<PublicKey> {
+    let (hello, _) = e.keys.as_ref()?.wg?;
+    Some(
+        e.outbound
+            .and_then(|o| e.wg_keys.get(&o))
+            .map_or(hello, |(_, remote)| *remote),
+    )
+}
+
+/// IPsec state of a peer that has an outbound epoch in an IPsec session.
 fn ipsec_peer(e: &PeerEntry, snaps: &[IpsecPeerSnapshot]) -> Option<IpsecPeerInfo> {
-    let k = e.keys.as_ref()?;
-    if k.wg.is_some() {
+    let out = e.outbound_keys()?;
+    if e.keys.as_ref().is_some_and(|k| k.wg.is_some()) {
         return None;
     }
     let snap = snaps.iter().find(|s| s.peer_id == e.id);
     Some(IpsecPeerInfo {
         out_spi: snap.map(|s| hex(s.out_spi)).unwrap_or_default(),
-        expected_out_spi: hex(k.keys.esp_out.spi),
+        expected_out_spi: hex(out.esp_out.spi),
         out_seq: snap.map_or(0, |s| s.out_seq),
         seq_headroom: u64::MAX - snap.map_or(0, |s| s.out_seq),
         tx_packets: snap.map_or(0, |s| s.tx_packets),
@@ -154,7 +183,7 @@ fn ipsec_peer(e: &PeerEntry, snaps: &[IpsecPeerSnapshot]) -> Option<IpsecPeerInf
                     .collect()
             })
             .unwrap_or_default(),
-        expected_in_spis: vec![hex(k.keys.esp_in.spi)],
+        expected_in_spis: e.epochs.values().map(|k| hex(k.esp_in.spi)).collect(),
         drops: snap
             .map(|s| {
                 s.drops
@@ -166,24 +195,93 @@ fn ipsec_peer(e: &PeerEntry, snaps: &[IpsecPeerSnapshot]) -> Option<IpsecPeerInf
     })
 }
 
-fn ipsec_info(shared: &Shared, snap: &Snapshot) -> Option<IpsecInfo> {
-    let Crypto::Ipsec(_) = &shared.crypto else {
+/// Keys installed for one peer against keys expected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct KeyUse {
+    in_use: usize,
+    expected: usize,
+}
+
+/// The keys a peer calls for and those the datapath holds; `None` for a peer that calls for
+/// none (no outbound epoch yet, or authentication failed).
+///
+/// IPsec: the outbound SA plus one inbound SA per installed epoch. WireGuard: one peer with
+/// its preshared key (the device keeps a single one per peer).
+fn key_use(e: &PeerEntry, snap: &Snapshot) -> Option<KeyUse> {
+    if matches!(e.auth, Auth::Failed(_)) {
         return None;
-    };
+    }
+    e.outbound_keys()?;
+    if let Some(key) = wg_peer_key(e) {
+        let present = match snap {
+            Snapshot::Wireguard(dev) => dev
+                .peers
+                .iter()
+                .any(|p| p.public_key == key && p.has_preshared_key),
+            _ => false,
+        };
+        return Some(KeyUse {
+            in_use: usize::from(present),
+            expected: 1,
+        });
+    }
     let snaps = match snap {
         Snapshot::Ipsec(s) => s.as_slice(),
         _ => &[],
     };
-    let mut info = IpsecInfo::default();
-    for e in shared.table().iter() {
-        if let Some(p) = ipsec_peer(e, snaps) {
-            info.keys_expected += 1 + p.expected_in_spis.len();
-            info.keys_in_use += usize::from(p.out_spi == p.expected_out_spi)
-                + p.inbound
-                    .iter()
-                    .filter(|i| p.expected_in_spis.contains(&i.spi))
-                    .count();
+    let p = ipsec_peer(e, snaps)?;
+    Some(KeyUse {
+        in_use: usize::from(p.out_spi == p.expected_out_spi)
+            + p.inbound
+                .iter()
+                .filter(|i| p.expected_in_spis.contains(&i.spi))
+                .count(),
+        expected: 1 + p.expected_in_spis.len(),
+    })
+}
+
+/// The `keys` part of the status: keys in use against expected, and rotations.
+fn keys_summary<'a>(
+    entries: impl IntoIterator<Item = &'a PeerEntry>,
+    snap: &Snapshot,
+    interval: Option<Duration>,
+) -> KeysSummary {
+    let mut k = KeysSummary {
+        in_use: 0,
+        expected: 0,
+        rotations_in_progress: 0,
+        stuck_peers: Vec::new(),
+        rotation_interval_seconds: interval.map(|d| d.as_secs()),
+    };
+    for e in entries {
+        if let Some(u) = key_use(e, snap) {
+            k.in_use += u.in_use;
+            k.expected += u.expected;
         }
+        if let Some(r) = &e.rotation {
+            if r.progress.phase != Phase::Idle {
+                k.rotations_in_progress += 1;
+            }
+            if r.progress.stuck_since.is_some() {
+                k.stuck_peers.push(e.config.name.clone());
+            }
+        }
+    }
+    k
+}
+
+fn ipsec_info<'a>(
+    shared: &Shared,
+    entries: impl IntoIterator<Item = &'a PeerEntry>,
+    snap: &Snapshot,
+) -> Option<IpsecInfo> {
+    let Crypto::Ipsec(_) = &shared.crypto else {
+        return None;
+    };
+    let mut info = IpsecInfo::default();
+    for u in entries.into_iter().filter_map(|e| key_use(e, snap)) {
+        info.keys_in_use += u.in_use;
+        info.keys_expected += u.expected;
     }
     match enc_ipsec::xfrm::xfrm_stat() {
         Ok(stats) => info.xfrm_stat = stats.into_iter().collect(),
@@ -229,16 +327,23 @@ pub fn build_status(shared: &Shared) -> Status {
     for c in counters(shared).values() {
         add(&mut totals, &api_counters(c));
     }
-    let mut counts = PeerCounts::default();
-    for e in shared.table().iter() {
-        counts.total += 1;
-        match e.auth {
-            Auth::Pending(_) => counts.pending += 1,
-            Auth::Authenticated => counts.authenticated += 1,
-            Auth::Failed(_) => counts.failed += 1,
-        }
-    }
     let snap = snapshot(shared);
+    let mut counts = PeerCounts::default();
+    let (keys, ipsec) = {
+        let table = shared.table();
+        for e in table.iter() {
+            counts.total += 1;
+            match e.auth {
+                Auth::Pending(_) => counts.pending += 1,
+                Auth::Authenticated => counts.authenticated += 1,
+                Auth::Failed(_) => counts.failed += 1,
+            }
+        }
+        (
+            keys_summary(table.iter(), &snap, shared.config.rotation.interval),
+            ipsec_info(shared, table.iter(), &snap),
+        )
+    };
     let (listen_port, public_key) = match &shared.crypto {
         Crypto::Wireguard(wg) => (Some(wg.listen_port()), Some(wg.public_key().to_string())),
         Crypto::Ipsec(_) => (None, None),
@@ -259,7 +364,7 @@ pub fn build_status(shared: &Shared) -> Status {
             listen_port,
             public_key,
             mtu: shared.mtu,
-            ipsec: ipsec_info(shared, &snap),
+            ipsec,
         },
         control: ControlInfo {
             listen: shared.config.control.listen.to_string(),
@@ -282,6 +387,56 @@ pub fn build_status(shared: &Shared) -> Status {
             pin_dir: shared.config.datapath.bpf_pin_dir.display().to_string(),
             totals,
         },
+        keys,
+    }
+}
+
+/// What the peer is waiting for in a stuck phase.
+fn stuck_wait(side: Side, phase: Phase) -> &'static str {
+    match (side, phase) {
+        (Side::Leader, Phase::Prepared) => "no ack",
+        (Side::Follower, Phase::Prepared) => "no commit",
+        (Side::Leader, Phase::Acked) => "no confirmation",
+        (_, Phase::Requested) => "leader has not started it",
+        _ => "no progress",
+    }
+}
+
+/// The rotation state of a peer for the API. `now` and `wall_now` are the same moment on the
+/// monotonic and the wall clock; instants are shown as wall-clock times (UTC, RFC 3339).
+fn rotation_info(v: &RotationView, now: Instant, wall_now: OffsetDateTime) -> RotationInfo {
+    let p = &v.progress;
+    let age = |since: Instant| now.saturating_duration_since(since).as_secs();
+    let stuck = p.stuck_since.map(|since| {
+        let ago = now.saturating_duration_since(since);
+        let at = (wall_now - ago)
+            .to_offset(time::UtcOffset::UTC)
+            .replace_nanosecond(0)
+            .unwrap_or(wall_now);
+        let at = at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| at.to_string());
+        format!(
+            "rotation stuck: {} since {at} ({}s)",
+            stuck_wait(v.side, p.phase),
+            ago.as_secs()
+        )
+    });
+    RotationInfo {
+        side: match v.side {
+            Side::Leader => "leader",
+            Side::Follower => "follower",
+        }
+        .to_owned(),
+        outbound_epoch: p.outbound.map(|e| e.0),
+        inbound_epochs: p.inbound.iter().map(|e| e.0).collect(),
+        phase: p.phase.as_str().to_owned(),
+        target_epoch: p.target.map(|e| e.0),
+        phase_age_seconds: p.phase_since.map(age),
+        stuck,
+        completed: p.completed,
+        last_completed_epoch: p.last_completed.map(|(e, _)| e.0),
+        last_completed_seconds_ago: p.last_completed.map(|(_, at)| age(at)),
     }
 }
 
@@ -290,9 +445,9 @@ fn peer_info(
     snap: &Snapshot,
     counters: &BTreeMap<u16, PeerCounters>,
     now: Instant,
+    wall_now: OffsetDateTime,
 ) -> PeerInfo {
-    let wireguard = e.keys.as_ref().and_then(|k| {
-        let (key, _) = k.wg?;
+    let wireguard = wg_peer_key(e).and_then(|key| {
         let Snapshot::Wireguard(dev) = snap else {
             return None;
         };
@@ -318,15 +473,16 @@ fn peer_info(
         state_age_seconds: now.saturating_duration_since(e.since).as_secs(),
         failures: e.failures,
         certificate: e.cert.as_ref().map(summary),
-        key: e.keys.as_ref().map(|k| KeyInfo {
-            epoch: k.keys.epoch.0,
-            key_id: k.keys.key_id.clone(),
+        key: e.outbound_keys().map(|k| KeyInfo {
+            epoch: k.epoch.0,
+            key_id: k.key_id.clone(),
         }),
         wireguard,
         ipsec: match snap {
             Snapshot::Ipsec(s) => ipsec_peer(e, s),
             _ => None,
         },
+        rotation: e.rotation.as_ref().map(|v| rotation_info(v, now, wall_now)),
         datapath_id: e.id,
         counters: counters.get(&e.id).map(api_counters).unwrap_or_default(),
     }
@@ -337,11 +493,12 @@ pub fn build_peers(shared: &Shared) -> Peers {
     let snap = snapshot(shared);
     let counters = counters(shared);
     let now = Instant::now();
+    let wall_now = OffsetDateTime::now_utc();
     Peers {
         peers: shared
             .table()
             .iter()
-            .map(|e| peer_info(e, &snap, &counters, now))
+            .map(|e| peer_info(e, &snap, &counters, now, wall_now))
             .collect(),
     }
 }
@@ -352,4 +509,300 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<Status> {
 
 async fn peers(State(shared): State<Arc<Shared>>) -> Json<Peers> {
     Json(build_peers(&shared))
+}
+
+/// Parses the body of `POST /v1/rotate`; an empty body asks for every authenticated peer,
+/// like `{}`.
+fn rotate_request(body: &[u8]) -> Result<RotateRequest, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(RotateRequest::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        format!("invalid rotate request (expected {{\"peer\": \"NAME\"}} or {{}}): {e}")
+    })
+}
+
+/// `POST /v1/rotate`: starts a rotation with one peer or every authenticated one.
+async fn rotate(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let req = match rotate_request(&body) {
+        Ok(r) => r,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, e),
+    };
+    match shared.request_rotation(req.peer.as_deref()).await {
+        Ok(mut rotations) => {
+            rotations.sort_by(|a, b| a.peer.cmp(&b.peer));
+            Json(RotateResponse { rotations }).into_response()
+        }
+        Err(refusal) => api_error(
+            StatusCode::from_u16(refusal.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            refusal.to_string(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::peers::{PeerTable, SessionKeys};
+    use enc_ipsec::InboundSaSnapshot;
+    use enc_key_manager::rotation::Progress;
+    use enc_key_manager::{Epoch, Pair, PairKeys, SessionSecret};
+
+    fn table(now: Instant) -> PeerTable {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["c", "k", "ca"] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        let text = r#"
+node: { name: node-2, underlayAddress: 10.0.0.2, podCidr: 10.244.2.0/24 }
+tls: { cert: c, key: k, ca: ca }
+encryption: { type: ipsec }
+peers:
+  - { name: node-1, underlayAddress: 10.0.0.1, podCidr: 10.244.1.0/24 }
+  - { name: node-3, underlayAddress: 10.0.0.3, podCidr: 10.244.3.0/24 }
+"#;
+        let config = Config::parse(text, &d.path().join("a.yaml")).unwrap();
+        PeerTable::new(&config, now)
+    }
+
+    fn pair_keys(peer: &str, epoch: u32) -> PairKeys {
+        PairKeys::derive(
+            &SessionSecret::from_bytes([7; 32]),
+            Epoch(epoch),
+            &Pair::new(peer, "node-2").unwrap(),
+            "node-2",
+        )
+        .unwrap()
+    }
+
+    /// Authenticates `peer` (IPsec unless `wg`) and switches it to epoch 1, with epoch 2
+    /// prepared.
+    fn establish(t: &mut PeerTable, peer: &str, now: Instant, wg: Option<PublicKey>) {
+        t.authenticated(
+            peer,
+            now,
+            None,
+            SessionKeys {
+                session_id: 1,
+                wg: wg.map(|k| (k, 51820)),
+            },
+        );
+        assert!(t.install_inbound(peer, 1, pair_keys(peer, 1)));
+        assert!(t.switch_outbound(peer, 1, Epoch(1), now, Duration::from_secs(10)));
+        assert!(t.install_inbound(peer, 1, pair_keys(peer, 2)));
+    }
+
+    fn progress(phase: Phase, stuck_since: Option<Instant>) -> Progress {
+        Progress {
+            outbound: Some(Epoch(1)),
+            inbound: vec![Epoch(1), Epoch(2)],
+            target: (phase != Phase::Idle).then_some(Epoch(2)),
+            phase,
+            phase_since: stuck_since,
+            stuck_since,
+            completed: 0,
+            last_completed: None,
+        }
+    }
+
+    #[test]
+    fn stuck_text_names_what_is_awaited_and_since_when() {
+        let now = Instant::now();
+        let wall = time::macros::datetime!(2026-11-22 08:40:13.5 UTC);
+        let since = now.checked_sub(Duration::from_secs(12)).unwrap();
+        for (side, phase, want) in [
+            (Side::Leader, Phase::Prepared, "no ack"),
+            (Side::Follower, Phase::Prepared, "no commit"),
+            (Side::Leader, Phase::Acked, "no confirmation"),
+            (
+                Side::Follower,
+                Phase::Requested,
+                "leader has not started it",
+            ),
+        ] {
+            let v = RotationView {
+                side,
+                progress: progress(phase, Some(since)),
+            };
+            let r = rotation_info(&v, now, wall);
+            assert_eq!(
+                r.stuck.as_deref(),
+                Some(format!("rotation stuck: {want} since 2026-11-22T08:40:01Z (12s)").as_str())
+            );
+            assert_eq!(r.phase, phase.as_str());
+            assert_eq!(r.phase_age_seconds, Some(12));
+        }
+        let v = RotationView {
+            side: Side::Leader,
+            progress: Progress {
+                completed: 3,
+                last_completed: Some((Epoch(1), since)),
+                ..progress(Phase::Idle, None)
+            },
+        };
+        let r = rotation_info(&v, now, wall);
+        assert_eq!(r.side, "leader");
+        assert_eq!(r.stuck, None);
+        assert_eq!(r.target_epoch, None);
+        assert_eq!(r.outbound_epoch, Some(1));
+        assert_eq!(r.inbound_epochs, [1, 2]);
+        assert_eq!(r.last_completed_epoch, Some(1));
+        assert_eq!(r.last_completed_seconds_ago, Some(12));
+    }
+
+    #[test]
+    fn ipsec_keys_count_outbound_and_every_inbound_epoch() {
+        let now = Instant::now();
+        let mut t = table(now);
+        establish(&mut t, "node-1", now, None);
+        let e = t.get("node-1").unwrap();
+        let (k1, k2) = (pair_keys("node-1", 1), pair_keys("node-1", 2));
+        let inbound = |spi| InboundSaSnapshot {
+            spi,
+            highest_seq: 0,
+            packets: 0,
+            bytes: 0,
+        };
+        let snap = Snapshot::Ipsec(vec![IpsecPeerSnapshot {
+            peer_id: e.id,
+            out_spi: k1.esp_out.spi,
+            out_seq: 5,
+            tx_packets: 5,
+            tx_bytes: 500,
+            rx_packets: 0,
+            rx_bytes: 0,
+            inbound: vec![inbound(k1.esp_in.spi), inbound(0xdead_beef)],
+            drops: Vec::new(),
+        }]);
+        let Snapshot::Ipsec(snaps) = &snap else {
+            unreachable!()
+        };
+        let p = ipsec_peer(e, snaps).unwrap();
+        assert_eq!(p.expected_out_spi, hex(k1.esp_out.spi));
+        assert_eq!(p.expected_in_spis, [hex(k1.esp_in.spi), hex(k2.esp_in.spi)]);
+        // Outbound plus epoch 1's inbound; epoch 2's is missing, the stray SPI does not count.
+        assert_eq!(
+            key_use(e, &snap),
+            Some(KeyUse {
+                in_use: 2,
+                expected: 3
+            })
+        );
+        let info = peer_info(e, &snap, &BTreeMap::new(), now, OffsetDateTime::now_utc());
+        let key = info.key.unwrap();
+        assert_eq!((key.epoch, key.key_id), (1, k1.key_id.clone()));
+        // Unreadable backend: the same keys are expected, none seen.
+        let k = keys_summary(
+            t.iter(),
+            &Snapshot::Unavailable,
+            Some(Duration::from_secs(3600)),
+        );
+        assert_eq!((k.in_use, k.expected), (0, 3));
+        assert_eq!(k.rotation_interval_seconds, Some(3600));
+        // A failed peer expects nothing.
+        t.auth_failed("node-1", now, "certificate expired".into());
+        assert_eq!(key_use(t.get("node-1").unwrap(), &snap), None);
+    }
+
+    #[test]
+    fn summary_counts_rotations_and_stuck_peers() {
+        let now = Instant::now();
+        let mut t = table(now);
+        establish(&mut t, "node-1", now, None);
+        establish(&mut t, "node-3", now, None);
+        let since = now.checked_sub(Duration::from_secs(30)).unwrap();
+        t.set_rotation(
+            "node-1",
+            1,
+            RotationView {
+                side: Side::Follower,
+                progress: progress(Phase::Idle, None),
+            },
+        );
+        t.set_rotation(
+            "node-3",
+            1,
+            RotationView {
+                side: Side::Leader,
+                progress: progress(Phase::Prepared, Some(since)),
+            },
+        );
+        let k = keys_summary(t.iter(), &Snapshot::Unavailable, None);
+        assert_eq!(k.rotations_in_progress, 1);
+        assert_eq!(k.stuck_peers, ["node-3"]);
+        assert_eq!(k.expected, 6);
+        assert_eq!(k.rotation_interval_seconds, None);
+    }
+
+    #[test]
+    fn wireguard_expects_one_keyed_peer() {
+        let now = Instant::now();
+        let mut t = table(now);
+        let key = PublicKey::from([9; 32]);
+        establish(&mut t, "node-1", now, Some(key));
+        let e = t.get("node-1").unwrap();
+        assert!(ipsec_peer(e, &[]).is_none());
+        let dev = |has_preshared_key| {
+            Snapshot::Wireguard(DeviceSnapshot {
+                ifname: "enc0".into(),
+                public_key: PublicKey::from([1; 32]),
+                listen_port: 51820,
+                peers: vec![enc_wireguard::PeerSnapshot {
+                    public_key: key,
+                    local_key: PublicKey::from([1; 32]),
+                    endpoint: None,
+                    allowed_ips: Vec::new(),
+                    last_handshake: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    has_preshared_key,
+                    generations: 1,
+                    current_has_session: false,
+                }],
+            })
+        };
+        assert_eq!(
+            key_use(e, &dev(true)),
+            Some(KeyUse {
+                in_use: 1,
+                expected: 1
+            })
+        );
+        assert_eq!(
+            key_use(e, &dev(false)),
+            Some(KeyUse {
+                in_use: 0,
+                expected: 1
+            })
+        );
+        let info = peer_info(
+            e,
+            &dev(true),
+            &BTreeMap::new(),
+            now,
+            OffsetDateTime::now_utc(),
+        );
+        assert!(info.wireguard.is_some() && info.ipsec.is_none());
+    }
+
+    #[test]
+    fn rotate_request_bodies() {
+        assert_eq!(rotate_request(b""), Ok(RotateRequest::default()));
+        assert_eq!(rotate_request(b" {} "), Ok(RotateRequest::default()));
+        assert_eq!(
+            rotate_request(br#"{"peer":"node-1"}"#)
+                .unwrap()
+                .peer
+                .as_deref(),
+            Some("node-1")
+        );
+        let e = rotate_request(br#"{"peers":"node-1"}"#).unwrap_err();
+        assert!(e.contains("unknown field `peers`"), "{e}");
+        let e = rotate_request(b"node-1").unwrap_err();
+        assert!(e.contains("invalid rotate request"), "{e}");
+        let e = rotate_request(br#"{"peer":3}"#).unwrap_err();
+        assert!(e.contains("invalid type"), "{e}");
+    }
 }

@@ -5,11 +5,13 @@
 
 mod client;
 mod output;
+mod rotate;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// Command-line tool of enc: cluster CA, node certificates, agent status and peers.
 #[derive(Debug, Parser)]
@@ -43,14 +45,52 @@ enum Output {
 enum Command {
     /// This node's status: identity, datapath, peer counts.
     Status(AgentOpts),
-    /// One row per expected peer: authentication state, certificate, WireGuard counters.
+    /// One row per expected peer: authentication state, certificate, keys, rotation, counters.
     Peers(AgentOpts),
+    /// Rotate the keys with every authenticated peer (or one), optionally waiting until the
+    /// old keys are retired.
+    Rotate(RotateArgs),
     /// The cluster certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
     /// Node certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+}
+
+/// Arguments of `encctl rotate`.
+#[derive(Debug, Args)]
+struct RotateArgs {
+    /// Rotate only with this peer (node name); every authenticated peer when absent.
+    #[arg(long, value_name = "NAME", value_parser = parse_peer)]
+    peer: Option<String>,
+    /// Wait until every rotation is complete (old keys retired), printing each step.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits (e.g. 30s, 2m).
+    #[arg(long, value_name = "D", default_value = "60s", value_parser = parse_timeout, requires = "wait")]
+    timeout: Duration,
+    #[command(flatten)]
+    agent: AgentOpts,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (expected a duration such as 30s, 2m or 1h)"))?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_peer(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("must not be empty (it names a peer node)".into());
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("a node name has no whitespace".into());
+    }
+    Ok(s.to_owned())
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Output::Text => print!("{}", output::peers(&peers.peers)),
             }
         }
+        Command::Rotate(args) => rotate(args)?,
         Command::Ca(CaCommand::Init {
             out,
             name,
@@ -187,6 +228,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn rotate(args: RotateArgs) -> anyhow::Result<()> {
+    let client = client::Client::new(&args.agent.socket)?;
+    let started = Instant::now();
+    let resp: enc_api::RotateResponse = client.post(
+        enc_api::ROTATE_PATH,
+        &enc_api::RotateRequest {
+            peer: args.peer.clone(),
+        },
+    )?;
+    let json = args.agent.output == Output::Json;
+    if !args.wait {
+        return emit(args.agent.output, &resp, || rotate::started_text(&resp));
+    }
+    if !json {
+        print!("{}", rotate::started_text(&resp));
+    }
+    rotate::wait(&client, &resp, args.timeout, json, started)
 }
 
 fn emit<T: serde::Serialize>(

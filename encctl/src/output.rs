@@ -71,6 +71,7 @@ pub fn status(s: &Status) -> String {
          control:     tls 1.3 mutual auth on {} ({})\n\
          certificate: {} serial {} expires {}\n\
          peers:       {} total, {} authenticated, {} pending, {} failed\n\
+         keys:        {}\n\
          datapath:    eBPF via {} on {} and {} pod interface(s), strict mode {}, pinned at {}\n\
          counters:    {} packets steered ({}), {} dropped{}, {} leaked\n",
         s.node.name,
@@ -105,6 +106,7 @@ pub fn status(s: &Status) -> String {
         p.authenticated,
         p.pending,
         p.failed,
+        keys(&s.keys),
         s.datapath.attach_mode,
         s.datapath.underlay_interface,
         s.datapath.pod_interfaces.len(),
@@ -120,6 +122,48 @@ pub fn status(s: &Status) -> String {
         drop_detail(&s.datapath.totals),
         s.datapath.totals.leak_packets,
     )
+}
+
+/// The `keys:` line of `encctl status`.
+pub fn keys(k: &enc_api::KeysSummary) -> String {
+    let mut s = format!(
+        "{} in use / {} expected; rotations in progress: {}",
+        k.in_use, k.expected, k.rotations_in_progress
+    );
+    if !k.stuck_peers.is_empty() {
+        let _ = write!(s, "; stuck: {}", k.stuck_peers.join(", "));
+    }
+    match k.rotation_interval_seconds {
+        Some(secs) => {
+            let _ = write!(
+                s,
+                "; schedule: every {}",
+                humantime::format_duration(std::time::Duration::from_secs(secs))
+            );
+        }
+        None => s.push_str("; no schedule"),
+    }
+    s
+}
+
+/// The ROTATION column of `encctl peers`: outbound epoch, and the rotation in flight.
+pub fn rotation(r: Option<&enc_api::RotationInfo>) -> String {
+    let Some(r) = r else {
+        return "-".into();
+    };
+    let mut s = r
+        .outbound_epoch
+        .map_or_else(|| "-".to_owned(), |e| e.to_string());
+    if r.phase != "idle" {
+        let target = r
+            .target_epoch
+            .map_or_else(|| "?".to_owned(), |e| e.to_string());
+        let _ = write!(s, " -> {target} ({})", r.phase);
+    }
+    if r.stuck.is_some() {
+        s.push_str(" STUCK");
+    }
+    s
 }
 
 fn xfrm_errors(stat: &std::collections::BTreeMap<String, u64>) -> String {
@@ -205,6 +249,7 @@ pub fn peers(peers: &[PeerInfo]) -> String {
                     .as_ref()
                     .map(|k| format!("{}/{}", k.epoch, k.key_id))
                     .unwrap_or_else(|| "-".into()),
+                rotation(p.rotation.as_ref()),
                 link,
                 rx,
                 tx,
@@ -218,7 +263,7 @@ pub fn peers(peers: &[PeerInfo]) -> String {
             ]
         })
         .collect();
-    table(
+    let table = table(
         &[
             "NAME",
             "ADDRESS",
@@ -227,6 +272,7 @@ pub fn peers(peers: &[PeerInfo]) -> String {
             "SERIAL",
             "EXPIRES",
             "EPOCH/KEY",
+            "ROTATION",
             "HANDSHAKE/SA",
             "RX",
             "TX",
@@ -235,7 +281,22 @@ pub fn peers(peers: &[PeerInfo]) -> String {
             "DETAIL",
         ],
         &rows,
-    )
+    );
+    // A stuck rotation gets its own line under the peer's row: the text is long.
+    let mut out = String::new();
+    let mut lines = table.lines();
+    if let Some(header) = lines.next() {
+        out.push_str(header);
+        out.push('\n');
+    }
+    for (line, p) in lines.zip(peers) {
+        out.push_str(line);
+        out.push('\n');
+        if let Some(stuck) = p.rotation.as_ref().and_then(|r| r.stuck.as_ref()) {
+            let _ = writeln!(out, "  {}: {stuck}", p.name);
+        }
+    }
+    out
 }
 
 fn short_serial(s: &str) -> String {
@@ -289,5 +350,99 @@ mod tests {
         assert_eq!(age(59), "59s");
         assert_eq!(age(3600), "60m");
         assert_eq!(age(86_400 * 3), "3d");
+    }
+
+    fn rotation_info(phase: &str, stuck: Option<&str>) -> enc_api::RotationInfo {
+        enc_api::RotationInfo {
+            side: "leader".into(),
+            outbound_epoch: Some(3),
+            inbound_epochs: vec![3, 4],
+            phase: phase.into(),
+            target_epoch: (phase != "idle").then_some(4),
+            phase_age_seconds: Some(12),
+            stuck: stuck.map(str::to_owned),
+            completed: 2,
+            last_completed_epoch: Some(3),
+            last_completed_seconds_ago: Some(600),
+        }
+    }
+
+    #[test]
+    fn rotation_column() {
+        assert_eq!(rotation(None), "-");
+        assert_eq!(rotation(Some(&rotation_info("idle", None))), "3");
+        assert_eq!(
+            rotation(Some(&rotation_info(
+                "prepared",
+                Some("rotation stuck: no ack")
+            ))),
+            "3 -> 4 (prepared) STUCK"
+        );
+    }
+
+    #[test]
+    fn keys_line() {
+        let mut k = enc_api::KeysSummary {
+            in_use: 6,
+            expected: 6,
+            rotations_in_progress: 1,
+            stuck_peers: vec!["node-3".into()],
+            rotation_interval_seconds: Some(3600),
+        };
+        assert_eq!(
+            keys(&k),
+            "6 in use / 6 expected; rotations in progress: 1; stuck: node-3; schedule: every 1h"
+        );
+        k.stuck_peers.clear();
+        k.rotation_interval_seconds = None;
+        assert_eq!(
+            keys(&k),
+            "6 in use / 6 expected; rotations in progress: 1; no schedule"
+        );
+    }
+
+    #[test]
+    fn peers_show_stuck_detail_line() {
+        let peer = |name: &str, r: Option<enc_api::RotationInfo>| PeerInfo {
+            name: name.into(),
+            address: "10.0.0.2".parse().unwrap(),
+            pod_cidr: "10.244.2.0/24".into(),
+            role: "dial".into(),
+            auth: AuthState::Authenticated,
+            state_age_seconds: 5,
+            failures: 0,
+            certificate: None,
+            key: Some(enc_api::KeyInfo {
+                epoch: 3,
+                key_id: "0a1b2c3d".into(),
+            }),
+            wireguard: None,
+            ipsec: None,
+            rotation: r,
+            datapath_id: 1,
+            counters: Default::default(),
+        };
+        let text = peers(&[
+            peer(
+                "node-2",
+                Some(rotation_info(
+                    "prepared",
+                    Some("rotation stuck: no ack since 2026-11-22T08:40:01Z (12s)"),
+                )),
+            ),
+            peer("node-3", Some(rotation_info("idle", None))),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].contains("ROTATION"), "{text}");
+        assert!(
+            lines[1].starts_with("node-2") && lines[1].contains("3 -> 4 (prepared) STUCK"),
+            "{text}"
+        );
+        assert_eq!(
+            lines[2],
+            "  node-2: rotation stuck: no ack since 2026-11-22T08:40:01Z (12s)"
+        );
+        assert!(lines[3].starts_with("node-3"), "{text}");
     }
 }

@@ -146,3 +146,313 @@ fn status_without_agent_says_where_it_looked() {
     let e = err(&["peers", "-o", "yaml"]);
     assert!(e.contains("yaml"), "{e}");
 }
+
+#[test]
+fn rotate_bad_arguments_name_the_value() {
+    let e = err(&["rotate", "--wait", "--timeout", "5x"]);
+    assert!(e.contains("5x") && e.contains("--timeout"), "{e}");
+    let e = err(&["rotate", "--wait", "--timeout", "0s"]);
+    assert!(e.contains("0s") && e.contains("--timeout"), "{e}");
+    let e = err(&["rotate", "--peer", ""]);
+    assert!(e.contains("--peer"), "{e}");
+    let e = err(&["rotate", "--timeout", "30s"]);
+    assert!(
+        e.contains("--wait"),
+        "--timeout without --wait must say so: {e}"
+    );
+    let e = err(&["rotate", "-o", "yaml"]);
+    assert!(e.contains("yaml"), "{e}");
+}
+
+#[test]
+fn rotate_without_agent_says_where_it_looked() {
+    for args in [
+        &["rotate", "--socket", "/nonexistent/enc.sock"][..],
+        &[
+            "rotate",
+            "--socket",
+            "/nonexistent/enc.sock",
+            "--peer",
+            "node-2",
+            "--wait",
+            "--timeout",
+            "1s",
+            "-o",
+            "json",
+        ],
+    ] {
+        let out = encctl(args);
+        assert!(!out.status.success(), "{args:?} unexpectedly succeeded");
+        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            e.contains("/nonexistent/enc.sock") && e.contains("enc-agent"),
+            "{e}"
+        );
+    }
+}
+
+/// A fake agent on a Unix socket: answers each request with `answer(method, path, body)`
+/// and records the requests.
+struct FakeAgent {
+    socket: std::path::PathBuf,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>,
+    _dir: tempfile::TempDir,
+}
+
+fn fake_agent(answer: impl Fn(&str, &str, &str) -> (u16, String) + Send + 'static) -> FakeAgent {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind fake agent socket");
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = requests.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.expect("accept");
+            let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("read request line");
+            let mut parts = line.split_whitespace();
+            let (method, path) = (
+                parts.next().unwrap_or_default().to_owned(),
+                parts.next().unwrap_or_default().to_owned(),
+            );
+            let mut len = 0;
+            loop {
+                let mut h = String::new();
+                reader.read_line(&mut h).expect("read header");
+                if h.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':')
+                    && k.eq_ignore_ascii_case("content-length")
+                {
+                    len = v.trim().parse().expect("content-length");
+                }
+            }
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).expect("read body");
+            let body = String::from_utf8(body).expect("utf-8 body");
+            let (code, answer) = answer(&method, &path, &body);
+            log.lock().expect("request log").push((method, path, body));
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    FakeAgent {
+        socket,
+        requests,
+        _dir: dir,
+    }
+}
+
+fn rotation(
+    side: &str,
+    phase: &str,
+    outbound: u32,
+    inbound: &[u32],
+    done: Option<u32>,
+    stuck: Option<&str>,
+) -> enc_api::RotationInfo {
+    enc_api::RotationInfo {
+        side: side.into(),
+        outbound_epoch: Some(outbound),
+        inbound_epochs: inbound.to_vec(),
+        phase: phase.into(),
+        target_epoch: (phase != "idle").then_some(4),
+        phase_age_seconds: Some(1),
+        stuck: stuck.map(str::to_owned),
+        completed: u64::from(done.is_some()),
+        last_completed_epoch: done,
+        last_completed_seconds_ago: done.map(|_| 0),
+    }
+}
+
+fn peers_json(rotations: &[(&str, Option<enc_api::RotationInfo>)]) -> String {
+    let peers = rotations
+        .iter()
+        .enumerate()
+        .map(|(i, (name, r))| enc_api::PeerInfo {
+            name: (*name).into(),
+            address: format!("10.0.0.{}", i + 2).parse().expect("address"),
+            pod_cidr: "10.244.2.0/24".into(),
+            role: "dial".into(),
+            auth: enc_api::AuthState::Authenticated,
+            state_age_seconds: 1,
+            failures: 0,
+            certificate: None,
+            key: None,
+            wireguard: None,
+            ipsec: None,
+            rotation: r.clone(),
+            datapath_id: i as u16 + 1,
+            counters: Default::default(),
+        })
+        .collect();
+    serde_json::to_string(&enc_api::Peers { peers }).expect("encode peers")
+}
+
+fn started(peers: &[&str]) -> String {
+    serde_json::to_string(&enc_api::RotateResponse {
+        rotations: peers
+            .iter()
+            .map(|p| enc_api::RotationStarted {
+                peer: (*p).into(),
+                from_epoch: Some(3),
+                target_epoch: 4,
+            })
+            .collect(),
+    })
+    .expect("encode rotations")
+}
+
+#[test]
+fn rotate_posts_the_request_and_shows_refusals() {
+    let agent = fake_agent(|_, _, body| {
+        if body.contains("node-9") {
+            (
+                404,
+                r#"{"error":"no peer named \"node-9\" is expected by this node"}"#.into(),
+            )
+        } else {
+            (200, started(&["node-2", "node-3"]))
+        }
+    });
+    let sock = p(&agent.socket);
+    let e = err(&["rotate", "--socket", sock, "--peer", "node-9"]);
+    assert!(e.contains("node-9") && e.contains("404"), "{e}");
+    let text = ok(&["rotate", "--socket", sock]);
+    assert_eq!(
+        text,
+        "node-2  epoch 3 -> 4  started\nnode-3  epoch 3 -> 4  started\n"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["rotate", "--socket", sock, "-o", "json"])).unwrap();
+    assert_eq!(json["rotations"][1]["peer"], "node-3");
+    assert_eq!(json["rotations"][1]["targetEpoch"], 4);
+    let reqs = agent.requests.lock().unwrap().clone();
+    assert_eq!(
+        reqs[0],
+        (
+            "POST".to_owned(),
+            "/v1/rotate".to_owned(),
+            r#"{"peer":"node-9"}"#.to_owned()
+        )
+    );
+    assert_eq!(reqs[1].2, "{}");
+}
+
+#[test]
+fn rotate_wait_prints_every_step_and_names_the_stuck_peer() {
+    let polls = std::sync::atomic::AtomicUsize::new(0);
+    let stuck = "rotation stuck: no ack since 2026-11-22T08:40:01Z (12s)";
+    let agent = fake_agent(move |method, _, _| {
+        if method == "POST" {
+            return (200, started(&["node-2", "node-3"]));
+        }
+        let n = polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let node2 = match n {
+            0 => rotation("leader", "prepared", 3, &[3, 4], None, None),
+            // Skips acked and committed between two polls.
+            _ => rotation("leader", "idle", 4, &[4], Some(4), None),
+        };
+        let node3 = match n {
+            0 => rotation("follower", "prepared", 3, &[3, 4], None, None),
+            1 => {
+                return (
+                    200,
+                    peers_json(&[("node-2", Some(node2)), ("node-3", None)]),
+                );
+            }
+            _ => rotation("leader", "prepared", 3, &[3, 4], None, Some(stuck)),
+        };
+        (
+            200,
+            peers_json(&[("node-2", Some(node2)), ("node-3", Some(node3))]),
+        )
+    });
+    let sock = p(&agent.socket);
+    let out = encctl(&["rotate", "--socket", sock, "--wait", "--timeout", "1s"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let steps: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("node-2"))
+        .map(|l| l.split("  ").nth(2).unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        ["started", "prepared", "acked", "committed", "retired"],
+        "{text}"
+    );
+    assert!(
+        text.contains("node-3  epoch 3 -> 4  session down"),
+        "{text}"
+    );
+    assert!(
+        text.contains("node-3  epoch 3 -> 4  session back"),
+        "{text}"
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains(&format!(
+            "rotation did not finish for node-3 (last step: prepared; {stuck})"
+        )) && !e.contains("node-2"),
+        "{e}"
+    );
+
+    // JSON: one final object instead of progress lines.
+    let out = encctl(&[
+        "rotate",
+        "--socket",
+        sock,
+        "--wait",
+        "--timeout",
+        "1s",
+        "-o",
+        "json",
+    ]);
+    assert!(!out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["rotations"][0]["done"], true);
+    assert_eq!(json["rotations"][0]["lastStep"], "retired");
+    assert_eq!(json["rotations"][1]["done"], false);
+    assert_eq!(json["rotations"][1]["stuck"], stuck);
+}
+
+#[test]
+fn rotate_wait_succeeds_when_every_peer_retired() {
+    let agent = fake_agent(|method, _, _| {
+        if method == "POST" {
+            (200, started(&["node-2"]))
+        } else {
+            (
+                200,
+                peers_json(&[(
+                    "node-2",
+                    Some(rotation("follower", "idle", 4, &[4], Some(4), None)),
+                )]),
+            )
+        }
+    });
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "rotate",
+        "--socket",
+        p(&agent.socket),
+        "--peer",
+        "node-2",
+        "--wait",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"rotations": [{"peer": "node-2", "fromEpoch": 3, "targetEpoch": 4,
+            "done": true, "lastStep": "retired", "stuck": null}]})
+    );
+}

@@ -83,6 +83,45 @@ pub struct IpsecPeerSpec {
     /// The SAs this node accepts (the current epoch's, plus a neighbouring one during a
     /// rotation).
     pub inbound: Vec<SaKeys>,
+    /// Outbound SAs of older epochs, `(epoch, keys)`, kept from the commit of a rotation until
+    /// its retirement. The kernel backend keeps an outbound SA and `out` policies for each,
+    /// matching that epoch's mark: packets the datapath marked before it switched epochs (in
+    /// flight in the stack) still leave encrypted instead of hitting the block policy. The
+    /// userspace engine takes traffic by route, not by mark, so it seals with `outbound` only
+    /// and ignores this list (it still refuses an invalid one, as the kernel backend does).
+    pub older_outbound: Vec<(u8, SaKeys)>,
+}
+
+impl IpsecPeerSpec {
+    /// Checks `older_outbound` against `epoch` and `outbound`: every epoch distinct modulo 16
+    /// (the mark carries 4 bits), every SPI distinct.
+    pub(crate) fn check_older_outbound(&self) -> Result<()> {
+        let invalid = |field, value: String, reason: &str| Error::Invalid {
+            field,
+            value,
+            reason: format!("peer {} ({}): {reason}", self.peer_id, self.name),
+        };
+        for (i, (epoch, keys)) in self.older_outbound.iter().enumerate() {
+            let earlier = &self.older_outbound[..i];
+            if epoch & 0xF == self.epoch & 0xF
+                || earlier.iter().any(|(e, _)| e & 0xF == epoch & 0xF)
+            {
+                return Err(invalid(
+                    "older_outbound.epoch",
+                    epoch.to_string(),
+                    "epochs of outbound SAs must differ modulo 16",
+                ));
+            }
+            if keys.spi == self.outbound.spi || earlier.iter().any(|(_, k)| k.spi == keys.spi) {
+                return Err(invalid(
+                    "older_outbound.spi",
+                    format!("{:#010x}", keys.spi),
+                    "SPIs of outbound SAs must differ",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Drop reasons of ESP input.
@@ -143,15 +182,22 @@ pub struct InboundSaSnapshot {
 pub struct IpsecPeerSnapshot {
     /// Datapath id of the peer.
     pub peer_id: u16,
-    /// Outbound SPI in use.
+    /// SPI of the current outbound SA (the spec's `outbound`).
     pub out_spi: u32,
-    /// Last sequence number sent on the outbound SA (64-bit, ESN).
+    /// Last sequence number sent on the current outbound SA (64-bit, ESN); it restarts from 0
+    /// when a rotation switches `outbound`.
     pub out_seq: u64,
-    /// Packets sent.
+    /// Packets sent to the peer, over every outbound SA since the peer was added (monotonic
+    /// across rotations).
     pub tx_packets: u64,
-    /// Bytes of inner packets sent.
+    /// Bytes of inner packets sent, like `tx_packets`.
     pub tx_bytes: u64,
-    /// Inbound SAs installed.
+    /// Packets accepted from the peer, over every inbound SA since the peer was added
+    /// (monotonic across rotations, unlike the per-SA counts in `inbound`).
+    pub rx_packets: u64,
+    /// Bytes of inner packets accepted, like `rx_packets`.
+    pub rx_bytes: u64,
+    /// Inbound SAs installed, each with its own counts.
     pub inbound: Vec<InboundSaSnapshot>,
     /// Input drops by reason (userspace engine; the kernel reports its own in /proc/net/xfrm_stat).
     pub drops: Vec<(EspDrop, u64)>,

@@ -50,6 +50,8 @@ struct Node {
     esp: Option<UserspaceEsp>,
     ns: Netns,
     ifname: &'static str,
+    /// The spec of its one peer, as set up.
+    spec: IpsecPeerSpec,
 }
 
 impl Node {
@@ -143,6 +145,7 @@ fn setup_on(tag: &str, b_inbound_key: u8, underlay: Underlay) -> TestResult<(Nod
         epoch: 1,
         outbound: keys(SPI_AB, 1),
         inbound: vec![keys(SPI_BA, 2)],
+        older_outbound: vec![],
     };
     let spec_b = IpsecPeerSpec {
         peer_id: 1,
@@ -154,6 +157,7 @@ fn setup_on(tag: &str, b_inbound_key: u8, underlay: Underlay) -> TestResult<(Nod
         epoch: 1,
         outbound: keys(SPI_BA, 2),
         inbound: vec![keys(SPI_AB, b_inbound_key)],
+        older_outbound: vec![],
     };
 
     let a = start(ns_a, "espa", underlay_a, &spec_a)?;
@@ -189,6 +193,7 @@ fn start(ns: Netns, ifname: &'static str, local: IpAddr, spec: &IpsecPeerSpec) -
         esp: Some(esp),
         ns,
         ifname,
+        spec: spec.clone(),
     })
 }
 
@@ -471,6 +476,139 @@ fn ipv6_underlay() -> TestResult {
         if p.out_seq < 3 || p.inbound[0].packets < 3 || p.drops.iter().any(|(_, n)| *n != 0) {
             return Err(err(format!("{name}: unexpected counters {p:?}")));
         }
+    }
+    Ok(())
+}
+
+#[test]
+fn privileged_userspace_esp_rotation_under_ping_flood() {
+    if !require_root("privileged_userspace_esp_rotation_under_ping_flood") {
+        return;
+    }
+    if let Err(e) = rotation_under_ping_flood() {
+        panic!("{e}");
+    }
+}
+
+/// A step of the rotation from epoch `e` to `e + 1`.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    Steady,
+    Prepare,
+    Commit,
+    Retire,
+}
+
+/// Keys of epoch `e`, A -> B with `ab`: SPI bits 31..28 carry the epoch, as the agent's do.
+fn epoch_keys(e: u8, ab: bool) -> SaKeys {
+    let (spi, fill) = if ab { (SPI_AB, 0x40) } else { (SPI_BA, 0x80) };
+    keys(spi | (u32::from(e & 0xF) << 28), fill + e)
+}
+
+/// `node`'s spec at `step` of the rotation from `e` (A sends on `ab` keys, B receives them).
+fn rotation_spec(node: &Node, e: u8, step: Step) -> IpsecPeerSpec {
+    let ab = node.ifname == "espa";
+    let next = e + 1;
+    let mut s = node.spec.clone();
+    (s.epoch, s.outbound) = (e, epoch_keys(e, ab));
+    s.inbound = vec![epoch_keys(e, !ab)];
+    s.older_outbound = vec![];
+    match step {
+        Step::Steady => {}
+        Step::Prepare => s.inbound.push(epoch_keys(next, !ab)),
+        Step::Commit => {
+            (s.epoch, s.outbound) = (next, epoch_keys(next, ab));
+            s.inbound.push(epoch_keys(next, !ab));
+            s.older_outbound = vec![(e, epoch_keys(e, ab))];
+        }
+        Step::Retire => return rotation_spec(node, next, Step::Steady),
+    }
+    s
+}
+
+/// Four rotations (prepare, commit, retire on both nodes, in the order the agents' protocol
+/// gives) while A pings B every 2 ms: no echo lost, no ESP drop on either node.
+fn rotation_under_ping_flood() -> TestResult {
+    const ROTATIONS: u8 = 4;
+    const COUNT: u32 = 2000;
+    const STEP: Duration = Duration::from_millis(60);
+    let (a, b) = setup("rot", 1)?;
+    for node in [&a, &b] {
+        node.esp()
+            .upsert_peer(&rotation_spec(node, 1, Step::Steady))?;
+    }
+    if !ping(&a, 1)? {
+        return Err(err("ping before the rotations failed".into()));
+    }
+    let ns = a.ns.name().to_owned();
+    let flood = std::thread::spawn(move || {
+        sys::output_in(
+            &ns,
+            &[
+                "ping",
+                "-n",
+                "-q",
+                "-c",
+                &COUNT.to_string(),
+                "-i",
+                "0.002",
+                "-W",
+                "2",
+                "10.99.2.1",
+            ],
+        )
+    });
+    let rx_before = b.peer()?.rx_packets;
+    wait_count("B's packets from the flood", rx_before + 100, || {
+        Ok(b.peer()?.rx_packets)
+    })?;
+    let started = Instant::now();
+    for e in 1..=ROTATIONS {
+        // Prepare at B, then A; commit at A, then B; retire after a grace period.
+        for (node, step) in [
+            (&b, Step::Prepare),
+            (&a, Step::Prepare),
+            (&a, Step::Commit),
+            (&b, Step::Commit),
+            (&a, Step::Retire),
+            (&b, Step::Retire),
+        ] {
+            std::thread::sleep(STEP);
+            node.esp().upsert_peer(&rotation_spec(node, e, step))?;
+        }
+    }
+    let rotating = started.elapsed();
+    let out = flood
+        .join()
+        .map_err(|_| err("ping thread panicked".into()))??;
+    let summary = String::from_utf8_lossy(&out.stdout).into_owned();
+    let want = format!("{COUNT} packets transmitted, {COUNT} received");
+    let (pa, pb) = (a.peer()?, b.peer()?);
+    if !summary.contains(&want) {
+        return Err(err(format!(
+            "echoes lost during the rotations: {summary}; A: {pa:?} {:?}; B: {pb:?} {:?}",
+            a.esp().device_counters(),
+            b.esp().device_counters()
+        )));
+    }
+    // The flood must have outlasted the rotations, or some steps saw no traffic.
+    let flood_time = Duration::from_millis(2 * u64::from(COUNT));
+    if rotating >= flood_time {
+        return Err(err(format!(
+            "rotations took {rotating:?}, longer than the flood ({flood_time:?})"
+        )));
+    }
+    for (p, name) in [(&pa, "A"), (&pb, "B")] {
+        if p.drops.iter().any(|(_, n)| *n != 0) || p.inbound.len() != 1 {
+            return Err(err(format!("{name}: unexpected state {p:?}")));
+        }
+    }
+    let last = ROTATIONS + 1;
+    if (pa.out_spi, pb.out_spi) != (epoch_keys(last, true).spi, epoch_keys(last, false).spi)
+        || pa.tx_packets != pb.rx_packets
+        || pb.tx_packets != pa.rx_packets
+    {
+        return Err(err(format!("unexpected counters: A {pa:?}; B {pb:?}")));
     }
     Ok(())
 }

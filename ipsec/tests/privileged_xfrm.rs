@@ -42,6 +42,7 @@ fn spec() -> IpsecPeerSpec {
         epoch: 3,
         outbound: keys(0x1005),
         inbound: vec![keys(0x2005)],
+        older_outbound: vec![],
     }
 }
 

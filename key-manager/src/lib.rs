@@ -12,6 +12,8 @@
 //! two ends build the same `info` whichever of them dials.
 
 use ring::hkdf;
+pub mod rotation;
+
 use std::fmt;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 

@@ -71,6 +71,8 @@ pub struct LabOptions {
     /// Impostors: node `i` (1-based) holds a valid cluster certificate, but for another name,
     /// and runs under that name at the address where the others expect `node-<i>`.
     pub impostors: Vec<(usize, String)>,
+    /// The `rotation:` settings of every agent, as YAML lines (e.g. `  gracePeriod: 1s`).
+    pub rotation: Vec<String>,
 }
 
 impl LabOptions {
@@ -84,6 +86,7 @@ impl LabOptions {
             impostors: vec![],
             strict: true,
             encryption: "wireguard",
+            rotation: vec![],
         }
     }
 }
@@ -374,6 +377,12 @@ impl Lab {
                 n.claimed_name,
                 n.socket.display()
             );
+            if !opts.rotation.is_empty() {
+                yaml.push_str("rotation:\n");
+                for line in &opts.rotation {
+                    yaml.push_str(&format!("  {line}\n"));
+                }
+            }
             for p in nodes.iter().filter(|p| p.index != n.index) {
                 yaml.push_str(&format!(
                     "  - name: {}\n    underlayAddress: {}\n    podCidr: {}\n",
@@ -479,6 +488,45 @@ impl Lab {
             bail!("agent of {} exited with {st}", node.name);
         }
         Ok(())
+    }
+
+    /// Pauses node `i`'s agent with SIGSTOP (its sockets stay open; it answers nothing).
+    pub fn pause_agent(&self, i: usize) -> anyhow::Result<()> {
+        self.signal_agent(i, libc::SIGSTOP)
+    }
+
+    /// Resumes a paused agent with SIGCONT.
+    pub fn resume_agent(&self, i: usize) -> anyhow::Result<()> {
+        self.signal_agent(i, libc::SIGCONT)
+    }
+
+    fn signal_agent(&self, i: usize, sig: libc::c_int) -> anyhow::Result<()> {
+        let node = self.node(i);
+        let child = node
+            .agent
+            .as_ref()
+            .with_context(|| format!("agent of {} is not running", node.name))?;
+        // `ip netns exec` execs the agent, so the child's pid is the agent's.
+        // SAFETY: kill with a pid we spawned and have not reaped; no memory is involved.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        if rc != 0 {
+            bail!(
+                "signal {sig} to agent of {}: {}",
+                node.name,
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `encctl ARGS --socket <node i's socket>` and returns its output whatever the
+    /// exit status.
+    pub fn encctl_output(&self, i: usize, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let encctl = self.bin.join("encctl");
+        let mut full: Vec<&str> = vec![path_str(&encctl)?];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["--socket", path_str(&self.node(i).socket)?]);
+        sys::output(&full)
     }
 
     /// Runs `encctl ARGS --socket <node i's socket>`.

@@ -4,6 +4,7 @@ use crate::sys;
 use anyhow::{Context, bail};
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::thread::JoinHandle;
 
 /// A named network namespace (`ip netns`), deleted with everything in it when dropped.
 #[derive(Debug)]
@@ -47,20 +48,32 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> anyhow::Result<T> {
-        let path = format!("/var/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("open {path}"))?;
-        let handle = std::thread::spawn(move || -> anyhow::Result<T> {
-            // SAFETY: setns on a valid namespace fd affects only the calling thread (network
-            // namespaces are per-thread); the fd outlives the call.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                bail!("setns({path}): {}", std::io::Error::last_os_error());
-            }
-            Ok(f())
-        });
-        handle
+        self.spawn(f)?
             .join()
             .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.name))?
+    }
+
+    /// Starts `f` on a new thread that enters this namespace first, without waiting for it.
+    /// The thread's result is an error if it could not enter the namespace; sockets created
+    /// there stay in the namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<JoinHandle<anyhow::Result<T>>> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = File::open(&path).with_context(|| format!("open {path}"))?;
+        std::thread::Builder::new()
+            .name(format!("netns-{}", self.name))
+            .spawn(move || -> anyhow::Result<T> {
+                // SAFETY: setns on a valid namespace fd affects only the calling thread (network
+                // namespaces are per-thread); the fd outlives the call.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    bail!("setns({path}): {}", std::io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .with_context(|| format!("spawn a thread for namespace {}", self.name))
     }
 }
 

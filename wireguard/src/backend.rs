@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::keys::{PresharedKey, PublicKey};
+use crate::keys::{PresharedKey, PrivateKey, PublicKey};
 
 /// Desired state of one peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,6 +22,15 @@ pub struct PeerSpec {
     pub allowed_ips: Vec<IpNet>,
     /// Keepalive interval in seconds; `None` or `Some(0)` disables it.
     pub persistent_keepalive: Option<u16>,
+    /// Which of the device's static keys this peer's sessions use; `None` is the primary (the
+    /// one at the time of the upsert: after a new key was added, upserting the same spec moves
+    /// the peer to it). A key the device does not hold is an error.
+    pub local_key: Option<PublicKey>,
+    /// The key this peer was known by before it rolled its static key. If no peer has
+    /// `public_key` but one has this key, that peer is re-keyed to `public_key` in place
+    /// (make-before-break, keeping its counters, endpoint and old session); otherwise it is
+    /// ignored and the spec is a plain upsert of `public_key`.
+    pub previous_public_key: Option<PublicKey>,
 }
 
 /// What the device reports about one peer.
@@ -29,18 +38,26 @@ pub struct PeerSpec {
 pub struct PeerSnapshot {
     /// The peer's static public key.
     pub public_key: PublicKey,
+    /// The device's static key that the newest key generation uses towards this peer.
+    pub local_key: PublicKey,
     /// Current endpoint (configured, or learned from authenticated packets).
     pub endpoint: Option<SocketAddr>,
     /// Prefixes currently routed to this peer.
     pub allowed_ips: Vec<IpNet>,
-    /// Time since the last completed handshake; `None` if there is no session.
+    /// Time since the newest key generation's last completed handshake; `None` while it has no
+    /// session (e.g. right after a preshared-key change, before the peer switched too).
     pub last_handshake: Option<Duration>,
-    /// Bytes received from this peer.
+    /// Bytes received from this peer, over all key generations (never decreases).
     pub rx_bytes: u64,
-    /// Bytes sent to this peer.
+    /// Bytes sent to this peer, over all key generations (never decreases).
     pub tx_bytes: u64,
     /// Whether a preshared key is configured (the key itself is never reported).
     pub has_preshared_key: bool,
+    /// Key generations (noise states) the peer holds: 1 normally, 2 while a key change (static
+    /// or preshared) is in progress and the previous keys' session is kept for traffic.
+    pub generations: u8,
+    /// Whether the newest key generation has a session (traffic has moved to the newest key).
+    pub current_has_session: bool,
 }
 
 /// What the device reports about itself and all its peers.
@@ -48,7 +65,7 @@ pub struct PeerSnapshot {
 pub struct DeviceSnapshot {
     /// Interface name.
     pub ifname: String,
-    /// The device's own public key.
+    /// The device's primary public key (see [`WgBackend::public_key`]).
     pub public_key: PublicKey,
     /// UDP port the device listens on.
     pub listen_port: u16,
@@ -73,13 +90,37 @@ pub trait WgBackend: Send + Sync {
     fn kind(&self) -> BackendKind;
     /// Interface name.
     fn ifname(&self) -> &str;
-    /// The device's own public key.
+    /// The device's primary public key: the static key added last, used by peers whose spec
+    /// names no `local_key`.
     fn public_key(&self) -> PublicKey;
+    /// Adds a static key pair and makes it the primary; returns its public key. Adding a key
+    /// the device already holds changes nothing (it does not become primary again).
+    fn add_private_key(&self, key: PrivateKey) -> Result<PublicKey>;
+    /// Drops the static keys not in `keep`; keys in `keep` that the device does not hold are
+    /// ignored. Fails, dropping nothing, if `keep` lacks the primary ([`Error::PrimaryKeyDropped`])
+    /// or a key that a peer's newest generation still uses ([`Error::KeyInUse`]). An older
+    /// generation that used a dropped key keeps its session until it is retired but can no
+    /// longer complete a handshake.
+    ///
+    /// [`Error::PrimaryKeyDropped`]: crate::Error::PrimaryKeyDropped
+    /// [`Error::KeyInUse`]: crate::Error::KeyInUse
+    fn retain_private_keys(&self, keep: &[PublicKey]) -> Result<()>;
+    /// The public halves of the device's static keys, the primary first.
+    fn private_keys(&self) -> Vec<PublicKey>;
     /// UDP port the device listens on.
     fn listen_port(&self) -> u16;
     /// Adds or updates a peer to match `spec`; an unchanged spec is a no-op (it must not reset an
-    /// established session). A changed preshared key or allowed IPs takes effect (for boringtun a
-    /// preshared-key or keepalive change rebuilds the peer's session state).
+    /// established session), and an endpoint or allowed-IPs change keeps the session.
+    ///
+    /// A change of the keys (preshared key, local key, or the peer's key through
+    /// `previous_public_key`; for boringtun also a keepalive change) is make-before-break: a
+    /// handshake under the new keys starts at once, and the old keys' session keeps carrying
+    /// traffic both ways until it completes, so no packet is lost while the two ends switch a
+    /// few seconds apart or less. The old session is dropped a while after the new one is up,
+    /// at the latest 180 s after the change. A `local_key` the device does not hold is an error
+    /// ([`Error::UnknownLocalKey`]).
+    ///
+    /// [`Error::UnknownLocalKey`]: crate::Error::UnknownLocalKey
     fn upsert_peer(&self, spec: &PeerSpec) -> Result<()>;
     /// Removes a peer; an absent peer is not an error.
     fn delete_peer(&self, key: &PublicKey) -> Result<()>;

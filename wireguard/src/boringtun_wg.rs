@@ -1,9 +1,21 @@
 //! Userspace WireGuard: boringtun's noise core on a TUN device and a UDP socket, run by our own
 //! threads.
 //!
-//! Three threads share one `RwLock<Peers>`; each peer's `Tunn` sits in its own `Mutex`. Lock order
-//! is always the peers lock first, then one peer lock. Every thread owns its packet buffers, so the
-//! hot path does not allocate, and drops are counted (see [`DropCounters`]) instead of logged.
+//! Three threads share one `RwLock<Peers>`; each peer's noise state sits in its own `Mutex`. Lock
+//! order is always the peers lock first, then one peer lock. Every thread owns its packet buffers,
+//! so the hot path does not allocate, and drops are counted (see [`DropCounters`]) instead of
+//! logged.
+//!
+//! A key change (preshared key, our static key, the peer's static key) or a keepalive change is
+//! make-before-break: the peer gets a new `Tunn` generation while the old one keeps carrying
+//! traffic until the new one has a session (see [`crate::generations`]). Every generation's
+//! session index is registered, so packets in flight under the old session still find it, and so
+//! is every generation's remote static key, so an initiation finds its peer even from the key the
+//! peer had before it rolled it.
+//!
+//! The device holds several static keys while this node rolls its own ([`crate::keyring`]): a
+//! handshake message's MAC1 tells which key it was sent to, and that key's rate limiter checks
+//! the load and makes the cookies, as boringtun's device does with its one key.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -16,11 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet, Tunn, TunnResult};
-use boringtun::x25519;
+use boringtun::noise::Tunn;
 use ipnet::IpNet;
 use ring::rand::{SecureRandom as _, SystemRandom};
 use serde::Serialize;
@@ -28,6 +36,8 @@ use serde::Serialize;
 use crate::AllowedIps;
 use crate::backend::{BackendKind, DeviceSnapshot, PeerSnapshot, PeerSpec, WgBackend};
 use crate::error::{Error, Result};
+use crate::generations::{Discard, Generations, Output, StaticKeys, Target};
+use crate::keyring::{DeviceKey, KeyRing, Rejected};
 use crate::keys::{PrivateKey, PublicKey};
 
 /// How often timers run, and the longest a thread takes to notice shutdown.
@@ -36,8 +46,9 @@ const TICK: Duration = Duration::from_millis(250);
 const MAX_PACKET: usize = 65535;
 /// Buffers that hold an encapsulated packet: payload + WireGuard data overhead (32 bytes).
 const BUF_LEN: usize = MAX_PACKET + 32;
-/// Handshakes per second before cookies are demanded. Every handshake message passes the shared
-/// limiter twice (our routing check, then `Tunn::decapsulate`), so this is twice boringtun's 100.
+/// Handshakes per second and device key before cookies are demanded. Every handshake message
+/// passes its key's limiter twice (our routing check, then `Tunn::decapsulate`), so this is twice
+/// boringtun's 100.
 const HANDSHAKE_RATE_LIMIT: u64 = 200;
 /// Session indices are 24 bits; boringtun puts them in the top bits of the 32-bit index.
 const INDEX_MASK: u32 = 0x00ff_ffff;
@@ -49,7 +60,7 @@ const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub struct BoringtunConfig {
     /// Name of the TUN interface to create (at most 15 bytes).
     pub ifname: String,
-    /// The device's static private key.
+    /// The device's first static private key (its primary until another one is added).
     pub private_key: PrivateKey,
     /// Underlay address to listen on (`ip:port`; port 0 picks an ephemeral port).
     pub listen: SocketAddr,
@@ -64,7 +75,8 @@ pub struct DropCounters {
     pub no_endpoint: u64,
     /// Inbound packets whose inner source is not in the sending peer's allowed IPs.
     pub bad_source: u64,
-    /// Inbound datagrams that matched no peer (unknown key or session index).
+    /// Inbound datagrams that matched no peer (an initiation from an unknown key or for keys no
+    /// generation of the peer has, or an unknown session index, e.g. of a retired generation).
     pub unknown_peer: u64,
     /// Inbound datagrams rejected by the noise layer (bad MAC/tag, replay, malformed, ...).
     pub invalid: u64,
@@ -108,18 +120,16 @@ fn bump(c: &AtomicU64) {
 }
 
 struct PeerState {
-    tunn: Tunn,
-    /// 24-bit local session index of `tunn`.
-    index: u32,
+    noise: Generations,
     endpoint: Option<SocketAddr>,
 }
 
+/// A peer's shared state. Its key is not here: re-keying changes it (see [`PeerEntry`]).
 struct Peer {
-    public_key: PublicKey,
     state: Mutex<PeerState>,
-    /// UDP payload bytes received from this peer that authenticated.
+    /// UDP payload bytes received from this peer that authenticated, over all generations.
     rx_bytes: AtomicU64,
-    /// UDP payload bytes sent to this peer.
+    /// UDP payload bytes sent to this peer, over all generations.
     tx_bytes: AtomicU64,
 }
 
@@ -132,16 +142,53 @@ impl Peer {
 struct PeerEntry {
     peer: Arc<Peer>,
     spec: PeerSpec,
+    /// Our static key of the newest generation (`spec.local_key` resolved).
+    local: PublicKey,
 }
 
-#[derive(Default)]
+/// The device's keys and peers, under one lock.
 struct Peers {
+    keys: KeyRing,
     by_key: HashMap<PublicKey, PeerEntry>,
+    /// Session index of every generation.
     by_index: HashMap<u32, Arc<Peer>>,
+    /// Remote static key of every generation (routes initiations). Should two peers' generations
+    /// share a key, the newest registration wins.
+    by_remote: HashMap<PublicKey, Arc<Peer>>,
     routes: AllowedIps<Arc<Peer>>,
 }
 
 impl Peers {
+    fn new(keys: KeyRing) -> Self {
+        Self {
+            keys,
+            by_key: HashMap::new(),
+            by_index: HashMap::new(),
+            by_remote: HashMap::new(),
+            routes: AllowedIps::default(),
+        }
+    }
+
+    /// Registers the remote keys `peer`'s generations gained and unregisters those it lost.
+    fn sync_remotes(&mut self, peer: &Arc<Peer>, before: &[PublicKey], after: &[PublicKey]) {
+        for r in before.iter().filter(|r| !after.contains(r)) {
+            self.unregister_remote(peer, r);
+        }
+        for r in after.iter().filter(|r| !before.contains(r)) {
+            self.by_remote.insert(*r, Arc::clone(peer));
+        }
+    }
+
+    fn unregister_remote(&mut self, peer: &Arc<Peer>, remote: &PublicKey) {
+        if self
+            .by_remote
+            .get(remote)
+            .is_some_and(|p| Arc::ptr_eq(p, peer))
+        {
+            self.by_remote.remove(remote);
+        }
+    }
+
     /// Makes the routing table send exactly `nets` to `peer`, taking prefixes from other peers
     /// (allowed IPs are unique across peers, as in kernel WireGuard).
     fn claim_routes(&mut self, peer: &Arc<Peer>, nets: &[IpNet]) {
@@ -161,14 +208,10 @@ impl Peers {
 
 struct Shared {
     ifname: String,
-    secret: x25519::StaticSecret,
-    static_public: x25519::PublicKey,
-    public_key: PublicKey,
     local_addr: SocketAddr,
     tun: File,
     udp: UdpSocket,
     peers: RwLock<Peers>,
-    rate_limiter: Arc<RateLimiter>,
     next_index: AtomicU32,
     stop: AtomicBool,
     counters: Counters,
@@ -196,18 +239,19 @@ impl Shared {
         }
     }
 
-    fn new_tunn(&self, spec: &PeerSpec, index: u32) -> Tunn {
-        Tunn::new(
-            self.secret.clone(),
-            x25519::PublicKey::from(spec.public_key.0),
-            spec.preshared_key.as_ref().map(|k| *k.expose_secret()),
-            spec.persistent_keepalive.filter(|k| *k > 0),
-            index,
-            Some(Arc::clone(&self.rate_limiter)),
-        )
+    /// The device key `spec` names (the primary if none).
+    fn local_key<'p>(&self, peers: &'p Peers, spec: &PeerSpec) -> Result<&'p DeviceKey> {
+        match spec.local_key {
+            None => Ok(peers.keys.primary()),
+            Some(key) => peers.keys.get(&key).ok_or_else(|| Error::UnknownLocalKey {
+                ifname: self.ifname.clone(),
+                peer: spec.public_key,
+                key,
+            }),
+        }
     }
 
-    /// A 24-bit session index not used by any peer.
+    /// A 24-bit session index not used by any peer or generation.
     fn alloc_index(&self, peers: &Peers, key: &PublicKey) -> Result<u32> {
         // Among len + 1 consecutive candidates at least one is free.
         let tries = (peers.by_index.len() + 1).min(INDEX_MASK as usize + 1);
@@ -239,7 +283,7 @@ impl fmt::Debug for BoringtunWg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BoringtunWg")
             .field("ifname", &self.shared.ifname)
-            .field("public_key", &self.shared.public_key)
+            .field("public_key", &self.public_key())
             .field("local_addr", &self.shared.local_addr)
             .finish_non_exhaustive()
     }
@@ -270,21 +314,17 @@ impl BoringtunWg {
         let local_addr = udp.local_addr().map_err(|e| syscall("getsockname", e))?;
         let tun = enc_sys::tun::open(&ifname).map_err(|e| Error::from_sys(&ifname, e))?;
 
-        let secret = private_key.to_static_secret();
-        let static_public = x25519::PublicKey::from(&secret);
+        let keys = KeyRing::new(&private_key, HANDSHAKE_RATE_LIMIT);
+        drop(private_key);
         let mut seed = [0u8; 4];
         SystemRandom::new()
             .fill(&mut seed)
             .map_err(|_| Error::Random)?;
         let shared = Arc::new(Shared {
-            rate_limiter: Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT)),
-            public_key: PublicKey(static_public.to_bytes()),
-            secret,
-            static_public,
             local_addr,
             tun,
             udp,
-            peers: RwLock::new(Peers::default()),
+            peers: RwLock::new(Peers::new(keys)),
             next_index: AtomicU32::new(u32::from_le_bytes(seed)),
             stop: AtomicBool::new(false),
             counters: Counters::default(),
@@ -301,7 +341,7 @@ impl BoringtunWg {
         wg.spawn("timers", timer_loop)?;
         tracing::info!(
             ifname = %wg.shared.ifname,
-            public_key = %wg.shared.public_key,
+            public_key = %wg.public_key(),
             listen = %wg.shared.local_addr,
             "boringtun WireGuard device started"
         );
@@ -362,7 +402,50 @@ impl WgBackend for BoringtunWg {
     }
 
     fn public_key(&self) -> PublicKey {
-        self.shared.public_key
+        self.shared.read().keys.primary().public_key()
+    }
+
+    fn add_private_key(&self, key: PrivateKey) -> Result<PublicKey> {
+        let mut peers = self.shared.write();
+        let before = peers.keys.primary().public_key();
+        let added = peers.keys.add(&key);
+        if added != before && peers.keys.primary().public_key() == added {
+            tracing::info!(
+                ifname = %self.shared.ifname,
+                public_key = %added,
+                "static key added; it is the primary now"
+            );
+        }
+        Ok(added)
+    }
+
+    fn retain_private_keys(&self, keep: &[PublicKey]) -> Result<()> {
+        let sh = &*self.shared;
+        let mut peers = sh.write();
+        let primary = peers.keys.primary().public_key();
+        if !keep.contains(&primary) {
+            return Err(Error::PrimaryKeyDropped {
+                ifname: sh.ifname.clone(),
+                key: primary,
+            });
+        }
+        if let Some((peer, entry)) = peers.by_key.iter().find(|(_, e)| !keep.contains(&e.local)) {
+            return Err(Error::KeyInUse {
+                ifname: sh.ifname.clone(),
+                key: entry.local,
+                peer: *peer,
+            });
+        }
+        let before = peers.keys.public_keys();
+        peers.keys.retain(keep);
+        for key in before.iter().filter(|k| !keep.contains(k)) {
+            tracing::info!(ifname = %sh.ifname, public_key = %key, "static key dropped");
+        }
+        Ok(())
+    }
+
+    fn private_keys(&self) -> Vec<PublicKey> {
+        self.shared.read().keys.public_keys()
     }
 
     fn listen_port(&self) -> u16 {
@@ -371,65 +454,121 @@ impl WgBackend for BoringtunWg {
 
     fn upsert_peer(&self, spec: &PeerSpec) -> Result<()> {
         let sh = &*self.shared;
-        let mut peers = sh.write();
-        let Some(entry) = peers.by_key.get(&spec.public_key) else {
-            let index = sh.alloc_index(&peers, &spec.public_key)?;
+        let mut guard = sh.write();
+        let peers = &mut *guard;
+        let local = sh.local_key(peers, spec)?;
+        let keys = StaticKeys {
+            local: local.public_key(),
+            remote: spec.public_key,
+        };
+        let new_tunn = |index| {
+            local.tunn(
+                &spec.public_key,
+                spec.preshared_key.as_ref(),
+                spec.persistent_keepalive,
+                index,
+            )
+        };
+        // The entry this spec updates: the peer's own, else the one it was known by before.
+        let old_key = if peers.by_key.contains_key(&spec.public_key) {
+            Some(spec.public_key)
+        } else {
+            spec.previous_public_key
+                .filter(|k| peers.by_key.contains_key(k))
+        };
+        let Some(old_key) = old_key else {
+            let index = sh.alloc_index(peers, &spec.public_key)?;
+            let noise = Generations::new(new_tunn(index), index, keys, Instant::now());
             let peer = Arc::new(Peer {
-                public_key: spec.public_key,
                 state: Mutex::new(PeerState {
-                    tunn: sh.new_tunn(spec, index),
-                    index,
+                    noise,
                     endpoint: spec.endpoint,
                 }),
                 rx_bytes: AtomicU64::new(0),
                 tx_bytes: AtomicU64::new(0),
             });
             peers.by_index.insert(index, Arc::clone(&peer));
+            peers.by_remote.insert(spec.public_key, Arc::clone(&peer));
             peers.claim_routes(&peer, &spec.allowed_ips);
             peers.by_key.insert(
                 spec.public_key,
                 PeerEntry {
                     peer,
                     spec: spec.clone(),
+                    local: keys.local,
                 },
             );
-            tracing::debug!(ifname = %sh.ifname, peer = %spec.public_key, "peer added");
+            tracing::debug!(
+                ifname = %sh.ifname,
+                peer = %spec.public_key,
+                local_key = %keys.local,
+                "peer added"
+            );
+            return Ok(());
+        };
+        let Some(entry) = peers.by_key.get(&old_key) else {
             return Ok(());
         };
         let peer = Arc::clone(&entry.peer);
-        if entry.spec == *spec {
+        let rekeyed = old_key != spec.public_key;
+        if !rekeyed && entry.spec == *spec && entry.local == keys.local {
             // No-op for the session; re-asserting the routes converges if another peer took one.
             peers.claim_routes(&peer, &spec.allowed_ips);
             return Ok(());
         }
-        let rebuild = entry.spec.preshared_key != spec.preshared_key
+        // boringtun cannot change a running Tunn's keys or keepalive: add a generation.
+        let new_generation = rekeyed
+            || entry.local != keys.local
+            || entry.spec.preshared_key != spec.preshared_key
             || entry.spec.persistent_keepalive != spec.persistent_keepalive;
         let endpoint_changed = spec.endpoint.is_some() && entry.spec.endpoint != spec.endpoint;
-        let new_index = if rebuild {
-            Some(sh.alloc_index(&peers, &spec.public_key)?)
+        let new = if new_generation {
+            let index = sh.alloc_index(peers, &spec.public_key)?;
+            Some((new_tunn(index), index))
         } else {
             None
         };
+        if rekeyed && let Some(entry) = peers.by_key.remove(&old_key) {
+            peers.by_key.insert(spec.public_key, entry);
+        }
+        let mut generations = None;
         {
             let mut st = peer.lock();
-            if let Some(index) = new_index {
-                peers.by_index.remove(&st.index);
-                peers.by_index.insert(index, Arc::clone(&peer));
-                st.tunn = sh.new_tunn(spec, index);
-                st.index = index;
-            }
             if endpoint_changed {
                 st.endpoint = spec.endpoint;
+            }
+            if let Some((tunn, index)) = new {
+                let before: Vec<PublicKey> = st.noise.remotes().collect();
+                let mut out = DeviceOutput {
+                    sh,
+                    peers,
+                    peer: &peer,
+                    to: st.endpoint,
+                };
+                let dropped = st
+                    .noise
+                    .change(tunn, index, keys, Instant::now(), &mut out);
+                let after: Vec<PublicKey> = st.noise.remotes().collect();
+                for i in dropped {
+                    peers.by_index.remove(&i);
+                }
+                peers.by_index.insert(index, Arc::clone(&peer));
+                peers.sync_remotes(&peer, &before, &after);
+                generations = Some(st.noise.count());
             }
         }
         peers.claim_routes(&peer, &spec.allowed_ips);
         if let Some(entry) = peers.by_key.get_mut(&spec.public_key) {
             entry.spec = spec.clone();
+            entry.local = keys.local;
         }
         tracing::debug!(
             ifname = %sh.ifname,
             peer = %spec.public_key,
-            session_reset = rebuild,
+            rekeyed_from = rekeyed.then_some(tracing::field::display(old_key)),
+            local_key = %keys.local,
+            new_generation,
+            generations,
             "peer updated"
         );
         Ok(())
@@ -438,8 +577,16 @@ impl WgBackend for BoringtunWg {
     fn delete_peer(&self, key: &PublicKey) -> Result<()> {
         let mut peers = self.shared.write();
         if let Some(entry) = peers.by_key.remove(key) {
-            let index = entry.peer.lock().index;
-            peers.by_index.remove(&index);
+            let (indices, remotes): (Vec<u32>, Vec<PublicKey>) = {
+                let st = entry.peer.lock();
+                (st.noise.indices().collect(), st.noise.remotes().collect())
+            };
+            for i in indices {
+                peers.by_index.remove(&i);
+            }
+            for r in &remotes {
+                peers.unregister_remote(&entry.peer, r);
+            }
             peers.routes.retain(|_, v| !Arc::ptr_eq(v, &entry.peer));
             tracing::debug!(ifname = %self.shared.ifname, peer = %key, "peer removed");
         }
@@ -448,35 +595,44 @@ impl WgBackend for BoringtunWg {
 
     fn dump(&self) -> Result<DeviceSnapshot> {
         let peers = self.shared.read();
-        let mut routes: HashMap<PublicKey, Vec<IpNet>> = HashMap::new();
+        let mut routes: HashMap<*const Peer, Vec<IpNet>> = HashMap::new();
         for (net, peer) in peers.routes.iter() {
-            routes.entry(peer.public_key).or_default().push(net);
+            routes.entry(Arc::as_ptr(peer)).or_default().push(net);
         }
         let mut out: Vec<PeerSnapshot> = peers
             .by_key
             .iter()
             .map(|(key, entry)| {
-                let (last_handshake, endpoint) = {
+                let (last_handshake, endpoint, generations, current_has_session, local_key) = {
                     let st = entry.peer.lock();
-                    (st.tunn.stats().0, st.endpoint)
+                    (
+                        st.noise.last_handshake(),
+                        st.endpoint,
+                        st.noise.count(),
+                        st.noise.current_has_session(),
+                        st.noise.local_key(),
+                    )
                 };
-                let mut allowed_ips = routes.remove(key).unwrap_or_default();
+                let mut allowed_ips = routes.remove(&Arc::as_ptr(&entry.peer)).unwrap_or_default();
                 allowed_ips.sort();
                 PeerSnapshot {
                     public_key: *key,
+                    local_key,
                     endpoint,
                     allowed_ips,
                     last_handshake,
                     rx_bytes: entry.peer.rx_bytes.load(Relaxed),
                     tx_bytes: entry.peer.tx_bytes.load(Relaxed),
                     has_preshared_key: entry.spec.preshared_key.is_some(),
+                    generations,
+                    current_has_session,
                 }
             })
             .collect();
         out.sort_by_key(|p| p.public_key);
         Ok(DeviceSnapshot {
             ifname: self.shared.ifname.clone(),
-            public_key: self.shared.public_key,
+            public_key: peers.keys.primary().public_key(),
             listen_port: self.shared.local_addr.port(),
             peers: out,
         })
@@ -529,11 +685,13 @@ fn encapsulate_one(sh: &Shared, packet: &[u8], dst: &mut [u8]) {
         bump(&sh.counters.no_endpoint);
         return;
     };
-    match st.tunn.encapsulate(packet, dst) {
-        TunnResult::WriteToNetwork(out) => sh.send(peer, out, endpoint),
-        TunnResult::Err(_) => bump(&sh.counters.noise_errors),
-        TunnResult::Done | TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
-    }
+    let mut out = DeviceOutput {
+        sh,
+        peers: &peers,
+        peer,
+        to: Some(endpoint),
+    };
+    st.noise.send(packet, dst, &mut out);
 }
 
 /// UDP -> TUN: handshakes, cookies and data from peers.
@@ -565,62 +723,77 @@ fn udp_loop(sh: &Shared) {
 }
 
 fn decapsulate_one(sh: &Shared, datagram: &[u8], from: SocketAddr, dst: &mut [u8]) {
+    let peers = sh.read();
     // MAC and load check first, so that an unauthenticated flood costs no Diffie-Hellman.
-    let parsed = match sh
-        .rate_limiter
-        .verify_packet(Some(from.ip()), datagram, dst)
-    {
-        Ok(p) => p,
-        Err(TunnResult::WriteToNetwork(cookie)) => {
-            if sh.udp.send_to(cookie, from).is_err() {
+    let target = match peers.keys.verify(from.ip(), datagram, dst) {
+        Ok(t) => t,
+        Err(Rejected::Cookie(n)) => {
+            if sh.udp.send_to(&dst[..n], from).is_err() {
                 bump(&sh.counters.send_errors);
             }
             return;
         }
-        Err(_) => {
+        Err(Rejected::Invalid) => {
             bump(&sh.counters.invalid);
             return;
         }
     };
-    let peers = sh.read();
-    let peer = match &parsed {
-        Packet::HandshakeInit(p) => parse_handshake_anon(&sh.secret, &sh.static_public, p)
-            .ok()
-            .and_then(|hh| peers.by_key.get(&PublicKey(hh.peer_static_public)))
-            .map(|e| &e.peer),
-        Packet::HandshakeResponse(p) => peers.by_index.get(&(p.receiver_idx >> 8)),
-        Packet::PacketCookieReply(p) => peers.by_index.get(&(p.receiver_idx >> 8)),
-        Packet::PacketData(p) => peers.by_index.get(&(p.receiver_idx >> 8)),
+    let peer = match target {
+        Target::Initiation(keys) => peers.by_remote.get(&keys.remote),
+        Target::Index(i) => peers.by_index.get(&i),
     };
     let Some(peer) = peer else {
         bump(&sh.counters.unknown_peer);
         return;
     };
     let mut st = peer.lock();
-    match st.tunn.decapsulate(Some(from.ip()), datagram, dst) {
-        TunnResult::Done => {}
-        TunnResult::Err(_) => {
-            bump(&sh.counters.invalid);
-            return;
-        }
-        TunnResult::WriteToNetwork(out) => {
-            sh.send(peer, out, from);
-            // boringtun contract: repeat with an empty datagram until Done to flush queued packets.
-            while let TunnResult::WriteToNetwork(out) = st.tunn.decapsulate(None, &[], dst) {
-                sh.send(peer, out, from);
-            }
-        }
-        TunnResult::WriteToTunnelV4(packet, src) => {
-            write_tun(sh, &peers, peer, packet, IpAddr::V4(src));
-        }
-        TunnResult::WriteToTunnelV6(packet, src) => {
-            write_tun(sh, &peers, peer, packet, IpAddr::V6(src));
-        }
+    let mut out = DeviceOutput {
+        sh,
+        peers: &peers,
+        peer,
+        to: Some(from),
+    };
+    if !st
+        .noise
+        .receive(target, from.ip(), datagram, dst, Instant::now(), &mut out)
+    {
+        return;
     }
     // The datagram authenticated: count it and roam to where it came from.
     peer.rx_bytes.fetch_add(datagram.len() as u64, Relaxed);
     if st.endpoint != Some(from) {
         st.endpoint = Some(from);
+    }
+}
+
+/// Delivers one peer's noise output: datagrams to `to`, packets to the TUN device (after the
+/// cryptokey-routing check); drops are counted.
+struct DeviceOutput<'a> {
+    sh: &'a Shared,
+    peers: &'a Peers,
+    peer: &'a Arc<Peer>,
+    to: Option<SocketAddr>,
+}
+
+impl Output for DeviceOutput<'_> {
+    fn network(&mut self, datagram: &[u8]) {
+        match self.to {
+            Some(to) => self.sh.send(self.peer, datagram, to),
+            None => bump(&self.sh.counters.no_endpoint),
+        }
+    }
+
+    fn tunnel(&mut self, packet: &[u8], src: IpAddr) {
+        write_tun(self.sh, self.peers, self.peer, packet, src);
+    }
+
+    fn discard(&mut self, why: Discard) {
+        let c = &self.sh.counters;
+        bump(match why {
+            Discard::UnknownIndex | Discard::UnknownKeys => &c.unknown_peer,
+            Discard::Invalid => &c.invalid,
+            Discard::Noise => &c.noise_errors,
+        });
     }
 }
 
@@ -638,28 +811,53 @@ fn write_tun(sh: &Shared, peers: &Peers, peer: &Arc<Peer>, packet: &[u8], src: I
     }
 }
 
-/// Runs every peer's timers (handshake retries, rekeys, keepalives) every tick.
+/// Runs every peer's timers (handshake retries, rekeys, keepalives) every tick, for every
+/// generation, and retires previous generations when due.
 fn timer_loop(sh: &Shared) {
     let mut dst = vec![0u8; BUF_LEN];
+    let mut retired: Vec<(Arc<Peer>, u32, StaticKeys)> = Vec::new();
     let mut last_log = Instant::now();
     let mut logged = DropCounters::default();
     while !sh.stopped() {
         std::thread::sleep(TICK);
-        sh.rate_limiter.reset_count();
         {
             let peers = sh.read();
+            peers.keys.reset_counts();
+            let now = Instant::now();
             for entry in peers.by_key.values() {
                 let peer = &entry.peer;
                 let mut st = peer.lock();
-                match st.tunn.update_timers(&mut dst) {
-                    TunnResult::WriteToNetwork(out) => match st.endpoint {
-                        Some(ep) => sh.send(peer, out, ep),
-                        None => bump(&sh.counters.no_endpoint),
-                    },
-                    TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
-                    TunnResult::Err(_) => bump(&sh.counters.noise_errors),
-                    TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+                let mut out = DeviceOutput {
+                    sh,
+                    peers: &peers,
+                    peer,
+                    to: st.endpoint,
+                };
+                if let Some((index, keys)) = st.noise.tick(&mut dst, now, &mut out) {
+                    retired.push((Arc::clone(peer), index, keys));
                 }
+            }
+        }
+        if !retired.is_empty() {
+            let mut peers = sh.write();
+            for (peer, index, keys) in retired.drain(..) {
+                // Still ours unless the peer was deleted and the index reused meanwhile.
+                if peers
+                    .by_index
+                    .get(&index)
+                    .is_some_and(|p| Arc::ptr_eq(p, &peer))
+                {
+                    peers.by_index.remove(&index);
+                }
+                if !peer.lock().noise.remotes().any(|r| r == keys.remote) {
+                    peers.unregister_remote(&peer, &keys.remote);
+                }
+                tracing::debug!(
+                    ifname = %sh.ifname,
+                    remote_key = %keys.remote,
+                    local_key = %keys.local,
+                    "previous key generation retired"
+                );
             }
         }
         if last_log.elapsed() >= DROP_LOG_INTERVAL {

@@ -67,6 +67,34 @@ pub enum Error {
     /// The system random number generator failed.
     #[error("system random number generator failed")]
     Random,
+    /// A peer spec names a local static key that the device does not hold.
+    #[error("peer {peer} on interface {ifname}: local key {key} is not one of the device's keys")]
+    UnknownLocalKey {
+        /// Interface the peer belongs to.
+        ifname: String,
+        /// The peer being upserted.
+        peer: PublicKey,
+        /// The local key it names.
+        key: PublicKey,
+    },
+    /// `retain_private_keys` would have dropped the primary key.
+    #[error("interface {ifname}: the primary key {key} cannot be dropped")]
+    PrimaryKeyDropped {
+        /// The interface.
+        ifname: String,
+        /// The primary key, missing from the keys to keep.
+        key: PublicKey,
+    },
+    /// `retain_private_keys` would have dropped a key that a peer still uses.
+    #[error("interface {ifname}: key {key} is still the local key of peer {peer}")]
+    KeyInUse {
+        /// The interface.
+        ifname: String,
+        /// The device key, missing from the keys to keep.
+        key: PublicKey,
+        /// A peer whose newest generation uses it.
+        peer: PublicKey,
+    },
     /// No free 24-bit session index was left for a new peer.
     #[error("no free session index for peer {peer} on interface {ifname}")]
     IndexExhausted {

@@ -8,12 +8,18 @@
 //! - kernel WireGuard over generic netlink plugs in beside them as another `WgBackend`
 //!   ([`BackendKind::Kernel`]).
 //!
+//! A device holds several static key pairs while the node rolls its key make-before-break
+//! ([`WgBackend::add_private_key`]): each peer uses one of them ([`PeerSpec::local_key`]), and a
+//! peer that rolled its key is re-keyed in place ([`PeerSpec::previous_public_key`]).
+//!
 //! Key material ([`PrivateKey`], [`PresharedKey`]) is never printed and is wiped on drop.
 
 mod backend;
 mod boringtun_wg;
 mod error;
 mod fake;
+mod generations;
+mod keyring;
 mod keys;
 
 pub use backend::{BackendKind, DeviceSnapshot, PeerSnapshot, PeerSpec, WgBackend, overhead};

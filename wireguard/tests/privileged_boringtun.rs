@@ -1,15 +1,18 @@
-//! Privileged integration test: two BoringtunWg devices in two network namespaces joined by a
-//! veth pair. Needs root; under `CI` it fails instead of skipping.
+//! Privileged integration tests: two BoringtunWg devices in two network namespaces joined by a
+//! veth pair. Need root; under `CI` they fail instead of skipping.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::net::Ipv4Addr;
 use std::thread;
 use std::time::Duration;
 
 use enc_tests::netns::Netns;
 use enc_tests::sys;
+use enc_tests::traffic::{TcpFlow, UdpStream};
 use enc_wireguard::{
-    BoringtunConfig, BoringtunWg, PeerSpec, PresharedKey, PrivateKey, PublicKey, WgBackend,
+    BoringtunConfig, BoringtunWg, PeerSnapshot, PeerSpec, PresharedKey, PrivateKey, PublicKey,
+    WgBackend,
 };
 
 /// Starts a device from a thread inside `ns`: its TUN device and UDP socket stay in that
@@ -32,6 +35,8 @@ fn spec(key: PublicKey, psk: &PresharedKey, endpoint: &str, allowed: &str) -> Pe
         endpoint: Some(endpoint.parse().unwrap()),
         allowed_ips: vec![allowed.parse().unwrap()],
         persistent_keepalive: None,
+        local_key: None,
+        previous_public_key: None,
     }
 }
 
@@ -207,4 +212,262 @@ fn privileged_boringtun_two_netns_ping() {
         "wg1 still exists after shutdown"
     );
     drop((wg_a, wg_b, wg1_b));
+}
+
+/// Inner addresses of the two ends in [`Pair`].
+const A_INNER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+const B_INNER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+
+/// Two namespaces joined by a veth pair (192.0.2.1 and 192.0.2.2), each with a BoringtunWg
+/// device `wg0` (10.99.0.1 and 10.99.0.2) peered with the other one. The devices come first so
+/// that they stop before their namespaces go.
+struct Pair {
+    wg_a: BoringtunWg,
+    wg_b: BoringtunWg,
+    /// A's spec for B, and B's spec for A.
+    spec_ab: PeerSpec,
+    spec_ba: PeerSpec,
+    ns_a: Netns,
+    ns_b: Netns,
+}
+
+/// One end of a [`Pair`].
+#[derive(Clone, Copy, Debug)]
+enum End {
+    A,
+    B,
+}
+
+impl Pair {
+    /// Builds the pair with `psk` on both ends; `tag` keeps names apart from other tests.
+    fn new(tag: char, psk: &PresharedKey) -> Self {
+        let pid = std::process::id();
+        let ns_a = Netns::new(&format!("encwg-{tag}-a-{pid}")).unwrap();
+        let ns_b = Netns::new(&format!("encwg-{tag}-b-{pid}")).unwrap();
+        let (veth_a, veth_b) = (format!("encv{tag}a{pid}"), format!("encv{tag}b{pid}"));
+        sys::run(&[
+            "ip", "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b,
+        ])
+        .unwrap();
+        for (ns, veth, addr) in [
+            (&ns_a, &veth_a, "192.0.2.1/24"),
+            (&ns_b, &veth_b, "192.0.2.2/24"),
+        ] {
+            sys::run(&["ip", "link", "set", veth, "netns", ns.name()]).unwrap();
+            ns.run(&["ip", "addr", "add", addr, "dev", veth]).unwrap();
+            ns.run(&["ip", "link", "set", veth, "up"]).unwrap();
+        }
+        let (key_a, key_b) = (
+            PrivateKey::generate().unwrap(),
+            PrivateKey::generate().unwrap(),
+        );
+        let wg_a = start_in(&ns_a, "wg0", &key_a, "192.0.2.1:51820");
+        let wg_b = start_in(&ns_b, "wg0", &key_b, "192.0.2.2:51820");
+        let spec_ab = spec(key_b.public_key(), psk, "192.0.2.2:51820", "10.99.0.2/32");
+        let spec_ba = spec(key_a.public_key(), psk, "192.0.2.1:51820", "10.99.0.1/32");
+        wg_a.upsert_peer(&spec_ab).unwrap();
+        wg_b.upsert_peer(&spec_ba).unwrap();
+        configure_link(&ns_a, "wg0", "10.99.0.1", "10.99.0.2");
+        configure_link(&ns_b, "wg0", "10.99.0.2", "10.99.0.1");
+        Self {
+            wg_a,
+            wg_b,
+            spec_ab,
+            spec_ba,
+            ns_a,
+            ns_b,
+        }
+    }
+
+    /// Sets a new preshared key on one end (as the agent does at a rotation).
+    fn set_psk(&mut self, end: End, psk: &PresharedKey) {
+        let (wg, spec) = match end {
+            End::A => (&self.wg_a, &mut self.spec_ab),
+            End::B => (&self.wg_b, &mut self.spec_ba),
+        };
+        spec.preshared_key = Some(psk.clone());
+        wg.upsert_peer(spec).unwrap();
+    }
+
+    /// What an end reports about its only peer.
+    fn peer(&self, end: End) -> PeerSnapshot {
+        let wg = match end {
+            End::A => &self.wg_a,
+            End::B => &self.wg_b,
+        };
+        let d = wg.dump().unwrap();
+        assert_eq!(d.peers.len(), 1, "{d:?}");
+        d.peers.into_iter().next().unwrap()
+    }
+
+    /// Waits until both ends have a session under their newest key.
+    fn wait_switched(&self, timeout: Duration) {
+        sys::wait_for("both ends on the new key", timeout, || {
+            let (a, b) = (self.peer(End::A), self.peer(End::B));
+            if a.current_has_session && b.current_has_session {
+                Ok(Some(()))
+            } else {
+                Err(anyhow::anyhow!("A: {a:?}; B: {b:?}"))
+            }
+        })
+        .unwrap();
+    }
+}
+
+/// Rotations as the agent runs them: both ends switch the preshared key up to 300 ms apart,
+/// alternating which goes first, under a 3000 packet/s UDP stream and a TCP stream. Not one
+/// datagram may be lost and TCP must not stall.
+#[test]
+fn privileged_boringtun_psk_rotation_loses_no_packets() {
+    if !enc_tests::require_root("privileged_boringtun_psk_rotation_loses_no_packets") {
+        return;
+    }
+    let mut pair = Pair::new('r', &PresharedKey::generate().unwrap());
+    assert!(
+        ping(&pair.ns_a, "3", "2", "10.99.0.2"),
+        "ping over WireGuard failed"
+    );
+
+    let udp = UdpStream::start(&pair.ns_a, &pair.ns_b, B_INNER, 3000, 200).unwrap();
+    let udp_back = UdpStream::start(&pair.ns_b, &pair.ns_a, A_INNER, 500, 200).unwrap();
+    let tcp = TcpFlow::start(&pair.ns_b, &pair.ns_a, A_INNER, 1_000_000).unwrap();
+    thread::sleep(Duration::from_millis(500));
+
+    let mut counters = [pair.peer(End::A), pair.peer(End::B)].map(|p| (p.rx_bytes, p.tx_bytes));
+    let apart_ms = [0, 300, 150, 40, 250, 100, 200, 10];
+    for (i, apart) in apart_ms.into_iter().enumerate() {
+        let psk = PresharedKey::generate().unwrap();
+        let (first, second) = if i % 2 == 0 {
+            (End::A, End::B)
+        } else {
+            (End::B, End::A)
+        };
+        pair.set_psk(first, &psk);
+        let during = pair.peer(first);
+        assert_eq!(during.generations, 2, "change {i}: {during:?}");
+        thread::sleep(Duration::from_millis(apart));
+        pair.set_psk(second, &psk);
+        thread::sleep(Duration::from_millis(1000));
+        pair.wait_switched(Duration::from_secs(3));
+        // Byte counters span the generations: they never go backwards across a change.
+        for (end, before) in [End::A, End::B].into_iter().zip(counters.iter_mut()) {
+            let p = pair.peer(end);
+            assert!(
+                p.rx_bytes >= before.0 && p.tx_bytes >= before.1,
+                "change {i}: {end:?} counters went back from {before:?}: {p:?}"
+            );
+            *before = (p.rx_bytes, p.tx_bytes);
+        }
+    }
+    thread::sleep(Duration::from_millis(500));
+
+    let report = udp.stop(Duration::from_millis(500)).unwrap();
+    eprintln!("A -> B {report}");
+    let back = udp_back.stop(Duration::from_millis(500)).unwrap();
+    eprintln!("B -> A {back}");
+    let tcp = tcp.stop().unwrap();
+    eprintln!("B -> A {tcp}");
+    for (name, wg) in [("A", &pair.wg_a), ("B", &pair.wg_b)] {
+        eprintln!("{name} drops: {:?}", wg.drop_counters());
+    }
+    assert!(report.sent > 25_000, "stream too short: {report}");
+    assert_eq!(report.lost, 0, "{report}");
+    assert_eq!(report.corrupt + report.send_errors, 0, "{report}");
+    assert_eq!(back.lost, 0, "{back}");
+    assert!(tcp.is_intact(), "{tcp}");
+    assert!(tcp.max_stall < Duration::from_millis(500), "{tcp}");
+
+    // The previous generations go once the grace period after the last switch is over.
+    sys::wait_for("one generation per peer", Duration::from_secs(45), || {
+        let (a, b) = (pair.peer(End::A), pair.peer(End::B));
+        if a.generations == 1 && b.generations == 1 {
+            Ok(Some(()))
+        } else {
+            Err(anyhow::anyhow!("A: {a:?}; B: {b:?}"))
+        }
+    })
+    .unwrap();
+    for end in [End::A, End::B] {
+        let p = pair.peer(end);
+        assert!(p.current_has_session && p.last_handshake.is_some(), "{p:?}");
+    }
+    assert!(
+        ping(&pair.ns_a, "2", "2", "10.99.0.2"),
+        "ping after the rotations failed"
+    );
+}
+
+/// Only one end changes its preshared key: its new generation cannot complete a handshake, and
+/// the previous one keeps carrying traffic both ways. A second change before the first
+/// completed keeps the working generation; once the other end catches up, traffic moves over.
+#[test]
+fn privileged_boringtun_psk_mismatch_keeps_the_previous_generation() {
+    if !enc_tests::require_root("privileged_boringtun_psk_mismatch_keeps_the_previous_generation") {
+        return;
+    }
+    let mut pair = Pair::new('m', &PresharedKey::generate().unwrap());
+    assert!(
+        ping(&pair.ns_a, "3", "2", "10.99.0.2"),
+        "ping over WireGuard failed"
+    );
+    let udp = UdpStream::start(&pair.ns_a, &pair.ns_b, B_INNER, 1000, 200).unwrap();
+    let udp_back = UdpStream::start(&pair.ns_b, &pair.ns_a, A_INNER, 1000, 200).unwrap();
+    thread::sleep(Duration::from_millis(500));
+
+    // A alone switches; 7 s is past boringtun's 5 s retry of the failed handshake.
+    let invalid_before = pair.wg_a.drop_counters().invalid;
+    pair.set_psk(End::A, &PresharedKey::generate().unwrap());
+    thread::sleep(Duration::from_secs(7));
+    let a = pair.peer(End::A);
+    assert_eq!(a.generations, 2, "{a:?}");
+    assert!(
+        !a.current_has_session && a.last_handshake.is_none(),
+        "{a:?}"
+    );
+    let b = pair.peer(End::B);
+    assert_eq!(b.generations, 1, "{b:?}");
+    assert!(
+        pair.wg_a.drop_counters().invalid > invalid_before,
+        "B's old-key answers should fail at A: {:?}",
+        pair.wg_a.drop_counters()
+    );
+
+    // A changes again before its first change completed: the working generation stays.
+    let latest = PresharedKey::generate().unwrap();
+    pair.set_psk(End::A, &latest);
+    let a = pair.peer(End::A);
+    assert_eq!(a.generations, 2, "{a:?}");
+    thread::sleep(Duration::from_secs(2));
+
+    // B catches up with the latest key; both move over to it.
+    pair.set_psk(End::B, &latest);
+    pair.wait_switched(Duration::from_secs(5));
+    thread::sleep(Duration::from_millis(500));
+
+    let report = udp.stop(Duration::from_millis(500)).unwrap();
+    eprintln!("A -> B {report}");
+    let back = udp_back.stop(Duration::from_millis(500)).unwrap();
+    eprintln!("B -> A {back}");
+    eprintln!("A drops: {:?}", pair.wg_a.drop_counters());
+    assert!(report.sent > 9_000, "stream too short: {report}");
+    assert_eq!(report.lost, 0, "{report}");
+    assert_eq!(back.lost, 0, "{back}");
+
+    // Neither an unchanged spec nor an allowed-IPs change starts a new generation.
+    let before = pair.peer(End::A);
+    pair.wg_a.upsert_peer(&pair.spec_ab.clone()).unwrap();
+    pair.spec_ab
+        .allowed_ips
+        .push("10.99.7.0/24".parse().unwrap());
+    pair.wg_a.upsert_peer(&pair.spec_ab.clone()).unwrap();
+    let after = pair.peer(End::A);
+    assert!(
+        after.current_has_session && after.generations == before.generations,
+        "before {before:?}, after {after:?}"
+    );
+    assert!(after.last_handshake.is_some(), "{after:?}");
+    assert!(
+        ping(&pair.ns_a, "2", "2", "10.99.0.2"),
+        "ping after the key changes failed"
+    );
 }

@@ -6,13 +6,16 @@
 //! peer; the dialer verifies the server certificate the same way. Inbound connections from
 //! unknown addresses, or from a peer this node is supposed to dial, are closed unanswered.
 
-use super::proto::{self, Message};
+use super::proto::{self, Message, Rotate, RotationMsg};
 use super::session::{Action, Session, SessionError};
-use crate::app::{Shared, format_chain};
+use crate::app::{RotateCmd, Shared, format_chain};
 use crate::config::PeerConfig;
-use crate::peers::{Role, SessionKeys};
+use crate::peers::{Role, RotationView, SessionKeys};
+use enc_key_manager::rotation::{Effect, Rotation, Side};
 use enc_certs::{AuthFailure, CertInfo, ExpectedPeer};
 use enc_key_manager::{EXPORTER_LABEL, EXPORTER_LEN, Epoch, Pair, PairKeys, SessionSecret};
+use enc_wireguard::PublicKey;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -228,7 +231,24 @@ enum End {
     Read(ReadError),
     Write(std::io::Error),
     Keys(String),
+    Rotation(String),
 }
+
+/// Key-rotation bookkeeping of one session: the state machine and the trigger baselines.
+struct KeyState {
+    rotation: Rotation,
+    pair: Pair,
+    /// WireGuard: this node's static key bound to each epoch it installed (announced in its
+    /// prepare or ack), and the peer's as it announced them.
+    local_wg: BTreeMap<Epoch, PublicKey>,
+    remote_wg: BTreeMap<Epoch, PublicKey>,
+    /// Bytes sent to the peer when the outbound epoch last switched.
+    tx_base: u64,
+    last_check: Instant,
+}
+
+/// How often the automatic triggers (ESP sequence number, bytes) are evaluated.
+const TRIGGER_CHECK: Duration = Duration::from_secs(1);
 
 /// Runs the control protocol over an authenticated stream until it ends. Returns whether the
 /// peer's hello was accepted (keys were installed).
@@ -243,13 +263,18 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let session_id = shared.next_session_id();
+    let local = shared.config.node.name.clone();
     let (rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let reader = tokio::spawn(read_frames(rd, tx));
-    let (mut session, first) =
-        Session::new(&peer.name, shared.hello(), shared.timing, Instant::now());
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let hello = shared.hello(&peer.name);
+    let announced = hello.epoch;
+    let (mut session, first) = Session::new(&peer.name, hello, shared.timing, Instant::now());
+    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<RotateCmd>(8);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut pending = first;
+    let mut effects: Vec<Effect> = Vec::new();
+    let mut keys: Option<KeyState> = None;
 
     let end = 'outer: loop {
         for action in pending.drain(..) {
@@ -261,23 +286,18 @@ where
                     session.on_sent(Instant::now());
                 }
                 Action::Established(hello) => {
-                    let keys = Pair::new(&shared.config.node.name, &peer.name).and_then(|pair| {
-                        PairKeys::derive(&secret, Epoch::FIRST, &pair, &shared.config.node.name)
-                    });
-                    let keys = match keys {
-                        Ok(k) => k,
+                    let pair = match Pair::new(&local, &peer.name) {
+                        Ok(p) => p,
                         Err(e) => break 'outer End::Keys(e.to_string()),
                     };
+                    let first_epoch = Epoch(announced.max(hello.epoch).wrapping_add(1).max(1));
                     info!(
                         peer = %peer.name,
                         addr = %peer.underlay_address,
                         session = session_id,
-                        epoch = %keys.epoch,
-                        key_id = %keys.key_id,
+                        first_epoch = %first_epoch,
                         wg_public_key = %hello.wireguard.map(|(k, _)| k.to_string()).unwrap_or_default(),
-                        esp_spi_out = %format_args!("{:#010x}", keys.esp_out.spi),
-                        esp_spi_in = %format_args!("{:#010x}", keys.esp_in.spi),
-                        "peer authenticated; keys derived from the control session"
+                        "peer authenticated; installing keys derived from the control session"
                     );
                     shared.table().authenticated(
                         &peer.name,
@@ -286,12 +306,83 @@ where
                         SessionKeys {
                             session_id,
                             wg: hello.wireguard,
-                            keys,
                         },
                     );
+                    shared.register_rotator(&peer.name, session_id, cmd_tx.clone());
                     shared.request_reconcile();
+                    let side = match Role::of(&local, &peer.name) {
+                        Role::Dial => Side::Leader,
+                        Role::Accept => Side::Follower,
+                    };
+                    let (rotation, fx) = Rotation::new(
+                        side,
+                        first_epoch,
+                        shared.rotation_timing(),
+                        Instant::now(),
+                    );
+                    effects.extend(fx);
+                    keys = Some(KeyState {
+                        rotation,
+                        pair,
+                        local_wg: BTreeMap::new(),
+                        remote_wg: BTreeMap::new(),
+                        tx_base: 0,
+                        last_check: Instant::now(),
+                    });
+                }
+                Action::Rotation(Rotate {
+                    step: msg,
+                    wireguard_key,
+                }) => {
+                    let Some(k) = keys.as_mut() else {
+                        break 'outer End::Rotation("rotation message before hello".into());
+                    };
+                    if let Some(text) = wireguard_key {
+                        let key: PublicKey = match text.parse() {
+                            Ok(key) => key,
+                            Err(_) => {
+                                break 'outer End::Rotation(format!(
+                                    "invalid wireguardKey {text:?} in {msg:?}"
+                                ));
+                            }
+                        };
+                        let epoch = match msg {
+                            RotationMsg::Prepare { epoch } | RotationMsg::Ack { epoch } => epoch,
+                            other => {
+                                break 'outer End::Rotation(format!(
+                                    "wireguardKey on a {other:?} message"
+                                ));
+                            }
+                        };
+                        k.remote_wg.insert(epoch, key);
+                        shared
+                            .table()
+                            .bind_wg_keys(&peer.name, session_id, epoch, None, Some(key));
+                    }
+                    match k.rotation.on_message(msg, Instant::now()) {
+                        Ok(fx) => effects.extend(fx),
+                        Err(e) => break 'outer End::Rotation(e.to_string()),
+                    }
                 }
             }
+        }
+        if let Some(k) = keys.as_mut() {
+            for fx in effects.drain(..) {
+                if let Err(end) =
+                    carry_out(shared, peer, session_id, &secret, k, fx, &mut wr).await
+                {
+                    break 'outer end;
+                }
+                session.on_sent(Instant::now());
+            }
+            shared.table().set_rotation(
+                &peer.name,
+                session_id,
+                RotationView {
+                    side: k.rotation.side(),
+                    progress: k.rotation.progress(Instant::now()),
+                },
+            );
         }
         let step = tokio::select! {
             msg = rx.recv() => match msg {
@@ -299,7 +390,37 @@ where
                 Some(Err(e)) => break 'outer End::Read(e),
                 None => break 'outer End::Read(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())),
             },
-            _ = tick.tick() => session.on_tick(Instant::now()),
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if let Some(k) = keys.as_mut() {
+                    effects.extend(k.rotation.on_tick(now));
+                    if now.saturating_duration_since(k.last_check) >= TRIGGER_CHECK {
+                        k.last_check = now;
+                        if let Some(why) = shared.rotation_due(&peer.name, &k.rotation, k.tx_base, now) {
+                            let (target, fx) = k.rotation.start(now);
+                            if !fx.is_empty() {
+                                info!(peer = %peer.name, target = %target, reason = %why, "starting key rotation");
+                            }
+                            effects.extend(fx);
+                        }
+                    }
+                }
+                session.on_tick(now)
+            },
+            Some(cmd) = cmd_rx.recv() => {
+                let answer = match keys.as_mut() {
+                    Some(k) => {
+                        let from = k.rotation.outbound();
+                        let (target, fx) = k.rotation.start(Instant::now());
+                        info!(peer = %peer.name, target = %target, "key rotation requested by an operator");
+                        effects.extend(fx);
+                        Ok((from, target))
+                    }
+                    None => Err("the control session has not completed its hello yet".to_owned()),
+                };
+                let _ = cmd.reply.send(answer);
+                Ok(vec![])
+            }
         };
         match step {
             Ok(actions) => pending = actions,
@@ -308,6 +429,7 @@ where
     };
     reader.abort();
     let _ = wr.shutdown().await;
+    shared.unregister_rotator(&peer.name, session_id);
 
     let established = session.is_established();
     let now = Instant::now();
@@ -330,7 +452,8 @@ where
         End::Read(ReadError::Proto(e)) => e.to_string(),
         End::Session(e) => e.to_string(),
         End::Write(e) => format!("writing to peer: {e}"),
-        End::Keys(e) => format!("key derivation: {e}"),
+        End::Keys(e) => format!("key installation: {e}"),
+        End::Rotation(e) => format!("key rotation out of step: {e}"),
     };
     if established {
         info!(peer = %peer.name, session = session_id, %reason, "control session ended");
@@ -342,4 +465,94 @@ where
         not_connected(shared, peer, reason);
     }
     established
+}
+
+/// Carries out one rotation effect. Keys are in the datapath before the message that
+/// announces them is written, so the peer never acts on a key this node does not hold.
+async fn carry_out<W: AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    peer: &PeerConfig,
+    session_id: u64,
+    secret: &SessionSecret,
+    k: &mut KeyState,
+    fx: Effect,
+    wr: &mut W,
+) -> Result<(), End> {
+    let local = &shared.config.node.name;
+    match fx {
+        Effect::Send(msg) => {
+            let wireguard_key = match msg {
+                RotationMsg::Prepare { epoch } | RotationMsg::Ack { epoch } => {
+                    k.local_wg.get(&epoch).map(|key| key.to_string())
+                }
+                _ => None,
+            };
+            let frame = Message::Rotate(Rotate {
+                step: msg,
+                wireguard_key,
+            });
+            wr.write_all(&proto::encode(&frame))
+                .await
+                .map_err(End::Write)
+        }
+        Effect::InstallInbound(epoch) => {
+            let keys = PairKeys::derive(secret, epoch, &k.pair, local)
+                .map_err(|e| End::Keys(e.to_string()))?;
+            let (key_id, spi_in) = (keys.key_id.clone(), keys.esp_in.spi);
+            let wg_local = shared.wg_public_key();
+            {
+                let mut table = shared.table();
+                if !table.install_inbound(&peer.name, session_id, keys) {
+                    return Err(End::Keys("the session no longer owns the peer's keys".into()));
+                }
+                if let Some(l) = wg_local {
+                    // This node's current static key goes with the epoch (and is announced
+                    // in the prepare or ack that follows); the peer's is what it announced
+                    // for the epoch, else the last one it announced.
+                    // (In this session; before any announcement, the hello's key.)
+                    let remote = k
+                        .remote_wg
+                        .get(&epoch)
+                        .or_else(|| k.remote_wg.values().next_back())
+                        .copied();
+                    table.bind_wg_keys(&peer.name, session_id, epoch, Some(l), remote);
+                    k.local_wg.insert(epoch, l);
+                }
+            }
+            shared
+                .apply_now()
+                .map_err(|e| End::Keys(format!("installing epoch {epoch}: {}", format_chain(&e))))?;
+            info!(peer = %peer.name, session = session_id, %epoch, %key_id, esp_spi_in = %format_args!("{spi_in:#010x}"), "inbound keys installed");
+            Ok(())
+        }
+        Effect::SwitchOutbound(epoch) => {
+            let now = Instant::now();
+            let grace = shared.config.rotation.grace_period;
+            if !shared
+                .table()
+                .switch_outbound(&peer.name, session_id, epoch, now, grace)
+            {
+                return Err(End::Keys(format!("epoch {epoch} is not installed")));
+            }
+            shared
+                .apply_now()
+                .map_err(|e| End::Keys(format!("switching to epoch {epoch}: {}", format_chain(&e))))?;
+            k.tx_base = shared.peer_tx(&peer.name).map_or(0, |t| t.bytes);
+            info!(peer = %peer.name, session = session_id, %epoch, "outbound switched to the new epoch");
+            Ok(())
+        }
+        Effect::Retire(epoch) => {
+            k.local_wg.remove(&epoch);
+            k.remote_wg.remove(&epoch);
+            if shared.table().retire(&peer.name, session_id, epoch) {
+                // A failure here leaves an extra inbound key that the periodic reconcile
+                // removes; it never breaks traffic.
+                if let Err(e) = shared.apply_now() {
+                    warn!(peer = %peer.name, %epoch, error = %format_chain(&e), "retiring keys failed; will retry");
+                }
+                info!(peer = %peer.name, session = session_id, %epoch, "old epoch retired");
+            }
+            Ok(())
+        }
+    }
 }

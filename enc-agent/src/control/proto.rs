@@ -5,6 +5,7 @@
 //! are refused before any allocation, so a peer cannot make the agent buffer unbounded data.
 //! The decoder takes bytes and returns messages; it never reads a socket.
 
+pub use enc_key_manager::rotation::RotationMsg;
 use serde::{Deserialize, Serialize};
 
 /// Version of the control protocol spoken by this build.
@@ -42,6 +43,21 @@ pub enum Message {
     Pong(Seq),
     /// The sender is closing the session.
     Goodbye(Goodbye),
+    /// A step of the two-phase key rotation.
+    Rotate(Rotate),
+}
+
+/// A rotation step, with the WireGuard static public key the sender binds to its epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rotate {
+    /// The protocol step.
+    pub step: RotationMsg,
+    /// With WireGuard, on `prepare` and `ack`: the static public key (base64) the sender uses
+    /// with the receiver from the prepared epoch on. A node that rolled its static key
+    /// announces the new one here; the receiver adopts it when it switches to that epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_key: Option<String>,
 }
 
 /// Announces a node and its WireGuard public parameters.
@@ -54,6 +70,11 @@ pub struct Hello {
     pub node: String,
     /// The sender's encryption type (`wireguard` or `ipsec`); both ends must agree.
     pub encryption: String,
+    /// The epoch the sender last sent with towards the receiver, from an earlier session
+    /// (0: none). The new session's first epoch is one above both ends' values, so its keys
+    /// never share an epoch slot with keys still installed from before.
+    #[serde(default)]
+    pub epoch: u32,
     /// The sender's WireGuard public key (base64) and UDP port, with WireGuard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<WireguardAnnounce>,
@@ -135,6 +156,7 @@ mod tests {
             protocol: PROTOCOL_VERSION,
             node: "node-1".into(),
             encryption: "wireguard".into(),
+            epoch: 0,
             wireguard: Some(WireguardAnnounce {
                 public_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
                 listen_port: 51820,
@@ -150,6 +172,28 @@ mod tests {
         }
         let (msg, used) = decode(&frame).unwrap().unwrap();
         assert_eq!((msg, used), (hello(), frame.len()));
+    }
+
+    #[test]
+    fn rotation_wire_format() {
+        let body = br#"{"type":"rotate","step":{"kind":"commit","epoch":4}}"#;
+        assert_eq!(
+            decode_body(body).unwrap(),
+            Message::Rotate(Rotate {
+                step: RotationMsg::Commit {
+                    epoch: enc_key_manager::Epoch(4)
+                },
+                wireguard_key: None
+            })
+        );
+        for bad in [
+            &br#"{"type":"rotate","step":{"kind":"commit"}}"#[..],
+            br#"{"type":"rotate","step":{"kind":"explode","epoch":1}}"#,
+            br#"{"type":"rotate","step":{"kind":"ack","epoch":-1}}"#,
+            br#"{"type":"rotate","step":{"kind":"ack","epoch":1},"key":"x"}"#,
+        ] {
+            assert!(decode_body(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]
@@ -173,6 +217,22 @@ mod tests {
         #[test]
         fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn rotation_steps_round_trip(e in any::<u32>(), k in 0u8..5) {
+            use enc_key_manager::Epoch;
+            let epoch = Epoch(e);
+            let r = match k {
+                0 => RotationMsg::Request { epoch },
+                1 => RotationMsg::Prepare { epoch },
+                2 => RotationMsg::Ack { epoch },
+                3 => RotationMsg::Commit { epoch },
+                _ => RotationMsg::Committed { epoch },
+            };
+            let m = Message::Rotate(Rotate { step: r, wireguard_key: (k == 1).then(|| "x".repeat(44)) });
+            let f = encode(&m);
+            prop_assert_eq!(decode(&f).unwrap(), Some((m, f.len())));
         }
 
         #[test]

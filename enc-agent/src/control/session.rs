@@ -4,7 +4,7 @@
 //! with `now`, and carries out the returned [`Action`]s. This keeps the protocol testable
 //! without sockets and without waiting for real time, as boringtun does for its noise core.
 
-use super::proto::{Goodbye, Hello, Message, PROTOCOL_VERSION, Seq};
+use super::proto::{Goodbye, Hello, Message, PROTOCOL_VERSION, Rotate, Seq};
 use enc_wireguard::PublicKey;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,8 @@ impl Default for Timing {
 /// What the peer announced in its hello, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerHello {
+    /// The epoch the peer last sent with towards us (0: none).
+    pub epoch: u32,
     /// The peer's WireGuard public key and UDP port (WireGuard only).
     pub wireguard: Option<(PublicKey, u16)>,
 }
@@ -43,6 +45,8 @@ pub enum Action {
     Send(Message),
     /// The peer is authenticated and has announced its parameters: derive keys, install them.
     Established(PeerHello),
+    /// A key-rotation step from the peer, for the rotation state machine.
+    Rotation(Rotate),
 }
 
 /// Why a session ended.
@@ -187,7 +191,10 @@ impl Session {
                     _ => None,
                 };
                 self.established = true;
-                Ok(vec![Action::Established(PeerHello { wireguard })])
+                Ok(vec![Action::Established(PeerHello {
+                    epoch: h.epoch,
+                    wireguard,
+                })])
             }
             _ if !self.established => Err(SessionError::Unexpected("message before hello")),
             Message::Ping(Seq { seq }) => {
@@ -196,6 +203,7 @@ impl Session {
             }
             Message::Pong(_) => Ok(vec![]),
             Message::Goodbye(Goodbye { reason }) => Err(SessionError::Closed(reason)),
+            Message::Rotate(r) => Ok(vec![Action::Rotation(r)]),
         }
     }
 
@@ -239,6 +247,7 @@ mod tests {
             protocol: PROTOCOL_VERSION,
             node: node.into(),
             encryption: "wireguard".into(),
+            epoch: 0,
             wireguard: Some(WireguardAnnounce {
                 public_key: KEY.into(),
                 listen_port: 51820,
@@ -260,6 +269,7 @@ mod tests {
         assert_eq!(
             a,
             vec![Action::Established(PeerHello {
+                epoch: 0,
                 wireguard: Some((KEY.parse().unwrap(), 51820))
             })]
         );

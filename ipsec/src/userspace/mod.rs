@@ -151,11 +151,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Counters of one peer; they survive re-keying and spec changes (not `delete_peer`).
+/// Counters of one peer; they survive re-keying and spec changes (not `delete_peer`), so the
+/// per-peer totals never go backwards when a rotation replaces SAs.
 #[derive(Default)]
 struct PeerStats {
     tx_packets: AtomicU64,
     tx_bytes: AtomicU64,
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
     drops: DropCounts,
 }
 
@@ -325,6 +328,9 @@ impl State {
                 format!("peer {me}: SPIs below 256 are reserved"),
             ));
         }
+        // Not used here (see `IpsecPeerSpec::older_outbound`), but refused like the kernel
+        // backend refuses it, so a spec is valid or not whichever backend runs.
+        spec.check_older_outbound()?;
         for (i, keys) in spec.inbound.iter().enumerate() {
             if keys.spi < MIN_SPI {
                 return Err(invalid(
@@ -473,6 +479,8 @@ impl State {
                     out_seq,
                     tx_packets: p.stats.tx_packets.load(Relaxed),
                     tx_bytes: p.stats.tx_bytes.load(Relaxed),
+                    rx_packets: p.stats.rx_packets.load(Relaxed),
+                    rx_bytes: p.stats.rx_bytes.load(Relaxed),
                     inbound: p
                         .inbound
                         .iter()
@@ -549,6 +557,8 @@ impl State {
         }
         bump(&sa.packets);
         add(&sa.bytes, inner.len());
+        bump(&peer.stats.rx_packets);
+        add(&peer.stats.rx_bytes, inner.len());
         Some(opened.inner)
     }
 }
@@ -644,9 +654,18 @@ impl Shared {
 /// 250 ms and closes the TUN fd, which removes the interface.
 ///
 /// [`IpsecBackend::upsert_peer`] rules:
+/// - an unchanged spec is a no-op;
 /// - unchanged outbound keys (SPI, key, salt) keep the outbound SA and its sequence number;
-///   inbound SAs are matched by SPI and keys: listed ones are kept with their replay windows,
-///   new ones added, unlisted ones removed (the same SPI with a new key is a new SA);
+///   new ones start a new SA at sequence number 1, and the next packet uses it;
+///   `older_outbound` is ignored (packets come by route, whatever their mark's epoch);
+/// - inbound SAs are matched by SPI and keys: listed ones are kept with their replay windows
+///   and counts, new ones added, unlisted ones removed (the same SPI with a new key is a new
+///   SA);
+/// - the change is atomic for the packet path: a packet is sealed or opened either wholly
+///   before or wholly after it. Each step of a key rotation (prepare: add an inbound SA;
+///   commit: switch outbound; retire: remove an inbound SA) therefore loses no packet;
+/// - per-peer counters (`tx_*`, `rx_*`, drops) survive every change except `delete_peer`;
+///   `out_seq` is the current outbound SA's, so it restarts when outbound switches;
 /// - an inbound SPI, or an exact `remote_cidrs` prefix, that another peer holds is
 ///   [`Error::Invalid`] naming it and both peers; so are a `local` other than the device's, a
 ///   `remote` of another family, no `remote_cidrs`, and reserved SPIs (below 256);

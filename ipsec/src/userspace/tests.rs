@@ -33,6 +33,7 @@ fn spec(mirror: bool) -> IpsecPeerSpec {
             epoch: 0,
             outbound: b_to_a,
             inbound: vec![a_to_b],
+            older_outbound: vec![],
         }
     } else {
         IpsecPeerSpec {
@@ -45,6 +46,7 @@ fn spec(mirror: bool) -> IpsecPeerSpec {
             epoch: 0,
             outbound: a_to_b,
             inbound: vec![b_to_a],
+            older_outbound: vec![],
         }
     }
 }
@@ -340,7 +342,7 @@ fn inbound_spi_of_another_peer_is_refused() {
 fn invalid_specs_name_the_field_and_value() {
     let st = State::new(ip(A), 64, None);
     type Edit = fn(&mut IpsecPeerSpec);
-    let cases: [(&str, &str, Edit); 8] = [
+    let cases: [(&str, &str, Edit); 10] = [
         ("remote", "2001:db8::2", |s| s.remote = ip("2001:db8::2")),
         ("remote", "192.0.2.1", |s| s.remote = ip(A)),
         ("remote", "0.0.0.0", |s| s.remote = ip("0.0.0.0")),
@@ -350,6 +352,12 @@ fn invalid_specs_name_the_field_and_value() {
         ("inbound.spi", "0x00000000", |s| s.inbound[0].spi = 0),
         ("inbound.spi", "0x00002001", |s| {
             s.inbound.push(keys(0x2001, 8))
+        }),
+        ("older_outbound.epoch", "16", |s| {
+            s.older_outbound.push((16, keys(0x1002, 8)))
+        }),
+        ("older_outbound.spi", "0x00001001", |s| {
+            s.older_outbound.push((15, keys(0x1001, 8)))
         }),
     ];
     for (field, value, edit) in cases {
@@ -479,4 +487,391 @@ fn start_validates_before_touching_the_kernel() {
         matches!(err, Error::Invalid { field: "local", .. }),
         "{err}"
     );
+}
+
+/// A step of the rotation from epoch `e` to `e + 1`.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// At `e`, before the rotation.
+    Steady,
+    /// Inbound of `e + 1` installed beside `e`'s.
+    Prepare,
+    /// Outbound switched to `e + 1`; `e`'s listed as older.
+    Commit,
+    /// `e` gone: the steady state of `e + 1`.
+    Retire,
+}
+
+/// Keys of epoch `e` for A -> B (`ab`) or B -> A: the epoch in SPI bits 31..28, a key per
+/// epoch and direction.
+fn epoch_keys(e: u8, ab: bool) -> SaKeys {
+    let spi = (u32::from(e & 0xF) << 28) | if ab { 0x1001 } else { 0x2001 };
+    keys(spi, e.wrapping_mul(2).wrapping_add(u8::from(ab)))
+}
+
+/// A's spec of peer B (or, with `mirror`, B's of A) at `step` of the rotation from `e`.
+fn rotation_spec(mirror: bool, e: u8, step: Step) -> IpsecPeerSpec {
+    let out = |e| epoch_keys(e, !mirror);
+    let inb = |e| epoch_keys(e, mirror);
+    let next = e.wrapping_add(1);
+    let mut s = spec(mirror);
+    (s.epoch, s.outbound, s.inbound) = (e, out(e), vec![inb(e)]);
+    match step {
+        Step::Steady => {}
+        Step::Prepare => s.inbound.push(inb(next)),
+        Step::Commit => {
+            (s.epoch, s.outbound) = (next, out(next));
+            s.inbound.push(inb(next));
+            s.older_outbound = vec![(e, out(e))];
+        }
+        Step::Retire => return rotation_spec(mirror, next, Step::Steady),
+    }
+    s
+}
+
+/// Upserts `spec` and checks that it kept what it must: inbound SAs that stay keep their
+/// windows and counts, an unchanged outbound SA its sequence number, the peer its totals; then
+/// that upserting it again changes nothing.
+fn upsert_keeping(st: &State, spec: &IpsecPeerSpec) {
+    let find = |peers: Vec<IpsecPeerSnapshot>| {
+        peers
+            .into_iter()
+            .find(|p| p.peer_id == spec.peer_id)
+            .unwrap()
+    };
+    let before = find(st.peers());
+    st.upsert(spec).unwrap();
+    let after = find(st.peers());
+    for sa in &after.inbound {
+        if let Some(old) = before.inbound.iter().find(|o| o.spi == sa.spi) {
+            assert_eq!(sa, old, "inbound SA reset by {spec:?}");
+        }
+    }
+    assert_eq!(
+        after.inbound.iter().map(|s| s.spi).collect::<Vec<_>>(),
+        spec.inbound.iter().map(|k| k.spi).collect::<Vec<_>>()
+    );
+    assert_eq!(after.out_spi, spec.outbound.spi);
+    if before.out_spi == after.out_spi {
+        assert_eq!(
+            after.out_seq, before.out_seq,
+            "outbound SA reset by {spec:?}"
+        );
+    } else {
+        assert_eq!(after.out_seq, 0, "a new outbound SA starts afresh");
+    }
+    let totals = |p: &IpsecPeerSnapshot| {
+        (
+            p.tx_packets,
+            p.tx_bytes,
+            p.rx_packets,
+            p.rx_bytes,
+            p.drops.clone(),
+        )
+    };
+    assert_eq!(totals(&after), totals(&before));
+    st.upsert(spec).unwrap();
+    assert_eq!(find(st.peers()), after, "an unchanged spec is a no-op");
+}
+
+/// One direction of traffic between two states, and what it expects.
+struct Flow<'a> {
+    from: &'a State,
+    to: &'a State,
+    from_ip: IpAddr,
+    src: &'static str,
+    dst: &'static str,
+    /// Packets sealed (and handed to the network or held).
+    sealed: u64,
+    /// Packets sealed with the current outbound SA.
+    sealed_on_sa: u64,
+    /// Packets opened.
+    opened: u64,
+    /// Sealed, not delivered yet: in flight.
+    held: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Length of every inner packet.
+const LEN: usize = 100;
+
+impl<'a> Flow<'a> {
+    fn new(from: &'a State, to: &'a State, ab: bool) -> Self {
+        let (from_ip, src, dst) = if ab {
+            (ip(A), "10.99.1.1", "10.99.2.1")
+        } else {
+            (ip(B), "10.99.2.1", "10.99.1.1")
+        };
+        Flow {
+            from,
+            to,
+            from_ip,
+            src,
+            dst,
+            sealed: 0,
+            sealed_on_sa: 0,
+            opened: 0,
+            held: Vec::new(),
+        }
+    }
+
+    /// Seals a packet with a unique payload; returns it and its ESP bytes.
+    fn seal(&mut self) -> (Vec<u8>, Vec<u8>) {
+        let mut inner = ipv4(self.src, self.dst, LEN);
+        inner[20..28].copy_from_slice(&self.sealed.to_be_bytes());
+        let (esp, _) = seal(self.from, &inner);
+        self.sealed += 1;
+        self.sealed_on_sa += 1;
+        (inner, esp)
+    }
+
+    /// Opens `esp`, which must be accepted and give back `inner`.
+    fn deliver(&mut self, inner: &[u8], mut esp: Vec<u8>) {
+        let spi = esp::spi_of(&esp);
+        let range = self.to.open(self.from_ip, &mut esp).unwrap_or_else(|| {
+            panic!(
+                "packet {} on SPI {spi:x?} refused: {:?}",
+                u64::from_be_bytes(inner[20..28].try_into().unwrap()),
+                self.to.peers()
+            )
+        });
+        assert_eq!(&esp[range], inner);
+        self.opened += 1;
+    }
+
+    /// Seals and delivers `n` packets in order.
+    fn burst(&mut self, n: usize) {
+        for _ in 0..n {
+            let (inner, esp) = self.seal();
+            self.deliver(&inner, esp);
+        }
+    }
+
+    /// Seals `n` packets and keeps them in flight.
+    fn hold(&mut self, n: usize) {
+        for _ in 0..n {
+            let p = self.seal();
+            self.held.push(p);
+        }
+    }
+
+    /// Delivers the packets in flight, last sealed first.
+    fn release(&mut self) {
+        while let Some((inner, esp)) = self.held.pop() {
+            self.deliver(&inner, esp);
+        }
+    }
+
+    /// The switch to a new outbound SA happened.
+    fn switched(&mut self) {
+        self.sealed_on_sa = 0;
+    }
+
+    /// The counters of both ends match the traffic: everything sealed counted as sent,
+    /// everything delivered counted as accepted, no drop but `bad_spi` ones.
+    fn check(&self, bad_spi: u64, what: &str) {
+        let sender = &self.from.peers()[0];
+        assert_eq!(
+            (sender.tx_packets, sender.tx_bytes, sender.out_seq),
+            (self.sealed, self.sealed * LEN as u64, self.sealed_on_sa),
+            "{what}: sender {sender:?}"
+        );
+        let receiver = &self.to.peers()[0];
+        assert_eq!(
+            (receiver.rx_packets, receiver.rx_bytes),
+            (self.opened, self.opened * LEN as u64),
+            "{what}: receiver {receiver:?}"
+        );
+        for (reason, n) in &receiver.drops {
+            let want = if *reason == EspDrop::BadSpi {
+                bad_spi
+            } else {
+                0
+            };
+            assert_eq!(*n, want, "{what}: {reason:?} drops at the receiver");
+        }
+    }
+}
+
+/// The four steps of the rotation, twenty times over (epochs wrap modulo 16 in marks and
+/// SPIs), in both directions, with packets sealed and opened between every two upserts:
+/// nothing is refused, packets of the old epoch opened after the new epoch's are accepted,
+/// and a packet of a retired epoch is refused as bad-spi.
+#[test]
+fn rotation_steps_lose_no_packet() {
+    let a = State::new(ip(A), 64, None);
+    let b = State::new(ip(B), 64, None);
+    a.upsert(&rotation_spec(false, 0, Step::Steady)).unwrap();
+    b.upsert(&rotation_spec(true, 0, Step::Steady)).unwrap();
+    let mut ab = Flow::new(&a, &b, true);
+    let mut ba = Flow::new(&b, &a, false);
+    // Packets of retired epochs delivered so far, per direction.
+    let mut stale = 0;
+    for e in 0..20u8 {
+        let what = |step: &str| format!("epoch {e} {step}");
+        ab.burst(50);
+        ba.burst(50);
+        ab.check(stale, &what("steady"));
+        ba.check(stale, &what("steady"));
+
+        // Prepare: B first, then A (each after the other's ACK).
+        upsert_keeping(&b, &rotation_spec(true, e, Step::Prepare));
+        ab.burst(20);
+        ba.burst(20);
+        upsert_keeping(&a, &rotation_spec(false, e, Step::Prepare));
+        ab.burst(20);
+        ba.burst(20);
+        ab.check(stale, &what("prepare"));
+        ba.check(stale, &what("prepare"));
+
+        // Commit. Packets of epoch e are still in flight when each side switches; one of each
+        // direction stays in flight past the retirement.
+        ab.hold(10);
+        ba.hold(10);
+        let (late_ab, late_ba) = (ab.seal(), ba.seal());
+        upsert_keeping(&a, &rotation_spec(false, e, Step::Commit));
+        ab.switched();
+        ab.burst(30);
+        ba.burst(30);
+        upsert_keeping(&b, &rotation_spec(true, e, Step::Commit));
+        ba.switched();
+        ab.burst(30);
+        ba.burst(30);
+        // The old epoch's packets arrive after the new epoch's: still accepted.
+        ab.release();
+        ba.release();
+        ab.check(stale, &what("commit"));
+        ba.check(stale, &what("commit"));
+
+        // Retire, after the grace period.
+        upsert_keeping(&a, &rotation_spec(false, e, Step::Retire));
+        ab.burst(20);
+        ba.burst(20);
+        upsert_keeping(&b, &rotation_spec(true, e, Step::Retire));
+        ab.burst(20);
+        ba.burst(20);
+        ab.check(stale, &what("retire"));
+        ba.check(stale, &what("retire"));
+
+        // A packet of the retired epoch: bad SPI, charged to the sending peer.
+        for (flow, (_, mut esp)) in [(&ab, late_ab), (&ba, late_ba)] {
+            assert!(flow.to.open(flow.from_ip, &mut esp).is_none());
+        }
+        stale += 1;
+        ab.check(stale, &what("stale"));
+        ba.check(stale, &what("stale"));
+        let inbound: Vec<u32> = b.peers()[0].inbound.iter().map(|s| s.spi).collect();
+        assert_eq!(inbound, vec![epoch_keys(e.wrapping_add(1), true).spi]);
+    }
+    assert_eq!((ab.opened, ba.opened), (ab.sealed - 20, ba.sealed - 20));
+}
+
+/// Rotations while one thread seals and another opens without pause, with reordering (each
+/// run of 8 packets delivered backwards, across the switches too): no packet is refused.
+#[test]
+fn rotations_under_a_concurrent_stream_lose_no_packet() {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::mpsc;
+
+    const ROTATIONS: u8 = 20;
+    const RUN: usize = 8;
+    let a = Arc::new(State::new(ip(A), 64, None));
+    let b = Arc::new(State::new(ip(B), 64, None));
+    a.upsert(&rotation_spec(false, 0, Step::Steady)).unwrap();
+    b.upsert(&rotation_spec(true, 0, Step::Steady)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Packets sealed and opened per SPI; sealing and counting happen under one lock, so once
+    // an upsert returned and the lock was taken, the count of the SA it replaced is final.
+    let sealed = Arc::new(Mutex::new(HashMap::<u32, u64>::new()));
+    let opened = Arc::new(Mutex::new(HashMap::<u32, u64>::new()));
+    let refused = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(1024);
+
+    let sender = {
+        let (a, stop, sealed) = (a.clone(), stop.clone(), sealed.clone());
+        std::thread::spawn(move || {
+            let inner = ipv4("10.99.1.1", "10.99.2.1", LEN);
+            let mut out = Vec::new();
+            while !stop.load(Relaxed) {
+                {
+                    let mut sealed = lock(&sealed);
+                    a.seal(&inner, &mut out).expect("sealed");
+                    *sealed.entry(esp::spi_of(&out).unwrap()).or_default() += 1;
+                }
+                if tx.send(out.clone()).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let receiver = {
+        let (b, opened, refused) = (b.clone(), opened.clone(), refused.clone());
+        std::thread::spawn(move || {
+            let mut run = Vec::with_capacity(RUN);
+            let deliver = |run: &mut Vec<Vec<u8>>| {
+                while let Some(mut esp) = run.pop() {
+                    let spi = esp::spi_of(&esp).unwrap();
+                    if b.open(ip(A), &mut esp).is_some() {
+                        *lock(&opened).entry(spi).or_default() += 1;
+                    } else {
+                        refused.fetch_add(1, Relaxed);
+                    }
+                }
+            };
+            for esp in rx {
+                run.push(esp);
+                if run.len() == RUN {
+                    deliver(&mut run);
+                }
+            }
+            deliver(&mut run);
+        })
+    };
+
+    let total_opened = || lock(&opened).values().sum::<u64>();
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !done() {
+            assert_eq!(refused.load(Relaxed), 0, "{what}: {:?}", b.peers());
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{what}: timed out"
+            );
+            std::thread::yield_now();
+        }
+    };
+    let flowing = |what: &str| {
+        let from = total_opened();
+        wait(what, &|| total_opened() >= from + 200);
+    };
+    for e in 0..ROTATIONS {
+        flowing("steady");
+        b.upsert(&rotation_spec(true, e, Step::Prepare)).unwrap();
+        flowing("prepare at B");
+        a.upsert(&rotation_spec(false, e, Step::Prepare)).unwrap();
+        flowing("prepare at A");
+        a.upsert(&rotation_spec(false, e, Step::Commit)).unwrap();
+        flowing("commit at A");
+        b.upsert(&rotation_spec(true, e, Step::Commit)).unwrap();
+        // Grace period: until every packet of epoch e has been opened.
+        let old = epoch_keys(e, true).spi;
+        let last = lock(&sealed).get(&old).copied().unwrap_or(0);
+        assert!(last > 0, "epoch {e} carried no packet");
+        wait("grace", &|| {
+            lock(&opened).get(&old).copied().unwrap_or(0) >= last
+        });
+        a.upsert(&rotation_spec(false, e, Step::Retire)).unwrap();
+        b.upsert(&rotation_spec(true, e, Step::Retire)).unwrap();
+        // A new epoch reuses an SPI 16 epochs later: start its counts afresh.
+        lock(&opened).remove(&old);
+        lock(&sealed).remove(&old);
+        assert_eq!(refused.load(Relaxed), 0, "epoch {e}: {:?}", b.peers());
+    }
+    stop.store(true, Relaxed);
+    sender.join().unwrap();
+    receiver.join().unwrap();
+    assert_eq!(refused.load(Relaxed), 0, "{:?}", b.peers());
+    let (pa, pb) = (&a.peers()[0], &b.peers()[0]);
+    assert_eq!(pa.tx_packets, pb.rx_packets, "A {pa:?} B {pb:?}");
+    assert!(pb.drops.iter().all(|(_, n)| *n == 0), "{pb:?}");
+    assert_eq!(pa.out_spi, epoch_keys(ROTATIONS, true).spi);
 }

@@ -10,18 +10,44 @@ use crate::{Error, Result};
 /// In-memory [`XfrmBackend`]: SAs keyed like the kernel's (destination, SPI, mark), policies
 /// keyed by selector, direction and mark; the same validation as [`super::NetlinkXfrm`], and
 /// dumps filtered to enc's objects. Foreign objects can be planted to check that enc leaves
-/// them alone.
+/// them alone; traffic can be simulated ([`FakeXfrm::traffic`]) to see that counters and
+/// sequence numbers survive an update, and every modifying call is logged
+/// ([`FakeXfrm::take_ops`]).
 #[derive(Debug, Default)]
 pub struct FakeXfrm {
     state: Mutex<State>,
 }
 
+/// A modifying call made to a [`FakeXfrm`], whether or not it changed anything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FakeOp {
+    /// [`XfrmBackend::upsert_sa`].
+    UpsertSa(SaId),
+    /// [`XfrmBackend::delete_sa`].
+    DeleteSa(SaId),
+    /// [`XfrmBackend::upsert_policy`].
+    UpsertPolicy(PolicySpec),
+    /// [`XfrmBackend::delete_policy`].
+    DeletePolicy(PolicySpec),
+}
+
+/// An SA with the counters the kernel would keep for it.
+#[derive(Debug)]
+struct FakeSa {
+    spec: SaSpec,
+    oseq: u64,
+    seq: u64,
+    packets: u64,
+    bytes: u64,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    sas: Vec<SaSpec>,
+    sas: Vec<FakeSa>,
     policies: Vec<PolicySpec>,
     refuse_sas: Option<i32>,
     requests: usize,
+    ops: Vec<FakeOp>,
 }
 
 impl FakeXfrm {
@@ -41,7 +67,7 @@ impl FakeXfrm {
 
     /// Plants an SA without validation (another program's, for instance).
     pub fn insert_foreign_sa(&self, sa: SaSpec) {
-        self.state().sas.push(sa);
+        self.state().sas.push(FakeSa::new(sa));
     }
 
     /// Plants a policy without validation (another program's, for instance).
@@ -51,7 +77,7 @@ impl FakeXfrm {
 
     /// Every SA, enc's or not, with its spec.
     pub fn all_sas(&self) -> Vec<SaSpec> {
-        self.state().sas.clone()
+        self.state().sas.iter().map(|sa| sa.spec.clone()).collect()
     }
 
     /// Every policy, enc's or not.
@@ -63,24 +89,65 @@ impl FakeXfrm {
     pub fn changes(&self) -> usize {
         self.state().requests
     }
+
+    /// Returns and clears the log of modifying calls.
+    pub fn take_ops(&self) -> Vec<FakeOp> {
+        std::mem::take(&mut self.state().ops)
+    }
+
+    /// Simulates `packets` packets of `bytes` bytes in all through the SA with this destination
+    /// and SPI, as the kernel counts them: sent (the output sequence number advances) when the
+    /// SA has a match mark, else received in order (the highest sequence number advances).
+    /// Returns whether the SA exists.
+    pub fn traffic(&self, dst: IpAddr, spi: u32, packets: u64, bytes: u64) -> bool {
+        let mut state = self.state();
+        let Some(sa) = state
+            .sas
+            .iter_mut()
+            .find(|s| s.spec.dst == dst && s.spec.spi == spi)
+        else {
+            return false;
+        };
+        if sa.spec.mark.is_some() {
+            sa.oseq += packets;
+        } else {
+            sa.seq += packets;
+        }
+        sa.packets += packets;
+        sa.bytes += bytes;
+        true
+    }
+}
+
+impl FakeSa {
+    fn new(spec: SaSpec) -> Self {
+        Self {
+            spec,
+            oseq: 0,
+            seq: 0,
+            packets: 0,
+            bytes: 0,
+        }
+    }
 }
 
 fn same_sa(a: &SaSpec, dst: IpAddr, spi: u32, mark: Option<(u32, u32)>) -> bool {
     a.dst == dst && a.spi == spi && a.mark.unwrap_or((0, 0)) == mark.unwrap_or((0, 0))
 }
 
-fn snapshot(sa: &SaSpec) -> SaSnapshot {
+fn snapshot(sa: &FakeSa) -> SaSnapshot {
+    let spec = &sa.spec;
     SaSnapshot {
-        id: sa.id(),
-        reqid: sa.reqid,
-        mark: sa.mark,
-        output_mark: sa.output_mark,
-        esn: sa.esn,
-        replay_window: sa.replay_window,
-        oseq: 0,
-        seq: 0,
-        bytes: 0,
-        packets: 0,
+        id: spec.id(),
+        reqid: spec.reqid,
+        mark: spec.mark,
+        output_mark: spec.output_mark,
+        esn: spec.esn,
+        replay_window: spec.replay_window,
+        oseq: sa.oseq,
+        seq: sa.seq,
+        bytes: sa.bytes,
+        packets: sa.packets,
         replay_drops: 0,
         integrity_failed: 0,
     }
@@ -91,6 +158,7 @@ impl XfrmBackend for FakeXfrm {
         sa.validate()?;
         let mut guard = self.state();
         let state = &mut *guard;
+        state.ops.push(FakeOp::UpsertSa(sa.id()));
         if let Some(errno) = state.refuse_sas {
             return Err(Error::Xfrm {
                 op: "XFRM_MSG_NEWSA",
@@ -101,21 +169,21 @@ impl XfrmBackend for FakeXfrm {
         match state
             .sas
             .iter_mut()
-            .find(|s| same_sa(s, sa.dst, sa.spi, sa.mark))
+            .find(|s| same_sa(&s.spec, sa.dst, sa.spi, sa.mark))
         {
-            // Like XFRM_MSG_UPDSA: the key stays.
+            // Like XFRM_MSG_UPDSA: the key and the counters stay.
             Some(existing) => {
                 let updated = SaSpec {
-                    keys: existing.keys.clone(),
+                    keys: existing.spec.keys.clone(),
                     ..sa.clone()
                 };
-                if *existing != updated {
-                    *existing = updated;
+                if existing.spec != updated {
+                    existing.spec = updated;
                     state.requests += 1;
                 }
             }
             None => {
-                state.sas.push(sa.clone());
+                state.sas.push(FakeSa::new(sa.clone()));
                 state.requests += 1;
             }
         }
@@ -124,10 +192,11 @@ impl XfrmBackend for FakeXfrm {
 
     fn delete_sa(&self, id: &SaId) -> Result<()> {
         let mut state = self.state();
+        state.ops.push(FakeOp::DeleteSa(*id));
         if let Some(index) = state
             .sas
             .iter()
-            .position(|s| s.is_enc() && s.dst == id.dst && s.spi == id.spi)
+            .position(|s| s.spec.is_enc() && s.spec.dst == id.dst && s.spec.spi == id.spi)
         {
             state.sas.remove(index);
             state.requests += 1;
@@ -140,7 +209,7 @@ impl XfrmBackend for FakeXfrm {
             .state()
             .sas
             .iter()
-            .filter(|s| s.is_enc())
+            .filter(|s| s.spec.is_enc())
             .map(snapshot)
             .collect())
     }
@@ -149,6 +218,7 @@ impl XfrmBackend for FakeXfrm {
         p.validate()?;
         let mut guard = self.state();
         let state = &mut *guard;
+        state.ops.push(FakeOp::UpsertPolicy(p.clone()));
         match state.policies.iter_mut().find(|q| q.same_key(p)) {
             Some(existing) if existing == p => {}
             Some(existing) => {
@@ -166,6 +236,7 @@ impl XfrmBackend for FakeXfrm {
     fn delete_policy(&self, p: &PolicySpec) -> Result<()> {
         p.validate()?;
         let mut state = self.state();
+        state.ops.push(FakeOp::DeletePolicy(p.clone()));
         if let Some(index) = state.policies.iter().position(|q| q.same_key(p)) {
             state.policies.remove(index);
             state.requests += 1;

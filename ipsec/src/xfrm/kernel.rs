@@ -1,15 +1,17 @@
 //! [`IpsecBackend`] on the kernel's XFRM: an [`IpsecPeerSpec`] becomes SAs and policies.
 //!
-//! Per peer (ids and marks after DESIGN §2; `P` = peer id, `e` = epoch modulo 16):
+//! Per peer (ids and marks after DESIGN §2; `P` = peer id, `e` = an outbound epoch modulo 16):
 //!
 //! | object | selector / addresses | mark | other |
 //! |---|---|---|---|
-//! | outbound SA | local -> remote, `outbound.spi` | `P e E 00` / `ffffff00` | ESN, no replay window |
+//! | outbound SA (`outbound` at `epoch`, and each of `older_outbound` at its epoch) | local -> remote, its SPI | `P e E 00` / `ffffff00` | ESN, no replay window |
 //! | inbound SA (each of `inbound`) | remote -> local, its SPI | none | ESN, window [`REPLAY_WINDOW`], output mark `P 0 D 00` / `ffff0f00` |
-//! | `out` policy (each local x remote CIDR) | local CIDR -> remote CIDR | `P e E 00` / `ffffff00` | tmpl local -> remote |
+//! | `out` policy (each local x remote CIDR, per outbound epoch) | local CIDR -> remote CIDR | `P e E 00` / `ffffff00` | tmpl local -> remote |
 //! | `in` and `fwd` policies (each remote x local CIDR) | remote CIDR -> local CIDR | `P 0 D 00` / `ffff0f00` | tmpl remote -> local |
 //!
-//! All of one peer share the reqid [`peer_reqid`]. Per node, [`KernelIpsec::new`] installs a
+//! All of one peer share the reqid [`peer_reqid`]; the kernel picks the outbound SA for an
+//! `out` policy by reqid *and* the policy's mark, so each outbound epoch needs its own SA and
+//! its own `out` policies. Per node, [`KernelIpsec::new`] installs a
 //! catch-all `out` **block** policy per address family (any -> any, mark `E00` / `f00`,
 //! priority [`PRIORITY_BLOCK`], numerically above every peer policy): traffic marked for
 //! encryption that no peer policy takes — a peer without keys, an epoch whose states are
@@ -19,10 +21,25 @@
 //! `fwd` policies (which the kernel requires for decapsulated tunnel-mode traffic, and looks
 //! up with the mark set by the SA) can be told apart per peer; the pod-side eBPF program
 //! recognises decrypted packets by `mark & 0xf00 == 0xd00`.
+//!
+//! # Key rotation
+//!
+//! The agent rotates from epoch `e` to `e+1` in steps, each a new spec; [`KernelIpsec`] turns
+//! each into additions only, or removals only, and never touches an SA that stays (its
+//! sequence number and replay window survive):
+//!
+//! | step | spec | kernel changes |
+//! |---|---|---|
+//! | prepare | `inbound` gains `in(e+1)` | inbound SA `in(e+1)` added |
+//! | commit | `epoch` `e+1`, `outbound` `out(e+1)`, `older_outbound` `[(e, out(e))]` | outbound SA `out(e+1)`, then its `out` policies, added |
+//! | retire | `inbound` `[in(e+1)]`, `older_outbound` `[]` | `out` policies of `e`, then SAs `out(e)` and `in(e)`, removed |
+//!
+//! The datapath switches the epoch bits of its mark only after the commit: until then, and
+//! for packets it marked before, the objects of `e` carry the traffic.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ipnet::IpNet;
 
@@ -41,9 +58,11 @@ pub const REPLAY_WINDOW: u32 = 2048;
 /// The kernel objects of one peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerObjects {
-    /// Outbound SA first, then the inbound SAs in the spec's order.
+    /// Outbound SAs first (`outbound`, then `older_outbound` in the spec's order), then the
+    /// inbound SAs in the spec's order.
     pub sas: Vec<SaSpec>,
-    /// `out` policies, then `in` and `fwd` pairs.
+    /// `out` policies (the current epoch's, then each older epoch's), then `in` and `fwd`
+    /// pairs.
     pub policies: Vec<PolicySpec>,
 }
 
@@ -64,21 +83,27 @@ pub fn peer_objects(spec: &IpsecPeerSpec) -> Result<PeerObjects> {
             "underlay addresses must be of one address family",
         ));
     }
+    spec.check_older_outbound()?;
     let reqid = peer_reqid(spec.peer_id);
-    let out_mark = (encrypt_mark(spec.peer_id, spec.epoch), OUT_MARK_MASK);
+    let out_mark = |epoch| (encrypt_mark(spec.peer_id, epoch), OUT_MARK_MASK);
     let in_mark = (decrypted_mark(spec.peer_id), IN_MARK_MASK);
+    let outbound = std::iter::once((spec.epoch, &spec.outbound))
+        .chain(spec.older_outbound.iter().map(|(e, k)| (*e, k)));
 
-    let mut sas = vec![SaSpec {
-        src: spec.local,
-        dst: spec.remote,
-        spi: spec.outbound.spi,
-        reqid,
-        keys: spec.outbound.clone(),
-        mark: Some(out_mark),
-        output_mark: None,
-        replay_window: 0,
-        esn: true,
-    }];
+    let mut sas: Vec<SaSpec> = outbound
+        .clone()
+        .map(|(epoch, keys)| SaSpec {
+            src: spec.local,
+            dst: spec.remote,
+            spi: keys.spi,
+            reqid,
+            keys: keys.clone(),
+            mark: Some(out_mark(epoch)),
+            output_mark: None,
+            replay_window: 0,
+            esn: true,
+        })
+        .collect();
     for (i, keys) in spec.inbound.iter().enumerate() {
         if spec.inbound[..i].iter().any(|k| k.spi == keys.spi) {
             return Err(invalid(
@@ -116,20 +141,22 @@ pub fn peer_objects(spec: &IpsecPeerSpec) -> Result<PeerObjects> {
         pairs
     };
     let mut policies = Vec::new();
-    for (src, dst) in pairs(&spec.local_cidrs, &spec.remote_cidrs) {
-        policies.push(PolicySpec {
-            dir: PolicyDir::Out,
-            src,
-            dst,
-            mark: out_mark,
-            priority: PRIORITY_PEER,
-            action: PolicyAction::Allow,
-            tmpl: Some(Tmpl {
-                src: spec.local,
-                dst: spec.remote,
-                reqid,
-            }),
-        });
+    for (epoch, _) in outbound {
+        for (src, dst) in pairs(&spec.local_cidrs, &spec.remote_cidrs) {
+            policies.push(PolicySpec {
+                dir: PolicyDir::Out,
+                src,
+                dst,
+                mark: out_mark(epoch),
+                priority: PRIORITY_PEER,
+                action: PolicyAction::Allow,
+                tmpl: Some(Tmpl {
+                    src: spec.local,
+                    dst: spec.remote,
+                    reqid,
+                }),
+            });
+        }
     }
     for (src, dst) in pairs(&spec.remote_cidrs, &spec.local_cidrs) {
         for dir in [PolicyDir::In, PolicyDir::Fwd] {
@@ -187,9 +214,62 @@ fn sa_matches(current: &SaSnapshot, desired: &SaSpec) -> bool {
         && current.replay_window == desired.replay_window
 }
 
+/// Whether a dumped SA is an outbound one (its match mark carries the encrypt magic).
+fn is_outbound(sa: &SaSnapshot) -> bool {
+    sa.mark
+        .is_some_and(|(v, _)| (v & MAGIC_MASK) >> MAGIC_SHIFT == MAGIC_ENCRYPT)
+}
+
+/// Whether a dumped SA is an inbound one (its output mark carries the decrypted magic).
+fn is_inbound(sa: &SaSnapshot) -> bool {
+    sa.output_mark
+        .is_some_and(|(v, _)| (v & MAGIC_MASK) >> MAGIC_SHIFT == MAGIC_DECRYPTED)
+}
+
+/// Counters of SAs that [`KernelIpsec`] removed from one peer. The kernel's counters go with
+/// their SA; the per-peer totals of [`IpsecBackend::peers`] carry them on, so they do not go
+/// backwards when a rotation retires an epoch.
+#[derive(Clone, Copy, Debug, Default)]
+struct Retired {
+    tx_packets: u64,
+    tx_bytes: u64,
+    rx_packets: u64,
+    rx_bytes: u64,
+    replay_drops: u64,
+    integrity_failed: u64,
+}
+
+impl Retired {
+    /// Adds the counters of `sa` as last dumped (a retired SA carries no traffic any more, so
+    /// nothing is lost between that dump and the deletion).
+    fn add(&mut self, sa: &SaSnapshot) {
+        if is_outbound(sa) {
+            self.tx_packets += sa.packets;
+            self.tx_bytes += sa.bytes;
+        } else if is_inbound(sa) {
+            self.rx_packets += sa.packets;
+            self.rx_bytes += sa.bytes;
+            self.replay_drops += u64::from(sa.replay_drops);
+            self.integrity_failed += u64::from(sa.integrity_failed);
+        }
+    }
+}
+
+/// What [`KernelIpsec`] remembers of one peer between calls. It is lost on restart: totals
+/// then start from the installed SAs, and the busiest outbound SA counts as the current one.
+#[derive(Clone, Copy, Debug, Default)]
+struct PeerMemory {
+    /// SPI of the spec's `outbound` at the last successful upsert (0: none yet).
+    out_spi: u32,
+    /// Counters of removed SAs.
+    retired: Retired,
+}
+
 /// [`IpsecBackend`] on the kernel's XFRM, through any [`XfrmBackend`].
 pub struct KernelIpsec {
     backend: Arc<dyn XfrmBackend>,
+    /// Per peer; held for the whole of an upsert, delete or dump, which serialises them.
+    memory: Mutex<BTreeMap<u16, PeerMemory>>,
 }
 
 impl std::fmt::Debug for KernelIpsec {
@@ -204,13 +284,16 @@ impl KernelIpsec {
         for p in block_policies() {
             backend.upsert_policy(&p)?;
         }
-        Ok(Self { backend })
+        Ok(Self::adopt(backend))
     }
 
     /// Wraps a backend without installing anything (for [`KernelIpsec::remove_all`] at
     /// uninstall time).
     pub fn adopt(backend: Arc<dyn XfrmBackend>) -> Self {
-        Self { backend }
+        Self {
+            backend,
+            memory: Mutex::default(),
+        }
     }
 
     /// The XFRM backend.
@@ -218,9 +301,15 @@ impl KernelIpsec {
         &self.backend
     }
 
+    fn memory(&self) -> MutexGuard<'_, BTreeMap<u16, PeerMemory>> {
+        self.memory.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Removes every enc SA and policy, the block policies included (agent teardown). Foreign
     /// objects stay.
     pub fn remove_all(&self) -> Result<()> {
+        let mut memory = self.memory();
+        memory.clear();
         for p in self.backend.dump_policies()? {
             self.backend.delete_policy(&p)?;
         }
@@ -258,13 +347,15 @@ impl IpsecBackend for KernelIpsec {
         None
     }
 
-    /// New SAs first, then policies, then what is stale: policies before SAs, so a policy
-    /// never points at a missing SA longer than necessary. Unchanged objects are not touched,
-    /// so sequence numbers and replay windows survive.
+    /// New SAs first, then new policies, then what is stale: policies before SAs, so a policy
+    /// never points at a missing SA. Unchanged objects are not touched, so sequence numbers
+    /// and replay windows survive; each rotation step (module docs) is therefore hitless.
     fn upsert_peer(&self, spec: &IpsecPeerSpec) -> Result<()> {
         let desired = peer_objects(spec)?;
+        let mut memory = self.memory();
         let current_sas = self.peer_sas(spec.peer_id)?;
         let current_policies = self.peer_policies(spec.peer_id)?;
+        let mem = memory.entry(spec.peer_id).or_default();
         for sa in &desired.sas {
             match current_sas
                 .iter()
@@ -272,8 +363,11 @@ impl IpsecBackend for KernelIpsec {
             {
                 Some(current) if sa_matches(current, sa) => {}
                 Some(current) => {
+                    // Not hitless, but attributes change only when the spec's addresses or
+                    // marks do, never in a rotation.
                     tracing::info!(peer = spec.peer_id, sa = %current.id, "replacing SA whose attributes changed");
                     self.backend.delete_sa(&current.id)?;
+                    mem.retired.add(current);
                     self.backend.upsert_sa(sa)?;
                 }
                 None => self.backend.upsert_sa(sa)?,
@@ -296,45 +390,64 @@ impl IpsecBackend for KernelIpsec {
                 .any(|d| d.dst == current.id.dst && d.spi == current.id.spi)
             {
                 self.backend.delete_sa(&current.id)?;
+                mem.retired.add(current);
             }
         }
+        mem.out_spi = spec.outbound.spi;
         Ok(())
     }
 
     fn delete_peer(&self, peer_id: u16) -> Result<()> {
+        let mut memory = self.memory();
         for p in self.peer_policies(peer_id)? {
             self.backend.delete_policy(&p)?;
         }
         for sa in self.peer_sas(peer_id)? {
             self.backend.delete_sa(&sa.id)?;
         }
+        memory.remove(&peer_id);
         Ok(())
     }
 
+    /// Per peer: the current outbound SA's SPI and sequence number, totals over installed and
+    /// removed SAs, and the installed inbound SAs.
     fn peers(&self) -> Result<Vec<IpsecPeerSnapshot>> {
+        let memory = self.memory();
         let mut peers: BTreeMap<u16, IpsecPeerSnapshot> = BTreeMap::new();
         for sa in self.backend.dump_sas()? {
             let Some(peer_id) = sa.peer() else { continue };
+            let mem = memory.get(&peer_id).copied().unwrap_or_default();
             let peer = peers.entry(peer_id).or_insert_with(|| IpsecPeerSnapshot {
                 peer_id,
                 out_spi: 0,
                 out_seq: 0,
-                tx_packets: 0,
-                tx_bytes: 0,
+                tx_packets: mem.retired.tx_packets,
+                tx_bytes: mem.retired.tx_bytes,
+                rx_packets: mem.retired.rx_packets,
+                rx_bytes: mem.retired.rx_bytes,
                 inbound: Vec::new(),
-                drops: vec![(EspDrop::Replay, 0), (EspDrop::IcvFailure, 0)],
+                drops: vec![
+                    (EspDrop::Replay, mem.retired.replay_drops),
+                    (EspDrop::IcvFailure, mem.retired.integrity_failed),
+                ],
             });
-            let magic =
-                |mark: Option<(u32, u32)>| mark.map(|(v, _)| (v & MAGIC_MASK) >> MAGIC_SHIFT);
-            if magic(sa.mark) == Some(MAGIC_ENCRYPT) {
-                // During a switch two outbound SAs may exist; report the busier one.
-                if peer.out_spi == 0 || sa.oseq >= peer.out_seq {
+            if is_outbound(&sa) {
+                peer.tx_packets += sa.packets;
+                peer.tx_bytes += sa.bytes;
+                // From commit to retirement two outbound SAs exist: report the spec's current
+                // one, or (with nothing remembered) the busier one.
+                let current = if mem.out_spi != 0 {
+                    sa.id.spi == mem.out_spi
+                } else {
+                    peer.out_spi == 0 || sa.oseq >= peer.out_seq
+                };
+                if current {
                     peer.out_spi = sa.id.spi;
                     peer.out_seq = sa.oseq;
-                    peer.tx_packets = sa.packets;
-                    peer.tx_bytes = sa.bytes;
                 }
-            } else if magic(sa.output_mark) == Some(MAGIC_DECRYPTED) {
+            } else if is_inbound(&sa) {
+                peer.rx_packets += sa.packets;
+                peer.rx_bytes += sa.bytes;
                 peer.inbound.push(InboundSaSnapshot {
                     spi: sa.id.spi,
                     highest_seq: sa.seq,
@@ -355,9 +468,11 @@ impl IpsecBackend for KernelIpsec {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use crate::SaKeys;
-    use crate::xfrm::FakeXfrm;
+    use crate::xfrm::{FakeOp, FakeXfrm, SaId};
 
     fn keys(spi: u32) -> SaKeys {
         SaKeys {
@@ -384,7 +499,81 @@ mod tests {
             epoch,
             outbound: keys(0x1000 + u32::from(peer_id)),
             inbound: vec![keys(0x2000 + u32::from(peer_id))],
+            older_outbound: vec![],
         }
+    }
+
+    /// Peer 1's outbound keys at `epoch` (SPI bits 31..28 carry the epoch).
+    fn out_keys(epoch: u8) -> SaKeys {
+        keys((u32::from(epoch & 0xF) << 28) | 0x1001)
+    }
+
+    /// Peer 1's inbound keys at `epoch`.
+    fn in_keys(epoch: u8) -> SaKeys {
+        keys((u32::from(epoch & 0xF) << 28) | 0x2001)
+    }
+
+    /// A step of the rotation from epoch `e` to `e + 1`.
+    #[derive(Clone, Copy, Debug)]
+    enum Step {
+        /// At `e`, before the rotation.
+        Steady,
+        /// Inbound of `e + 1` installed beside `e`'s.
+        Prepare,
+        /// Outbound switched to `e + 1`; `e`'s kept as older.
+        Commit,
+        /// `e` gone: the steady state of `e + 1`.
+        Retire,
+    }
+
+    /// Peer 1's spec at `step` of the rotation from `e`.
+    fn rotation_spec(e: u8, step: Step) -> IpsecPeerSpec {
+        let next = e.wrapping_add(1);
+        let mut s = spec(1, e);
+        (s.outbound, s.inbound) = (out_keys(e), vec![in_keys(e)]);
+        match step {
+            Step::Steady => {}
+            Step::Prepare => s.inbound.push(in_keys(next)),
+            Step::Commit => {
+                (s.epoch, s.outbound) = (next, out_keys(next));
+                s.inbound.push(in_keys(next));
+                s.older_outbound = vec![(e, out_keys(e))];
+            }
+            Step::Retire => return rotation_spec(next, Step::Steady),
+        }
+        s
+    }
+
+    fn sorted_sas(mut sas: Vec<SaSpec>) -> Vec<SaSpec> {
+        sas.sort_by_key(|s| (s.spi, s.dst));
+        sas
+    }
+
+    fn sorted_policies(mut policies: Vec<PolicySpec>) -> Vec<PolicySpec> {
+        policies.sort_by_key(|p| format!("{p} {:?}", p.tmpl));
+        policies
+    }
+
+    /// The order an upsert must call in: new SAs, new policies, stale policies, stale SAs.
+    fn phase(op: &FakeOp) -> u8 {
+        match op {
+            FakeOp::UpsertSa(_) => 0,
+            FakeOp::UpsertPolicy(_) => 1,
+            FakeOp::DeletePolicy(_) => 2,
+            FakeOp::DeleteSa(_) => 3,
+        }
+    }
+
+    /// `got` holds exactly the calls of `want`, phase by phase (any order within a phase).
+    fn assert_ops(got: Vec<FakeOp>, mut want: Vec<FakeOp>, what: &str) {
+        assert!(
+            got.windows(2).all(|w| phase(&w[0]) <= phase(&w[1])),
+            "{what}: calls out of order: {got:#?}"
+        );
+        let mut sorted = got.clone();
+        sorted.sort_by_key(|op| (phase(op), format!("{op:?}")));
+        want.sort_by_key(|op| (phase(op), format!("{op:?}")));
+        assert_eq!(sorted, want, "{what}: calls {got:#?}");
     }
 
     fn kernel() -> (Arc<FakeXfrm>, KernelIpsec) {
@@ -506,31 +695,190 @@ mod tests {
     }
 
     #[test]
-    fn rotation_replaces_outbound_and_drops_stale_objects() {
+    fn rotation_steps_are_exact_and_keep_unchanged_sas() {
         let (fake, kernel) = kernel();
-        kernel.upsert_peer(&spec(1, 0)).unwrap();
-        // Prepare: inbound for epoch 1 next to epoch 0.
-        let mut prepare = spec(1, 0);
-        prepare.inbound.push(keys(0x3001));
-        kernel.upsert_peer(&prepare).unwrap();
-        assert_eq!(fake.all_sas().len(), 3);
-        // Switch: outbound epoch 1, old inbound retired.
-        let mut switched = spec(1, 1);
-        switched.outbound = keys(0x4001);
-        switched.inbound = vec![keys(0x3001)];
-        kernel.upsert_peer(&switched).unwrap();
-        let mut spis: Vec<u32> = fake.all_sas().iter().map(|s| s.spi).collect();
-        spis.sort_unstable();
-        assert_eq!(spis, vec![0x3001, 0x4001]);
-        let objects = peer_objects(&switched).unwrap();
-        let peer_policies: Vec<_> = fake
-            .dump_policies()
-            .unwrap()
-            .into_iter()
-            .filter(|p| peer_of_mark(p.mark) == Some(1))
-            .collect();
-        assert_eq!(peer_policies.len(), objects.policies.len());
-        assert!(objects.policies.iter().all(|p| peer_policies.contains(p)));
+        let local: IpAddr = "192.168.0.1".parse().unwrap();
+        let remote: IpAddr = "192.168.0.11".parse().unwrap();
+        let out_id = |e| SaId {
+            src: local,
+            dst: remote,
+            spi: out_keys(e).spi,
+        };
+        let in_id = |e| SaId {
+            src: remote,
+            dst: local,
+            spi: in_keys(e).spi,
+        };
+        let out_policies = |e| -> Vec<PolicySpec> {
+            peer_objects(&rotation_spec(e, Step::Steady))
+                .unwrap()
+                .policies
+                .into_iter()
+                .filter(|p| p.dir == PolicyDir::Out)
+                .collect()
+        };
+        let out_mark = |e| Some((encrypt_mark(1, e), OUT_MARK_MASK));
+
+        kernel.upsert_peer(&rotation_spec(0, Step::Steady)).unwrap();
+        fake.take_ops();
+        // Packets (and bytes) pushed through each installed SA, by SPI; totals per direction.
+        let mut pushed: BTreeMap<u32, u64> = BTreeMap::new();
+        let (mut tx, mut rx) = (0, 0);
+        for e in 0..20u8 {
+            let next = e.wrapping_add(1);
+            let steps = [
+                (Step::Prepare, vec![FakeOp::UpsertSa(in_id(next))]),
+                (
+                    Step::Commit,
+                    std::iter::once(FakeOp::UpsertSa(out_id(next)))
+                        .chain(out_policies(next).into_iter().map(FakeOp::UpsertPolicy))
+                        .collect(),
+                ),
+                (
+                    Step::Retire,
+                    out_policies(e)
+                        .into_iter()
+                        .map(FakeOp::DeletePolicy)
+                        .chain([FakeOp::DeleteSa(out_id(e)), FakeOp::DeleteSa(in_id(e))])
+                        .collect(),
+                ),
+            ];
+            for (step, want_ops) in steps {
+                let what = format!("epoch {e} {step:?}");
+                // Traffic on every SA up to the step.
+                for sa in fake.dump_sas().unwrap() {
+                    assert!(fake.traffic(sa.id.dst, sa.id.spi, 10, 1000));
+                    *pushed.entry(sa.id.spi).or_default() += 10;
+                    if is_outbound(&sa) {
+                        tx += 10;
+                    } else {
+                        rx += 10;
+                    }
+                }
+                let spec = rotation_spec(e, step);
+                kernel.upsert_peer(&spec).unwrap();
+                assert_ops(fake.take_ops(), want_ops, &what);
+                kernel.upsert_peer(&spec).unwrap();
+                assert_eq!(
+                    fake.take_ops(),
+                    vec![],
+                    "{what}: second upsert calls nothing"
+                );
+
+                // Exactly the objects of the step, by SPI and mark, and as translated.
+                let (outs, ins): (Vec<u8>, Vec<u8>) = match step {
+                    Step::Steady => unreachable!(),
+                    Step::Prepare => (vec![e], vec![e, next]),
+                    Step::Commit => (vec![e, next], vec![e, next]),
+                    Step::Retire => (vec![next], vec![next]),
+                };
+                let mut want_sas: Vec<_> = outs
+                    .iter()
+                    .map(|&o| (out_keys(o).spi, out_mark(o)))
+                    .chain(ins.iter().map(|&i| (in_keys(i).spi, None)))
+                    .collect();
+                want_sas.sort_unstable();
+                let mut got_sas: Vec<_> = fake.all_sas().iter().map(|s| (s.spi, s.mark)).collect();
+                got_sas.sort_unstable();
+                assert_eq!(got_sas, want_sas, "{what}");
+                let objects = peer_objects(&spec).unwrap();
+                assert_eq!(
+                    sorted_sas(fake.all_sas()),
+                    sorted_sas(objects.sas),
+                    "{what}"
+                );
+                let mut want_policies = block_policies();
+                want_policies.extend(objects.policies);
+                assert_eq!(
+                    sorted_policies(fake.all_policies()),
+                    sorted_policies(want_policies),
+                    "{what}"
+                );
+                let out_marks: BTreeSet<_> = fake
+                    .all_policies()
+                    .iter()
+                    .filter(|p| p.dir == PolicyDir::Out && p.action == PolicyAction::Allow)
+                    .map(|p| Some(p.mark))
+                    .collect();
+                let want_marks: BTreeSet<_> = outs.iter().map(|&o| out_mark(o)).collect();
+                assert_eq!(out_marks, want_marks, "{what}");
+
+                // SAs that stayed kept their sequence numbers and counters.
+                let dumped = fake.dump_sas().unwrap();
+                pushed.retain(|spi, _| dumped.iter().any(|sa| sa.id.spi == *spi));
+                for sa in &dumped {
+                    let n = pushed.get(&sa.id.spi).copied().unwrap_or(0);
+                    let seq = if is_outbound(sa) { sa.oseq } else { sa.seq };
+                    assert_eq!(
+                        (seq, sa.packets, sa.bytes),
+                        (n, n, n * 100),
+                        "{what} {}",
+                        sa.id
+                    );
+                }
+
+                // The current outbound SA, and totals that never go backwards.
+                let peers = kernel.peers().unwrap();
+                assert_eq!(peers.len(), 1);
+                let p = &peers[0];
+                assert_eq!(p.out_spi, spec.outbound.spi, "{what}");
+                assert_eq!(
+                    p.out_seq,
+                    pushed.get(&spec.outbound.spi).copied().unwrap_or(0),
+                    "{what}"
+                );
+                assert_eq!(
+                    (p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes),
+                    (tx, tx * 100, rx, rx * 100),
+                    "{what}"
+                );
+                assert_eq!(
+                    p.inbound.iter().map(|i| i.spi).collect::<BTreeSet<_>>(),
+                    spec.inbound.iter().map(|k| k.spi).collect(),
+                    "{what}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_older_outbound_is_refused() {
+        let (fake, kernel) = kernel();
+        let mut same_epoch = rotation_spec(3, Step::Commit);
+        same_epoch.older_outbound[0].0 = 4 + 16;
+        let mut same_spi = rotation_spec(3, Step::Commit);
+        same_spi.older_outbound.push((9, out_keys(4)));
+        let mut twice = rotation_spec(3, Step::Commit);
+        twice.older_outbound.push((3 + 16, out_keys(2)));
+        for (s, field) in [
+            (same_epoch, "older_outbound.epoch"),
+            (same_spi, "older_outbound.spi"),
+            (twice, "older_outbound.epoch"),
+        ] {
+            match kernel.upsert_peer(&s) {
+                Err(crate::Error::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        assert!(fake.all_sas().is_empty());
+    }
+
+    #[test]
+    fn peers_after_a_restart_reports_the_busier_outbound_sa() {
+        let fake = Arc::new(FakeXfrm::new());
+        let kernel = KernelIpsec::new(fake.clone()).unwrap();
+        let commit = rotation_spec(0, Step::Commit);
+        kernel.upsert_peer(&commit).unwrap();
+        let remote = commit.remote;
+        assert!(fake.traffic(remote, out_keys(0).spi, 5, 500));
+        assert!(fake.traffic(remote, out_keys(1).spi, 3, 300));
+        assert_eq!(kernel.peers().unwrap()[0].out_spi, out_keys(1).spi);
+        let restarted = KernelIpsec::adopt(fake.clone());
+        let p = &restarted.peers().unwrap()[0];
+        assert_eq!((p.out_spi, p.out_seq), (out_keys(0).spi, 5));
+        assert_eq!((p.tx_packets, p.tx_bytes), (8, 800));
+        restarted.upsert_peer(&commit).unwrap();
+        assert_eq!(restarted.peers().unwrap()[0].out_spi, out_keys(1).spi);
     }
 
     #[test]
@@ -595,7 +943,10 @@ mod tests {
     #[test]
     fn changed_attributes_replace_the_sa() {
         let (fake, kernel) = kernel();
-        kernel.upsert_peer(&spec(1, 0)).unwrap();
+        let before = spec(1, 0);
+        kernel.upsert_peer(&before).unwrap();
+        assert!(fake.traffic(before.remote, 0x1001, 4, 400));
+        assert!(fake.traffic(before.local, 0x2001, 3, 300));
         let mut moved = spec(1, 0);
         moved.local = "192.168.0.2".parse().unwrap();
         kernel.upsert_peer(&moved).unwrap();
@@ -605,5 +956,18 @@ mod tests {
             sas.iter()
                 .all(|s| s.src == moved.local || s.dst == moved.local)
         );
+        // The replaced SAs' counters stay in the peer's totals.
+        let p = &kernel.peers().unwrap()[0];
+        assert_eq!(
+            (
+                p.out_seq,
+                p.tx_packets,
+                p.tx_bytes,
+                p.rx_packets,
+                p.rx_bytes
+            ),
+            (0, 4, 400, 3, 300)
+        );
+        assert_eq!(p.inbound[0].packets, 0);
     }
 }

@@ -39,7 +39,7 @@ mod fake;
 mod kernel;
 mod netlink;
 
-pub use fake::FakeXfrm;
+pub use fake::{FakeOp, FakeXfrm};
 pub use kernel::{KernelIpsec, PeerObjects, REPLAY_WINDOW, block_policies, peer_objects};
 pub use netlink::NetlinkXfrm;
 
