@@ -6,14 +6,14 @@ use crate::config::{Config, EncryptionConfig};
 use crate::control::proto::{Hello, PROTOCOL_VERSION, WireguardAnnounce};
 use crate::control::session::Timing;
 use crate::peers::{Auth, Desired, ENC_TABLE, PeerTable, Role};
-use enc_key_manager::Epoch;
-use enc_key_manager::rotation::{Rotation, RotationTiming};
 use crate::reconcile::{attach_pods, reconcile};
 use enc_certs::NodeIdentity;
 use enc_geneve_vxlan::{LinkBackend, RtnetlinkLinks, mtu};
 use enc_ipsec::IpsecBackend;
 use enc_ipsec::userspace::{UserspaceConfig, UserspaceEsp};
 use enc_ipsec::xfrm::{KernelIpsec, NetlinkXfrm, probe_esp_gcm};
+use enc_key_manager::Epoch;
+use enc_key_manager::rotation::{Rotation, RotationTiming};
 use enc_tunnel_ebpf::{AyaDatapath, Datapath, DatapathConfig as DpConfig};
 use enc_wireguard::{BoringtunConfig, BoringtunWg, PrivateKey, PublicKey};
 use std::collections::HashMap;
@@ -307,20 +307,14 @@ impl Shared {
         let new = wg
             .add_private_key(PrivateKey::generate().map_err(Error::Wireguard)?)
             .map_err(Error::Wireguard)?;
-        *self
-            .wg_key_rolled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        *self.wg_key_rolled.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         info!(old = %old, new = %new, "rolled the WireGuard static key pair; peers adopt it at their next epoch");
         Ok(())
     }
 
     /// Rolls the static key if it is older than `age` (the schedule rolls it once per round).
     fn roll_wg_key_if_older(&self, age: Duration) {
-        let rolled = *self
-            .wg_key_rolled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let rolled = *self.wg_key_rolled.lock().unwrap_or_else(|p| p.into_inner());
         if rolled.elapsed() >= age
             && let Err(e) = self.roll_wg_key()
         {
@@ -335,7 +329,13 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let desired = self.desired();
-        reconcile(&desired, &self.crypto, self.links.as_ref(), self.dp.as_ref()).map(|_| ())
+        reconcile(
+            &desired,
+            &self.crypto,
+            self.links.as_ref(),
+            self.dp.as_ref(),
+        )
+        .map(|_| ())
     }
 
     /// The hello this node sends to `peer`.

@@ -1008,7 +1008,11 @@ peers:
         assert_eq!(c.rotation.interval, None);
         assert_eq!(c.rotation.esp_seq_threshold, 5000);
         assert!(c.to_yaml().contains("interval: off"), "{}", c.to_yaml());
-        let text = GOOD.replacen("encryption:\n", "rotation:\n  intervall: 1h\nencryption:\n", 1);
+        let text = GOOD.replacen(
+            "encryption:\n",
+            "rotation:\n  intervall: 1h\nencryption:\n",
+            1,
+        );
         let err = crate::app::format_chain(&parse(&d, &text).unwrap_err());
         assert!(err.contains("intervall"), "{err}");
     }

@@ -123,7 +123,9 @@ impl PeerEntry {
     }
 
     fn session_is(&self, session_id: u64) -> bool {
-        self.keys.as_ref().is_some_and(|k| k.session_id == session_id)
+        self.keys
+            .as_ref()
+            .is_some_and(|k| k.session_id == session_id)
     }
 
     fn drop_keys(&mut self) {
@@ -487,9 +489,7 @@ impl PeerTable {
                     wg_local_keys.extend(e.wg_keys.values().map(|(l, _)| *l));
                     wg_peers.push(PeerSpec {
                         public_key,
-                        preshared_key: Some(PresharedKey::from_bytes(
-                            *k.wireguard_psk.expose(),
-                        )),
+                        preshared_key: Some(PresharedKey::from_bytes(*k.wireguard_psk.expose())),
                         endpoint: Some(SocketAddr::new(e.config.underlay_address, port)),
                         allowed_ips: vec![e.config.pod_cidr],
                         persistent_keepalive: None,

@@ -20,9 +20,9 @@ fn wait_all_authenticated(lab: &Lab, nodes: usize) -> anyhow::Result<()> {
             let ok = peers.len() == nodes - 1
                 && peers.iter().all(|p| {
                     p.auth == enc_api::AuthState::Authenticated
-                        && p.rotation.as_ref().is_some_and(|r| {
-                            r.outbound_epoch.is_some() && r.phase == "idle"
-                        })
+                        && p.rotation
+                            .as_ref()
+                            .is_some_and(|r| r.outbound_epoch.is_some() && r.phase == "idle")
                 });
             Ok(ok.then_some(()))
         })?;
@@ -185,7 +185,10 @@ fn privileged_rotation_paused_peer() {
                 .find(|r| r["peer"] == peer)
                 .with_context(|| format!("{peer} in {text}"))
         };
-        ensure!(find("node-2")?["done"] == true, "node-2 must finish: {text}");
+        ensure!(
+            find("node-2")?["done"] == true,
+            "node-2 must finish: {text}"
+        );
         let n3 = find("node-3")?;
         ensure!(n3["done"] == false, "node-3 must not finish: {text}");
         ensure!(
@@ -203,7 +206,10 @@ fn privileged_rotation_paused_peer() {
         // Resumed: the queued PREPARE is answered and the rotation completes.
         sys::wait_for("node-3 to complete", Duration::from_secs(20), || {
             let peers = lab.peers(1)?;
-            let p = peers.iter().find(|p| p.name == "node-3").context("node-3")?;
+            let p = peers
+                .iter()
+                .find(|p| p.name == "node-3")
+                .context("node-3")?;
             Ok(p.rotation
                 .as_ref()
                 .and_then(|r| r.last_completed_epoch)
@@ -259,12 +265,14 @@ fn privileged_rotation_thresholds() {
             wait_all_authenticated(&lab, 2)?;
             let before = completed(&lab, 1, "node-2")?;
             let (n1, n2) = (lab.node(1), lab.node(2));
-            let udp =
-                UdpStream::start(&n1.pods[0].ns, &n2.pods[0].ns, n2.pods[0].addr, 2000, 500)?;
+            let udp = UdpStream::start(&n1.pods[0].ns, &n2.pods[0].ns, n2.pods[0].addr, 2000, 500)?;
             std::thread::sleep(Duration::from_secs(8));
             let udp = udp.stop(Duration::from_secs(1))?;
             let after = completed(&lab, 1, "node-2")?;
-            eprintln!("{encryption} ({trigger}): {} rotations; {udp}", after - before);
+            eprintln!(
+                "{encryption} ({trigger}): {} rotations; {udp}",
+                after - before
+            );
             ensure!(udp.lost == 0, "UDP packets lost: {udp}");
             // 16,000 packets of 500 bytes: about 5 thresholds' worth either way.
             ensure!(

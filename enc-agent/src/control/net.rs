@@ -11,8 +11,8 @@ use super::session::{Action, Session, SessionError};
 use crate::app::{RotateCmd, Shared, format_chain};
 use crate::config::PeerConfig;
 use crate::peers::{Role, RotationView, SessionKeys};
-use enc_key_manager::rotation::{Effect, Rotation, Side};
 use enc_certs::{AuthFailure, CertInfo, ExpectedPeer};
+use enc_key_manager::rotation::{Effect, Rotation, Side};
 use enc_key_manager::{EXPORTER_LABEL, EXPORTER_LEN, Epoch, Pair, PairKeys, SessionSecret};
 use enc_wireguard::PublicKey;
 use std::collections::BTreeMap;
@@ -314,12 +314,8 @@ where
                         Role::Dial => Side::Leader,
                         Role::Accept => Side::Follower,
                     };
-                    let (rotation, fx) = Rotation::new(
-                        side,
-                        first_epoch,
-                        shared.rotation_timing(),
-                        Instant::now(),
-                    );
+                    let (rotation, fx) =
+                        Rotation::new(side, first_epoch, shared.rotation_timing(), Instant::now());
                     effects.extend(fx);
                     keys = Some(KeyState {
                         rotation,
@@ -368,8 +364,7 @@ where
         }
         if let Some(k) = keys.as_mut() {
             for fx in effects.drain(..) {
-                if let Err(end) =
-                    carry_out(shared, peer, session_id, &secret, k, fx, &mut wr).await
+                if let Err(end) = carry_out(shared, peer, session_id, &secret, k, fx, &mut wr).await
                 {
                     break 'outer end;
                 }
@@ -503,7 +498,9 @@ async fn carry_out<W: AsyncWrite + Unpin>(
             {
                 let mut table = shared.table();
                 if !table.install_inbound(&peer.name, session_id, keys) {
-                    return Err(End::Keys("the session no longer owns the peer's keys".into()));
+                    return Err(End::Keys(
+                        "the session no longer owns the peer's keys".into(),
+                    ));
                 }
                 if let Some(l) = wg_local {
                     // This node's current static key goes with the epoch (and is announced
@@ -519,9 +516,9 @@ async fn carry_out<W: AsyncWrite + Unpin>(
                     k.local_wg.insert(epoch, l);
                 }
             }
-            shared
-                .apply_now()
-                .map_err(|e| End::Keys(format!("installing epoch {epoch}: {}", format_chain(&e))))?;
+            shared.apply_now().map_err(|e| {
+                End::Keys(format!("installing epoch {epoch}: {}", format_chain(&e)))
+            })?;
             info!(peer = %peer.name, session = session_id, %epoch, %key_id, esp_spi_in = %format_args!("{spi_in:#010x}"), "inbound keys installed");
             Ok(())
         }
@@ -534,9 +531,9 @@ async fn carry_out<W: AsyncWrite + Unpin>(
             {
                 return Err(End::Keys(format!("epoch {epoch} is not installed")));
             }
-            shared
-                .apply_now()
-                .map_err(|e| End::Keys(format!("switching to epoch {epoch}: {}", format_chain(&e))))?;
+            shared.apply_now().map_err(|e| {
+                End::Keys(format!("switching to epoch {epoch}: {}", format_chain(&e)))
+            })?;
             k.tx_base = shared.peer_tx(&peer.name).map_or(0, |t| t.bytes);
             info!(peer = %peer.name, session = session_id, %epoch, "outbound switched to the new epoch");
             Ok(())

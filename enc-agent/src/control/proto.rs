@@ -192,7 +192,11 @@ mod tests {
             br#"{"type":"rotate","step":{"kind":"ack","epoch":-1}}"#,
             br#"{"type":"rotate","step":{"kind":"ack","epoch":1},"key":"x"}"#,
         ] {
-            assert!(decode_body(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                decode_body(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
