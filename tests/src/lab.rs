@@ -378,10 +378,13 @@ impl Lab {
                 n.socket.display()
             );
             if !opts.rotation.is_empty() {
+                // Goes before the trailing `peers:` key.
+                yaml.truncate(yaml.len() - "peers:\n".len());
                 yaml.push_str("rotation:\n");
                 for line in &opts.rotation {
                     yaml.push_str(&format!("  {line}\n"));
                 }
+                yaml.push_str("peers:\n");
             }
             for p in nodes.iter().filter(|p| p.index != n.index) {
                 yaml.push_str(&format!(
