@@ -478,11 +478,15 @@ impl PeerTable {
                         Some((l, r)) => (Some(*l), *r),
                         None => (None, hello_key),
                     };
-                    // The peer's key at the newest older epoch: if it differs, the device
-                    // re-keys the peer make-before-break instead of replacing it.
+                    // The peer's key at the newest older epoch of this session: if it
+                    // differs (the peer rolled its key), the device re-keys the peer
+                    // make-before-break instead of replacing it. A key from an earlier
+                    // session is not carried over: a new key in a new session means the
+                    // peer's device restarted, and its old sessions are dead.
                     let previous_public_key = e
                         .wg_keys
                         .range(..k.epoch)
+                        .filter(|(ep, _)| !e.stale.contains_key(ep))
                         .next_back()
                         .map(|(_, (_, r))| *r)
                         .filter(|r| *r != public_key);
