@@ -486,8 +486,7 @@ impl PeerTable {
                     let previous_public_key = e
                         .wg_keys
                         .range(..k.epoch)
-                        .filter(|(ep, _)| !e.stale.contains_key(ep))
-                        .next_back()
+                        .rfind(|(ep, _)| !e.stale.contains_key(ep))
                         .map(|(_, (_, r))| *r)
                         .filter(|r| *r != public_key);
                     wg_local_keys.extend(e.wg_keys.values().map(|(l, _)| *l));

@@ -545,9 +545,7 @@ impl WgBackend for BoringtunWg {
                     peer: &peer,
                     to: st.endpoint,
                 };
-                let dropped = st
-                    .noise
-                    .change(tunn, index, keys, Instant::now(), &mut out);
+                let dropped = st.noise.change(tunn, index, keys, Instant::now(), &mut out);
                 let after: Vec<PublicKey> = st.noise.remotes().collect();
                 for i in dropped {
                     peers.by_index.remove(&i);

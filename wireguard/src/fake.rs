@@ -330,7 +330,10 @@ mod tests {
 
         // The primary and keys in use stay.
         let e = wg.retain_private_keys(&[k0]).unwrap_err();
-        assert!(matches!(e, Error::PrimaryKeyDropped { key, .. } if key == k5), "{e}");
+        assert!(
+            matches!(e, Error::PrimaryKeyDropped { key, .. } if key == k5),
+            "{e}"
+        );
         let e = wg.retain_private_keys(&[k5]).unwrap_err();
         assert!(
             matches!(e, Error::KeyInUse { key, peer, .. } if key == k0 && peer == a.public_key),

@@ -879,7 +879,10 @@ mod tests {
             assert_eq!(sends_to(&mut b, 20), a.gens.current.index, "{lag:?}");
 
             exchange(&mut a, &mut b, late_to_a, late_to_b, now);
-            assert_eq!((a.got.as_slice(), b.got.as_slice()), (&[100][..], &[100][..]));
+            assert_eq!(
+                (a.got.as_slice(), b.got.as_slice()),
+                (&[100][..], &[100][..])
+            );
             a.got.clear();
             b.got.clear();
             traffic(&mut a, &mut b, 21..25, now);

@@ -197,12 +197,8 @@ mod tests {
 
     /// An initiation from `from` to `to` (seeds of private keys).
     fn initiation(from: u8, to: u8) -> Vec<u8> {
-        let mut tunn = DeviceKey::new(&private(from), 10).tunn(
-            &private(to).public_key(),
-            None,
-            None,
-            1,
-        );
+        let mut tunn =
+            DeviceKey::new(&private(from), 10).tunn(&private(to).public_key(), None, None, 1);
         let mut buf = [0u8; 148];
         match tunn.format_handshake_initiation(&mut buf, false) {
             TunnResult::WriteToNetwork(d) => d.to_vec(),
@@ -278,7 +274,10 @@ mod tests {
             };
             let mut out = [0u8; 256];
             assert!(
-                matches!(tunn.decapsulate(None, &dst[..n], &mut out), TunnResult::Done),
+                matches!(
+                    tunn.decapsulate(None, &dst[..n], &mut out),
+                    TunnResult::Done
+                ),
                 "cookie for key {to} rejected"
             );
         }

@@ -1,5 +1,5 @@
-//! Privileged integration tests: two BoringtunWg devices in two network namespaces joined by a
-//! veth pair. Need root; under `CI` they fail instead of skipping.
+//! Privileged integration tests: BoringtunWg devices in network namespaces joined by veth pairs
+//! (two, or three for mixed static keys). Need root; under `CI` they fail instead of skipping.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -595,4 +595,185 @@ fn privileged_boringtun_static_key_rotation_loses_no_packets() {
         ping(&pair.ns_a, "2", "2", "10.99.0.2"),
         "ping after the rotations failed"
     );
+}
+
+/// What `wg` reports about the peer with `key`.
+fn peer_of(wg: &BoringtunWg, key: PublicKey) -> PeerSnapshot {
+    let d = wg.dump().unwrap();
+    d.peers
+        .iter()
+        .find(|p| p.public_key == key)
+        .cloned()
+        .unwrap_or_else(|| panic!("no peer {key}: {d:?}"))
+}
+
+/// Waits until both ends of a link have a session under their newest keys.
+fn wait_link(what: &str, ends: [(&BoringtunWg, PublicKey); 2]) {
+    sys::wait_for(what, Duration::from_secs(3), || {
+        let [x, y] = ends.map(|(wg, key)| peer_of(wg, key));
+        if x.current_has_session && y.current_has_session {
+            Ok(Some(()))
+        } else {
+            Err(anyhow::anyhow!("{x:?}; {y:?}"))
+        }
+    })
+    .unwrap();
+}
+
+/// A holds two static keys at once: it rolls its key towards B while C still uses A's old key,
+/// so initiations and responses for both keys reach A, which routes each by its keys. Then a
+/// preshared-key change with C completes through C's initiation to A's older key, A cannot drop
+/// that key while C uses it, and once A rolled towards C too it can. Nothing is lost on either
+/// link.
+#[test]
+fn privileged_boringtun_static_key_rolled_towards_one_peer_only() {
+    if !enc_tests::require_root("privileged_boringtun_static_key_rolled_towards_one_peer_only") {
+        return;
+    }
+    let pid = std::process::id();
+    let [ns_a, ns_b, ns_c] =
+        ["a", "b", "c"].map(|n| Netns::new(&format!("encwg-t-{n}-{pid}")).unwrap());
+    for (tag, peer, a_addr, addr) in [
+        ('b', &ns_b, "192.0.2.1/24", "192.0.2.2/24"),
+        ('c', &ns_c, "198.51.100.1/24", "198.51.100.3/24"),
+    ] {
+        let (veth_a, veth_peer) = (format!("encvta{tag}{pid}"), format!("encvt{tag}a{pid}"));
+        sys::run(&[
+            "ip", "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_peer,
+        ])
+        .unwrap();
+        for (ns, veth, addr) in [(&ns_a, &veth_a, a_addr), (peer, &veth_peer, addr)] {
+            sys::run(&["ip", "link", "set", veth, "netns", ns.name()]).unwrap();
+            ns.run(&["ip", "addr", "add", addr, "dev", veth]).unwrap();
+            ns.run(&["ip", "link", "set", veth, "up"]).unwrap();
+        }
+    }
+    let [key_a, key_b, key_c] = [(); 3].map(|()| PrivateKey::generate().unwrap());
+    let (a0, b, c) = (key_a.public_key(), key_b.public_key(), key_c.public_key());
+    let wg_a = start_in(&ns_a, "wg0", &key_a, "0.0.0.0:51820");
+    let wg_b = start_in(&ns_b, "wg0", &key_b, "192.0.2.2:51820");
+    let wg_c = start_in(&ns_c, "wg0", &key_c, "198.51.100.3:51820");
+    let (psk_ab, psk_ac) = (
+        PresharedKey::generate().unwrap(),
+        PresharedKey::generate().unwrap(),
+    );
+    let mut ab = spec(b, &psk_ab, "192.0.2.2:51820", "10.99.0.2/32");
+    let mut ac = spec(c, &psk_ac, "198.51.100.3:51820", "10.99.0.3/32");
+    let mut ba = spec(a0, &psk_ab, "192.0.2.1:51820", "10.99.0.1/32");
+    let mut ca = spec(a0, &psk_ac, "198.51.100.1:51820", "10.99.0.1/32");
+    wg_a.upsert_peer(&ab).unwrap();
+    wg_a.upsert_peer(&ac).unwrap();
+    wg_b.upsert_peer(&ba).unwrap();
+    wg_c.upsert_peer(&ca).unwrap();
+    configure_link(&ns_a, "wg0", "10.99.0.1", "10.99.0.2");
+    ns_a.run(&["ip", "route", "add", "10.99.0.3/32", "dev", "wg0"])
+        .unwrap();
+    configure_link(&ns_b, "wg0", "10.99.0.2", "10.99.0.1");
+    configure_link(&ns_c, "wg0", "10.99.0.3", "10.99.0.1");
+    assert!(ping(&ns_a, "3", "2", "10.99.0.2"), "ping A -> B failed");
+    assert!(ping(&ns_a, "3", "2", "10.99.0.3"), "ping A -> C failed");
+    const C_INNER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 3);
+    let streams = [
+        (
+            "A -> B",
+            UdpStream::start(&ns_a, &ns_b, B_INNER, 1000, 200).unwrap(),
+        ),
+        (
+            "A -> C",
+            UdpStream::start(&ns_a, &ns_c, C_INNER, 1000, 200).unwrap(),
+        ),
+        (
+            "B -> A",
+            UdpStream::start(&ns_b, &ns_a, A_INNER, 500, 200).unwrap(),
+        ),
+        (
+            "C -> A",
+            UdpStream::start(&ns_c, &ns_a, A_INNER, 500, 200).unwrap(),
+        ),
+    ];
+    thread::sleep(Duration::from_millis(500));
+
+    // C's sessions stay bound to A's current key: naming it explicitly changes nothing.
+    ac.local_key = Some(a0);
+    wg_a.upsert_peer(&ac).unwrap();
+    let p = peer_of(&wg_a, c);
+    assert!(p.generations == 1 && p.current_has_session, "{p:?}");
+
+    // A rolls its key towards B only.
+    let a1 = wg_a
+        .add_private_key(PrivateKey::generate().unwrap())
+        .unwrap();
+    assert_eq!(wg_a.private_keys(), vec![a1, a0]);
+    let psk = PresharedKey::generate().unwrap();
+    ab.local_key = Some(a1);
+    ab.preshared_key = Some(psk.clone());
+    wg_a.upsert_peer(&ab).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    ba.previous_public_key = Some(a0);
+    ba.public_key = a1;
+    ba.preshared_key = Some(psk);
+    wg_b.upsert_peer(&ba).unwrap();
+    wait_link("A and B on A's new key", [(&wg_a, b), (&wg_b, a1)]);
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(peer_of(&wg_a, b).local_key, a1);
+    let p = peer_of(&wg_a, c);
+    assert!(
+        p.local_key == a0 && p.generations == 1 && p.current_has_session,
+        "{p:?}"
+    );
+
+    // A changes the preshared key with C first: C answers A's initiation under the old one,
+    // which fails. C follows 100 ms later; within 3 s (before A's 5 s retry) only C's
+    // initiation, which is for A's older key, can complete the handshake.
+    let psk = PresharedKey::generate().unwrap();
+    ac.preshared_key = Some(psk.clone());
+    wg_a.upsert_peer(&ac).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    ca.preshared_key = Some(psk);
+    wg_c.upsert_peer(&ca).unwrap();
+    wait_link("A and C on the new psk", [(&wg_a, c), (&wg_c, a0)]);
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(peer_of(&wg_a, c).local_key, a0);
+
+    // A cannot drop its older key while C uses it.
+    let err = wg_a.retain_private_keys(&[a1]).unwrap_err();
+    assert!(
+        matches!(err, enc_wireguard::Error::KeyInUse { key, peer, .. } if key == a0 && peer == c),
+        "{err}"
+    );
+    assert_eq!(wg_a.private_keys(), vec![a1, a0]);
+
+    // A rolls towards C too; then the older key can go.
+    let psk = PresharedKey::generate().unwrap();
+    ac.local_key = Some(a1);
+    ac.preshared_key = Some(psk.clone());
+    wg_a.upsert_peer(&ac).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    ca.previous_public_key = Some(a0);
+    ca.public_key = a1;
+    ca.preshared_key = Some(psk);
+    wg_c.upsert_peer(&ca).unwrap();
+    wait_link("A and C on A's new key", [(&wg_a, c), (&wg_c, a1)]);
+    wg_a.retain_private_keys(&[a1]).unwrap();
+    assert_eq!(wg_a.private_keys(), vec![a1]);
+    thread::sleep(Duration::from_millis(1000));
+
+    for (name, stream) in streams {
+        let report = stream.stop(Duration::from_millis(500)).unwrap();
+        eprintln!("{name} {report}");
+        assert!(report.sent > 1_500, "{name}: stream too short: {report}");
+        assert_eq!(report.lost, 0, "{name}: {report}");
+        assert_eq!(report.corrupt + report.send_errors, 0, "{name}: {report}");
+    }
+    for (name, wg) in [("A", &wg_a), ("B", &wg_b), ("C", &wg_c)] {
+        eprintln!("{name} drops: {:?}", wg.drop_counters());
+    }
+    assert!(ping(&ns_a, "2", "2", "10.99.0.2"), "ping A -> B failed");
+    assert!(ping(&ns_a, "2", "2", "10.99.0.3"), "ping A -> C failed");
+    for (wg, peer) in [(&wg_b, a1), (&wg_c, a1)] {
+        let p = peer_of(wg, peer);
+        assert_eq!(wg.dump().unwrap().peers.len(), 1);
+        assert!(p.current_has_session, "{p:?}");
+    }
+    drop((wg_a, wg_b, wg_c));
 }
