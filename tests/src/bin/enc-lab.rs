@@ -49,6 +49,8 @@ fn main() -> anyhow::Result<()> {
         "enc-lab needs root (network namespaces)"
     );
     let mut opts = LabOptions::new("demo", nodes);
+    // A short grace period so that the demo's `encctl rotate --wait` finishes in seconds.
+    opts.rotation = vec!["gracePeriod: 2s".into()];
     opts.encryption = if encryption == "ipsec" {
         "ipsec"
     } else {
@@ -81,7 +83,11 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "\n$ encctl status   (node-1)\n{}",
+        "\n$ encctl rotate --wait   (node-1: moves every pair of node-1 to the next key epoch)\n{}",
+        lab.encctl(1, &["rotate", "--wait", "--timeout", "60s"])?
+    );
+    println!(
+        "$ encctl status   (node-1)\n{}",
         lab.encctl(1, &["status"])?
     );
     println!("$ encctl peers    (node-1)\n{}", lab.encctl(1, &["peers"])?);
