@@ -17,7 +17,10 @@ fi
 targets=$(cargo +nightly fuzz list)
 for t in $targets; do
     printf 'fuzz: %-16s ' "$t"
-    if ! out=$(cargo +nightly fuzz run "$t" -- -max_total_time="$seconds" 2>&1); then
+    # Committed seeds (valid frames the fuzzer would take long to find) join the corpus.
+    seeds=()
+    if [ -d "seeds/$t" ]; then mkdir -p "corpus/$t"; seeds=("corpus/$t" "seeds/$t"); fi
+    if ! out=$(cargo +nightly fuzz run "$t" "${seeds[@]}" -- -max_total_time="$seconds" 2>&1); then
         echo "FAILED"
         echo "$out" | tail -40
         exit 1
