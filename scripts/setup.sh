@@ -49,3 +49,7 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.0'; then
     echo "setup: installing bpf-linker 0.10.0 (a few minutes)"
     cargo +nightly install bpf-linker --version 0.10.0 --locked --quiet
 fi
+
+# The VM tier (docs/vm-tier.md): qemu, the guest's tools and Debian's cloud kernel, unpacked
+# into a cache and never installed on the host.
+"$(dirname "$0")/vm-setup.sh"

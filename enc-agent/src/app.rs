@@ -2,7 +2,7 @@
 
 use crate::Error;
 use crate::backend::Crypto;
-use crate::config::{Config, EncryptionConfig};
+use crate::config::{Config, EncryptionConfig, Implementation};
 use crate::control::proto::{Hello, PROTOCOL_VERSION, WireguardAnnounce};
 use crate::control::session::Timing;
 use crate::peers::{Auth, Desired, ENC_TABLE, PeerTable, Role};
@@ -522,41 +522,57 @@ fn start_crypto(
         EncryptionConfig::Ipsec(ipsec_cfg) => {
             let mtu = mtu::esp_device_mtu(config.underlay_mtu, underlay, mtu::Inner::V4)
                 .map_err(Error::Links)?;
-            let probe = NetlinkXfrm::new()
-                .map_err(|e| format!("cannot open NETLINK_XFRM: {}", format_chain(&e)))
-                .and_then(|x| probe_esp_gcm(&x).map(|()| x));
-            match probe {
-                Ok(xfrm) => {
-                    let kernel = KernelIpsec::new(Arc::new(xfrm)).map_err(Error::Ipsec)?;
-                    Ok(StartedCrypto {
-                        crypto: Crypto::Ipsec(Arc::new(kernel)),
-                        reason: "the kernel can do ESP with rfc4106(gcm(aes)); using XFRM".into(),
-                        mtu,
-                        route_device: config.underlay_interface.clone(),
-                        decrypt_ifindex: 0,
-                    })
+            let probe = || {
+                NetlinkXfrm::new()
+                    .map_err(|e| format!("cannot open NETLINK_XFRM: {}", format_chain(&e)))
+                    .and_then(|x| probe_esp_gcm(&x).map(|()| x))
+            };
+            let why_userspace = match ipsec_cfg.implementation {
+                Implementation::Userspace => {
+                    "encryption.ipsec.implementation is userspace".to_owned()
                 }
-                Err(why) => {
-                    let engine = UserspaceEsp::start(UserspaceConfig {
-                        ifname: ipsec_cfg.interface.clone(),
-                        local: config.node.underlay_address,
-                        replay_window: ipsec_cfg.replay_window,
-                        sa_log: opts.esp_sa_log.clone(),
-                    })
-                    .map_err(Error::Ipsec)?;
-                    let index = device_up(links, &ipsec_cfg.interface, mtu)?;
-                    if opts.esp_sa_log.is_some() {
-                        warn!("ESP SA log enabled: key material is written to a file (debug only)");
+                Implementation::Auto | Implementation::Kernel => match probe() {
+                    Ok(xfrm) => {
+                        let kernel = KernelIpsec::new(Arc::new(xfrm)).map_err(Error::Ipsec)?;
+                        return Ok(StartedCrypto {
+                            crypto: Crypto::Ipsec(Arc::new(kernel)),
+                            reason: "the kernel can do ESP with rfc4106(gcm(aes)); using XFRM"
+                                .into(),
+                            mtu,
+                            route_device: config.underlay_interface.clone(),
+                            decrypt_ifindex: 0,
+                        });
                     }
-                    Ok(StartedCrypto {
-                        crypto: Crypto::Ipsec(Arc::new(engine) as Arc<dyn IpsecBackend>),
-                        reason: format!("{why}; using the userspace ESP engine"),
-                        mtu,
-                        route_device: ipsec_cfg.interface.clone(),
-                        decrypt_ifindex: index,
-                    })
-                }
+                    Err(why) if ipsec_cfg.implementation == Implementation::Kernel => {
+                        return Err(Error::Config(crate::config::ConfigError::Invalid {
+                            field: "encryption.ipsec.implementation".into(),
+                            value: "kernel".into(),
+                            reason: format!(
+                                "{why}; use auto or userspace to run the userspace ESP engine"
+                            ),
+                        }));
+                    }
+                    Err(why) => why,
+                },
+            };
+            let engine = UserspaceEsp::start(UserspaceConfig {
+                ifname: ipsec_cfg.interface.clone(),
+                local: config.node.underlay_address,
+                replay_window: ipsec_cfg.replay_window,
+                sa_log: opts.esp_sa_log.clone(),
+            })
+            .map_err(Error::Ipsec)?;
+            let index = device_up(links, &ipsec_cfg.interface, mtu)?;
+            if opts.esp_sa_log.is_some() {
+                warn!("ESP SA log enabled: key material is written to a file (debug only)");
             }
+            Ok(StartedCrypto {
+                crypto: Crypto::Ipsec(Arc::new(engine) as Arc<dyn IpsecBackend>),
+                reason: format!("{why_userspace}; using the userspace ESP engine"),
+                mtu,
+                route_device: ipsec_cfg.interface.clone(),
+                decrypt_ifindex: index,
+            })
         }
     }
 }

@@ -124,6 +124,7 @@ struct RawEncryption {
 struct RawIpsec {
     interface: Option<String>,
     replay_window: Option<u32>,
+    implementation: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -131,6 +132,7 @@ struct RawIpsec {
 struct RawWireguard {
     interface: Option<String>,
     listen_port: Option<u16>,
+    implementation: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -291,6 +293,8 @@ pub struct IpsecConfig {
     pub interface: String,
     /// Anti-replay window of inbound SAs, in packets.
     pub replay_window: u32,
+    /// Kernel XFRM or the userspace ESP engine.
+    pub implementation: Implementation,
 }
 
 /// Default userspace ESP interface name.
@@ -306,6 +310,34 @@ pub struct WireguardConfig {
     pub interface: String,
     /// UDP listen port, on the underlay address.
     pub listen_port: u16,
+    /// Kernel WireGuard or boringtun.
+    pub implementation: Implementation,
+}
+
+/// Which implementation of an encryption type to run.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Implementation {
+    /// The kernel's when the kernel can do it (probed at start-up), else userspace.
+    #[default]
+    Auto,
+    /// The kernel's only; start-up fails if the kernel cannot.
+    Kernel,
+    /// Userspace only (boringtun, or the userspace ESP engine), even where the kernel could.
+    Userspace,
+}
+
+fn parse_implementation(field: &str, value: Option<&str>) -> Result<Implementation, ConfigError> {
+    match value {
+        None | Some("auto") => Ok(Implementation::Auto),
+        Some("kernel") => Ok(Implementation::Kernel),
+        Some("userspace") => Ok(Implementation::Userspace),
+        Some(other) => Err(invalid(
+            field,
+            other,
+            "unknown implementation (supported: auto, kernel, userspace)",
+        )),
+    }
 }
 
 /// eBPF datapath settings.
@@ -590,9 +622,14 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                     "must differ from control.listenPort",
                 ));
             }
+            let implementation = parse_implementation(
+                "encryption.wireguard.implementation",
+                raw.encryption.wireguard.implementation.as_deref(),
+            )?;
             EncryptionConfig::Wireguard(WireguardConfig {
                 interface,
                 listen_port,
+                implementation,
             })
         }
         "ipsec" => {
@@ -614,9 +651,14 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                     "must be 32 to 65536 packets",
                 ));
             }
+            let implementation = parse_implementation(
+                "encryption.ipsec.implementation",
+                raw.encryption.ipsec.implementation.as_deref(),
+            )?;
             EncryptionConfig::Ipsec(IpsecConfig {
                 interface,
                 replay_window,
+                implementation,
             })
         }
         other => {
@@ -831,7 +873,8 @@ peers:
             c.encryption,
             EncryptionConfig::Wireguard(WireguardConfig {
                 interface: "enc-wg0".into(),
-                listen_port: 51820
+                listen_port: 51820,
+                implementation: Implementation::Auto,
             })
         );
         assert_eq!(c.underlay_mtu, 1500);
@@ -1025,7 +1068,8 @@ peers:
             c.encryption,
             EncryptionConfig::Ipsec(IpsecConfig {
                 interface: "enc-esp0".into(),
-                replay_window: 2048
+                replay_window: 2048,
+                implementation: Implementation::Auto,
             })
         );
         let text = GOOD.replacen(
@@ -1038,6 +1082,30 @@ peers:
             (f.as_str(), v.as_str()),
             ("encryption.ipsec.replayWindow", "8")
         );
+        let text = GOOD.replacen(
+            "type: wireguard",
+            "type: ipsec\n  ipsec:\n    implementation: userspace",
+            1,
+        );
+        let c = parse(&d, &text).unwrap();
+        assert!(matches!(
+            c.encryption,
+            EncryptionConfig::Ipsec(IpsecConfig {
+                implementation: Implementation::Userspace,
+                ..
+            })
+        ));
+        let text = GOOD.replacen(
+            "type: wireguard",
+            "type: wireguard\n  wireguard:\n    implementation: kernal",
+            1,
+        );
+        let (f, v, r) = invalid_field(&d, &text);
+        assert_eq!(
+            (f.as_str(), v.as_str()),
+            ("encryption.wireguard.implementation", "kernal")
+        );
+        assert!(r.contains("auto, kernel, userspace"), "{r}");
     }
 
     #[test]

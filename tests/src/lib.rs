@@ -11,6 +11,7 @@ pub mod netns;
 pub mod pcap;
 pub mod sys;
 pub mod traffic;
+pub mod vm;
 
 /// Checks that a privileged test can run. Root is needed; without it the test fails under
 /// `CI=true` (it must never pass silently there) and is reported as skipped elsewhere.

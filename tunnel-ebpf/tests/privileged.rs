@@ -341,13 +341,18 @@ fn privileged_pod_egress_requires_decrypt_path() {
         assert_eq!((r.action, r.mark), (TC_ACT_UNSPEC, 0), "{src} via wg");
         let r = dp.test_run(Hook::PodEgress, &p, 7, 1).unwrap();
         assert_eq!(r.action, TC_ACT_SHOT, "{src} via ifindex 7");
-        // The decrypted mark (XFRM output mark) also proves the decrypt path.
+        // The decrypted mark (XFRM output mark) of this peer also proves the decrypt path.
         let r = dp
-            .test_run_with_mark(Hook::PodEgress, &p, 7, MARK_MAGIC_DECRYPTED << 8, 1)
+            .test_run_with_mark(Hook::PodEgress, &p, 7, decrypted(2), 1)
             .unwrap();
         assert_eq!(r.action, TC_ACT_UNSPEC, "{src} with decrypted mark");
+        // Decrypted under another peer's keys: a spoofed source.
+        let r = dp
+            .test_run_with_mark(Hook::PodEgress, &p, 7, decrypted(3), 1)
+            .unwrap();
+        assert_eq!(r.action, TC_ACT_SHOT, "{src} decrypted for peer 3");
     }
-    assert_eq!(drops(&dp, 2, DropReason::NotDecrypted), 2);
+    assert_eq!(drops(&dp, 2, DropReason::NotDecrypted), 4);
 
     let r = dp
         .test_run(Hook::PodEgress, &ipv4("10.244.3.5", "10.244.1.7"), wg, 1)
@@ -359,17 +364,28 @@ fn privileged_pod_egress_requires_decrypt_path() {
         .unwrap();
     assert_eq!(r.action, TC_ACT_UNSPEC, "local source");
 
-    // decrypt_ifindex 0 turns the interface check off.
+    // decrypt_ifindex 0 (kernel XFRM: no decrypt device): only the peer's decrypted mark
+    // lets remote-pod traffic through.
     dp.set_config(DatapathConfig {
         strict: true,
         decrypt_ifindex: 0,
     })
     .unwrap();
+    let p = ipv4("10.244.2.5", "10.244.1.7");
+    let r = dp.test_run(Hook::PodEgress, &p, 7, 1).unwrap();
+    assert_eq!(r.action, TC_ACT_SHOT, "no mark");
+    let r = dp.test_run(Hook::PodEgress, &p, 0, 1).unwrap();
+    assert_eq!(r.action, TC_ACT_SHOT, "no mark, ifindex 0");
     let r = dp
-        .test_run(Hook::PodEgress, &ipv4("10.244.2.5", "10.244.1.7"), 7, 1)
+        .test_run_with_mark(Hook::PodEgress, &p, 7, decrypted(2), 1)
         .unwrap();
-    assert_eq!(r.action, TC_ACT_UNSPEC);
-    assert_eq!(drops(&dp, 2, DropReason::NotDecrypted), 2);
+    assert_eq!(r.action, TC_ACT_UNSPEC, "decrypted mark");
+    assert_eq!(drops(&dp, 2, DropReason::NotDecrypted), 6);
+}
+
+/// The mark an XFRM inbound SA of `peer` puts on what it decrypted.
+fn decrypted(peer: u32) -> u32 {
+    peer << 16 | MARK_MAGIC_DECRYPTED << 8
 }
 
 #[test]
@@ -401,6 +417,21 @@ fn privileged_underlay_refuses_plaintext_and_counts_leaks() {
         .unwrap();
     assert_eq!(r.action, TC_ACT_SHOT);
     assert_eq!(drops(&dp, 2, DropReason::PlaintextFromUnderlay), 2);
+    // Kernel XFRM hands the decrypted inner packet back to the underlay's ingress with the
+    // SA's output mark: it passes for the right peer only.
+    let inner = ipv4("10.244.2.5", "10.244.1.7");
+    let r = dp
+        .test_run_with_mark(Hook::UnderlayIngress, &inner, 0, decrypted(2), 1)
+        .unwrap();
+    assert_eq!(r.action, TC_ACT_UNSPEC, "decrypted by peer 2's SA");
+    let r = dp
+        .test_run_with_mark(Hook::UnderlayIngress, &inner, 0, decrypted(3), 1)
+        .unwrap();
+    assert_eq!(
+        r.action, TC_ACT_SHOT,
+        "peer 2's source decrypted by peer 3's SA"
+    );
+    assert_eq!(drops(&dp, 2, DropReason::PlaintextFromUnderlay), 3);
 
     let leak = ipv4("10.244.1.7", "10.244.2.5");
     let r = dp.test_run(Hook::UnderlayEgress, &leak, 0, 1).unwrap();

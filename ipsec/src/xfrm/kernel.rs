@@ -100,7 +100,7 @@ pub fn peer_objects(spec: &IpsecPeerSpec) -> Result<PeerObjects> {
             keys: keys.clone(),
             mark: Some(out_mark(epoch)),
             output_mark: None,
-            replay_window: 0,
+            replay_window: super::OUTBOUND_REPLAY_WINDOW,
             esn: true,
         })
         .collect();
@@ -593,7 +593,7 @@ mod tests {
         assert_eq!(out.mark, Some((0x0005_3E00, 0xFFFF_FF00)));
         assert_eq!(
             (out.output_mark, out.replay_window, out.esn),
-            (None, 0, true)
+            (None, 32, true)
         );
         let inb = &objects.sas[1];
         assert_eq!((inb.src, inb.dst, inb.spi), (remote, local, 0x2005));

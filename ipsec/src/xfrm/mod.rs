@@ -419,6 +419,11 @@ pub trait XfrmBackend: Send + Sync {
 /// SPI of the probe SA: in 1..=255, which IANA reserves, so no real SA can collide with it.
 pub const PROBE_SPI: u32 = 0xE0;
 
+/// Replay window given to outbound SAs. The window means nothing for sending, but kernels
+/// before 6.10 refuse an ESN state whose window is 0 ("ESN replay window must be > 0",
+/// `EINVAL`), outbound or not.
+pub const OUTBOUND_REPLAY_WINDOW: u32 = 32;
+
 /// Start-up probe: can this kernel do ESP with `rfc4106(gcm(aes))`? Adds (and removes) a
 /// throwaway SA with [`PROBE_SPI`] from 192.0.2.1 to 198.51.100.1 (TEST-NET-1 and -2, never
 /// routed). `Err` carries a reason that quotes the kernel's error.
@@ -438,7 +443,7 @@ pub fn probe_esp_gcm(backend: &dyn XfrmBackend) -> std::result::Result<(), Strin
         // Peer 0xFFFF, epoch 0xF: never assigned to a real peer.
         mark: Some((encrypt_mark(u16::MAX, 0xF), OUT_MARK_MASK)),
         output_mark: None,
-        replay_window: 0,
+        replay_window: OUTBOUND_REPLAY_WINDOW,
         esn: true,
     };
     let reason = |e: &Error| match e {

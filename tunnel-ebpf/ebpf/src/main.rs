@@ -37,7 +37,7 @@ use aya_ebpf::{
 use enc_tunnel_ebpf_common::{
     Config, DropReason, MARK_MAGIC_DECRYPTED, MARK_OWNED_MASK, MAX_CIDRS, MAX_PEERS,
     MAX_PREFIX_LENS, NetKeyV4, NetKeyV6, PREFIX_LENS_V4, PREFIX_LENS_V6, PeerCounters, PeerState,
-    PrefixLens, encrypt_mark, mark_magic,
+    PrefixLens, encrypt_mark, mark_magic, mark_peer,
 };
 
 #[map]
@@ -243,6 +243,12 @@ fn skb_ingress_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ingress_ifindex }
 }
 
+/// Whether `mark` says the packet was decrypted under `peer`'s keys.
+#[inline(always)]
+fn decrypted_for(mark: u32, peer: u32) -> bool {
+    mark_magic(mark) == MARK_MAGIC_DECRYPTED && u32::from(mark_peer(mark)) == peer
+}
+
 /// tc ingress of a pod-facing veth: packets from a local pod.
 #[classifier]
 pub fn tunnel_pod_ingress(ctx: TcContext) -> i32 {
@@ -282,10 +288,10 @@ fn try_tunnel_pod_egress(ctx: &TcContext) -> Result<i32, i32> {
         return Ok(PASS);
     };
     let cfg = config();
-    if cfg.decrypt_ifindex != 0
-        && skb_ingress_ifindex(ctx) != cfg.decrypt_ifindex
-        && mark_magic(skb_mark(ctx)) != MARK_MAGIC_DECRYPTED
-    {
+    // From the decrypt device, or decrypted by the kernel for this very peer (an XFRM
+    // output mark; kernel XFRM has no decrypt device, so then the mark is the only proof).
+    let from_device = cfg.decrypt_ifindex != 0 && skb_ingress_ifindex(ctx) == cfg.decrypt_ifindex;
+    if !from_device && !decrypted_for(skb_mark(ctx), peer) {
         return Err(refuse(ctx, &cfg, peer, DropReason::NotDecrypted));
     }
     match peer_refusal(peer) {
@@ -309,6 +315,11 @@ fn try_tunnel_underlay_ingress(ctx: &TcContext) -> Result<i32, i32> {
     let Some(peer) = remote_peer(ctx, Addr::Src) else {
         return Ok(PASS);
     };
+    // Kernel XFRM in tunnel mode hands the decrypted inner packet back to this interface's
+    // ingress with the SA's output mark set; a mark never arrives from the wire.
+    if decrypted_for(skb_mark(ctx), peer) {
+        return Ok(PASS);
+    }
     Err(refuse(
         ctx,
         &config(),

@@ -1,0 +1,486 @@
+//! Scenarios that `enc-vm-scenario` runs inside the VM. They need root and a kernel with the
+//! modules loaded, nothing VM-specific: run on a host with the same kernel features, they
+//! work there too.
+//!
+//! Each prints `enc-vm.<key>: <value>` lines that the host side reads back with
+//! [`super::VmRun::values`]:
+//!
+//! | key | scenario | value |
+//! |---|---|---|
+//! | `kernel` | all | `uname -r` |
+//! | `probe.<check>` | probe | `ok (<detail>)` or `FAILED: <error>` |
+//! | `tcx` | probe | `absent` or `present` |
+//! | `attach-mode` | both | how the eBPF programs attach (`tcx` or `clsact`) |
+//! | `encryption` | host-tier | type from the configuration |
+//! | `backend` | host-tier | implementation node-1 uses |
+//! | `backend-reason` | host-tier | why node-1 chose it |
+//! | `mtu` | host-tier | datapath MTU of node-1 |
+//! | `time.<step>` | all | seconds the step took |
+
+use crate::lab::{CONTROL_PORT, Lab, LabOptions, WG_PORT};
+use crate::netns::Netns;
+use crate::pcap::{self, TCP, UDP};
+use anyhow::{Context, bail, ensure};
+use enc_tunnel_ebpf::{AttachMode, AyaDatapath, Datapath as _};
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Marker in every test payload; it must never be seen on the underlay.
+pub const MARKER: &[u8] = b"enc-vm-tier-marker";
+/// The first 16 bytes of [`MARKER`] in hex, for `ping -p`.
+pub const MARKER_HEX: &str = "656e632d766d2d746965722d6d61726b";
+/// How long nodes may take to authenticate each other (a TCG guest is slow).
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(180);
+const ESP: u8 = 50;
+
+/// Prefix of the lines that [`super::VmRun::values`] reads back.
+pub const VALUE_PREFIX: &str = "enc-vm.";
+
+/// Prints `enc-vm.<key>: <value>`.
+pub fn value(key: &str, v: impl std::fmt::Display) {
+    println!("{VALUE_PREFIX}{key}: {v}");
+}
+
+/// The running kernel's release.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+/// One probe: what it did, or why it failed.
+type Check = fn(&Netns) -> anyhow::Result<String>;
+
+/// Checks what the kernel can do: kernel WireGuard, an XFRM ESP SA with `rfc4106(gcm(aes))`,
+/// a Geneve device, tc clsact on a veth with the project's eBPF programs attached, and
+/// whether tcx exists. Prints one line per check; errors naming every check that failed.
+pub fn probe() -> anyhow::Result<()> {
+    value("kernel", kernel_release());
+    let ns = Netns::new("enc-vm-probe")?;
+    let checks: [(&str, Check); 6] = [
+        ("wireguard", probe_wireguard),
+        ("xfrm-esp", probe_esp),
+        ("geneve", probe_geneve),
+        ("vxlan", probe_vxlan),
+        ("clsact", probe_clsact),
+        ("tcx", probe_tcx),
+    ];
+    let mut failed = vec![];
+    for (name, check) in checks {
+        match check(&ns) {
+            Ok(detail) => value(&format!("probe.{name}"), format!("ok ({detail})")),
+            Err(e) => {
+                value(&format!("probe.{name}"), format!("FAILED: {e:#}"));
+                failed.push(name);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("probes failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn probe_wireguard(ns: &Netns) -> anyhow::Result<String> {
+    ns.run(&["ip", "link", "add", "wg-probe", "type", "wireguard"])
+        .context("create a kernel WireGuard device")?;
+    let out = ns.run(&["wg", "show", "wg-probe"]).context("wg show")?;
+    ns.run(&["ip", "link", "del", "wg-probe"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("interface: wg-probe"),
+        "wg show printed {text:?}"
+    );
+    Ok("ip link add type wireguard; wg show; deleted".into())
+}
+
+fn probe_esp(ns: &Netns) -> anyhow::Result<String> {
+    // AES-256 key (32 bytes) then the 4-byte salt.
+    let key = format!("0x{}", "2b".repeat(36));
+    let id = [
+        "src",
+        "192.0.2.1",
+        "dst",
+        "192.0.2.2",
+        "proto",
+        "esp",
+        "spi",
+        "0x00001234",
+    ];
+    let mut add = vec!["ip", "xfrm", "state", "add"];
+    add.extend_from_slice(&id);
+    add.extend_from_slice(&[
+        "reqid",
+        "1",
+        "mode",
+        "tunnel",
+        "aead",
+        "rfc4106(gcm(aes))",
+        &key,
+        "128",
+    ]);
+    if let Err(e) = ns.run(&add) {
+        return Err(e.context(format!(
+            "add an ESP SA with rfc4106(gcm(aes)); the kernel's AEADs and AES ciphers:\n{}\nkernel log:\n{}",
+            crypto_summary(),
+            dmesg_tail(20)
+        )));
+    }
+    let out = ns.run(&["ip", "xfrm", "state", "list"])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut del = vec!["ip", "xfrm", "state", "delete"];
+    del.extend_from_slice(&id);
+    ns.run(&del)?;
+    ensure!(
+        text.contains("rfc4106(gcm(aes))") && text.contains("spi 0x00001234"),
+        "the SA does not read back: {text:?}"
+    );
+    Ok("ip xfrm state add proto esp aead rfc4106(gcm(aes)) 128; read back; deleted".into())
+}
+
+/// The `/proc/crypto` entries that ESP with AES-GCM depends on: name, driver, self-test.
+fn crypto_summary() -> String {
+    let text = std::fs::read_to_string("/proc/crypto").unwrap_or_default();
+    let mut out = vec![];
+    for block in text.split("\n\n") {
+        let field = |k: &str| {
+            block
+                .lines()
+                .find(|l| l.starts_with(k))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let name = field("name");
+        if name.contains("aes") || name.contains("gcm") || name.contains("ghash") {
+            out.push(format!(
+                "  {name} driver={} module={} selftest={} type={}",
+                field("driver"),
+                field("module"),
+                field("selftest"),
+                field("type")
+            ));
+        }
+    }
+    out.join("\n")
+}
+
+/// The last `n` lines of the kernel log.
+pub fn dmesg_tail(n: usize) -> String {
+    match crate::sys::output(&["dmesg"]) {
+        Ok(out) => super::tail(&String::from_utf8_lossy(&out.stdout), n),
+        Err(e) => format!("(dmesg: {e:#})"),
+    }
+}
+
+fn probe_geneve(ns: &Netns) -> anyhow::Result<String> {
+    ns.run(&[
+        "ip",
+        "link",
+        "add",
+        "gnv-probe",
+        "type",
+        "geneve",
+        "id",
+        "42",
+        "remote",
+        "192.0.2.2",
+    ])
+    .context("create a geneve device")?;
+    ns.run(&["ip", "link", "set", "gnv-probe", "up"])?;
+    let out = ns.run(&["ip", "-d", "link", "show", "gnv-probe"])?;
+    ns.run(&["ip", "link", "del", "gnv-probe"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(text.contains("geneve id 42"), "ip -d link: {text:?}");
+    Ok("ip link add type geneve id 42; up; deleted".into())
+}
+
+fn probe_vxlan(ns: &Netns) -> anyhow::Result<String> {
+    ns.run(&[
+        "ip",
+        "link",
+        "add",
+        "vx-probe",
+        "type",
+        "vxlan",
+        "id",
+        "42",
+        "remote",
+        "192.0.2.2",
+        "dstport",
+        "4789",
+    ])
+    .context("create a vxlan device")?;
+    ns.run(&["ip", "link", "del", "vx-probe"])?;
+    Ok("ip link add type vxlan id 42; deleted".into())
+}
+
+fn probe_clsact(ns: &Netns) -> anyhow::Result<String> {
+    ns.run(&[
+        "ip", "link", "add", "v-probe", "type", "veth", "peer", "name", "v-peer",
+    ])?;
+    ns.run(&["ip", "link", "set", "v-probe", "up"])?;
+    ns.run(&["tc", "qdisc", "add", "dev", "v-peer", "clsact"])
+        .context("add a clsact qdisc")?;
+    let out = ns.run(&["tc", "qdisc", "show", "dev", "v-peer"])?;
+    let qdisc = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(qdisc.contains("clsact"), "tc qdisc show: {qdisc:?}");
+
+    // The project's programs: load (on this kernel's verifier), pin on bpffs, attach.
+    let pin = Path::new("/sys/fs/bpf/enc-vm-probe").to_owned();
+    let pin2 = pin.clone();
+    let mode = ns.enter(move || -> anyhow::Result<AttachMode> {
+        let dp = AyaDatapath::load(&pin2).context("load the eBPF datapath")?;
+        let mode = dp.attach_mode();
+        dp.attach_pod("v-probe")
+            .context("attach the pod programs")?;
+        Ok(mode)
+    })??;
+    value("attach-mode", attach_mode_name(mode));
+    let out = ns.run(&["tc", "filter", "show", "dev", "v-probe", "ingress"])?;
+    let filters = String::from_utf8_lossy(&out.stdout).into_owned();
+    AyaDatapath::remove_all(&pin).context("remove the pinned datapath")?;
+    ns.run(&["ip", "link", "del", "v-probe"])?;
+    if mode == AttachMode::Clsact {
+        ensure!(
+            filters.contains("bpf") && filters.contains("direct-action"),
+            "no bpf filter in direct-action mode on v-probe ingress: {filters:?}"
+        );
+    }
+    Ok(format!(
+        "tc qdisc add clsact; eBPF datapath loaded and attached in {} mode",
+        attach_mode_name(mode)
+    ))
+}
+
+fn attach_mode_name(mode: AttachMode) -> &'static str {
+    match mode {
+        AttachMode::Tcx => "tcx",
+        AttachMode::Clsact => "clsact",
+    }
+}
+
+/// Whether the kernel has tcx (6.6+), from its symbol table; it must agree with the version.
+fn probe_tcx(_: &Netns) -> anyhow::Result<String> {
+    let syms = std::fs::read_to_string("/proc/kallsyms").context("read /proc/kallsyms")?;
+    let has_tcx = syms
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("tcx_prog_attach"));
+    value("tcx", if has_tcx { "present" } else { "absent" });
+    let release = kernel_release();
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    let expect = version >= (6, 6);
+    ensure!(
+        has_tcx == expect,
+        "kernel {release} {} tcx_prog_attach",
+        if has_tcx { "has" } else { "lacks" }
+    );
+    Ok(format!(
+        "tcx {} on {release}",
+        if has_tcx { "present" } else { "absent" }
+    ))
+}
+
+/// Runs a base64-encoded shell script with `sh -e` (decoded by busybox `base64 -d`). busybox
+/// `sh` runs its own applets before anything on `PATH`, so the script starts with a function
+/// per host tool (`ip`, `tc`, ...) that calls the real one.
+pub fn shell(script_b64: &str) -> anyhow::Result<()> {
+    let mut prelude = String::new();
+    for tool in super::HOST_TOOLS {
+        for dir in ["/usr/sbin", "/usr/bin"] {
+            if Path::new(dir).join(tool).is_file() {
+                prelude.push_str(&format!("{tool}() {{ {dir}/{tool} \"$@\"; }}\n"));
+                break;
+            }
+        }
+    }
+    std::fs::write("/tmp/enc-vm-prelude", prelude).context("write /tmp/enc-vm-prelude")?;
+    let st = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "echo \"$1\" | base64 -d > /tmp/enc-vm-script && cat /tmp/enc-vm-prelude /tmp/enc-vm-script > /tmp/enc-vm-run && sh -e /tmp/enc-vm-run",
+            "sh",
+            script_b64,
+        ])
+        .status()
+        .context("run sh")?;
+    ensure!(st.success(), "script failed ({st})");
+    Ok(())
+}
+
+/// Runs the host-tier scenario `name` (`wireguard` or `ipsec`): three nodes with one pod
+/// each and real agents; waits until all are authenticated, pings every pod pair and sends
+/// TCP across, with an underlay capture that must hold no plaintext marker and enough
+/// encrypted packets; prints node-1's `encctl status` and `encctl peers`.
+pub fn host_tier(name: &str) -> anyhow::Result<()> {
+    let encryption = match name {
+        "wireguard" => "wireguard",
+        "ipsec" => "ipsec",
+        other => bail!("unknown host-tier scenario {other:?} (wireguard or ipsec)"),
+    };
+    value("kernel", kernel_release());
+    let t = Instant::now();
+    let mut opts = LabOptions::new(&format!("v{}", &name[..1]), 3);
+    opts.pods = 1;
+    opts.encryption = encryption;
+    let mut lab = Lab::build(&opts).context("build the lab")?;
+    step("build", t);
+    let r = run_host_tier(&mut lab, encryption);
+    if let Err(e) = &r {
+        for n in &lab.nodes {
+            println!(
+                "----- {} agent log (last 40 lines) -----\n{}",
+                n.name,
+                lab.log_tail(n.index, 40)
+            );
+        }
+        println!("{}", node_diagnostics(&lab, 1));
+        println!("scenario error: {e:#}");
+    }
+    r
+}
+
+/// The kernel state of node `i` that decides where a packet goes: rules, routes, XFRM
+/// policies and states (key lines left out), XFRM error counters, tc filters with their
+/// statistics, and the WireGuard device (`wg show` hides private and preshared keys).
+pub fn node_diagnostics(lab: &Lab, i: usize) -> String {
+    let ns = &lab.node(i).ns;
+    let mut out = format!("----- node-{i} kernel state -----\n");
+    let commands: &[&[&str]] = &[
+        &["ip", "-d", "addr"],
+        &["ip", "rule"],
+        &["ip", "route", "show", "table", "all"],
+        &["ip", "-s", "xfrm", "policy"],
+        &["ip", "-s", "xfrm", "state"],
+        &["cat", "/proc/net/xfrm_stat"],
+        &["tc", "-s", "filter", "show", "dev", "eth0", "ingress"],
+        &["tc", "-s", "filter", "show", "dev", "eth0", "egress"],
+        &["wg", "show"],
+    ];
+    for cmd in commands {
+        out.push_str(&format!("$ {}\n", cmd.join(" ")));
+        match ns.run(cmd) {
+            Ok(o) => {
+                let text = String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr);
+                for line in text.lines() {
+                    // `ip xfrm state` prints the AEAD key in hex on these lines.
+                    let t = line.trim_start();
+                    if t.starts_with("aead") || t.starts_with("enc ") || t.starts_with("auth") {
+                        out.push_str("    (key line left out)\n");
+                    } else {
+                        out.push_str(line);
+                        out.push('\n');
+                    }
+                }
+            }
+            Err(e) => out.push_str(&format!("  cannot run: {e:#}\n")),
+        }
+    }
+    out
+}
+
+fn step(what: &str, since: Instant) {
+    value(
+        &format!("time.{what}"),
+        format!("{:.1}", since.elapsed().as_secs_f64()),
+    );
+}
+
+fn run_host_tier(lab: &mut Lab, encryption: &str) -> anyhow::Result<()> {
+    let t = Instant::now();
+    lab.start_all()?;
+    step("start", t);
+    let t = Instant::now();
+    let nodes = [1, 2, 3];
+    for i in nodes {
+        let others: Vec<String> = nodes
+            .iter()
+            .filter(|&&k| k != i)
+            .map(|k| format!("node-{k}"))
+            .collect();
+        let refs: Vec<&str> = others.iter().map(String::as_str).collect();
+        lab.wait_authenticated(i, &refs, AUTH_TIMEOUT)?;
+    }
+    step("authenticate", t);
+
+    let st = lab.status(1)?;
+    value("encryption", &st.encryption.kind);
+    value("backend", &st.encryption.backend);
+    value("backend-reason", &st.encryption.backend_reason);
+    value("mtu", st.encryption.mtu);
+    value("attach-mode", &st.datapath.attach_mode);
+
+    let t = Instant::now();
+    let capture = lab.capture("vm")?;
+    let mut failures = vec![];
+    for i in nodes {
+        for k in nodes.iter().filter(|&&k| k != i) {
+            let to = lab.node(*k).pods[0].addr;
+            if !lab.ping(i, 1, to, 2, MARKER_HEX)? {
+                failures.push(format!("node-{i} pod -> node-{k} pod ({to})"));
+            }
+        }
+    }
+    let payload: Vec<u8> = MARKER.iter().copied().cycle().take(20_000).collect();
+    let tcp = lab.tcp_transfer((1, 1), (3, 1), &payload);
+    let frames = capture.stop()?;
+    step("traffic", t);
+    ensure!(failures.is_empty(), "pings failed: {failures:?}");
+    tcp.context("TCP node-1 pod -> node-3 pod")?;
+
+    let leaks = frames
+        .iter()
+        .filter(|f| pcap::contains(&f.data, MARKER) || pcap::contains(&f.data, &MARKER[..16]))
+        .count();
+    let node_addrs: Vec<IpAddr> = lab.nodes.iter().map(|n| IpAddr::V4(n.addr)).collect();
+    let (mut encrypted, mut control, mut other) = (0, 0, vec![]);
+    for f in &frames {
+        let Some(ip) = &f.ip else { continue };
+        if ip.dst.is_multicast() || matches!(ip.src, IpAddr::V6(a) if a.is_unicast_link_local()) {
+            continue;
+        }
+        let is_encrypted = match encryption {
+            "wireguard" => ip.proto == UDP && ip.has_port(WG_PORT),
+            _ => ip.proto == ESP,
+        };
+        if !(node_addrs.contains(&ip.src) && node_addrs.contains(&ip.dst)) {
+            other.push(format!("{ip:?}"));
+        } else if is_encrypted {
+            encrypted += 1;
+        } else if ip.proto == TCP && ip.has_port(CONTROL_PORT) {
+            control += 1;
+        } else {
+            other.push(format!("{ip:?}"));
+        }
+    }
+    println!(
+        "capture: {} frames, {encrypted} encrypted, {control} control, {} other, {leaks} with the marker",
+        frames.len(),
+        other.len()
+    );
+    ensure!(
+        leaks == 0,
+        "{leaks} frames on the underlay carry the plaintext marker"
+    );
+    ensure!(
+        other.is_empty(),
+        "unexpected packets on the underlay: {:?}",
+        &other[..other.len().min(5)]
+    );
+    // 6 pod pairs x 2 pings x 2 directions, plus the TCP transfer.
+    ensure!(
+        encrypted >= 24 + 15,
+        "only {encrypted} encrypted packets captured; the capture missed the traffic"
+    );
+
+    println!("----- encctl status (node-1) -----");
+    print!("{}", lab.encctl(1, &["status"])?);
+    println!("----- encctl peers (node-1) -----");
+    print!("{}", lab.encctl(1, &["peers"])?);
+    Ok(())
+}
