@@ -223,6 +223,13 @@ pub struct IpsecPeerInfo {
     pub tx_packets: u64,
     /// Bytes sent (inner packets).
     pub tx_bytes: u64,
+    /// Packets accepted from the peer, over every inbound SA since the peer was added
+    /// (monotonic across rotations, unlike the per-SA counts in `inbound`).
+    #[serde(default)]
+    pub rx_packets: u64,
+    /// Bytes accepted (inner packets), like `rx_packets`.
+    #[serde(default)]
+    pub rx_bytes: u64,
     /// Inbound SAs installed.
     pub inbound: Vec<IpsecInboundInfo>,
     /// Inbound SPIs the session calls for (hex).

@@ -609,6 +609,11 @@ pub async fn run(
     let identity = NodeIdentity::load(&config.tls.cert, &config.tls.key, &config.tls.ca)
         .map_err(Error::Certs)?;
     check_identity(&config, &identity)?;
+    // Bound before anything touches the kernel: a taken address fails start-up cleanly.
+    let metrics = match config.metrics.listen {
+        Some(addr) => Some((addr, crate::metrics::bind(addr).await?)),
+        None => None,
+    };
 
     let links: Arc<dyn LinkBackend> = Arc::new(RtnetlinkLinks::new().map_err(Error::Links)?);
     let started = start_crypto(&config, &opts, links.as_ref())?;
@@ -710,6 +715,12 @@ pub async fn run(
         }
     }
     tasks.spawn(crate::status::serve(shared.clone(), status));
+    if let Some((addr, listener)) = metrics {
+        info!(listen = %addr, path = crate::metrics::PATH, "metrics endpoint up");
+        tasks.spawn(crate::metrics::serve(shared.clone(), listener));
+    } else {
+        info!("metrics endpoint off (metrics.listen: off)");
+    }
     info!(
         listen = %shared.config.control.listen,
         socket = %shared.config.status_socket.display(),

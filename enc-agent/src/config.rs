@@ -80,6 +80,8 @@ struct RawConfig {
     rotation: RawRotation,
     status_socket: Option<PathBuf>,
     #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
     peers: Vec<RawPeer>,
 }
 
@@ -159,6 +161,12 @@ struct RawRotation {
     bytes_threshold: Option<u64>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawPeer {
@@ -193,8 +201,31 @@ pub struct Config {
     pub rotation: RotationConfig,
     /// Unix socket of the status API.
     pub status_socket: PathBuf,
+    /// Prometheus metrics endpoint.
+    pub metrics: MetricsConfig,
     /// The peers discovery expects (standalone mode: listed here).
     pub peers: Vec<PeerConfig>,
+}
+
+/// Prometheus metrics (`GET /metrics`, text exposition format 0.0.4).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsConfig {
+    /// TCP address of the metrics endpoint (`None`: disabled; `off` in the file).
+    #[serde(serialize_with = "addr_or_off")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// Default address of the metrics endpoint: loopback only, so that scraping from elsewhere
+/// is an explicit choice.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9890);
+
+fn addr_or_off<S: serde::Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    match a {
+        Some(a) => s.collect_str(a),
+        None => s.serialize_str("off"),
+    }
 }
 
 /// This node's identity and addresses.
@@ -572,6 +603,40 @@ fn check_port(field: &str, port: Option<u16>, default: u16) -> Result<u16, Confi
     }
 }
 
+fn validate_metrics(raw: &RawMetrics, control: SocketAddr) -> Result<MetricsConfig, ConfigError> {
+    const FIELD: &str = "metrics.listen";
+    let listen = match raw.listen.as_deref().map(str::trim) {
+        None => Some(DEFAULT_METRICS_LISTEN),
+        Some("off") => None,
+        Some(v) => {
+            let addr: SocketAddr = v.parse().map_err(|_| {
+                invalid(
+                    FIELD,
+                    v,
+                    "not an address:port like 127.0.0.1:9890 or [::1]:9890 (or \"off\")",
+                )
+            })?;
+            if addr.port() == 0 {
+                return Err(invalid(FIELD, v, "port must be 1 to 65535"));
+            }
+            if addr.ip().is_multicast() {
+                return Err(invalid(FIELD, v, "must not be a multicast address"));
+            }
+            if addr.port() == control.port()
+                && (addr.ip().is_unspecified() || addr.ip() == control.ip())
+            {
+                return Err(invalid(
+                    FIELD,
+                    v,
+                    format!("collides with the control listener {control}"),
+                ));
+            }
+            Some(addr)
+        }
+    };
+    Ok(MetricsConfig { listen })
+}
+
 fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     check_node_name(&raw.node.name).map_err(|r| invalid("node.name", &raw.node.name, r))?;
     let underlay = parse_ip("node.underlayAddress", &raw.node.underlay_address)?;
@@ -723,6 +788,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     if status_socket.as_os_str().is_empty() {
         return Err(invalid("statusSocket", "", "must not be empty"));
     }
+    let metrics = validate_metrics(&raw.metrics, control.listen)?;
 
     if raw.peers.len() > MAX_PEERS {
         return Err(invalid(
@@ -807,6 +873,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         },
         rotation,
         status_socket,
+        metrics,
         peers,
     })
 }
@@ -1126,6 +1193,59 @@ peers:
             "{msg}"
         );
         assert!(msg.contains("line"), "{msg}");
+    }
+
+    #[test]
+    fn metrics_settings() {
+        let d = dir();
+        let with = |listen: &str| {
+            GOOD.replacen(
+                "statusSocket:",
+                &format!("metrics:\n  listen: {listen}\nstatusSocket:"),
+                1,
+            )
+        };
+        // Default: loopback, port 9890.
+        let c = parse(&d, GOOD).unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9890".parse().unwrap()));
+        assert!(
+            c.to_yaml().contains("metrics:\n  listen: 127.0.0.1:9890"),
+            "{}",
+            c.to_yaml()
+        );
+        let c = parse(&d, &with("\"[::]:9100\"")).unwrap();
+        assert_eq!(c.metrics.listen, Some("[::]:9100".parse().unwrap()));
+        for off in ["off", "\"off\""] {
+            let c = parse(&d, &with(off)).unwrap();
+            assert_eq!(c.metrics.listen, None, "{off}");
+            assert!(c.to_yaml().contains("listen: off"), "{}", c.to_yaml());
+        }
+        for (bad, why) in [
+            ("localhost:9890", "not an address"),
+            ("127.0.0.1", "not an address"),
+            ("127.0.0.1:0", "port"),
+            ("127.0.0.1:99999", "not an address"),
+            ("0.0.0.0:51871", "control listener"),
+            ("10.0.0.1:51871", "control listener"),
+        ] {
+            let (f, v, reason) = invalid_field(&d, &with(bad));
+            assert_eq!((f.as_str(), v.as_str()), ("metrics.listen", bad));
+            assert!(reason.contains(why), "{bad}: {reason}");
+            let msg = parse(&d, &with(bad)).unwrap_err().to_string();
+            assert!(msg.contains("metrics.listen") && msg.contains(bad), "{msg}");
+        }
+        // The control port on another address is fine.
+        let c = parse(&d, &with("127.0.0.1:51871")).unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:51871".parse().unwrap()));
+        let err = parse(&d, &with("{ port: 9890 }")).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+        let text = GOOD.replacen(
+            "statusSocket:",
+            "metrics:\n  listne: 127.0.0.1:9890\nstatusSocket:",
+            1,
+        );
+        let msg = crate::app::format_chain(&parse(&d, &text).unwrap_err());
+        assert!(msg.contains("listne"), "{msg}");
     }
 
     #[test]

@@ -170,6 +170,8 @@ fn ipsec_peer(e: &PeerEntry, snaps: &[IpsecPeerSnapshot]) -> Option<IpsecPeerInf
         seq_headroom: u64::MAX - snap.map_or(0, |s| s.out_seq),
         tx_packets: snap.map_or(0, |s| s.tx_packets),
         tx_bytes: snap.map_or(0, |s| s.tx_bytes),
+        rx_packets: snap.map_or(0, |s| s.rx_packets),
+        rx_bytes: snap.map_or(0, |s| s.rx_bytes),
         inbound: snap
             .map(|s| {
                 s.inbound
@@ -630,6 +632,11 @@ peers:
             assert_eq!(
                 r.stuck.as_deref(),
                 Some(format!("rotation stuck: {want} since 2026-11-22T08:40:01Z (12s)").as_str())
+            );
+            // The metrics read the time back from this text.
+            assert_eq!(
+                crate::metrics::stuck_since(r.stuck.as_deref().unwrap_or_default()),
+                Some(1_795_336_801)
             );
             assert_eq!(r.phase, phase.as_str());
             assert_eq!(r.phase_age_seconds, Some(12));

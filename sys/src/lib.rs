@@ -7,7 +7,8 @@
 //! - [`poll`]: waiting for a descriptor to become readable;
 //! - [`lpm`]: a longest-prefix-match table from IP prefixes to values;
 //! - [`netlink`]: a synchronous netlink connection (request, ack, dump) generic over the message
-//!   family.
+//!   family;
+//! - [`sockbuf`]: socket buffers large enough for a userspace datapath.
 //!
 //! This crate depends on no enc crate. Its [`Error`] is deliberately small and carries no
 //! caller context: each backend maps it into its own error, adding the interface, SA or route
@@ -17,6 +18,7 @@ pub mod error;
 pub mod lpm;
 pub mod netlink;
 pub mod poll;
+pub mod sockbuf;
 pub mod tun;
 
 pub use error::{Error, Result};

@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 pub const WG_PORT: u16 = 51820;
 /// Control port the lab's agents use.
 pub const CONTROL_PORT: u16 = 51871;
+/// Metrics endpoint of every lab agent, inside its node's namespace (the default
+/// `metrics.listen`).
+pub const METRICS_ADDR: &str = "127.0.0.1:9890";
 
 /// Where the project's binaries are: `ENC_BIN_DIR`, else the directory of the running
 /// executable (the `deps` directory's parent for test binaries).
@@ -73,6 +76,9 @@ pub struct LabOptions {
     pub impostors: Vec<(usize, String)>,
     /// The `rotation:` settings of every agent, as YAML lines (e.g. `  gracePeriod: 1s`).
     pub rotation: Vec<String>,
+    /// `encryption.<type>.implementation` per node (1-based index, `auto`, `kernel` or
+    /// `userspace`), for mixed pairs; nodes not listed use the default (`auto`).
+    pub implementations: Vec<(usize, &'static str)>,
 }
 
 impl LabOptions {
@@ -87,6 +93,7 @@ impl LabOptions {
             strict: true,
             encryption: "wireguard",
             rotation: vec![],
+            implementations: vec![],
         }
     }
 }
@@ -377,6 +384,18 @@ impl Lab {
                 n.claimed_name,
                 n.socket.display()
             );
+            if let Some((_, imp)) = opts.implementations.iter().find(|(i, _)| *i == n.index) {
+                let (section, rest) = match opts.encryption {
+                    "wireguard" => ("    listenPort: {WG_PORT}\n", ""),
+                    _ => ("underlay:\n", "underlay:\n"),
+                };
+                let section = section.replace("{WG_PORT}", &WG_PORT.to_string());
+                let line = match opts.encryption {
+                    "wireguard" => format!("{section}    implementation: {imp}\n"),
+                    other => format!("  {other}:\n    implementation: {imp}\n{rest}"),
+                };
+                yaml = yaml.replacen(&section, &line, 1);
+            }
             if !opts.rotation.is_empty() {
                 // Goes before the trailing `peers:` key.
                 yaml.truncate(yaml.len() - "peers:\n".len());
@@ -637,6 +656,36 @@ impl Lab {
         serde_json::from_str(&text).context("decode encctl status -o json")
     }
 
+    /// Node `i`'s Prometheus metrics: `GET /metrics` on [`METRICS_ADDR`] over a plain TCP
+    /// connection made from inside the node's namespace. Fails unless the answer is a 200 in
+    /// the text exposition format 0.0.4.
+    pub fn metrics(&self, i: usize) -> anyhow::Result<String> {
+        let node = &self.node(i).name;
+        let response = self.node(i).ns.enter(|| -> anyhow::Result<Vec<u8>> {
+            let addr: SocketAddr = METRICS_ADDR.parse()?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .with_context(|| format!("connect to {addr}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf)?;
+            Ok(buf)
+        })?;
+        let response = response.with_context(|| format!("scrape the metrics of {node}"))?;
+        let text = String::from_utf8(response).context("metrics are not UTF-8")?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("malformed HTTP answer from {node}: {text:?}"))?;
+        let head = head.to_ascii_lowercase();
+        if !head.starts_with("http/1.1 200") {
+            bail!("metrics of {node}: {head}");
+        }
+        if !head.contains("content-type: text/plain; version=0.0.4") || head.contains("chunked") {
+            bail!("metrics of {node}: unexpected headers {head}");
+        }
+        Ok(body.to_owned())
+    }
+
     /// Waits until node `i` reports each of `names` authenticated with its encryption peer
     /// (WireGuard or IPsec) configured.
     pub fn wait_authenticated(
@@ -787,6 +836,18 @@ impl Lab {
             panic!("{e:#}");
         }
     }
+}
+
+/// The value of one sample of a Prometheus text exposition; `series` is the metric name with
+/// its labels exactly as the agent renders them, e.g. `enc_rotation_stuck{peer="node-3"}`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {

@@ -9,6 +9,7 @@
 pub mod lab;
 pub mod netns;
 pub mod pcap;
+pub mod scenarios;
 pub mod sys;
 pub mod traffic;
 pub mod vm;

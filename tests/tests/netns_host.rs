@@ -4,7 +4,7 @@
 
 use anyhow::{Context, bail, ensure};
 use enc_api::AuthState;
-use enc_tests::lab::{CONTROL_PORT, Lab, LabOptions, WG_PORT};
+use enc_tests::lab::{CONTROL_PORT, Lab, LabOptions, WG_PORT, metric};
 use enc_tests::pcap::{self, TCP, UDP};
 use enc_tests::require_root;
 use std::net::IpAddr;
@@ -166,6 +166,40 @@ fn privileged_three_nodes_encrypted_pod_to_pod() {
                 st.encryption.backend == "boringtun" && st.encryption.mtu == 1440,
                 "{:?}",
                 st.encryption
+            );
+            // The metrics agree: every peer authenticated, with traffic and a certificate.
+            let m = lab.metrics(i)?;
+            ensure!(
+                metric(&m, r#"enc_peers{state="authenticated"}"#) == Some(2.0)
+                    && metric(&m, r#"enc_peers{state="failed"}"#) == Some(0.0),
+                "node-{i} metrics:\n{m}"
+            );
+            for k in (1..=3).filter(|&k| k != i) {
+                let peer = format!("node-{k}");
+                let series = |name: &str| metric(&m, &format!("{name}{{peer=\"{peer}\"}}"));
+                ensure!(
+                    series("enc_peer_authenticated") == Some(1.0)
+                        && series("enc_peer_tx_bytes_total").is_some_and(|b| b > 0.0)
+                        && series("enc_peer_rx_bytes_total").is_some_and(|b| b > 0.0)
+                        && series("enc_peer_last_handshake_seconds").is_some(),
+                    "node-{i} metrics for {peer}:\n{m}"
+                );
+                ensure!(
+                    metric(
+                        &m,
+                        &format!("enc_certificate_expiry_timestamp_seconds{{node=\"{peer}\"}}")
+                    )
+                    .is_some(),
+                    "node-{i} metrics lack {peer}'s certificate expiry:\n{m}"
+                );
+            }
+            ensure!(
+                metric(
+                    &m,
+                    &format!("enc_certificate_expiry_timestamp_seconds{{node=\"node-{i}\"}}")
+                )
+                .is_some(),
+                "node-{i} metrics lack its own certificate expiry:\n{m}"
             );
         }
         let text = lab.encctl(1, &["peers"])?;

@@ -5,45 +5,17 @@
 //! fail rather than skip without it.
 
 use anyhow::{Context, bail, ensure};
-use enc_tests::lab::{Lab, LabOptions};
-use enc_tests::traffic::{PLAINTEXT_MARKER, TcpFlow, UdpStream};
-use enc_tests::{pcap, require_root, sys};
+use enc_tests::lab::{Lab, LabOptions, metric};
+use enc_tests::scenarios::{self, RotationLoad, epoch_with};
+use enc_tests::traffic::UdpStream;
+use enc_tests::{require_root, sys};
 use std::time::{Duration, Instant};
 
 const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 const ROTATIONS: u32 = 20;
 
 fn wait_all_authenticated(lab: &Lab, nodes: usize) -> anyhow::Result<()> {
-    for i in 1..=nodes {
-        sys::wait_for(&format!("node-{i} to authenticate"), AUTH_TIMEOUT, || {
-            let peers = lab.peers(i)?;
-            let ok = peers.len() == nodes - 1
-                && peers.iter().all(|p| {
-                    p.auth == enc_api::AuthState::Authenticated
-                        && p.rotation
-                            .as_ref()
-                            .is_some_and(|r| r.outbound_epoch.is_some() && r.phase == "idle")
-                });
-            Ok(ok.then_some(()))
-        })?;
-    }
-    Ok(())
-}
-
-/// Outbound epoch and key id that node `i` uses with `peer`.
-fn epoch_with(lab: &Lab, i: usize, peer: &str) -> anyhow::Result<(u32, String, Vec<u32>)> {
-    let peers = lab.peers(i)?;
-    let p = peers
-        .iter()
-        .find(|p| p.name == peer)
-        .with_context(|| format!("node-{i} lists {peer}"))?;
-    let r = p.rotation.as_ref().context("rotation state")?;
-    let key = p.key.as_ref().context("key info")?;
-    Ok((
-        r.outbound_epoch.context("outbound epoch")?,
-        key.key_id.clone(),
-        r.inbound_epochs.clone(),
-    ))
+    scenarios::wait_all_authenticated(lab, nodes, AUTH_TIMEOUT)
 }
 
 fn rotation_under_load(encryption: &'static str, tag: &str) {
@@ -55,99 +27,12 @@ fn rotation_under_load(encryption: &'static str, tag: &str) {
     let r = (|| -> anyhow::Result<()> {
         lab.start_all()?;
         wait_all_authenticated(&lab, 2)?;
-        let (start_epoch, _, _) = epoch_with(&lab, 1, "node-2")?;
-        let keys_before = [
-            lab.status(1)?.encryption.public_key,
-            lab.status(2)?.encryption.public_key,
-        ];
-
-        let capture = lab.capture("rotation")?;
-        let (n1, n2) = (lab.node(1), lab.node(2));
-        let udp = UdpStream::start(&n1.pods[0].ns, &n2.pods[0].ns, n2.pods[0].addr, 3000, 200)?;
-        let tcp = TcpFlow::start(&n2.pods[0].ns, &n1.pods[0].ns, n1.pods[0].addr, 4_000_000)?;
-        std::thread::sleep(Duration::from_secs(1));
-
-        let began = Instant::now();
-        for k in 0..ROTATIONS {
-            // Alternate the node that asks: node-1 leads the pair, node-2 asks it to rotate.
-            let node = if k % 2 == 0 { 1 } else { 2 };
-            let out = lab.encctl_output(node, &["rotate", "--wait", "--timeout", "20s"])?;
-            ensure!(
-                out.status.success(),
-                "rotation {} from node-{node} failed: {}{}",
-                k + 1,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let took = began.elapsed();
-        std::thread::sleep(Duration::from_secs(1));
-        let tcp = tcp.stop()?;
-        let udp = udp.stop(Duration::from_secs(1))?;
-        let frames = capture.stop()?;
-        eprintln!("{encryption}: {ROTATIONS} rotations in {took:.1?}; {udp}; {tcp}");
-
-        ensure!(udp.sent > 3000, "UDP stream too short: {udp}");
-        ensure!(udp.lost == 0, "UDP packets lost during rotation: {udp}");
-        ensure!(tcp.is_intact(), "TCP stream damaged: {tcp}");
-        ensure!(
-            tcp.max_stall < Duration::from_secs(1),
-            "TCP stream stalled: {tcp}"
-        );
-        let leaks = frames
-            .iter()
-            .filter(|f| pcap::contains(&f.data, PLAINTEXT_MARKER))
-            .count();
-        ensure!(
-            leaks == 0,
-            "{leaks} of {} underlay frames carry the plaintext marker",
-            frames.len()
-        );
-
-        // Both ends ended on one epoch, ROTATIONS above the start, with the same key and
-        // only that epoch installed once the grace period is over.
-        sys::wait_for("old epochs to retire", Duration::from_secs(10), || {
-            let a = epoch_with(&lab, 1, "node-2")?;
-            let b = epoch_with(&lab, 2, "node-1")?;
-            Ok((a.2.len() == 1 && b.2.len() == 1).then_some((a, b)))
-        })
-        .and_then(|(a, b)| {
-            ensure!(
-                a.0 == start_epoch + ROTATIONS && b.0 == a.0,
-                "epochs: node-1 {} node-2 {} (start {start_epoch})",
-                a.0,
-                b.0
-            );
-            ensure!(a.1 == b.1, "key ids differ: {} vs {}", a.1, b.1);
-            Ok(())
-        })?;
-        let st = lab.status(1)?;
-        ensure!(
-            st.keys.in_use == st.keys.expected && st.keys.rotations_in_progress == 0,
-            "{:?}",
-            st.keys
-        );
-        if encryption == "wireguard" {
-            // `encctl rotate` (all peers) rolls the node's static key too: each node now uses
-            // a new key pair, and its peer configured exactly that key.
-            for (i, other) in [(1, 2), (2, 1)] {
-                let now = lab.status(i)?.encryption.public_key;
-                ensure!(
-                    now.is_some() && now != keys_before[i - 1],
-                    "node-{i} still uses its first static key {now:?}"
-                );
-                let seen = lab
-                    .peers(other)?
-                    .into_iter()
-                    .find(|p| p.name == format!("node-{i}"))
-                    .and_then(|p| p.wireguard)
-                    .map(|w| w.public_key);
-                ensure!(
-                    seen == now,
-                    "node-{other} configured {seen:?} for node-{i}, which uses {now:?}"
-                );
-            }
-        }
+        let load = RotationLoad {
+            rotations: ROTATIONS,
+            ..RotationLoad::default()
+        };
+        let outcome = scenarios::rotation_under_load(&lab, &load)?;
+        eprintln!("{encryption}: {ROTATIONS} {outcome}");
         Ok(())
     })();
     lab.finish(r);
@@ -188,6 +73,8 @@ fn privileged_rotation_paused_peer() {
 
         lab.pause_agent(3)?;
         let out = lab.encctl_output(1, &["rotate", "--wait", "--timeout", "5s", "-o", "json"]);
+        // Still paused, and stuck for 3 s by now (stuckAfter 2s): what node-1's metrics say.
+        let stuck_metrics = lab.metrics(1);
         // Resume before judging, so that a failed check does not leave a stopped process.
         let resumed_at = Instant::now();
         lab.resume_agent(3)?;
@@ -227,6 +114,28 @@ fn privileged_rotation_paused_peer() {
         // node-3 never switched: node-1 still sends to it with the old epoch.
         let (now2, _, _) = epoch_with(&lab, 1, "node-2")?;
         ensure!(now2 == e2 + 1, "node-2 at {now2}, was at {e2}");
+        // The metrics showed the stuck rotation too, and only node-3's.
+        let m = stuck_metrics?;
+        let series = |s: &str| metric(&m, s).with_context(|| format!("no {s} in\n{m}"));
+        ensure!(
+            series(r#"enc_rotation_stuck{peer="node-3"}"#)? == 1.0
+                && series(r#"enc_rotation_stuck{peer="node-2"}"#)? == 0.0
+                && series("enc_rotation_stuck_peers")? == 1.0
+                && series(r#"enc_rotation_in_progress{peer="node-3"}"#)? == 1.0,
+            "node-1's metrics do not show node-3 (only) stuck:\n{m}"
+        );
+        let since = series(r#"enc_rotation_stuck_since_seconds{peer="node-3"}"#)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64();
+        ensure!(
+            since <= now && since > now - 60.0,
+            "stuck since {since}, now {now}"
+        );
+        ensure!(
+            series(r#"enc_peer_key_epoch{peer="node-3"}"#)? == f64::from(e3),
+            "node-3's epoch in the metrics is not {e3}:\n{m}"
+        );
 
         // Resumed: the queued PREPARE is answered and the rotation completes.
         sys::wait_for("node-3 to complete", Duration::from_secs(20), || {
@@ -250,6 +159,15 @@ fn privileged_rotation_paused_peer() {
         if a != b || ka != kb {
             bail!("node-1 and node-3 disagree: epochs {a}/{b}, key ids {ka}/{kb}");
         }
+        // Completed: the metrics no longer show it stuck, and carry the new epoch.
+        let m = lab.metrics(1)?;
+        ensure!(
+            metric(&m, r#"enc_rotation_stuck{peer="node-3"}"#) == Some(0.0)
+                && metric(&m, "enc_rotation_stuck_peers") == Some(0.0)
+                && metric(&m, r#"enc_rotation_stuck_since_seconds{peer="node-3"}"#).is_none()
+                && metric(&m, r#"enc_peer_key_epoch{peer="node-3"}"#) == Some(f64::from(a)),
+            "node-1's metrics after node-3 completed (epoch {a}):\n{m}"
+        );
         ensure!(
             lab.ping(1, 1, lab.node(3).pods[0].addr, 2, "00")?,
             "node-1 pod cannot reach node-3 pod after the rotation"

@@ -50,6 +50,33 @@ fn vm_probe_kernel_features() {
     assert_eq!(one(&run, "attach-mode"), "clsact");
 }
 
+/// The implementation the agent must pick on the 6.1 kernel, which has the module.
+fn kernel_backend(name: &str) -> &'static str {
+    match name {
+        "wireguard" => "kernel-wireguard",
+        _ => "kernel-xfrm",
+    }
+}
+
+fn userspace_backend(name: &str) -> &'static str {
+    match name {
+        "wireguard" => "boringtun",
+        _ => "userspace-esp",
+    }
+}
+
+/// Checks the scenario's rotation-under-load step and prints it.
+fn rotation_step(run: &VmRun) {
+    assert_eq!(one(run, "rotation.udp-lost"), "0");
+    eprintln!(
+        "vm: {} rotations under load: {} UDP packets sent, {} lost; TCP max stall {} ms",
+        one(run, "rotation.rotations"),
+        one(run, "rotation.udp-sent"),
+        one(run, "rotation.udp-lost"),
+        one(run, "rotation.tcp-max-stall-ms"),
+    );
+}
+
 fn host_tier(test: &str, name: &str) {
     let Some(run) = boot(test, &["host-tier", name]) else {
         return;
@@ -61,6 +88,14 @@ fn host_tier(test: &str, name: &str) {
         one(&run, "backend"),
         one(&run, "backend-reason")
     );
+    for i in 1..=3 {
+        assert_eq!(
+            one(&run, &format!("backend.node-{i}")),
+            kernel_backend(name),
+            "node-{i}"
+        );
+    }
+    rotation_step(&run);
 }
 
 #[test]
@@ -71,6 +106,35 @@ fn vm_host_tier_wireguard() {
 #[test]
 fn vm_host_tier_ipsec() {
     host_tier("vm_host_tier_ipsec", "ipsec");
+}
+
+/// Mixed pairs on the wire: node-2 runs the userspace implementation, node-1 and node-3 the
+/// kernel's; every pod pair carries traffic both ways and the rotation under load runs
+/// across node-1 (kernel) ↔ node-2 (userspace).
+fn mixed(test: &str, name: &str) {
+    let Some(run) = boot(test, &["mixed", name]) else {
+        return;
+    };
+    assert_eq!(one(&run, "encryption"), name);
+    for (i, want) in [
+        (1, kernel_backend(name)),
+        (2, userspace_backend(name)),
+        (3, kernel_backend(name)),
+    ] {
+        assert_eq!(one(&run, &format!("backend.node-{i}")), want, "node-{i}");
+    }
+    eprintln!("vm: mixed {name}: node-1 and node-3 kernel, node-2 userspace");
+    rotation_step(&run);
+}
+
+#[test]
+fn vm_mixed_wireguard() {
+    mixed("vm_mixed_wireguard", "wireguard");
+}
+
+#[test]
+fn vm_mixed_ipsec() {
+    mixed("vm_mixed_ipsec", "ipsec");
 }
 
 /// Debugging aid, not part of the suite: boots a VM and runs the shell script in

@@ -727,8 +727,14 @@ impl AyaDatapath {
             .map_err(attach_err("take link", ifname, hook))?;
         // Dropping a netlink link detaches the filter; it must outlive us. It owns no fd.
         std::mem::forget(link);
-        inner.clsact_attached.insert((ifname.to_owned(), hook));
-        tracing::info!(%ifname, %hook, "attached (clsact)");
+        // aya cannot list filters, so a filter that vanished (its interface was recreated)
+        // cannot be told from one still there: every call replaces ours in place, which is
+        // atomic for cls_bpf. Only the first attach of this process is worth a log line.
+        if inner.clsact_attached.insert((ifname.to_owned(), hook)) {
+            tracing::info!(%ifname, %hook, "attached (clsact)");
+        } else {
+            tracing::debug!(%ifname, %hook, "re-applied (clsact)");
+        }
         Ok(())
     }
 

@@ -311,6 +311,8 @@ impl BoringtunWg {
         })?;
         udp.set_read_timeout(Some(TICK))
             .map_err(|e| syscall("setsockopt(SO_RCVTIMEO)", e))?;
+        enc_sys::sockbuf::set_buffers(udp.as_fd(), enc_sys::sockbuf::DATAPATH_SOCKET_BUFFER)
+            .map_err(|e| Error::from_sys(&ifname, e))?;
         let local_addr = udp.local_addr().map_err(|e| syscall("getsockname", e))?;
         let tun = enc_sys::tun::open(&ifname).map_err(|e| Error::from_sys(&ifname, e))?;
 

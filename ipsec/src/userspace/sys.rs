@@ -109,6 +109,8 @@ impl RawEsp {
         if rc < 0 {
             return Err(syscall("bind", io::Error::last_os_error()));
         }
+        enc_sys::sockbuf::set_buffers(fd.as_fd(), enc_sys::sockbuf::DATAPATH_SOCKET_BUFFER)
+            .map_err(|e| crate::Error::from_sys(&local.to_string(), e))?;
         Ok(Self { fd })
     }
 

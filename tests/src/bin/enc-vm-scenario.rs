@@ -30,6 +30,12 @@ enum Cmd {
         #[arg(value_parser = ["wireguard", "ipsec"])]
         name: String,
     },
+    /// Run a host-tier lab scenario with node-2 on the userspace implementation (mixed pairs).
+    Mixed {
+        /// Which one.
+        #[arg(value_parser = ["wireguard", "ipsec"])]
+        name: String,
+    },
     /// Run a shell script given in base64 (a debugging aid: `Vm::run_script` sends one).
     Shell {
         /// The script, base64-encoded.
@@ -46,6 +52,7 @@ fn main() -> ExitCode {
     let r = match &cli.command {
         Cmd::Probe => scenario::probe(),
         Cmd::HostTier { name } => scenario::host_tier(name),
+        Cmd::Mixed { name } => scenario::mixed(name),
         Cmd::Shell { script } => scenario::shell(script),
     };
     scenario::value(
