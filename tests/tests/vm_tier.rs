@@ -65,8 +65,12 @@ fn userspace_backend(name: &str) -> &'static str {
     }
 }
 
-/// Checks the scenario's rotation-under-load step and prints it.
+/// Checks the scenario's rotation-under-load step and prints it; for IPsec also that node-1's
+/// `ip xfrm state` showed the ESP SAs with every peer.
 fn rotation_step(run: &VmRun) {
+    if one(run, "encryption") == "ipsec" {
+        assert_eq!(one(run, "xfrm-states"), "ok");
+    }
     assert_eq!(one(run, "rotation.udp-lost"), "0");
     eprintln!(
         "vm: {} rotations under load: {} UDP packets sent, {} lost; TCP max stall {} ms",

@@ -398,6 +398,44 @@ fn lab_scenario(name: &str, mixed: bool) -> anyhow::Result<()> {
     r
 }
 
+/// Prints node `i`'s `ip xfrm state` (key lines left out) and checks that it holds, towards
+/// and from each other node, an ESP tunnel-mode SA with `rfc4106(gcm(aes))`.
+fn show_xfrm_states(lab: &Lab, i: usize) -> anyhow::Result<()> {
+    let out = lab.node(i).ns.run(&["ip", "xfrm", "state"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("----- ip xfrm state (node-{i}, key lines left out) -----");
+    for line in text.lines() {
+        if line.trim_start().starts_with("aead") {
+            // `ip` prints the key in hex on this line; keep only the algorithm.
+            let alg = line.split_whitespace().nth(1).unwrap_or("?");
+            println!("\taead {alg} (key left out)");
+        } else {
+            println!("{line}");
+        }
+    }
+    let me = lab.node(i).addr;
+    for other in lab.nodes.iter().filter(|n| n.index != i) {
+        for (src, dst) in [(me, other.addr), (other.addr, me)] {
+            let header = format!("src {src} dst {dst}");
+            let block = text
+                .split("src ")
+                .map(|b| format!("src {b}"))
+                .find(|b| b.starts_with(&header))
+                .with_context(|| format!("ip xfrm state lists no SA {header}"))?;
+            ensure!(
+                block.contains("proto esp") && block.contains("mode tunnel"),
+                "SA {header} is not ESP tunnel mode: {block}"
+            );
+            ensure!(
+                block.contains("rfc4106(gcm(aes))"),
+                "SA {header} does not use rfc4106(gcm(aes))"
+            );
+        }
+    }
+    value("xfrm-states", "ok");
+    Ok(())
+}
+
 /// The kernel state of node `i` that decides where a packet goes: rules, routes, XFRM
 /// policies and states (key lines left out), XFRM error counters, tc filters with their
 /// statistics, and the WireGuard device (`wg show` hides private and preshared keys).
@@ -471,6 +509,9 @@ fn run_host_tier(lab: &mut Lab, encryption: &str, mixed: bool) -> anyhow::Result
         );
     }
     let st = lab.status(1)?;
+    if st.encryption.backend == "kernel-xfrm" {
+        show_xfrm_states(lab, 1)?;
+    }
     value("encryption", &st.encryption.kind);
     value("backend", &st.encryption.backend);
     value("backend-reason", &st.encryption.backend_reason);
