@@ -101,7 +101,10 @@ impl std::fmt::Display for RotationOutcome {
 /// encryption is WireGuard, the static keys must have rolled too.
 pub fn rotation_under_load(lab: &Lab, load: &RotationLoad) -> anyhow::Result<RotationOutcome> {
     let (start_epoch, _, _) = epoch_with(lab, 1, "node-2")?;
-    let wireguard = lab.status(1)?.encryption.kind == "wireguard";
+    // Static keys roll only on boringtun (kernel WireGuard keeps its one key; see
+    // `enc_agent::app::Shared::roll_wg_key`).
+    let boringtun = [lab.status(1)?, lab.status(2)?]
+        .map(|s| s.encryption.kind == "wireguard" && s.encryption.backend == "boringtun");
     let keys_before = [
         lab.status(1)?.encryption.public_key,
         lab.status(2)?.encryption.public_key,
@@ -196,15 +199,23 @@ pub fn rotation_under_load(lab: &Lab, load: &RotationLoad) -> anyhow::Result<Rot
         "{:?}",
         st.keys
     );
-    if wireguard {
-        // `encctl rotate` (all peers) rolls the node's static key too: each node now uses a
-        // new key pair, and its peer configured exactly that key.
-        for (i, other) in [(1, 2), (2, 1)] {
-            let now = lab.status(i)?.encryption.public_key;
+    for (i, other) in [(1, 2), (2, 1)] {
+        let now = lab.status(i)?.encryption.public_key;
+        if boringtun[i - 1] {
+            // `encctl rotate` (all peers) rolls a boringtun node's static key too: it now
+            // uses a new key pair, and its peer configured exactly that key.
             ensure!(
                 now.is_some() && now != keys_before[i - 1],
                 "node-{i} still uses its first static key {now:?}"
             );
+        } else {
+            ensure!(
+                now == keys_before[i - 1],
+                "node-{i} (not boringtun) changed its static key {:?} -> {now:?}",
+                keys_before[i - 1]
+            );
+        }
+        if now.is_some() {
             let seen = lab
                 .peers(other)?
                 .into_iter()

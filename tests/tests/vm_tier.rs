@@ -65,11 +65,14 @@ fn userspace_backend(name: &str) -> &'static str {
     }
 }
 
-/// Checks the scenario's rotation-under-load step and prints it; for IPsec also that node-1's
-/// `ip xfrm state` showed the ESP SAs with every peer.
+/// Checks the scenario's rotation-under-load step and prints it; also that node-1's
+/// `ip xfrm state` showed the ESP SAs with every peer (IPsec) or `wg show` every peer with its
+/// endpoint, allowed IPs and a preshared key (WireGuard).
 fn rotation_step(run: &VmRun) {
     if one(run, "encryption") == "ipsec" {
         assert_eq!(one(run, "xfrm-states"), "ok");
+    } else {
+        assert_eq!(one(run, "wg-show"), "ok");
     }
     assert_eq!(one(run, "rotation.udp-lost"), "0");
     eprintln!(

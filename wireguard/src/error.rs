@@ -103,6 +103,20 @@ pub enum Error {
         /// The peer being added.
         peer: PublicKey,
     },
+    /// A netlink request to the kernel's WireGuard (generic netlink family `wireguard`, or the
+    /// `wireguard` link kind) failed.
+    #[error("{op} for interface {ifname}: {detail}")]
+    Netlink {
+        /// The operation (`"RTM_NEWLINK type wireguard"`, `"WG_CMD_SET_DEVICE"`, ...).
+        op: &'static str,
+        /// Interface it was about.
+        ifname: String,
+        /// What the kernel said, or why the reply made no sense.
+        detail: String,
+        /// The kernel's errno, when it refused.
+        #[source]
+        io_error: Option<io::Error>,
+    },
 }
 
 impl Error {
@@ -131,6 +145,7 @@ impl Error {
             Self::Syscall { io_error, .. }
             | Self::Bind { io_error, .. }
             | Self::Thread { io_error, .. } => Some(io_error),
+            Self::Netlink { io_error, .. } => io_error.as_ref(),
             _ => None,
         }
     }

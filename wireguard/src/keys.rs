@@ -71,6 +71,11 @@ impl PrivateKey {
         Self(bytes)
     }
 
+    /// The raw key, for handing to the kernel; never for logs.
+    pub(crate) fn expose_secret(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
     /// Decodes a key from standard base64 (the `wg genkey` format). Errors never echo the input.
     pub fn from_base64(s: &str) -> Result<Self> {
         decode_key("private", s).map(|b| Self(*b))

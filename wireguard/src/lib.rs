@@ -19,6 +19,7 @@ mod boringtun_wg;
 mod error;
 mod fake;
 mod generations;
+mod kernel;
 mod keyring;
 mod keys;
 
@@ -26,6 +27,7 @@ pub use backend::{BackendKind, DeviceSnapshot, PeerSnapshot, PeerSpec, WgBackend
 pub use boringtun_wg::{BoringtunConfig, BoringtunWg, DropCounters};
 pub use error::{Error, Result};
 pub use fake::FakeWg;
+pub use kernel::{KernelConfig, KernelWg};
 pub use keys::{KEY_LEN, PresharedKey, PrivateKey, PublicKey};
 
 /// A longest-prefix-match table from allowed IPs to peers (cryptokey routing).

@@ -398,6 +398,52 @@ fn lab_scenario(name: &str, mixed: bool) -> anyhow::Result<()> {
     r
 }
 
+/// Prints node `i`'s `wg show` (wireguard-tools: public keys only, the preshared key shows
+/// as hidden) and checks that it lists every other node as a peer at its underlay endpoint
+/// with its pod CIDR as allowed IPs, under the public key `encctl peers` reports.
+fn show_wg(lab: &Lab, i: usize) -> anyhow::Result<()> {
+    let out = lab.node(i).ns.run(&["wg", "show", "enc-wg0"])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "wg show failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("----- wg show enc-wg0 (node-{i}) -----\n{}", text.trim_end());
+    let peers = lab.peers(i)?;
+    for other in lab.nodes.iter().filter(|n| n.index != i) {
+        let key = peers
+            .iter()
+            .find(|p| p.name == other.name)
+            .and_then(|p| p.wireguard.as_ref())
+            .map(|w| w.public_key.clone())
+            .with_context(|| format!("encctl peers shows no WireGuard key for {}", other.name))?;
+        let block = text
+            .split("peer: ")
+            .find(|b| b.starts_with(&key))
+            .with_context(|| format!("wg show lists no peer {key} ({})", other.name))?;
+        ensure!(
+            block.contains(&format!("endpoint: {}:", other.addr)),
+            "wg show: peer {} has no endpoint at {}",
+            other.name,
+            other.addr
+        );
+        ensure!(
+            block.contains(&format!("allowed ips: {}", other.pod_cidr)),
+            "wg show: peer {} does not allow {}",
+            other.name,
+            other.pod_cidr
+        );
+        ensure!(
+            block.contains("preshared key: (hidden)"),
+            "wg show: peer {} has no preshared key",
+            other.name
+        );
+    }
+    value("wg-show", "ok");
+    Ok(())
+}
+
 /// Prints node `i`'s `ip xfrm state` (key lines left out) and checks that it holds, towards
 /// and from each other node, an ESP tunnel-mode SA with `rfc4106(gcm(aes))`.
 fn show_xfrm_states(lab: &Lab, i: usize) -> anyhow::Result<()> {
@@ -511,6 +557,9 @@ fn run_host_tier(lab: &mut Lab, encryption: &str, mixed: bool) -> anyhow::Result
     let st = lab.status(1)?;
     if st.encryption.backend == "kernel-xfrm" {
         show_xfrm_states(lab, 1)?;
+    }
+    if st.encryption.backend == "kernel-wireguard" {
+        show_wg(lab, 1)?;
     }
     value("encryption", &st.encryption.kind);
     value("backend", &st.encryption.backend);
