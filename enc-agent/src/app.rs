@@ -311,7 +311,9 @@ impl Shared {
             return Ok(());
         };
         if wg.kind() == enc_wireguard::BackendKind::Kernel {
-            tracing::debug!("kernel WireGuard keeps its static key; only the preshared key rotates");
+            tracing::debug!(
+                "kernel WireGuard keeps its static key; only the preshared key rotates"
+            );
             return Ok(());
         }
         let old = wg.public_key();

@@ -56,6 +56,9 @@ pub struct RotationLoad {
     pub rotation_timeout: &'static str,
     /// Longest pause of the TCP stream that still counts as not stalled.
     pub max_tcp_stall: Duration,
+    /// Rotate with plain `encctl rotate`, which also rolls a boringtun node's static key;
+    /// `false` rotates with `--peer`, which moves the pair's epoch (and preshared key) only.
+    pub static_rolls: bool,
 }
 
 impl Default for RotationLoad {
@@ -66,6 +69,7 @@ impl Default for RotationLoad {
             tcp_rate: 4_000_000,
             rotation_timeout: "20s",
             max_tcp_stall: Duration::from_secs(1),
+            static_rolls: true,
         }
     }
 }
@@ -130,11 +134,13 @@ pub fn rotation_under_load(lab: &Lab, load: &RotationLoad) -> anyhow::Result<Rot
     let began = Instant::now();
     for k in 0..load.rotations {
         // Alternate the node that asks: node-1 leads the pair, node-2 asks it to rotate.
-        let node = if k % 2 == 0 { 1 } else { 2 };
-        let out = lab.encctl_output(
-            node,
-            &["rotate", "--wait", "--timeout", load.rotation_timeout],
-        )?;
+        let (node, other) = if k % 2 == 0 { (1, 2) } else { (2, 1) };
+        let other = format!("node-{other}");
+        let mut args = vec!["rotate", "--wait", "--timeout", load.rotation_timeout];
+        if !load.static_rolls {
+            args.extend(["--peer", other.as_str()]);
+        }
+        let out = lab.encctl_output(node, &args)?;
         ensure!(
             out.status.success(),
             "rotation {} from node-{node} failed: {}{}",
@@ -201,7 +207,7 @@ pub fn rotation_under_load(lab: &Lab, load: &RotationLoad) -> anyhow::Result<Rot
     );
     for (i, other) in [(1, 2), (2, 1)] {
         let now = lab.status(i)?.encryption.public_key;
-        if boringtun[i - 1] {
+        if boringtun[i - 1] && load.static_rolls {
             // `encctl rotate` (all peers) rolls a boringtun node's static key too: it now
             // uses a new key pair, and its peer configured exactly that key.
             ensure!(

@@ -136,7 +136,9 @@ impl KernelWg {
         let mut link = LinkMessage::default();
         link.attributes.push(LinkAttribute::IfName(ifname.clone()));
         link.attributes
-            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Wireguard)]));
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Wireguard,
+            )]));
         match rtnl.request(
             RouteNetlinkMessage::NewLink(link),
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
@@ -203,10 +205,7 @@ impl KernelWg {
     fn get(&self) -> Result<KernelDevice> {
         let replies = self
             .genl
-            .dump(
-                || self.message(WireguardCmd::GetDevice, Vec::new()),
-                OP_GET,
-            )
+            .dump(|| self.message(WireguardCmd::GetDevice, Vec::new()), OP_GET)
             .map_err(|e| netlink_error(OP_GET, &self.ifname, e))?;
         let mut payloads: Vec<WireguardMessage> = replies.into_iter().map(|m| m.payload).collect();
         let device = parse_device(&payloads);
@@ -231,7 +230,9 @@ impl KernelWg {
             OP_DELLINK,
         ) {
             Ok(_) => tracing::info!(ifname = %self.ifname, "deleted kernel WireGuard link"),
-            Err(e) => tracing::warn!(ifname = %self.ifname, error = %netlink_error(OP_DELLINK, &self.ifname, e), "cannot delete kernel WireGuard link"),
+            Err(e) => {
+                tracing::warn!(ifname = %self.ifname, error = %netlink_error(OP_DELLINK, &self.ifname, e), "cannot delete kernel WireGuard link")
+            }
         }
     }
 }
@@ -600,7 +601,9 @@ impl Error {
     pub fn is_unsupported(&self) -> bool {
         match self {
             Error::Netlink {
-                op, io_error: Some(e), ..
+                op,
+                io_error: Some(e),
+                ..
             } => {
                 e.raw_os_error() == Some(libc::EOPNOTSUPP)
                     || (*op == OP_FAMILY && e.raw_os_error() == Some(libc::ENOENT))
@@ -667,8 +670,10 @@ mod tests {
     fn only_what_differs_is_written() {
         let s = spec(Some(7), &["10.1.0.0/24"]);
         let current = applied(&s);
-        let is_psk = |a: &WireguardPeerAttribute| matches!(a, WireguardPeerAttribute::PresharedKey(_));
-        let is_ips = |a: &WireguardPeerAttribute| matches!(a, WireguardPeerAttribute::AllowedIps(_));
+        let is_psk =
+            |a: &WireguardPeerAttribute| matches!(a, WireguardPeerAttribute::PresharedKey(_));
+        let is_ips =
+            |a: &WireguardPeerAttribute| matches!(a, WireguardPeerAttribute::AllowedIps(_));
         let is_replace = |a: &WireguardPeerAttribute| {
             *a == WireguardPeerAttribute::Flags(WireguardPeerFlags::ReplaceAllowedIps)
         };
@@ -677,23 +682,29 @@ mod tests {
         // no packet finds the peer without them.
         let rotated = spec(Some(8), &["10.1.0.0/24"]);
         let u = peer_update(&rotated.public_key, Some(&current), &rotated).unwrap();
-        assert!(has(&u, |a| *a == WireguardPeerAttribute::PresharedKey([8; KEY_LEN])));
+        assert!(has(&u, |a| *a
+            == WireguardPeerAttribute::PresharedKey([8; KEY_LEN])));
         assert!(!has(&u, is_ips) && !has(&u, is_replace), "{u:?}");
 
         let cleared = spec(None, &["10.1.0.0/24"]);
         let u = peer_update(&cleared.public_key, Some(&current), &cleared).unwrap();
-        assert!(has(&u, |a| *a == WireguardPeerAttribute::PresharedKey([0; KEY_LEN])));
+        assert!(has(&u, |a| *a
+            == WireguardPeerAttribute::PresharedKey([0; KEY_LEN])));
 
         let more = spec(Some(7), &["10.1.0.0/24", "10.2.0.0/24"]);
         let u = peer_update(&more.public_key, Some(&current), &more).unwrap();
-        assert!(has(&u, is_ips) && has(&u, is_replace) && !has(&u, is_psk), "{u:?}");
+        assert!(
+            has(&u, is_ips) && has(&u, is_replace) && !has(&u, is_psk),
+            "{u:?}"
+        );
 
         let keepalive = PeerSpec {
             persistent_keepalive: Some(25),
             ..s.clone()
         };
         let u = peer_update(&s.public_key, Some(&current), &keepalive).unwrap();
-        assert!(has(&u, |a| *a == WireguardPeerAttribute::PersistentKeepalive(25)));
+        assert!(has(&u, |a| *a
+            == WireguardPeerAttribute::PersistentKeepalive(25)));
         assert!(!has(&u, is_ips) && !has(&u, is_psk));
 
         let moved = PeerSpec {
@@ -701,7 +712,10 @@ mod tests {
             ..s.clone()
         };
         let u = peer_update(&s.public_key, Some(&current), &moved).unwrap();
-        assert!(has(&u, |a| matches!(a, WireguardPeerAttribute::Endpoint(_))));
+        assert!(has(&u, |a| matches!(
+            a,
+            WireguardPeerAttribute::Endpoint(_)
+        )));
         assert!(!has(&u, is_ips) && !has(&u, is_psk));
 
         // A new peer gets everything.
