@@ -216,7 +216,7 @@ pub fn peers(peers: &[PeerInfo]) -> String {
                 ),
                 (None, Some(e)) => (
                     format!("esp {} seq {}", e.out_spi, e.out_seq),
-                    bytes(e.inbound.iter().map(|i| i.bytes).sum()),
+                    bytes(e.rx_bytes),
                     bytes(e.tx_bytes),
                 ),
                 (None, None) => ("-".into(), "-".into(), "-".into()),
