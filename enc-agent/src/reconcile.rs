@@ -411,6 +411,8 @@ mod tests {
             dev: "wg0".into(),
             mtu: Some(1440),
             table: ENC_TABLE,
+            via: None,
+            encap: None,
         };
         links.upsert_route(&stale).unwrap();
         let wg = std::sync::Arc::new(FakeWg::new("wg0", PublicKey::from([9; 32]), 51820));

@@ -79,6 +79,28 @@ pub enum Error {
         /// Why it is rejected.
         reason: &'static str,
     },
+    /// An [`OverlaySpec`](crate::OverlaySpec) is not acceptable (checked before talking to the
+    /// kernel).
+    #[error("invalid overlay device {ifname}: {reason}")]
+    InvalidOverlay {
+        /// The device name.
+        ifname: String,
+        /// Why it is rejected.
+        reason: &'static str,
+    },
+    /// A neighbour operation failed.
+    #[error("{op} neighbour {ip} dev {ifname}")]
+    Neigh {
+        /// The netlink operation (`"RTM_NEWNEIGH"`, `"RTM_DELNEIGH"`, `"RTM_GETNEIGH"`).
+        op: &'static str,
+        /// The neighbour's address (unspecified for a dump).
+        ip: std::net::IpAddr,
+        /// The device.
+        ifname: String,
+        /// The kernel's errno.
+        #[source]
+        source: io::Error,
+    },
     /// A [`RuleSpec`](crate::RuleSpec) is not acceptable (checked before talking to the kernel).
     #[error("invalid rule priority {priority} table {table}: {reason}")]
     InvalidRule {
@@ -144,6 +166,7 @@ impl Error {
             | Self::Link { source, .. }
             | Self::Route { source, .. }
             | Self::Rule { source, .. }
+            | Self::Neigh { source, .. }
             | Self::Dump { source, .. } => source.raw_os_error(),
             _ => None,
         }
@@ -156,6 +179,12 @@ impl Error {
             self.raw_os_error(),
             Some(libc::ENODEV | libc::ENOENT | libc::ESRCH)
         )
+    }
+
+    /// True when the kernel does not know the link kind asked for (`EOPNOTSUPP`): for
+    /// example a Geneve device on a kernel without the geneve module.
+    pub fn is_unsupported(&self) -> bool {
+        self.raw_os_error() == Some(libc::EOPNOTSUPP)
     }
 
     /// True when the object already exists (`EEXIST`).

@@ -6,7 +6,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use ipnet::IpNet;
 
-use crate::{Error, LinkBackend, LinkSnapshot, Result, RouteSpec, RuleSpec};
+use crate::{
+    Error, LinkBackend, LinkSnapshot, NeighSpec, OverlaySnapshot, OverlaySpec, Result, RouteSpec,
+    RuleSpec,
+};
 
 /// In-memory [`LinkBackend`] that behaves like the kernel for the operations enc uses: routes are
 /// identified by `(table, dst)`, an upsert replaces, a route needs an existing device (`ENODEV`),
@@ -22,6 +25,9 @@ struct State {
     next_index: u32,
     routes: Vec<RouteSpec>,
     rules: Vec<RuleSpec>,
+    overlays: BTreeMap<String, OverlaySpec>,
+    neighs: Vec<NeighSpec>,
+    unsupported_kinds: Vec<crate::OverlayKind>,
     failures: HashMap<IpNet, i32>,
     calls: usize,
 }
@@ -54,10 +60,23 @@ impl FakeLinks {
         );
     }
 
+    /// Makes creating an overlay device of `kind` fail with `EOPNOTSUPP`, as on a kernel
+    /// without its module.
+    pub fn refuse_kind(&self, kind: crate::OverlayKind) {
+        self.state().unsupported_kinds.push(kind);
+    }
+
+    /// Every permanent neighbour entry.
+    pub fn neighs(&self) -> Vec<NeighSpec> {
+        self.state().neighs.clone()
+    }
+
     /// Removes a link and its routes, as the kernel does.
     pub fn remove_link(&self, ifname: &str) {
         let mut state = self.state();
         state.links.remove(ifname);
+        state.overlays.remove(ifname);
+        state.neighs.retain(|n| n.ifname != ifname);
         state.routes.retain(|route| route.dev != ifname);
     }
 
@@ -185,6 +204,97 @@ impl LinkBackend for FakeLinks {
         state.calls += 1;
         Ok(state.rules.clone())
     }
+
+    fn overlay(&self, ifname: &str) -> Result<Option<OverlaySnapshot>> {
+        let mut state = self.state();
+        state.calls += 1;
+        let Some(link) = state.links.get(ifname) else {
+            return Ok(None);
+        };
+        let spec = state.overlays.get(ifname);
+        Ok(Some(OverlaySnapshot {
+            ifname: ifname.to_owned(),
+            index: link.index,
+            kind: spec.map(|s| s.kind),
+            port: spec.map(|s| s.port),
+            external: spec.is_some(),
+            mtu: link.mtu,
+            mac: spec.map_or([0; 6], |s| s.mac),
+            up: link.up,
+        }))
+    }
+
+    fn upsert_overlay(&self, spec: &OverlaySpec) -> Result<()> {
+        spec.validate()?;
+        let current = self.overlay(&spec.ifname)?;
+        if current.as_ref().is_some_and(|c| c.matches(spec)) {
+            return Ok(());
+        }
+        if self.state().unsupported_kinds.contains(&spec.kind) {
+            return Err(Error::Link {
+                op: "RTM_NEWLINK",
+                ifname: spec.ifname.clone(),
+                source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+            });
+        }
+        if current.is_some_and(|c| !c.compatible_with(spec)) {
+            self.remove_link(&spec.ifname);
+        }
+        if !self.state().links.contains_key(&spec.ifname) {
+            self.add_link(&spec.ifname, spec.mtu);
+        }
+        let mut state = self.state();
+        if let Some(link) = state.links.get_mut(&spec.ifname) {
+            link.mtu = spec.mtu;
+            link.up = true;
+        }
+        state.overlays.insert(spec.ifname.clone(), spec.clone());
+        Ok(())
+    }
+
+    fn delete_link(&self, ifname: &str) -> Result<()> {
+        self.state().calls += 1;
+        self.remove_link(ifname);
+        Ok(())
+    }
+
+    fn upsert_neigh(&self, spec: &NeighSpec) -> Result<()> {
+        let mut state = self.state();
+        state.calls += 1;
+        if !state.links.contains_key(&spec.ifname) {
+            return Err(Error::Neigh {
+                op: "RTM_NEWNEIGH",
+                ip: spec.ip,
+                ifname: spec.ifname.clone(),
+                source: io::Error::from_raw_os_error(libc::ENODEV),
+            });
+        }
+        state
+            .neighs
+            .retain(|n| !(n.ifname == spec.ifname && n.ip == spec.ip));
+        state.neighs.push(spec.clone());
+        Ok(())
+    }
+
+    fn delete_neigh(&self, spec: &NeighSpec) -> Result<()> {
+        let mut state = self.state();
+        state.calls += 1;
+        state
+            .neighs
+            .retain(|n| !(n.ifname == spec.ifname && n.ip == spec.ip));
+        Ok(())
+    }
+
+    fn dump_neighs(&self, ifname: &str) -> Result<Vec<NeighSpec>> {
+        let mut state = self.state();
+        state.calls += 1;
+        Ok(state
+            .neighs
+            .iter()
+            .filter(|n| n.ifname == ifname)
+            .cloned()
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -198,6 +308,8 @@ mod tests {
             dev: dev.into(),
             mtu,
             table: RT_TABLE_MAIN,
+            via: None,
+            encap: None,
         }
     }
 

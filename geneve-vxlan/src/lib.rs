@@ -11,6 +11,7 @@
 mod error;
 mod fake;
 pub mod mtu;
+mod overlay;
 mod route;
 mod rtnl;
 mod rule;
@@ -19,7 +20,13 @@ use serde::Serialize;
 
 pub use error::{Error, Result};
 pub use fake::FakeLinks;
-pub use route::{RT_TABLE_MAIN, RTPROT_ENC, RouteChanges, RouteSpec, apply_routes, diff_routes};
+pub use overlay::{
+    NeighChanges, NeighSpec, OverlayKind, OverlaySnapshot, OverlaySpec, diff_neighs, format_mac,
+    overlay_mac,
+};
+pub use route::{
+    RT_TABLE_MAIN, RTPROT_ENC, RouteChanges, RouteSpec, TunnelEncap, apply_routes, diff_routes,
+};
 pub use rtnl::RtnetlinkLinks;
 pub use rule::{RuleChanges, RuleFamily, RuleSpec, apply_rules, diff_rules};
 
@@ -61,4 +68,19 @@ pub trait LinkBackend: Send + Sync {
     fn delete_rule(&self, spec: &RuleSpec) -> Result<()>;
     /// Rules with enc's protocol number (IPv4 and IPv6).
     fn dump_rules(&self) -> Result<Vec<RuleSpec>>;
+    /// The overlay device named `ifname` as the kernel reports it, or `None` if there is no
+    /// link of that name.
+    fn overlay(&self, ifname: &str) -> Result<Option<OverlaySnapshot>>;
+    /// Creates the overlay device, or brings an existing compatible one to `spec` (MTU, MAC,
+    /// up). An existing link of that name of another kind, port or mode is replaced.
+    /// A kernel without the device type answers [`Error::is_unsupported`].
+    fn upsert_overlay(&self, spec: &OverlaySpec) -> Result<()>;
+    /// Deletes the link; an absent link is `Ok`.
+    fn delete_link(&self, ifname: &str) -> Result<()>;
+    /// Adds or replaces a permanent neighbour entry.
+    fn upsert_neigh(&self, spec: &NeighSpec) -> Result<()>;
+    /// Deletes a neighbour entry; an absent one (or device) is `Ok`.
+    fn delete_neigh(&self, spec: &NeighSpec) -> Result<()>;
+    /// The permanent neighbour entries on `ifname` (none if the link does not exist).
+    fn dump_neighs(&self, ifname: &str) -> Result<Vec<NeighSpec>>;
 }

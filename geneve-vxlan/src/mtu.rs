@@ -126,9 +126,162 @@ pub fn esp_device_mtu(underlay_mtu: u32, underlay: Underlay, inner: Inner) -> Re
     Ok(mtu)
 }
 
+/// VXLAN header (flags, VNI).
+pub const VXLAN_HEADER: u32 = 8;
+/// Geneve base header, without options (enc sends none).
+pub const GENEVE_HEADER: u32 = 8;
+/// The inner Ethernet header both overlays carry.
+pub const INNER_ETHERNET: u32 = 14;
+
+/// What an overlay adds to each pod packet: outer IP (of the underlay's family) + UDP + the
+/// overlay header + the inner Ethernet header: 50 bytes over IPv4, 70 over IPv6, for VXLAN and
+/// for Geneve without options.
+pub fn overlay_overhead(kind: crate::OverlayKind, underlay: Underlay) -> u32 {
+    let header = match kind {
+        crate::OverlayKind::Vxlan => VXLAN_HEADER,
+        crate::OverlayKind::Geneve => GENEVE_HEADER,
+    };
+    underlay.ip_header_len() + UDP_HEADER + header + INNER_ETHERNET
+}
+
+/// The encryption layer, for [`plan`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encryption {
+    /// No encryption.
+    None,
+    /// WireGuard ([`wireguard_device_mtu`]).
+    Wireguard,
+    /// ESP tunnel mode with AES-GCM ([`esp_device_mtu`]).
+    Esp,
+}
+
+/// The MTUs of one node's stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MtuPlan {
+    /// The underlay MTU the plan starts from.
+    pub underlay: u32,
+    /// MTU of the encryption device (and of the routes into it), if there is encryption: the
+    /// largest packet it seals into one underlay packet.
+    pub encryption: Option<u32>,
+    /// MTU of the overlay device, if there is an overlay: equal to `pod`.
+    pub overlay: Option<u32>,
+    /// The largest pod packet that crosses to another node without fragmentation: the MTU
+    /// of the routes to remote pod CIDRs.
+    pub pod: u32,
+}
+
+/// The MTUs of the stack `encryption` over `overlay` on an underlay of `underlay_mtu`.
+///
+/// With both, the overlay packet is what gets encrypted (encryption is outermost), so the pod
+/// MTU is the encryption device's MTU minus the overlay overhead: 1390 for VXLAN in WireGuard
+/// and 1396 for VXLAN in ESP on a 1500-byte IPv4 underlay. Without encryption it is the
+/// underlay MTU minus the overlay overhead (1450), and without an overlay the encryption
+/// device's MTU (1440 WireGuard, 1446 ESP) or the underlay MTU itself.
+///
+/// Fails with [`Error::MtuTooSmall`] when the pod MTU would be below the minimum of `inner`.
+pub fn plan(
+    underlay_mtu: u32,
+    underlay: Underlay,
+    inner: Inner,
+    encryption: Encryption,
+    overlay: Option<crate::OverlayKind>,
+) -> Result<MtuPlan> {
+    let (minimum, minimum_name) = inner.minimum();
+    let too_small = |mtu| Error::MtuTooSmall {
+        underlay_mtu,
+        mtu,
+        minimum,
+        minimum_name,
+    };
+    let encryption = match encryption {
+        Encryption::None => None,
+        Encryption::Wireguard => Some(
+            wireguard_device_mtu_for(underlay_mtu, underlay, Inner::V4)
+                .map_err(|_| too_small(0))?,
+        ),
+        Encryption::Esp => {
+            Some(esp_device_mtu(underlay_mtu, underlay, Inner::V4).map_err(|_| too_small(0))?)
+        }
+    };
+    let carrier = encryption.unwrap_or(underlay_mtu);
+    let pod = match overlay {
+        Some(kind) => carrier.saturating_sub(overlay_overhead(kind, underlay)),
+        None => carrier,
+    };
+    if pod < minimum {
+        return Err(too_small(pod));
+    }
+    Ok(MtuPlan {
+        underlay: underlay_mtu,
+        encryption,
+        overlay: overlay.map(|_| pod),
+        pod,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stacks() {
+        use crate::OverlayKind::{Geneve, Vxlan};
+        let p = |e, o| plan(1500, Underlay::V4, Inner::V4, e, o).unwrap();
+        assert_eq!(p(Encryption::None, None).pod, 1500);
+        assert_eq!(p(Encryption::None, Some(Vxlan)).pod, 1450);
+        assert_eq!(p(Encryption::None, Some(Geneve)).pod, 1450);
+        assert_eq!(p(Encryption::Wireguard, None).pod, 1440);
+        let wg_vxlan = p(Encryption::Wireguard, Some(Vxlan));
+        assert_eq!(
+            (wg_vxlan.encryption, wg_vxlan.overlay, wg_vxlan.pod),
+            (Some(1440), Some(1390), 1390)
+        );
+        assert_eq!(p(Encryption::Esp, None).pod, 1446);
+        assert_eq!(p(Encryption::Esp, Some(Geneve)).pod, 1396);
+        let v6 = plan(
+            1500,
+            Underlay::V6,
+            Inner::V6,
+            Encryption::Wireguard,
+            Some(Vxlan),
+        )
+        .unwrap();
+        assert_eq!((v6.encryption, v6.pod), (Some(1420), 1350));
+        assert!(plan(1340, Underlay::V6, Inner::V6, Encryption::None, Some(Vxlan)).is_err());
+        let err = plan(
+            600,
+            Underlay::V4,
+            Inner::V4,
+            Encryption::Wireguard,
+            Some(Vxlan),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("576"), "{err}");
+    }
+
+    proptest::proptest! {
+        /// Every layer fits: a pod packet of exactly the pod MTU becomes an underlay packet of
+        /// at most the underlay MTU, and the plan is maximal for the overlay layer.
+        #[test]
+        fn pod_packets_fit(underlay_mtu in 1280u32..9001, v6 in proptest::bool::ANY,
+                           enc in 0u8..3, ov in 0u8..3) {
+            let underlay = if v6 { Underlay::V6 } else { Underlay::V4 };
+            let encryption = [Encryption::None, Encryption::Wireguard, Encryption::Esp][enc as usize];
+            let overlay = [None, Some(crate::OverlayKind::Vxlan), Some(crate::OverlayKind::Geneve)][ov as usize];
+            if let Ok(p) = plan(underlay_mtu, underlay, Inner::V4, encryption, overlay) {
+                let mut size = p.pod;
+                if let Some(kind) = overlay {
+                    size += overlay_overhead(kind, underlay);
+                }
+                size = match encryption {
+                    Encryption::None => size,
+                    Encryption::Wireguard => size + underlay.ip_header_len() + UDP_HEADER + WIREGUARD_OVERHEAD,
+                    Encryption::Esp => underlay.ip_header_len() + ESP_HEADER + ESP_IV + (size + ESP_TRAILER).div_ceil(4) * 4 + ESP_ICV,
+                };
+                proptest::prop_assert!(size <= underlay_mtu, "{size} > {underlay_mtu}");
+            }
+        }
+    }
 
     #[test]
     fn esp_values() {

@@ -1,6 +1,7 @@
 //! Desired route state, the diff between two route sets and applying it through a backend.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -17,11 +18,12 @@ pub const RTPROT_ENC: u8 = 0xe5;
 /// The main routing table (`RT_TABLE_MAIN`).
 pub const RT_TABLE_MAIN: u32 = 254;
 
-/// Desired state of one route: `dst` via device `dev` (scope link, no gateway), an optional MTU
-/// metric, in `table` ([`RT_TABLE_MAIN`] by default), with protocol [`RTPROT_ENC`] so that enc
-/// recognises the routes it owns on restart.
+/// Desired state of one route: `dst` via device `dev` (scope link, or through an on-link
+/// gateway `via`), an optional MTU metric and lightweight-tunnel encapsulation, in `table`
+/// ([`RT_TABLE_MAIN`] by default), with protocol [`RTPROT_ENC`] so that enc recognises the
+/// routes it owns on restart.
 ///
-/// A route is identified in the kernel by `(table, dst)`; `dev` and `mtu` are its attributes.
+/// A route is identified in the kernel by `(table, dst)`; the rest are its attributes.
 /// `dst` must have no host bits set (`10.0.1.0/24`, not `10.0.1.7/24`), as the kernel reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -34,6 +36,24 @@ pub struct RouteSpec {
     pub mtu: Option<u32>,
     /// Routing table id.
     pub table: u32,
+    /// On-link gateway (`via ADDR onlink`), of the family of `dst`; `None` for a scope-link
+    /// route straight out of `dev`.
+    pub via: Option<IpAddr>,
+    /// Tunnel metadata for an external-mode overlay device (`encap ip id .. src .. dst ..`).
+    pub encap: Option<TunnelEncap>,
+}
+
+/// Lightweight-tunnel encapsulation of a route (`LWTUNNEL_ENCAP_IP` / `_IP6`): the metadata an
+/// external-mode VXLAN or Geneve device builds the outer headers from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelEncap {
+    /// VNI (24 bits).
+    pub id: u32,
+    /// Outer source address (this node's underlay address).
+    pub src: IpAddr,
+    /// Outer destination address (the peer's underlay address), of the family of `src`.
+    pub dst: IpAddr,
 }
 
 impl RouteSpec {
@@ -44,7 +64,23 @@ impl RouteSpec {
             dev: dev.into(),
             mtu: None,
             table: RT_TABLE_MAIN,
+            via: None,
+            encap: None,
         }
+    }
+
+    /// Routes through the on-link gateway `via`.
+    #[must_use]
+    pub fn with_via(mut self, via: IpAddr) -> Self {
+        self.via = Some(via);
+        self
+    }
+
+    /// Sets the tunnel encapsulation.
+    #[must_use]
+    pub fn with_encap(mut self, encap: TunnelEncap) -> Self {
+        self.encap = Some(encap);
+        self
     }
 
     /// Sets the MTU metric.
@@ -77,6 +113,16 @@ impl RouteSpec {
             Some("table 0 (RT_TABLE_UNSPEC) is not a table")
         } else if self.mtu == Some(0) {
             Some("an MTU metric of 0 means none; use None")
+        } else if self
+            .via
+            .is_some_and(|v| v.is_ipv4() != self.dst.addr().is_ipv4())
+        {
+            Some("gateway of another address family than the destination")
+        } else if self
+            .encap
+            .is_some_and(|e| e.src.is_ipv4() != e.dst.is_ipv4() || e.id > 0x00ff_ffff)
+        {
+            Some("tunnel source and destination of different families, or a VNI above 2^24-1")
         } else {
             None
         };
@@ -223,6 +269,8 @@ mod tests {
             dev: dev.into(),
             mtu,
             table: RT_TABLE_MAIN,
+            via: None,
+            encap: None,
         }
     }
 
@@ -335,6 +383,8 @@ mod tests {
                 dev: dev.to_owned(),
                 mtu,
                 table,
+                via: None,
+                encap: None,
             })
     }
 

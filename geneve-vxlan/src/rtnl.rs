@@ -6,18 +6,27 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use enc_sys::netlink::Conn;
 use ipnet::IpNet;
-use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST};
-use netlink_packet_route::link::{LinkAttribute, LinkExtentMask, LinkFlags, LinkMessage};
+use netlink_packet_core::{
+    DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, Nla,
+};
+use netlink_packet_route::link::{
+    InfoData, InfoGeneve, InfoKind, InfoVxlan, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo,
+    LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteMetric,
-    RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteIp6Tunnel, RouteLwEnCapType,
+    RouteLwTunnelEncap, RouteMessage, RouteMetric, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::protocols::NETLINK_ROUTE;
 
 use crate::{
-    Error, LinkBackend, LinkSnapshot, RTPROT_ENC, Result, RouteSpec, RuleFamily, RuleSpec,
+    Error, LinkBackend, LinkSnapshot, NeighSpec, OverlayKind, OverlaySnapshot, OverlaySpec,
+    RTPROT_ENC, Result, RouteSpec, RuleFamily, RuleSpec, TunnelEncap,
 };
 
 const OP_GETLINK: &str = "RTM_GETLINK";
@@ -28,6 +37,20 @@ const OP_GETROUTE: &str = "RTM_GETROUTE";
 const OP_NEWRULE: &str = "RTM_NEWRULE";
 const OP_DELRULE: &str = "RTM_DELRULE";
 const OP_GETRULE: &str = "RTM_GETRULE";
+const OP_DELLINK: &str = "RTM_DELLINK";
+const OP_NEWNEIGH: &str = "RTM_NEWNEIGH";
+const OP_DELNEIGH: &str = "RTM_DELNEIGH";
+const OP_GETNEIGH: &str = "RTM_GETNEIGH";
+
+// Lightweight-tunnel attributes (`include/uapi/linux/lwtunnel.h`); LWTUNNEL_IP_* and
+// LWTUNNEL_IP6_* share the numbers. netlink-packet-route parses IPv6 tunnels but not IPv4 ones,
+// so both are emitted as raw attributes and both forms are read back.
+const LWTUNNEL_IP_ID: u16 = 1;
+const LWTUNNEL_IP_DST: u16 = 2;
+const LWTUNNEL_IP_SRC: u16 = 3;
+const LWTUNNEL_IP_FLAGS: u16 = 6;
+/// `TUNNEL_CSUM | TUNNEL_KEY`: outer UDP checksums, and the id is a key (the VNI).
+const TUNNEL_FLAGS: u16 = 0x01 | 0x04;
 
 /// [`LinkBackend`] over rtnetlink, with a synchronous NETLINK_ROUTE socket.
 ///
@@ -158,6 +181,8 @@ impl RtnetlinkLinks {
                     dev,
                     mtu: parsed.mtu,
                     table,
+                    via: parsed.via,
+                    encap: parsed.encap,
                 }),
                 // The link went away after the dump; so did its routes.
                 None => {
@@ -258,6 +283,76 @@ struct DumpedRoute {
     dst: IpNet,
     oif: u32,
     mtu: Option<u32>,
+    via: Option<IpAddr>,
+    encap: Option<TunnelEncap>,
+}
+
+/// Reads an `RTA_ENCAP` of type IP or IP6 back into a [`TunnelEncap`]; `None` if it lacks an
+/// address or the id.
+fn parse_encap(kind: RouteLwEnCapType, attributes: &[RouteLwTunnelEncap]) -> Option<TunnelEncap> {
+    let mut id = None;
+    let mut src = None;
+    let mut dst = None;
+    let addr = |bytes: &[u8]| -> Option<IpAddr> {
+        match bytes.len() {
+            4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+            _ => None,
+        }
+    };
+    for attribute in attributes {
+        match attribute {
+            RouteLwTunnelEncap::Ip6(RouteIp6Tunnel::Id(v)) => id = Some(*v),
+            RouteLwTunnelEncap::Ip6(RouteIp6Tunnel::Destination(a)) => dst = Some(IpAddr::V6(*a)),
+            RouteLwTunnelEncap::Ip6(RouteIp6Tunnel::Source(a)) => src = Some(IpAddr::V6(*a)),
+            RouteLwTunnelEncap::Other(nla) => {
+                let mut value = vec![0u8; nla.value_len()];
+                nla.emit_value(&mut value);
+                match nla.kind() {
+                    LWTUNNEL_IP_ID => {
+                        id = <[u8; 8]>::try_from(value.as_slice())
+                            .ok()
+                            .map(u64::from_be_bytes)
+                    }
+                    LWTUNNEL_IP_DST => dst = addr(&value),
+                    LWTUNNEL_IP_SRC => src = addr(&value),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    if !matches!(kind, RouteLwEnCapType::Ip | RouteLwEnCapType::Ip6) {
+        return None;
+    }
+    Some(TunnelEncap {
+        id: u32::try_from(id?).ok()?,
+        src: src?,
+        dst: dst?,
+    })
+}
+
+/// The `RTA_ENCAP` attributes of `encap`.
+fn encap_attributes(encap: &TunnelEncap) -> (RouteLwEnCapType, Vec<RouteLwTunnelEncap>) {
+    let octets = |a: IpAddr| match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let kind = if encap.dst.is_ipv4() {
+        RouteLwEnCapType::Ip
+    } else {
+        RouteLwEnCapType::Ip6
+    };
+    let raw = |k: u16, v: Vec<u8>| RouteLwTunnelEncap::Other(DefaultNla::new(k, v));
+    (
+        kind,
+        vec![
+            raw(LWTUNNEL_IP_ID, u64::from(encap.id).to_be_bytes().to_vec()),
+            raw(LWTUNNEL_IP_DST, octets(encap.dst)),
+            raw(LWTUNNEL_IP_SRC, octets(encap.src)),
+            raw(LWTUNNEL_IP_FLAGS, TUNNEL_FLAGS.to_be_bytes().to_vec()),
+        ],
+    )
 }
 
 /// Picks enc's unicast routes of `table` out of a dump; others are `None`.
@@ -273,9 +368,16 @@ fn parse_route(route: &RouteMessage, table: u32) -> Result<Option<DumpedRoute>> 
     let mut dst = None;
     let mut oif = None;
     let mut mtu = None;
+    let mut via = None;
+    let mut encap_type = None;
+    let mut encap = None;
     for attribute in &route.attributes {
         match attribute {
             RouteAttribute::Table(t) => route_table = *t,
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => via = Some(IpAddr::V4(*a)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => via = Some(IpAddr::V6(*a)),
+            RouteAttribute::EncapType(t) => encap_type = Some(*t),
+            RouteAttribute::Encap(e) => encap = Some(e.clone()),
             RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
             RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
             RouteAttribute::Oif(index) => oif = Some(*index),
@@ -307,7 +409,17 @@ fn parse_route(route: &RouteMessage, table: u32) -> Result<Option<DumpedRoute>> 
         tracing::warn!(%dst, table, "ignoring enc route without a single output device");
         return Ok(None);
     };
-    Ok(Some(DumpedRoute { dst, oif, mtu }))
+    let encap = match (encap_type, encap) {
+        (Some(kind), Some(attributes)) => parse_encap(kind, &attributes),
+        _ => None,
+    };
+    Ok(Some(DumpedRoute {
+        dst,
+        oif,
+        mtu,
+        via,
+        encap,
+    }))
 }
 
 /// The `RTM_NEWROUTE` / `RTM_DELROUTE` message for `spec` via link `oif`.
@@ -322,12 +434,19 @@ fn route_message(spec: &RouteSpec, oif: u32, delete: bool) -> RouteMessage {
     // Tables above 255 only fit in RTA_TABLE; the kernel prefers RTA_TABLE when present.
     header.table = u8::try_from(spec.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
     header.protocol = RouteProtocol::from(RTPROT_ENC);
-    // RT_SCOPE_NOWHERE on delete matches a route of any scope, as `ip route del` does.
+    // RT_SCOPE_NOWHERE on delete matches a route of any scope, as `ip route del` does. A
+    // route through a gateway has universe scope (the kernel refuses an on-link nexthop in a
+    // link-scope route).
     header.scope = if delete {
         RouteScope::NoWhere
+    } else if spec.via.is_some() {
+        RouteScope::Universe
     } else {
         RouteScope::Link
     };
+    if spec.via.is_some() && !delete {
+        header.flags |= RouteFlags::Onlink;
+    }
     header.kind = RouteType::Unicast;
     message.attributes.push(RouteAttribute::Table(spec.table));
     message
@@ -337,6 +456,17 @@ fn route_message(spec: &RouteSpec, oif: u32, delete: bool) -> RouteMessage {
             IpNet::V6(net) => RouteAddress::Inet6(net.network()),
         }));
     message.attributes.push(RouteAttribute::Oif(oif));
+    if let (Some(via), false) = (spec.via, delete) {
+        message.attributes.push(RouteAttribute::Gateway(match via {
+            IpAddr::V4(a) => RouteAddress::Inet(a),
+            IpAddr::V6(a) => RouteAddress::Inet6(a),
+        }));
+    }
+    if let (Some(encap), false) = (&spec.encap, delete) {
+        let (kind, attributes) = encap_attributes(encap);
+        message.attributes.push(RouteAttribute::EncapType(kind));
+        message.attributes.push(RouteAttribute::Encap(attributes));
+    }
     if let (Some(mtu), false) = (spec.mtu, delete) {
         message
             .attributes
@@ -351,6 +481,124 @@ fn route_error<'a>(op: &'static str, spec: &'a RouteSpec) -> impl FnOnce(io::Err
         dst: spec.dst,
         dev: spec.dev.clone(),
         table: spec.table,
+        source,
+    }
+}
+
+/// Reads an overlay snapshot out of a link message.
+fn overlay_snapshot(link: &LinkMessage) -> Result<OverlaySnapshot> {
+    let base = snapshot(link)?;
+    let mut kind = None;
+    let mut port = None;
+    let mut external = false;
+    let mut mac = [0u8; 6];
+    for attribute in &link.attributes {
+        match attribute {
+            LinkAttribute::Address(a) if a.len() == 6 => mac.copy_from_slice(a),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    match info {
+                        LinkInfo::Kind(InfoKind::Vxlan) => kind = Some(OverlayKind::Vxlan),
+                        LinkInfo::Kind(InfoKind::Geneve) => kind = Some(OverlayKind::Geneve),
+                        LinkInfo::Data(InfoData::Vxlan(data)) => {
+                            for d in data {
+                                match d {
+                                    InfoVxlan::Port(p) => port = Some(*p),
+                                    InfoVxlan::CollectMetadata(m) => external = *m,
+                                    _ => {}
+                                }
+                            }
+                        }
+                        LinkInfo::Data(InfoData::Geneve(data)) => {
+                            for d in data {
+                                match d {
+                                    InfoGeneve::Port(p) => port = Some(*p),
+                                    InfoGeneve::CollectMetadata => external = true,
+                                    _ => {}
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(OverlaySnapshot {
+        ifname: base.ifname,
+        index: base.index,
+        kind,
+        port,
+        external,
+        mtu: base.mtu,
+        mac,
+        up: base.up,
+    })
+}
+
+/// The `RTM_NEWLINK` message that creates the external-mode device of `spec`.
+fn overlay_create_message(spec: &OverlaySpec) -> LinkMessage {
+    let mut message = LinkMessage::default();
+    message
+        .attributes
+        .push(LinkAttribute::IfName(spec.ifname.clone()));
+    message.attributes.push(LinkAttribute::Mtu(spec.mtu));
+    message
+        .attributes
+        .push(LinkAttribute::Address(spec.mac.to_vec()));
+    let (kind, data) = match spec.kind {
+        OverlayKind::Vxlan => (
+            InfoKind::Vxlan,
+            InfoData::Vxlan(vec![
+                InfoVxlan::CollectMetadata(true),
+                InfoVxlan::Learning(false),
+                InfoVxlan::Port(spec.port),
+            ]),
+        ),
+        OverlayKind::Geneve => (
+            InfoKind::Geneve,
+            InfoData::Geneve(vec![
+                InfoGeneve::CollectMetadata,
+                InfoGeneve::Port(spec.port),
+            ]),
+        ),
+    };
+    message.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(kind),
+        LinkInfo::Data(data),
+    ]));
+    message
+}
+
+fn neigh_message(spec: &NeighSpec, ifindex: u32, with_lladdr: bool) -> NeighbourMessage {
+    let mut message = NeighbourMessage::default();
+    message.header.family = match spec.ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    message.header.ifindex = ifindex;
+    message.header.state = NeighbourState::Permanent;
+    message.header.kind = RouteType::Unicast;
+    message
+        .attributes
+        .push(NeighbourAttribute::Destination(match spec.ip {
+            IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        }));
+    if with_lladdr {
+        message
+            .attributes
+            .push(NeighbourAttribute::LinkLocalAddress(spec.mac.to_vec()));
+    }
+    message
+}
+
+fn neigh_error<'a>(op: &'static str, spec: &'a NeighSpec) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |source| Error::Neigh {
+        op,
+        ip: spec.ip,
+        ifname: spec.ifname.clone(),
         source,
     }
 }
@@ -533,6 +781,227 @@ impl LinkBackend for RtnetlinkLinks {
         }
         Ok(rules)
     }
+
+    fn overlay(&self, ifname: &str) -> Result<Option<OverlaySnapshot>> {
+        let mut message = LinkMessage::default();
+        message
+            .attributes
+            .push(LinkAttribute::IfName(ifname.to_owned()));
+        message
+            .attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+        let replies = match self.conn.request(
+            RouteNetlinkMessage::GetLink(message),
+            NLM_F_REQUEST | NLM_F_ACK,
+            OP_GETLINK,
+        ) {
+            Ok(replies) => replies,
+            Err(failure) if failure.kernel_errno() == Some(libc::ENODEV) => return Ok(None),
+            Err(failure) => {
+                return Err(into_error(failure, |source| Error::Link {
+                    op: OP_GETLINK,
+                    ifname: ifname.to_owned(),
+                    source,
+                }));
+            }
+        };
+        for reply in replies {
+            if let RouteNetlinkMessage::NewLink(link) = reply {
+                return overlay_snapshot(&link).map(Some);
+            }
+        }
+        Err(Error::Protocol {
+            op: OP_GETLINK,
+            reason: format!("no RTM_NEWLINK in the reply for link {ifname}"),
+        })
+    }
+
+    fn upsert_overlay(&self, spec: &OverlaySpec) -> Result<()> {
+        spec.validate()?;
+        let link_error = |op: &'static str| {
+            let ifname = spec.ifname.clone();
+            move |source| Error::Link { op, ifname, source }
+        };
+        match self.overlay(&spec.ifname)? {
+            Some(current) if current.matches(spec) => return Ok(()),
+            Some(current) if current.compatible_with(spec) => {}
+            Some(current) => {
+                tracing::info!(
+                    ifname = %spec.ifname,
+                    kind = ?current.kind,
+                    port = ?current.port,
+                    external = current.external,
+                    "replacing a link that is not the overlay device asked for"
+                );
+                self.delete_link(&spec.ifname)?;
+                self.create_overlay(spec)?;
+            }
+            None => self.create_overlay(spec)?,
+        }
+        // MTU, MAC and up, in place.
+        let mut message = LinkMessage::default();
+        message.header.flags = LinkFlags::Up;
+        message.header.change_mask = LinkFlags::Up;
+        message
+            .attributes
+            .push(LinkAttribute::IfName(spec.ifname.clone()));
+        message.attributes.push(LinkAttribute::Mtu(spec.mtu));
+        message
+            .attributes
+            .push(LinkAttribute::Address(spec.mac.to_vec()));
+        self.conn
+            .request(
+                RouteNetlinkMessage::NewLink(message),
+                NLM_F_REQUEST | NLM_F_ACK,
+                OP_NEWLINK,
+            )
+            .map(drop)
+            .map_err(|failure| into_error(failure, link_error(OP_NEWLINK)))
+    }
+
+    fn delete_link(&self, ifname: &str) -> Result<()> {
+        let mut message = LinkMessage::default();
+        message
+            .attributes
+            .push(LinkAttribute::IfName(ifname.to_owned()));
+        match self.conn.request(
+            RouteNetlinkMessage::DelLink(message),
+            NLM_F_REQUEST | NLM_F_ACK,
+            OP_DELLINK,
+        ) {
+            Ok(_) => Ok(()),
+            Err(failure) => {
+                let error = into_error(failure, |source| Error::Link {
+                    op: OP_DELLINK,
+                    ifname: ifname.to_owned(),
+                    source,
+                });
+                if error.is_not_found() {
+                    Ok(())
+                } else {
+                    Err(error)
+                }
+            }
+        }
+    }
+
+    fn upsert_neigh(&self, spec: &NeighSpec) -> Result<()> {
+        let Some(link) = self.link(&spec.ifname)? else {
+            return Err(neigh_error(OP_NEWNEIGH, spec)(
+                io::Error::from_raw_os_error(libc::ENODEV),
+            ));
+        };
+        self.conn
+            .request(
+                RouteNetlinkMessage::NewNeighbour(neigh_message(spec, link.index, true)),
+                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+                OP_NEWNEIGH,
+            )
+            .map(drop)
+            .map_err(|failure| into_error(failure, neigh_error(OP_NEWNEIGH, spec)))
+    }
+
+    fn delete_neigh(&self, spec: &NeighSpec) -> Result<()> {
+        let Some(link) = self.link(&spec.ifname)? else {
+            return Ok(());
+        };
+        match self.conn.request(
+            RouteNetlinkMessage::DelNeighbour(neigh_message(spec, link.index, false)),
+            NLM_F_REQUEST | NLM_F_ACK,
+            OP_DELNEIGH,
+        ) {
+            Ok(_) => Ok(()),
+            Err(failure) => {
+                let error = into_error(failure, neigh_error(OP_DELNEIGH, spec));
+                if error.is_not_found() {
+                    Ok(())
+                } else {
+                    Err(error)
+                }
+            }
+        }
+    }
+
+    fn dump_neighs(&self, ifname: &str) -> Result<Vec<NeighSpec>> {
+        let Some(link) = self.link(ifname)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let replies = self
+                .conn
+                .dump(
+                    || {
+                        let mut message = NeighbourMessage::default();
+                        message.header.family = family;
+                        message.header.ifindex = link.index;
+                        RouteNetlinkMessage::GetNeighbour(message)
+                    },
+                    OP_GETNEIGH,
+                )
+                .map_err(|failure| {
+                    into_error(failure, |source| Error::Neigh {
+                        op: OP_GETNEIGH,
+                        ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                        ifname: ifname.to_owned(),
+                        source,
+                    })
+                })?;
+            for reply in replies {
+                let RouteNetlinkMessage::NewNeighbour(n) = reply else {
+                    continue;
+                };
+                if n.header.ifindex != link.index || n.header.state != NeighbourState::Permanent {
+                    continue;
+                }
+                let mut ip = None;
+                let mut mac = None;
+                for attribute in &n.attributes {
+                    match attribute {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                            ip = Some(IpAddr::V4(*a))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                            ip = Some(IpAddr::V6(*a))
+                        }
+                        NeighbourAttribute::LinkLocalAddress(m) if m.len() == 6 => {
+                            let mut b = [0u8; 6];
+                            b.copy_from_slice(m);
+                            mac = Some(b);
+                        }
+                        _ => {}
+                    }
+                }
+                if let (Some(ip), Some(mac)) = (ip, mac) {
+                    out.push(NeighSpec {
+                        ifname: ifname.to_owned(),
+                        ip,
+                        mac,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl RtnetlinkLinks {
+    fn create_overlay(&self, spec: &OverlaySpec) -> Result<()> {
+        self.conn
+            .request(
+                RouteNetlinkMessage::NewLink(overlay_create_message(spec)),
+                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+                OP_NEWLINK,
+            )
+            .map(drop)
+            .map_err(|failure| {
+                into_error(failure, |source| Error::Link {
+                    op: OP_NEWLINK,
+                    ifname: spec.ifname.clone(),
+                    source,
+                })
+            })
+    }
 }
 
 #[cfg(test)]
@@ -545,6 +1014,8 @@ mod tests {
             dev: "enc0".into(),
             mtu,
             table,
+            via: None,
+            encap: None,
         }
     }
 

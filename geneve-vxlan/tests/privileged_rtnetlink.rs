@@ -40,6 +40,8 @@ fn route(dst: &str, dev: &str, mtu: Option<u32>) -> RouteSpec {
         dev: dev.into(),
         mtu,
         table: RT_TABLE_MAIN,
+        via: None,
+        encap: None,
     }
 }
 
@@ -277,4 +279,118 @@ fn privileged_rtnetlink_rules_and_links_in_netns() {
         shown.contains("lookup 100"),
         "foreign rule removed: {shown}"
     );
+}
+
+/// The overlay device, its encap routes and neighbours, through the real kernel: created in
+/// external mode, read back equal (so a reconcile pass is a no-op), shown by `ip` as an
+/// operator expects, adopted when it exists, replaced when it has another port, and removed.
+/// Geneve is tried too: on a kernel without it the error must say unsupported.
+#[test]
+fn privileged_rtnetlink_overlay_device_routes_and_neighbours() {
+    use enc_geneve_vxlan::{NeighSpec, OverlayKind, OverlaySpec, TunnelEncap, overlay_mac};
+    if !enc_tests::require_root("privileged_rtnetlink_overlay_device_routes_and_neighbours") {
+        return;
+    }
+    let name = format!("enclo-{}", std::process::id());
+    let _ = sys::output(&["ip", "netns", "del", &name]);
+    let netns = Netns::new(&name).expect("create netns");
+    let ns = netns.name().to_owned();
+    let local: std::net::IpAddr = "10.77.0.1".parse().unwrap();
+    let peer: std::net::IpAddr = "10.77.0.2".parse().unwrap();
+    let spec = OverlaySpec {
+        ifname: "enc-vx0".into(),
+        kind: OverlayKind::Vxlan,
+        port: 8472,
+        mtu: 1450,
+        mac: overlay_mac(local),
+    };
+    let route = RouteSpec::new("10.78.2.0/24".parse().unwrap(), "enc-vx0")
+        .with_mtu(1450)
+        .with_table(229)
+        .with_via(peer)
+        .with_encap(TunnelEncap {
+            id: 1,
+            src: local,
+            dst: peer,
+        });
+    let neigh = NeighSpec {
+        ifname: "enc-vx0".into(),
+        ip: peer,
+        mac: overlay_mac(peer),
+    };
+    let (s, r, n) = (spec.clone(), route.clone(), neigh.clone());
+    let (snapshot, routes, neighs, geneve) = netns
+        .enter(move || -> enc_geneve_vxlan::Result<_> {
+            let links = RtnetlinkLinks::new()?;
+            links.upsert_overlay(&s)?;
+            links.upsert_overlay(&s)?; // adopted as it is
+            links.upsert_neigh(&n)?;
+            links.upsert_neigh(&n)?;
+            links.upsert_route(&r)?;
+            let snapshot = links.overlay("enc-vx0")?;
+            let routes = links.dump_routes(229)?;
+            let neighs = links.dump_neighs("enc-vx0")?;
+            let geneve = links.upsert_overlay(&OverlaySpec {
+                ifname: "enc-gnv0".into(),
+                kind: OverlayKind::Geneve,
+                port: 6081,
+                ..s.clone()
+            });
+            Ok((snapshot, routes, neighs, geneve))
+        })
+        .expect("enter netns")
+        .expect("overlay operations");
+    let snapshot = snapshot.expect("device exists");
+    assert!(snapshot.matches(&spec), "{snapshot:?}");
+    assert_eq!(
+        routes,
+        vec![route.clone()],
+        "the route reads back as written"
+    );
+    assert_eq!(neighs, vec![neigh.clone()]);
+    let shown = ip(&["-n", &ns, "-d", "link", "show", "enc-vx0"]);
+    assert!(
+        shown.contains("vxlan external") && shown.contains("dstport 8472"),
+        "{shown}"
+    );
+    let shown = ip(&["-n", &ns, "route", "show", "table", "229"]);
+    assert!(
+        shown.contains("10.78.2.0/24")
+            && shown.contains("encap ip id 1 src 10.77.0.1 dst 10.77.0.2")
+            && shown.contains("via 10.77.0.2 dev enc-vx0")
+            && shown.contains("onlink")
+            && shown.contains("mtu 1450"),
+        "{shown}"
+    );
+    let shown = ip(&["-n", &ns, "neigh", "show", "dev", "enc-vx0"]);
+    assert!(
+        shown.contains("10.77.0.2 lladdr 0e:e5:0a:4d:00:02 PERMANENT"),
+        "{shown}"
+    );
+    match geneve {
+        Ok(()) => assert!(ip(&["-n", &ns, "-d", "link", "show", "enc-gnv0"]).contains("geneve")),
+        Err(e) => assert!(e.is_unsupported(), "geneve refused with {e:?}"),
+    }
+
+    // Another port: the device is replaced, which takes its routes and neighbours with it.
+    let moved = OverlaySpec {
+        port: 4789,
+        ..spec.clone()
+    };
+    let after = netns
+        .enter(move || -> enc_geneve_vxlan::Result<_> {
+            let links = RtnetlinkLinks::new()?;
+            links.upsert_overlay(&moved)?;
+            let snapshot = links.overlay("enc-vx0")?;
+            let routes = links.dump_routes(229)?;
+            let neighs = links.dump_neighs("enc-vx0")?;
+            links.delete_link("enc-vx0")?;
+            links.delete_link("enc-vx0")?; // absent is fine
+            Ok((snapshot, routes, neighs, links.overlay("enc-vx0")?))
+        })
+        .expect("enter netns")
+        .expect("overlay replacement");
+    assert_eq!(after.0.as_ref().and_then(|s| s.port), Some(4789));
+    assert!(after.1.is_empty() && after.2.is_empty(), "{after:?}");
+    assert!(after.3.is_none());
 }
