@@ -117,6 +117,33 @@ pub struct Status {
     pub datapath: DatapathInfo,
     /// Keys in use against keys expected, and rotations.
     pub keys: KeysSummary,
+    /// The overlay and the MTU of every layer.
+    #[serde(default)]
+    pub network: NetworkInfo,
+}
+
+/// How pod traffic crosses between nodes: the overlay mode, its device, and the MTUs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkInfo {
+    /// `vxlan`, `geneve` or `disabled` (direct routing).
+    pub tunnel: String,
+    /// The overlay device, if any.
+    pub overlay_device: Option<String>,
+    /// Its UDP port.
+    pub overlay_port: Option<u16>,
+    /// Its VNI.
+    pub vni: Option<u32>,
+    /// Which layer is outermost on the wire, e.g. `wireguard(vxlan(pod))`.
+    pub stack: String,
+    /// The underlay MTU.
+    pub underlay_mtu: u32,
+    /// MTU of the encryption device, if any.
+    pub encryption_mtu: Option<u32>,
+    /// MTU of the overlay device, if any.
+    pub overlay_mtu: Option<u32>,
+    /// MTU of the routes to remote pod CIDRs: the largest pod packet that crosses unfragmented.
+    pub pod_mtu: u32,
 }
 
 /// The eBPF datapath that marks, steers and polices inter-node pod traffic.

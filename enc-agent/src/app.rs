@@ -5,10 +5,10 @@ use crate::backend::Crypto;
 use crate::config::{Config, EncryptionConfig, Implementation};
 use crate::control::proto::{Hello, PROTOCOL_VERSION, WireguardAnnounce};
 use crate::control::session::Timing;
-use crate::peers::{Auth, Desired, ENC_TABLE, PeerTable, Role};
+use crate::peers::{Auth, CryptoLayout, Desired, ENC_TABLE, Layout, PeerTable, Role};
 use crate::reconcile::{attach_pods, reconcile};
 use enc_certs::NodeIdentity;
-use enc_geneve_vxlan::{LinkBackend, RtnetlinkLinks, mtu};
+use enc_geneve_vxlan::{LinkBackend, OverlaySpec, RT_TABLE_MAIN, RtnetlinkLinks, mtu};
 use enc_ipsec::IpsecBackend;
 use enc_ipsec::userspace::{UserspaceConfig, UserspaceEsp};
 use enc_ipsec::xfrm::{KernelIpsec, NetlinkXfrm, probe_esp_gcm};
@@ -52,8 +52,13 @@ pub struct Shared {
     leaks_seen: Mutex<HashMap<u16, (u64, Instant)>>,
     /// Why this encryption implementation was chosen.
     pub backend_reason: String,
-    /// MTU of the encryption device and of the routes into it.
+    /// MTU of the encryption device and of the routes into it (the underlay MTU without
+    /// encryption).
     pub mtu: u32,
+    /// The MTUs of this node's stack (underlay, encryption, overlay, pod routes).
+    pub mtu_plan: mtu::MtuPlan,
+    /// How pod traffic is carried: what the routes are built for.
+    pub layout: Layout,
     /// When the agent started.
     pub started: Instant,
     /// Control session timers.
@@ -93,6 +98,9 @@ pub enum RotateRefusal {
     /// No peer is authenticated.
     #[error("no peer is authenticated; nothing to rotate")]
     NoPeers,
+    /// Encryption is off on this node.
+    #[error("encryption.type is none on this node: there are no keys to rotate")]
+    NoEncryption,
 }
 
 impl RotateRefusal {
@@ -100,7 +108,9 @@ impl RotateRefusal {
     pub fn http_status(&self) -> u16 {
         match self {
             RotateRefusal::UnknownPeer(_) => 404,
-            RotateRefusal::NotConnected { .. } | RotateRefusal::NoPeers => 409,
+            RotateRefusal::NotConnected { .. }
+            | RotateRefusal::NoPeers
+            | RotateRefusal::NoEncryption => 409,
         }
     }
 }
@@ -166,6 +176,9 @@ impl Shared {
         &self,
         peer: Option<&str>,
     ) -> Result<Vec<enc_api::RotationStarted>, RotateRefusal> {
+        if matches!(self.crypto, Crypto::None) {
+            return Err(RotateRefusal::NoEncryption);
+        }
         let targets: Vec<(String, tokio::sync::mpsc::Sender<RotateCmd>)> = {
             let table = self.table();
             let rotators = self.rotators.lock().unwrap_or_else(|p| p.into_inner());
@@ -262,6 +275,7 @@ impl Shared {
                     esp_seq: (Some(p.out_spi) == out_spi).then_some(p.out_seq),
                 })
             }
+            Crypto::None => None,
         }
     }
 
@@ -294,7 +308,7 @@ impl Shared {
     pub fn wg_public_key(&self) -> Option<PublicKey> {
         match &self.crypto {
             Crypto::Wireguard(wg) => Some(wg.public_key()),
-            Crypto::Ipsec(_) => None,
+            Crypto::Ipsec(_) | Crypto::None => None,
         }
     }
 
@@ -363,7 +377,7 @@ impl Shared {
                     public_key: wg.public_key().to_string(),
                     listen_port: wg.listen_port(),
                 }),
-                Crypto::Ipsec(_) => None,
+                Crypto::Ipsec(_) | Crypto::None => None,
             },
         }
     }
@@ -371,7 +385,7 @@ impl Shared {
     fn desired(&self) -> Desired {
         let mut t = self.table();
         t.expire(Instant::now(), self.config.control.key_grace_period);
-        t.desired(&self.route_device, self.mtu)
+        t.desired(&self.layout)
     }
 
     /// Logs new unencrypted-egress (leak) counts, at most once per peer every 10 s.
@@ -551,13 +565,20 @@ fn start_crypto(
     config: &Config,
     opts: &RunOptions,
     links: &dyn LinkBackend,
+    plan: &mtu::MtuPlan,
 ) -> Result<StartedCrypto, Error> {
-    let underlay = underlay_family(config);
+    let device_mtu = plan.encryption.unwrap_or(plan.underlay);
     match &config.encryption {
+        EncryptionConfig::None => Ok(StartedCrypto {
+            crypto: Crypto::None,
+            reason: "encryption.type is none: pod traffic is not encrypted".into(),
+            mtu: plan.underlay,
+            route_device: String::new(),
+            decrypt_ifindex: 0,
+        }),
         EncryptionConfig::Wireguard(wg_cfg) => {
             let (wg, reason) = start_wireguard(config, wg_cfg)?;
-            let mtu =
-                mtu::wireguard_device_mtu(config.underlay_mtu, underlay).map_err(Error::Links)?;
+            let mtu = device_mtu;
             let index = device_up(links, &wg_cfg.interface, mtu)?;
             Ok(StartedCrypto {
                 crypto: Crypto::Wireguard(wg),
@@ -568,8 +589,7 @@ fn start_crypto(
             })
         }
         EncryptionConfig::Ipsec(ipsec_cfg) => {
-            let mtu = mtu::esp_device_mtu(config.underlay_mtu, underlay, mtu::Inner::V4)
-                .map_err(Error::Links)?;
+            let mtu = device_mtu;
             let probe = || {
                 NetlinkXfrm::new()
                     .map_err(|e| format!("cannot open NETLINK_XFRM: {}", format_chain(&e)))
@@ -625,6 +645,89 @@ fn start_crypto(
     }
 }
 
+/// The MTUs of the configured stack.
+fn mtu_plan(config: &Config) -> Result<mtu::MtuPlan, Error> {
+    let inner = if config.node.pod_cidr.addr().is_ipv4()
+        && config.peers.iter().all(|p| p.pod_cidr.addr().is_ipv4())
+    {
+        mtu::Inner::V4
+    } else {
+        mtu::Inner::V6
+    };
+    let encryption = match config.encryption {
+        EncryptionConfig::None => mtu::Encryption::None,
+        EncryptionConfig::Wireguard(_) => mtu::Encryption::Wireguard,
+        EncryptionConfig::Ipsec(_) => mtu::Encryption::Esp,
+    };
+    mtu::plan(
+        config.underlay_mtu,
+        underlay_family(config),
+        inner,
+        encryption,
+        config.tunnel.overlay().map(|(kind, _)| kind),
+    )
+    .map_err(|e| {
+        Error::Config(crate::config::ConfigError::Invalid {
+            field: "underlay.mtu".into(),
+            value: config.underlay_mtu.to_string(),
+            reason: format!(
+                "too small for encryption {} over tunnel {}: {e}",
+                config.encryption_name(),
+                config.tunnel.name()
+            ),
+        })
+    })
+}
+
+/// The overlay device of the configured tunnel, if any.
+fn overlay_spec(config: &Config, plan: &mtu::MtuPlan) -> Option<OverlaySpec> {
+    let (kind, o) = config.tunnel.overlay()?;
+    Some(OverlaySpec {
+        ifname: o.interface.clone(),
+        kind,
+        port: o.port,
+        mtu: plan.pod,
+        mac: enc_geneve_vxlan::overlay_mac(config.node.underlay_address),
+    })
+}
+
+/// Creates (or adopts) the overlay device and returns its index; a kernel without the device
+/// type gets an error that says so.
+fn start_overlay(links: &dyn LinkBackend, spec: &OverlaySpec) -> Result<u32, Error> {
+    match links.upsert_overlay(spec) {
+        Ok(()) => {}
+        Err(e) if e.is_unsupported() => {
+            let hint = match spec.kind {
+                enc_geneve_vxlan::OverlayKind::Geneve => {
+                    "; use tunnel.protocol: vxlan (or disabled) on this kernel"
+                }
+                enc_geneve_vxlan::OverlayKind::Vxlan => {
+                    "; use tunnel.protocol: geneve (or disabled) on this kernel"
+                }
+            };
+            return Err(Error::Config(crate::config::ConfigError::Invalid {
+                field: "tunnel.protocol".into(),
+                value: spec.kind.to_string(),
+                reason: format!(
+                    "this kernel has no {kind} device support (creating {ifname} failed: {err}; the {kind} module is missing or cannot be loaded){hint}",
+                    kind = spec.kind,
+                    ifname = spec.ifname,
+                    err = format_chain(&e),
+                ),
+            }));
+        }
+        Err(e) => return Err(Error::Links(e)),
+    }
+    links
+        .overlay(&spec.ifname)
+        .map_err(Error::Links)?
+        .map(|o| o.index)
+        .ok_or_else(|| Error::Io {
+            context: format!("overlay device {} vanished after creation", spec.ifname),
+            source: std::io::ErrorKind::NotFound.into(),
+        })
+}
+
 /// Checks that the certificate names this node as configured.
 fn check_identity(config: &Config, identity: &NodeIdentity) -> Result<(), Error> {
     let info = identity.info();
@@ -664,7 +767,25 @@ pub async fn run(
     };
 
     let links: Arc<dyn LinkBackend> = Arc::new(RtnetlinkLinks::new().map_err(Error::Links)?);
-    let started = start_crypto(&config, &opts, links.as_ref())?;
+    let plan = mtu_plan(&config)?;
+    // The overlay device first: a kernel without it (Geneve on the host tier) fails start-up
+    // before anything else is configured.
+    let overlay = overlay_spec(&config, &plan);
+    let overlay_index = match &overlay {
+        Some(spec) => Some(start_overlay(links.as_ref(), spec)?),
+        None => None,
+    };
+    let started = match start_crypto(&config, &opts, links.as_ref(), &plan) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(spec) = &overlay
+                && let Err(d) = links.delete_link(&spec.ifname)
+            {
+                warn!(error = %format_chain(&d), ifname = %spec.ifname, "cannot remove the overlay device");
+            }
+            return Err(e);
+        }
+    };
     let StartedCrypto {
         crypto,
         reason: backend_reason,
@@ -690,26 +811,68 @@ pub async fn run(
     if pin_dir.starts_with(BPFFS) {
         enc_tunnel_ebpf::mount_bpffs(Path::new(BPFFS)).map_err(Error::Datapath)?;
     }
-    let dp: Arc<dyn Datapath> = Arc::new(AyaDatapath::load(pin_dir).map_err(Error::Datapath)?);
-    dp.set_config(DpConfig {
-        strict: config.strict_mode,
-        decrypt_ifindex,
-    })
-    .map_err(Error::Datapath)?;
-    dp.attach_underlay(&config.underlay_interface)
+    let (dp, pods): (Arc<dyn Datapath>, Vec<String>) = if matches!(crypto, Crypto::None) {
+        // Nothing to mark, steer or guard. Programs pinned by an earlier encrypted run would
+        // drop all remote-pod traffic, so they go.
+        AyaDatapath::remove_all(pin_dir).map_err(Error::Datapath)?;
+        info!(pin_dir = %pin_dir.display(), "encryption is off: no eBPF program attached");
+        (
+            Arc::new(enc_tunnel_ebpf::FakeDatapath::new(
+                enc_tunnel_ebpf::AttachMode::Tcx,
+            )),
+            Vec::new(),
+        )
+    } else {
+        let dp: Arc<dyn Datapath> = Arc::new(AyaDatapath::load(pin_dir).map_err(Error::Datapath)?);
+        dp.set_config(DpConfig {
+            strict: config.strict_mode,
+            // Under an overlay, decrypted pod packets reach local pods from the overlay device
+            // (the overlay's UDP came out of the decrypt device, or was decrypted by XFRM);
+            // plaintext overlay packets from the wire are refused by the underlay guard.
+            decrypt_ifindex: overlay_index.unwrap_or(decrypt_ifindex),
+            overlay: overlay.as_ref().map(|o| enc_tunnel_ebpf::Overlay {
+                kind: match o.kind {
+                    enc_geneve_vxlan::OverlayKind::Vxlan => enc_tunnel_ebpf::OverlayKind::Vxlan,
+                    enc_geneve_vxlan::OverlayKind::Geneve => enc_tunnel_ebpf::OverlayKind::Geneve,
+                },
+                port: o.port,
+            }),
+        })
         .map_err(Error::Datapath)?;
-    let pods = attach_pods(
-        links.as_ref(),
-        dp.as_ref(),
-        &config.datapath.pod_interface_prefixes,
-    )?;
+        dp.attach_underlay(&config.underlay_interface)
+            .map_err(Error::Datapath)?;
+        let pods = attach_pods(
+            links.as_ref(),
+            dp.as_ref(),
+            &config.datapath.pod_interface_prefixes,
+        )?;
+        info!(
+            mode = ?dp.attach_mode(),
+            strict = config.strict_mode,
+            underlay = %config.underlay_interface,
+            pods = ?pods,
+            pin_dir = %pin_dir.display(),
+            "eBPF datapath attached"
+        );
+        (dp, pods)
+    };
+    let layout = Layout {
+        crypto: (!matches!(crypto, Crypto::None)).then(|| CryptoLayout {
+            device: route_device.clone(),
+            mtu,
+        }),
+        overlay: overlay.clone(),
+        vni: config.tunnel.overlay().map_or(0, |(_, o)| o.vni),
+        underlay_interface: config.underlay_interface.clone(),
+        pod_mtu: plan.pod,
+    };
     info!(
-        mode = ?dp.attach_mode(),
-        strict = config.strict_mode,
-        underlay = %config.underlay_interface,
-        pods = ?pods,
-        pin_dir = %pin_dir.display(),
-        "eBPF datapath attached"
+        tunnel = config.tunnel.name(),
+        overlay = ?overlay.as_ref().map(|o| &o.ifname),
+        underlay_mtu = plan.underlay,
+        encryption_mtu = ?plan.encryption,
+        pod_mtu = plan.pod,
+        "overlay and MTUs"
     );
     info!(
         node = %config.node.name,
@@ -733,6 +896,8 @@ pub async fn run(
         leaks_seen: Mutex::new(HashMap::new()),
         backend_reason,
         mtu,
+        mtu_plan: plan,
+        layout,
         started: Instant::now(),
         timing: Timing::default(),
         reconcile: Notify::new(),
@@ -787,6 +952,7 @@ pub async fn run(
     down.wg_peers.clear();
     down.ipsec_peers.clear();
     down.routes.clear();
+    down.neighs.clear();
     down.rules.clear();
     for (_, state) in &mut down.peer_states {
         state.authenticated = false;
@@ -800,6 +966,11 @@ pub async fn run(
     ) {
         warn!(error = %format_chain(&e), "cleanup of routes, rules and peers failed");
     }
+    if let Some(spec) = &shared.layout.overlay
+        && let Err(e) = shared.links.delete_link(&spec.ifname)
+    {
+        warn!(error = %format_chain(&e), ifname = %spec.ifname, "cannot remove the overlay device");
+    }
     if let Err(e) = std::fs::remove_file(&shared.config.status_socket) {
         warn!(error = %e, socket = %shared.config.status_socket.display(), "cannot remove status socket");
     }
@@ -811,13 +982,17 @@ pub async fn run(
 /// eBPF programs and maps. For uninstalling; a normal stop leaves strict mode in place.
 pub fn cleanup(config: &Config) -> Result<(), Error> {
     let links = RtnetlinkLinks::new().map_err(Error::Links)?;
-    let routes = links.dump_routes(ENC_TABLE).map_err(Error::Links)?;
+    let mut routes = links.dump_routes(ENC_TABLE).map_err(Error::Links)?;
+    routes.extend(links.dump_routes(RT_TABLE_MAIN).map_err(Error::Links)?);
     for r in &routes {
         links.delete_route(r).map_err(Error::Links)?;
     }
     let rules = links.dump_rules().map_err(Error::Links)?;
     for r in &rules {
         links.delete_rule(r).map_err(Error::Links)?;
+    }
+    if let Some((_, o)) = config.tunnel.overlay() {
+        links.delete_link(&o.interface).map_err(Error::Links)?;
     }
     AyaDatapath::remove_all(&config.datapath.bpf_pin_dir).map_err(Error::Datapath)?;
     // enc's XFRM states and policies (recognised by their marks), the block policies included.

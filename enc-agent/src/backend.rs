@@ -11,14 +11,18 @@ pub enum Crypto {
     Wireguard(Arc<dyn WgBackend>),
     /// IPsec (kernel XFRM or the userspace ESP engine).
     Ipsec(Arc<dyn IpsecBackend>),
+    /// No encryption (`encryption.type: none`): nodes authenticate, nothing is encrypted.
+    None,
 }
 
 impl Crypto {
-    /// Encryption type as configured and announced in the hello: `wireguard` or `ipsec`.
+    /// Encryption type as configured and announced in the hello: `wireguard`, `ipsec` or
+    /// `none`.
     pub fn type_name(&self) -> &'static str {
         match self {
             Crypto::Wireguard(_) => "wireguard",
             Crypto::Ipsec(_) => "ipsec",
+            Crypto::None => "none",
         }
     }
 
@@ -33,6 +37,7 @@ impl Crypto {
                 IpsecKind::Userspace => "userspace-esp",
                 IpsecKind::Kernel => "kernel-xfrm",
             },
+            Crypto::None => "none",
         }
     }
 
@@ -42,6 +47,7 @@ impl Crypto {
         match self {
             Crypto::Wireguard(wg) => Some(wg.ifname()),
             Crypto::Ipsec(ipsec) => ipsec.ifname(),
+            Crypto::None => None,
         }
     }
 }

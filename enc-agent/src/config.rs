@@ -74,6 +74,9 @@ struct RawConfig {
     encryption: RawEncryption,
     #[serde(default)]
     underlay: RawUnderlay,
+    /// `tunnel: vxlan` or `tunnel: {protocol: vxlan, ...}`: parsed by hand, see
+    /// [`validate_tunnel`].
+    tunnel: Option<serde_yaml::Value>,
     #[serde(default)]
     datapath: RawDatapath,
     #[serde(default)]
@@ -146,6 +149,15 @@ struct RawUnderlay {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawTunnel {
+    protocol: Option<String>,
+    port: Option<u16>,
+    vni: Option<u32>,
+    interface: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawDatapath {
     pod_interface_prefixes: Option<Vec<String>>,
     bpf_pin_dir: Option<PathBuf>,
@@ -193,6 +205,8 @@ pub struct Config {
     pub strict_mode: bool,
     /// MTU of the underlay network.
     pub underlay_mtu: u32,
+    /// The overlay: VXLAN, Geneve, or none (direct routing).
+    pub tunnel: TunnelConfig,
     /// The underlay interface (the eBPF underlay programs and the leak sentinel attach here).
     pub underlay_interface: String,
     /// eBPF datapath settings.
@@ -306,10 +320,62 @@ mod humantime_secs {
     }
 }
 
+/// The overlay between nodes.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(tag = "protocol", rename_all = "camelCase")]
+pub enum TunnelConfig {
+    /// Direct routing: pod CIDRs are routed to the peers' underlay addresses (through the
+    /// encryption device when encryption is on).
+    Disabled,
+    /// VXLAN.
+    Vxlan(OverlayConfig),
+    /// Geneve.
+    Geneve(OverlayConfig),
+}
+
+impl TunnelConfig {
+    /// The overlay kind and settings, if there is an overlay.
+    pub fn overlay(&self) -> Option<(enc_geneve_vxlan::OverlayKind, &OverlayConfig)> {
+        match self {
+            TunnelConfig::Disabled => None,
+            TunnelConfig::Vxlan(o) => Some((enc_geneve_vxlan::OverlayKind::Vxlan, o)),
+            TunnelConfig::Geneve(o) => Some((enc_geneve_vxlan::OverlayKind::Geneve, o)),
+        }
+    }
+
+    /// `vxlan`, `geneve` or `disabled`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TunnelConfig::Disabled => "disabled",
+            TunnelConfig::Vxlan(_) => "vxlan",
+            TunnelConfig::Geneve(_) => "geneve",
+        }
+    }
+}
+
+/// Settings of a VXLAN or Geneve overlay.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OverlayConfig {
+    /// UDP port (default 8472 for VXLAN, 6081 for Geneve); the same on every node.
+    pub port: u16,
+    /// VNI of the cluster's overlay traffic (24 bits).
+    pub vni: u32,
+    /// The overlay device's name.
+    pub interface: String,
+}
+
+/// Default VNI.
+pub const DEFAULT_VNI: u32 = 1;
+
 /// The encryption datapath.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum EncryptionConfig {
+    /// No encryption: the overlay (or direct routing) carries pod traffic in plaintext. Nodes
+    /// still authenticate each other over the control channel; no keys are installed and no
+    /// eBPF program is attached.
+    None,
     /// WireGuard.
     Wireguard(WireguardConfig),
     /// IPsec (ESP tunnel mode, RFC 4106 AES-256-GCM).
@@ -401,6 +467,15 @@ pub struct PeerConfig {
 }
 
 impl Config {
+    /// `none`, `wireguard` or `ipsec`.
+    pub fn encryption_name(&self) -> &'static str {
+        match self.encryption {
+            EncryptionConfig::None => "none",
+            EncryptionConfig::Wireguard(_) => "wireguard",
+            EncryptionConfig::Ipsec(_) => "ipsec",
+        }
+    }
+
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -637,6 +712,98 @@ fn validate_metrics(raw: &RawMetrics, control: SocketAddr) -> Result<MetricsConf
     Ok(MetricsConfig { listen })
 }
 
+/// Default overlay device names.
+pub const DEFAULT_VXLAN_INTERFACE: &str = "enc-vxlan0";
+/// See [`DEFAULT_VXLAN_INTERFACE`].
+pub const DEFAULT_GENEVE_INTERFACE: &str = "enc-geneve0";
+
+/// `tunnel:` is either a protocol name or a mapping with `protocol` and optional settings.
+fn validate_tunnel(
+    value: Option<&serde_yaml::Value>,
+    underlay: IpAddr,
+    pod_cidr: IpNet,
+) -> Result<TunnelConfig, ConfigError> {
+    let raw = match value {
+        None | Some(serde_yaml::Value::Null) => RawTunnel::default(),
+        Some(serde_yaml::Value::String(s)) => RawTunnel {
+            protocol: Some(s.clone()),
+            ..RawTunnel::default()
+        },
+        Some(v @ serde_yaml::Value::Mapping(_)) => {
+            serde_yaml::from_value(v.clone()).map_err(|e| {
+                invalid(
+                    "tunnel",
+                    serde_yaml::to_string(v).unwrap_or_default().trim(),
+                    e.to_string(),
+                )
+            })?
+        }
+        Some(other) => {
+            return Err(invalid(
+                "tunnel",
+                serde_yaml::to_string(other).unwrap_or_default().trim(),
+                "must be vxlan, geneve, disabled, or a mapping with protocol, port, vni, interface",
+            ));
+        }
+    };
+    let kind = match raw.protocol.as_deref() {
+        None | Some("disabled") => {
+            if raw.port.is_some() || raw.vni.is_some() || raw.interface.is_some() {
+                return Err(invalid(
+                    "tunnel.protocol",
+                    "disabled",
+                    "port, vni and interface apply to vxlan and geneve only",
+                ));
+            }
+            return Ok(TunnelConfig::Disabled);
+        }
+        Some("vxlan") => enc_geneve_vxlan::OverlayKind::Vxlan,
+        Some("geneve") => enc_geneve_vxlan::OverlayKind::Geneve,
+        Some(other) => {
+            return Err(invalid(
+                "tunnel.protocol",
+                other,
+                "unknown protocol (supported: vxlan, geneve, disabled)",
+            ));
+        }
+    };
+    let port = check_port("tunnel.port", raw.port, kind.default_port())?;
+    let vni = raw.vni.unwrap_or(DEFAULT_VNI);
+    if vni == 0 || vni > 0x00ff_ffff {
+        return Err(invalid(
+            "tunnel.vni",
+            vni,
+            "must be 1 to 16777215 (24 bits)",
+        ));
+    }
+    let interface = raw.interface.unwrap_or_else(|| {
+        match kind {
+            enc_geneve_vxlan::OverlayKind::Vxlan => DEFAULT_VXLAN_INTERFACE,
+            enc_geneve_vxlan::OverlayKind::Geneve => DEFAULT_GENEVE_INTERFACE,
+        }
+        .to_owned()
+    });
+    check_ifname("tunnel.interface", &interface)?;
+    if pod_cidr.addr().is_ipv4() != underlay.is_ipv4() {
+        return Err(invalid(
+            "node.podCidr",
+            pod_cidr,
+            format!(
+                "tunnel.protocol {kind} routes pod CIDRs through the peers' underlay addresses as gateways, so pod CIDRs must have the underlay's address family ({underlay})"
+            ),
+        ));
+    }
+    let o = OverlayConfig {
+        port,
+        vni,
+        interface,
+    };
+    Ok(match kind {
+        enc_geneve_vxlan::OverlayKind::Vxlan => TunnelConfig::Vxlan(o),
+        enc_geneve_vxlan::OverlayKind::Geneve => TunnelConfig::Geneve(o),
+    })
+}
+
 fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     check_node_name(&raw.node.name).map_err(|r| invalid("node.name", &raw.node.name, r))?;
     let underlay = parse_ip("node.underlayAddress", &raw.node.underlay_address)?;
@@ -668,6 +835,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     };
 
     let encryption = match raw.encryption.kind.as_str() {
+        "none" => EncryptionConfig::None,
         "wireguard" => {
             let interface = raw
                 .encryption
@@ -730,13 +898,42 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             return Err(invalid(
                 "encryption.type",
                 other,
-                "unknown type (supported: wireguard, ipsec)",
+                "unknown type (supported: none, wireguard, ipsec)",
             ));
         }
     };
 
     let rotation = validate_rotation(&raw.rotation)?;
-    let strict_mode = raw.encryption.strict_mode.unwrap_or(true);
+    let strict_mode = match (&encryption, raw.encryption.strict_mode) {
+        (EncryptionConfig::None, Some(true)) => {
+            return Err(invalid(
+                "encryption.strictMode",
+                true,
+                "strict mode drops unencrypted pod traffic, which is all traffic with encryption.type none; set it false or choose wireguard or ipsec",
+            ));
+        }
+        (EncryptionConfig::None, _) => false,
+        (_, strict) => strict.unwrap_or(true),
+    };
+    let tunnel = validate_tunnel(raw.tunnel.as_ref(), underlay, pod_cidr)?;
+    if let (Some((_, o)), EncryptionConfig::Wireguard(wg)) = (tunnel.overlay(), &encryption)
+        && o.port == wg.listen_port
+    {
+        return Err(invalid(
+            "tunnel.port",
+            o.port,
+            "must differ from encryption.wireguard.listenPort",
+        ));
+    }
+    if let Some((_, o)) = tunnel.overlay()
+        && o.port == control_port
+    {
+        return Err(invalid(
+            "tunnel.port",
+            o.port,
+            "must differ from control.listenPort",
+        ));
+    }
     let underlay_interface = raw.underlay.interface.unwrap_or_else(|| "eth0".to_owned());
     check_ifname("underlay.interface", &underlay_interface)?;
     let pod_interface_prefixes = raw.datapath.pod_interface_prefixes.unwrap_or_else(|| {
@@ -866,6 +1063,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         encryption,
         strict_mode,
         underlay_mtu,
+        tunnel,
         underlay_interface,
         datapath: DatapathConfig {
             pod_interface_prefixes,

@@ -442,6 +442,7 @@ mod tests {
                 stuck_peers: vec!["node-3".into()],
                 rotation_interval_seconds: Some(86400),
             },
+            network: Default::default(),
         }
     }
 

@@ -6,7 +6,10 @@
 
 use crate::config::{Config, PeerConfig};
 use enc_certs::CertInfo;
-use enc_geneve_vxlan::{RouteSpec, RuleFamily, RuleSpec};
+use enc_geneve_vxlan::{
+    NeighSpec, OverlaySpec, RT_TABLE_MAIN, RouteSpec, RuleFamily, RuleSpec, TunnelEncap,
+    overlay_mac,
+};
 use enc_ipsec::{IpsecPeerSpec, SaKeys};
 use enc_key_manager::rotation::{Progress, Side};
 use enc_key_manager::{Epoch, PairKeys};
@@ -187,7 +190,12 @@ pub struct Desired {
     pub wg_local_keys: Vec<PublicKey>,
     /// IPsec peers to configure.
     pub ipsec_peers: Vec<IpsecPeerSpec>,
-    /// Routes into the encryption device, in [`ENC_TABLE`].
+    /// The overlay device, if there is an overlay.
+    pub overlay: Option<OverlaySpec>,
+    /// Permanent neighbours on the overlay device (one per peer).
+    pub neighs: Vec<NeighSpec>,
+    /// Routes to the peers' pod CIDRs (and, under an encrypted overlay, to their underlay
+    /// addresses): in [`ENC_TABLE`] when encrypting, in the main table otherwise.
     pub routes: Vec<RouteSpec>,
     /// Rules steering marked packets into [`ENC_TABLE`].
     pub rules: Vec<RuleSpec>,
@@ -195,6 +203,51 @@ pub struct Desired {
     pub cidrs: Vec<(IpNet, u16)>,
     /// eBPF: peer id to state.
     pub peer_states: Vec<(u16, PeerState)>,
+}
+
+/// How this node's stack carries pod traffic: what [`PeerTable::desired`] builds routes for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The encryption layer, if any.
+    pub crypto: Option<CryptoLayout>,
+    /// The overlay, if any (`None`: direct routing).
+    pub overlay: Option<OverlaySpec>,
+    /// VNI of the overlay.
+    pub vni: u32,
+    /// The underlay interface (direct routing without encryption routes through it).
+    pub underlay_interface: String,
+    /// MTU of the routes to remote pod CIDRs.
+    pub pod_mtu: u32,
+}
+
+/// The encryption layer of a [`Layout`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CryptoLayout {
+    /// The device routes into the encryption point at (the WireGuard or userspace ESP device,
+    /// or the underlay interface for kernel XFRM, whose policies match the mark).
+    pub device: String,
+    /// MTU of the routes into it.
+    pub mtu: u32,
+}
+
+impl Layout {
+    /// Direct routing into an encryption device, as before overlays existed (tests).
+    pub fn direct(device: &str, mtu: u32) -> Self {
+        Self {
+            crypto: Some(CryptoLayout {
+                device: device.to_owned(),
+                mtu,
+            }),
+            overlay: None,
+            vni: 0,
+            underlay_interface: "eth0".into(),
+            pod_mtu: mtu,
+        }
+    }
+}
+
+fn host_net(addr: std::net::IpAddr) -> IpNet {
+    IpNet::from(addr)
 }
 
 /// All expected peers, by name.
@@ -433,23 +486,77 @@ impl PeerTable {
         changed
     }
 
-    /// The datapath state the table implies. Routes to every expected peer's pod CIDR point
-    /// into the encryption device whether or not the peer is authenticated: traffic to a
-    /// peer without keys then finds no WireGuard peer and is dropped, never sent in clear.
-    pub fn desired(&self, device: &str, mtu: u32) -> Desired {
+    /// The datapath state the table implies under `layout`.
+    ///
+    /// Routes to every expected peer's pod CIDR exist whether or not the peer is authenticated.
+    /// With encryption they live in [`ENC_TABLE`], which only marked packets reach, and lead
+    /// into the encryption device (directly, or through the overlay device, whose outer
+    /// packets keep the mark and are routed into the encryption device by a host route to the
+    /// peer's underlay address): traffic to a peer without keys finds no encryption peer and
+    /// is dropped, never sent in clear. Without encryption they are plain main-table routes
+    /// (through the overlay, or via the peer's underlay address).
+    pub fn desired(&self, layout: &Layout) -> Desired {
         let mut wg_peers = Vec::new();
         let mut ipsec_peers = Vec::new();
         let mut routes = Vec::new();
+        let mut neighs = Vec::new();
         let mut cidrs = Vec::new();
         let mut peer_states = Vec::new();
         let mut wg_local_keys = Vec::new();
+        let table = if layout.crypto.is_some() {
+            ENC_TABLE
+        } else {
+            RT_TABLE_MAIN
+        };
         for e in self.entries.values() {
-            routes.push(RouteSpec {
-                dst: e.config.pod_cidr,
-                dev: device.to_owned(),
-                mtu: Some(mtu),
-                table: ENC_TABLE,
-            });
+            let peer_addr = e.config.underlay_address;
+            // What the encryption layer carries towards this peer: pod packets (direct) or the
+            // overlay's packets between the two underlay addresses.
+            let (local_sel, remote_sel) = match &layout.overlay {
+                Some(_) => (host_net(self.local_addr), host_net(peer_addr)),
+                None => (self.local_cidr, e.config.pod_cidr),
+            };
+            match (&layout.overlay, &layout.crypto) {
+                (Some(ov), crypto) => {
+                    routes.push(RouteSpec {
+                        dst: e.config.pod_cidr,
+                        dev: ov.ifname.clone(),
+                        mtu: Some(layout.pod_mtu),
+                        table,
+                        via: Some(peer_addr),
+                        encap: Some(TunnelEncap {
+                            id: layout.vni,
+                            src: self.local_addr,
+                            dst: peer_addr,
+                        }),
+                    });
+                    neighs.push(NeighSpec {
+                        ifname: ov.ifname.clone(),
+                        ip: peer_addr,
+                        mac: overlay_mac(peer_addr),
+                    });
+                    if let Some(c) = crypto {
+                        routes.push(
+                            RouteSpec::new(host_net(peer_addr), c.device.clone())
+                                .with_mtu(c.mtu)
+                                .with_table(ENC_TABLE),
+                        );
+                    }
+                }
+                (None, Some(c)) => routes.push(
+                    RouteSpec::new(e.config.pod_cidr, c.device.clone())
+                        .with_mtu(c.mtu)
+                        .with_table(ENC_TABLE),
+                ),
+                (None, None) => routes.push(
+                    RouteSpec::new(e.config.pod_cidr, layout.underlay_interface.clone())
+                        .with_mtu(layout.pod_mtu)
+                        .with_via(peer_addr),
+                ),
+            }
+            if layout.crypto.is_none() {
+                continue;
+            }
             cidrs.push((e.config.pod_cidr, e.id));
             // Keys kept through the grace period of a lost session still count as usable:
             // WireGuard keeps the peer, so the datapath keeps steering to it.
@@ -493,8 +600,8 @@ impl PeerTable {
                     wg_peers.push(PeerSpec {
                         public_key,
                         preshared_key: Some(PresharedKey::from_bytes(*k.wireguard_psk.expose())),
-                        endpoint: Some(SocketAddr::new(e.config.underlay_address, port)),
-                        allowed_ips: vec![e.config.pod_cidr],
+                        endpoint: Some(SocketAddr::new(peer_addr, port)),
+                        allowed_ips: vec![remote_sel],
                         persistent_keepalive: None,
                         local_key: local,
                         previous_public_key,
@@ -504,9 +611,9 @@ impl PeerTable {
                     peer_id: e.id,
                     name: e.config.name.clone(),
                     local: self.local_addr,
-                    remote: e.config.underlay_address,
-                    local_cidrs: vec![self.local_cidr],
-                    remote_cidrs: vec![e.config.pod_cidr],
+                    remote: peer_addr,
+                    local_cidrs: vec![local_sel],
+                    remote_cidrs: vec![remote_sel],
                     epoch: (k.epoch.0 & 0xf) as u8,
                     outbound: sa_keys(&k.esp_out),
                     inbound: e.epochs.values().map(|k| sa_keys(&k.esp_in)).collect(),
@@ -526,8 +633,14 @@ impl PeerTable {
             wg_local_keys,
             wg_peers,
             ipsec_peers,
+            overlay: layout.overlay.clone(),
+            neighs,
             routes,
-            rules: steering_rules(),
+            rules: if layout.crypto.is_some() {
+                steering_rules()
+            } else {
+                Vec::new()
+            },
             cidrs,
             peer_states,
         }
@@ -593,7 +706,7 @@ peers:
     fn routes_cover_every_peer_but_keys_only_authenticated_ones() {
         let now = Instant::now();
         let mut t = PeerTable::new(&config(), now);
-        let d = t.desired("wg0", 1440);
+        let d = t.desired(&Layout::direct("wg0", 1440));
         assert_eq!(d.routes.len(), 2);
         assert!(d.wg_peers.is_empty());
         assert!(d.routes.iter().all(|r| r.table == ENC_TABLE));
@@ -612,11 +725,11 @@ peers:
         assert_eq!(d.rules.len(), 2);
         // Authenticated but no epoch switched yet: nothing is keyed.
         t.authenticated("node-1", now, None, session(1));
-        assert!(t.desired("wg0", 1440).wg_peers.is_empty());
+        assert!(t.desired(&Layout::direct("wg0", 1440)).wg_peers.is_empty());
         assert!(t.install_inbound("node-1", 1, pair_keys(1, 1)));
-        assert!(t.desired("wg0", 1440).wg_peers.is_empty());
+        assert!(t.desired(&Layout::direct("wg0", 1440)).wg_peers.is_empty());
         assert!(t.switch_outbound("node-1", 1, Epoch(1), now, GRACE));
-        let d = t.desired("wg0", 1440);
+        let d = t.desired(&Layout::direct("wg0", 1440));
         assert_eq!(d.wg_peers.len(), 1);
         let p = &d.wg_peers[0];
         assert!(d.peer_states[0].1.authenticated);
@@ -636,8 +749,12 @@ peers:
         let e = t.get("node-1").unwrap();
         assert_eq!(e.auth, Auth::Failed("certificate expired".into()));
         assert_eq!(e.failures, 1);
-        assert!(t.desired("wg0", 1440).wg_peers.is_empty());
-        assert!(!t.desired("wg0", 1440).peer_states[0].1.authenticated);
+        assert!(t.desired(&Layout::direct("wg0", 1440)).wg_peers.is_empty());
+        assert!(
+            !t.desired(&Layout::direct("wg0", 1440)).peer_states[0]
+                .1
+                .authenticated
+        );
         // A later connection error does not hide the failure reason.
         t.not_connected("node-1", now, "connection refused".into());
         assert!(matches!(t.get("node-1").unwrap().auth, Auth::Failed(_)));
@@ -655,9 +772,9 @@ peers:
         t.session_lost("node-1", t0, 1, "eof");
         assert!(matches!(t.get("node-1").unwrap().auth, Auth::Pending(_)));
         assert!(!t.expire(t0 + Duration::from_secs(59), grace));
-        assert_eq!(t.desired("wg0", 1440).wg_peers.len(), 1);
+        assert_eq!(t.desired(&Layout::direct("wg0", 1440)).wg_peers.len(), 1);
         assert!(t.expire(t0 + grace, grace));
-        assert!(t.desired("wg0", 1440).wg_peers.is_empty());
+        assert!(t.desired(&Layout::direct("wg0", 1440)).wg_peers.is_empty());
         // Reconnecting within the grace period replaces keys and clears the loss.
         establish(&mut t, t0, 2, 1);
         assert!(!t.expire(t0 + grace * 3, grace));
@@ -668,7 +785,7 @@ peers:
     }
 
     fn ipsec_spec(t: &PeerTable) -> IpsecPeerSpec {
-        let d = t.desired("enc-esp0", 1446);
+        let d = t.desired(&Layout::direct("enc-esp0", 1446));
         assert!(d.wg_peers.is_empty());
         d.ipsec_peers.into_iter().next().expect("an IPsec peer")
     }
@@ -695,14 +812,14 @@ peers:
         assert_eq!(spec.epoch, 1);
         let spis: Vec<u32> = spec.inbound.iter().map(|k| k.spi).collect();
         assert_eq!(spis, vec![k1.esp_in.spi, k2.esp_in.spi]);
-        assert_eq!(t.desired("x", 1).peer_states[0].1.epoch, 1);
+        assert_eq!(t.desired(&Layout::direct("x", 1)).peer_states[0].1.epoch, 1);
         // Commit: outbound 2; 1's outbound SA stays until retirement.
         t.switch_outbound("node-1", 1, Epoch(2), now, GRACE);
         let spec = ipsec_spec(&t);
         assert_eq!((spec.epoch, spec.outbound.spi), (2, k2.esp_out.spi));
         assert_eq!(spec.older_outbound.len(), 1);
         assert_eq!(spec.older_outbound[0].0, 1);
-        assert_eq!(t.desired("x", 1).peer_states[0].1.epoch, 2);
+        assert_eq!(t.desired(&Layout::direct("x", 1)).peer_states[0].1.epoch, 2);
         // The outbound epoch can never be retired; the old one can.
         assert!(!t.retire("node-1", 1, Epoch(2)));
         assert!(t.retire("node-1", 1, Epoch(1)));
@@ -726,7 +843,7 @@ peers:
         t.authenticated("node-1", t0, None, session(2));
         t.install_inbound("node-1", 2, pair_keys(2, 2));
         let psk_old = pair_keys(1, 1).wireguard_psk;
-        let d = t.desired("wg0", 1440);
+        let d = t.desired(&Layout::direct("wg0", 1440));
         assert_eq!(
             d.wg_peers[0].preshared_key,
             Some(PresharedKey::from_bytes(*psk_old.expose()))

@@ -8,7 +8,8 @@ use crate::Error;
 use crate::backend::Crypto;
 use crate::peers::{Desired, ENC_TABLE};
 use enc_geneve_vxlan::{
-    LinkBackend, RouteSpec, apply_routes, apply_rules, diff_routes, diff_rules,
+    LinkBackend, RT_TABLE_MAIN, RouteSpec, apply_routes, apply_rules, diff_neighs, diff_routes,
+    diff_rules,
 };
 use enc_ipsec::IpsecBackend;
 use enc_tunnel_ebpf::Datapath;
@@ -22,6 +23,8 @@ pub struct Outcome {
     pub wg_upserted: usize,
     /// Encryption peers removed.
     pub wg_deleted: usize,
+    /// Overlay device created or changed, and neighbour entries added, replaced or removed.
+    pub overlay_changed: usize,
     /// Routes added or replaced.
     pub routes_upserted: usize,
     /// Routes removed.
@@ -46,9 +49,31 @@ pub fn reconcile(
     let stale = match crypto {
         Crypto::Wireguard(wg) => Stale::Wireguard(upsert_wg(desired, wg.as_ref(), &mut out)?),
         Crypto::Ipsec(ipsec) => Stale::Ipsec(upsert_ipsec(desired, ipsec.as_ref(), &mut out)?),
+        Crypto::None => Stale::None,
     };
 
-    let current_routes: Vec<RouteSpec> = links.dump_routes(ENC_TABLE).map_err(Error::Links)?;
+    // The overlay device and its neighbours before the routes through it.
+    if let Some(overlay) = &desired.overlay {
+        let before = links.overlay(&overlay.ifname).map_err(Error::Links)?;
+        if !before.is_some_and(|b| b.matches(overlay)) {
+            links.upsert_overlay(overlay).map_err(Error::Links)?;
+            out.overlay_changed += 1;
+        }
+        let current = links.dump_neighs(&overlay.ifname).map_err(Error::Links)?;
+        let changes = diff_neighs(&current, &desired.neighs);
+        for n in &changes.upsert {
+            links.upsert_neigh(n).map_err(Error::Links)?;
+        }
+        for n in &changes.delete {
+            links.delete_neigh(n).map_err(Error::Links)?;
+        }
+        out.overlay_changed += changes.upsert.len() + changes.delete.len();
+    }
+
+    // enc's routes in both tables it uses (protocol 229 only), so that a change of mode
+    // (encryption on or off) moves them instead of leaving the old ones behind.
+    let mut current_routes: Vec<RouteSpec> = links.dump_routes(ENC_TABLE).map_err(Error::Links)?;
+    current_routes.extend(links.dump_routes(RT_TABLE_MAIN).map_err(Error::Links)?);
     let changes = diff_routes(&current_routes, &desired.routes);
     out.routes_upserted = changes.upsert.len();
     out.routes_deleted = changes.delete.len();
@@ -58,7 +83,10 @@ pub fn reconcile(
     out.rules_changed = rule_changes.add.len() + rule_changes.delete.len();
     apply_rules(links, &rule_changes).map_err(Error::Links)?;
 
-    out.datapath_changed = reconcile_datapath(desired, dp)?;
+    // Without encryption no eBPF program is attached and the maps stay as they are.
+    if !matches!(crypto, Crypto::None) {
+        out.datapath_changed = reconcile_datapath(desired, dp)?;
+    }
 
     match (crypto, stale) {
         (Crypto::Wireguard(wg), Stale::Wireguard(keys)) => {
@@ -88,6 +116,7 @@ pub fn reconcile(
 enum Stale {
     Wireguard(Vec<enc_wireguard::PublicKey>),
     Ipsec(Vec<u16>),
+    None,
 }
 
 fn upsert_wg(
@@ -225,7 +254,7 @@ pub fn attach_pods(
 mod tests {
     use super::*;
     use crate::peers::ENC_TABLE;
-    use crate::peers::{PeerTable, SessionKeys};
+    use crate::peers::{Layout, PeerTable, SessionKeys};
     use enc_geneve_vxlan::FakeLinks;
     use enc_key_manager::{Epoch, Pair, PairKeys, SessionSecret};
     use enc_tunnel_ebpf::FakeDatapath;
@@ -271,7 +300,7 @@ mod tests {
         let dp = FakeDatapath::new(enc_tunnel_ebpf::AttachMode::Tcx);
 
         let out = reconcile(
-            &table.desired("wg0", 1440),
+            &table.desired(&Layout::direct("wg0", 1440)),
             &Crypto::Wireguard(wg.clone()),
             &links,
             &dp,
@@ -283,7 +312,7 @@ mod tests {
         );
         assert_eq!(out.datapath_changed, 4);
         let again = reconcile(
-            &table.desired("wg0", 1440),
+            &table.desired(&Layout::direct("wg0", 1440)),
             &Crypto::Wireguard(wg.clone()),
             &links,
             &dp,
@@ -299,7 +328,7 @@ mod tests {
 
         establish(&mut table, now, 1);
         let out = reconcile(
-            &table.desired("wg0", 1440),
+            &table.desired(&Layout::direct("wg0", 1440)),
             &Crypto::Wireguard(wg.clone()),
             &links,
             &dp,
@@ -314,7 +343,7 @@ mod tests {
         // The peer restarts with a new WireGuard key: the old peer goes, the new one comes.
         establish(&mut table, now, 2);
         let out = reconcile(
-            &table.desired("wg0", 1440),
+            &table.desired(&Layout::direct("wg0", 1440)),
             &Crypto::Wireguard(wg.clone()),
             &links,
             &dp,
@@ -328,7 +357,7 @@ mod tests {
 
         table.auth_failed("node-1", now, "revoked".into());
         let out = reconcile(
-            &table.desired("wg0", 1440),
+            &table.desired(&Layout::direct("wg0", 1440)),
             &Crypto::Wireguard(wg.clone()),
             &links,
             &dp,
@@ -363,7 +392,7 @@ mod tests {
         dp.upsert_cidr("10.244.9.0/24".parse().unwrap(), 9).unwrap();
         let table = PeerTable::new(&crate::peers::tests::config(), Instant::now());
         reconcile(
-            &table.desired("wg0", 1440),
+            &table.desired(&Layout::direct("wg0", 1440)),
             &Crypto::Wireguard(wg.clone()),
             &links,
             &dp,
@@ -419,7 +448,7 @@ mod tests {
         let dp = FakeDatapath::new(enc_tunnel_ebpf::AttachMode::Tcx);
         let table = PeerTable::new(&crate::peers::tests::config(), Instant::now());
         let out = reconcile(
-            &table.desired("wg0", 1440),
+            &table.desired(&Layout::direct("wg0", 1440)),
             &Crypto::Wireguard(wg.clone()),
             &links,
             &dp,

@@ -138,6 +138,7 @@ fn snapshot(shared: &Shared) -> Snapshot {
                 Snapshot::Unavailable
             }
         },
+        Crypto::None => Snapshot::Unavailable,
     }
 }
 
@@ -348,7 +349,26 @@ pub fn build_status(shared: &Shared) -> Status {
     };
     let (listen_port, public_key) = match &shared.crypto {
         Crypto::Wireguard(wg) => (Some(wg.listen_port()), Some(wg.public_key().to_string())),
-        Crypto::Ipsec(_) => (None, None),
+        Crypto::Ipsec(_) | Crypto::None => (None, None),
+    };
+    let overlay = shared.config.tunnel.overlay();
+    let inner = match overlay {
+        Some((kind, _)) => format!("{kind}(pod)"),
+        None => "pod".to_owned(),
+    };
+    let network = enc_api::NetworkInfo {
+        tunnel: shared.config.tunnel.name().into(),
+        overlay_device: overlay.map(|(_, o)| o.interface.clone()),
+        overlay_port: overlay.map(|(_, o)| o.port),
+        vni: overlay.map(|(_, o)| o.vni),
+        stack: match &shared.crypto {
+            Crypto::None => inner,
+            c => format!("{}({inner})", c.type_name()),
+        },
+        underlay_mtu: shared.mtu_plan.underlay,
+        encryption_mtu: shared.mtu_plan.encryption,
+        overlay_mtu: shared.mtu_plan.overlay,
+        pod_mtu: shared.mtu_plan.pod,
     };
     Status {
         node: NodeInfo {
@@ -375,9 +395,10 @@ pub fn build_status(shared: &Shared) -> Status {
         certificate: summary(shared.identity.info()),
         peers: counts,
         datapath: DatapathInfo {
-            attach_mode: match shared.dp.attach_mode() {
-                AttachMode::Tcx => "tcx".into(),
-                AttachMode::Clsact => "clsact".into(),
+            attach_mode: match (&shared.crypto, shared.dp.attach_mode()) {
+                (Crypto::None, _) => "off".into(),
+                (_, AttachMode::Tcx) => "tcx".into(),
+                (_, AttachMode::Clsact) => "clsact".into(),
             },
             strict_mode: shared.config.strict_mode,
             underlay_interface: shared.config.underlay_interface.clone(),
@@ -390,6 +411,7 @@ pub fn build_status(shared: &Shared) -> Status {
             totals,
         },
         keys,
+        network,
     }
 }
 

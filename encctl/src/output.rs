@@ -72,8 +72,9 @@ pub fn status(s: &Status) -> String {
          certificate: {} serial {} expires {}\n\
          peers:       {} total, {} authenticated, {} pending, {} failed\n\
          keys:        {}\n\
-         datapath:    eBPF via {} on {} and {} pod interface(s), strict mode {}, pinned at {}\n\
-         counters:    {} packets steered ({}), {} dropped{}, {} leaked\n",
+         {}\
+         counters:    {} packets steered ({}), {} dropped{}, {} leaked\n\
+         {}",
         s.node.name,
         s.node.underlay_address,
         s.node.pod_cidr,
@@ -107,20 +108,51 @@ pub fn status(s: &Status) -> String {
         p.pending,
         p.failed,
         keys(&s.keys),
-        s.datapath.attach_mode,
-        s.datapath.underlay_interface,
-        s.datapath.pod_interfaces.len(),
-        if s.datapath.strict_mode {
-            "on"
+        if s.datapath.attach_mode == "off" {
+            "datapath:    no eBPF programs (encryption is off)\n".to_owned()
         } else {
-            "off (drops are only counted)"
+            format!(
+                "datapath:    eBPF via {} on {} and {} pod interface(s), strict mode {}, pinned at {}\n",
+                s.datapath.attach_mode,
+                s.datapath.underlay_interface,
+                s.datapath.pod_interfaces.len(),
+                if s.datapath.strict_mode {
+                    "on"
+                } else {
+                    "off (drops are only counted)"
+                },
+                s.datapath.pin_dir,
+            )
         },
-        s.datapath.pin_dir,
         s.datapath.totals.steered_packets,
         bytes(s.datapath.totals.steered_bytes),
         s.datapath.totals.total_drops(),
         drop_detail(&s.datapath.totals),
         s.datapath.totals.leak_packets,
+        network(&s.network),
+    )
+}
+
+/// The `tunnel:` and `mtu:` lines of `encctl status`.
+pub fn network(n: &enc_api::NetworkInfo) -> String {
+    let tunnel = match (&n.overlay_device, n.overlay_port, n.vni) {
+        (Some(dev), Some(port), Some(vni)) => {
+            format!("{} on {dev} (udp port {port}, vni {vni})", n.tunnel)
+        }
+        _ if n.tunnel.is_empty() => "unknown".to_owned(),
+        _ => format!("{} (direct routing)", n.tunnel),
+    };
+    let mut mtu = format!("underlay {}", n.underlay_mtu);
+    if let Some(m) = n.encryption_mtu {
+        let _ = write!(mtu, ", encryption device {m}");
+    }
+    if let Some(m) = n.overlay_mtu {
+        let _ = write!(mtu, ", overlay device {m}");
+    }
+    let _ = write!(mtu, ", pod routes {}", n.pod_mtu);
+    format!(
+        "tunnel:      {tunnel}; on the wire: {}\nmtu:         {mtu}\n",
+        n.stack
     )
 }
 

@@ -3,9 +3,12 @@
 //! Pin directory layout (`pin_dir`, e.g. `/sys/fs/bpf/enc/<node>`):
 //!
 //! ```text
-//! REMOTE_NETS_V4 REMOTE_NETS_V6 PREFIX_LENS PEERS COUNTERS CONFIG   maps, pinned by name
-//! links/<hook>/<ifname>                                              tcx links (tcx mode only)
+//! REMOTE_NETS_V4 REMOTE_NETS_V6 PREFIX_LENS PEERS COUNTERS CONFIG OVERLAY   maps, by name
+//! links/<hook>/<ifname>                                       tcx links (tcx mode only)
 //! ```
+//!
+//! A directory pinned by an earlier version lacks `OVERLAY`: `load` creates and pins it
+//! (zeroed: no overlay check until the next `set_config`).
 //!
 //! `PREFIX_LENS` is derived from `REMOTE_NETS_*` (the distinct prefix lengths in use, longest
 //! first): this loader keeps a count of CIDRs per length, rebuilds it from the maps on every
@@ -70,6 +73,7 @@ struct Inner {
     peers: HashMap<MapData, u32, common::PeerState>,
     counters: PerCpuHashMap<MapData, u32, common::PeerCounters>,
     config: Array<MapData, common::Config>,
+    overlay: Array<MapData, common::OverlayConfig>,
     /// clsact mode only: what this process attached (filters cannot be enumerated by pin).
     clsact_attached: BTreeSet<(String, Hook)>,
 }
@@ -486,6 +490,7 @@ impl AyaDatapath {
             peers: take(&mut ebpf, m::PEERS)?,
             counters: take(&mut ebpf, m::COUNTERS)?,
             config: take(&mut ebpf, m::CONFIG)?,
+            overlay: take(&mut ebpf, m::OVERLAY)?,
             ebpf,
             clsact_attached: BTreeSet::new(),
         };
@@ -785,8 +790,15 @@ impl Datapath for AyaDatapath {
         self.mode
     }
 
+    /// Writes `OVERLAY` first, then `CONFIG`: the two are separate maps, and a failure leaves
+    /// `CONFIG` as it was (on a fresh pin directory, unwritten and so strict).
     fn set_config(&self, cfg: DatapathConfig) -> Result<()> {
-        self.lock()
+        let mut inner = self.lock();
+        inner
+            .overlay
+            .set(0, cfg.overlay_raw(), 0)
+            .map_err(map_err(common::map_names::OVERLAY, "set 0"))?;
+        inner
             .config
             .set(0, cfg.to_raw(), 0)
             .map_err(map_err(common::map_names::CONFIG, "set 0"))

@@ -51,7 +51,7 @@ impl FakeDatapath {
         self.state().counters.insert(peer, counters);
     }
 
-    /// The last configuration set, if any.
+    /// The last configuration set (overlay included), if any.
     pub fn config(&self) -> Option<DatapathConfig> {
         self.state().config
     }
@@ -148,7 +148,7 @@ impl Datapath for FakeDatapath {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Backend, DropReason, Error};
+    use crate::{Backend, DropReason, Error, Overlay, OverlayKind};
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
@@ -268,8 +268,22 @@ mod tests {
         let cfg = DatapathConfig {
             strict: false,
             decrypt_ifindex: 7,
+            overlay: None,
         };
         dp.set_config(cfg).unwrap();
         assert_eq!(dp.config(), Some(cfg));
+        let vxlan = DatapathConfig {
+            overlay: Some(Overlay {
+                kind: OverlayKind::Vxlan,
+                port: 8472,
+            }),
+            ..cfg
+        };
+        dp.set_config(vxlan).unwrap();
+        assert_eq!(dp.config(), Some(vxlan));
+        assert_eq!(
+            dp.config().and_then(|c| c.overlay).map(|o| o.kind),
+            Some(OverlayKind::Vxlan)
+        );
     }
 }

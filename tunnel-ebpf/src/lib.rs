@@ -114,6 +114,12 @@ pub struct DatapathConfig {
     /// CIDR to a local pod is legitimate only if it entered through it (or carries the
     /// decrypted mark). 0 turns that check off.
     pub decrypt_ifindex: u32,
+    /// The overlay whose packets are routed into encryption, if pod traffic between nodes is
+    /// encapsulated by a kernel VXLAN / Geneve device. The underlay programs then refuse such
+    /// packets in plaintext on the wire (judged by their inner addresses), since a legitimate
+    /// one only crosses the underlay encrypted. `None`: no overlay check. Set it only when the
+    /// overlay's traffic is in fact encrypted, or every overlay packet is refused.
+    pub overlay: Option<Overlay>,
 }
 
 impl DatapathConfig {
@@ -122,6 +128,54 @@ impl DatapathConfig {
             strict: self.strict as u32,
             decrypt_ifindex: self.decrypt_ifindex,
             flags: common::CONFIG_F_VALID,
+        }
+    }
+
+    /// The `OVERLAY` entry: port 0 when there is no overlay.
+    const fn overlay_raw(self) -> common::OverlayConfig {
+        match self.overlay {
+            Some(o) => o.to_raw(),
+            None => common::OverlayConfig { port: 0, kind: 0 },
+        }
+    }
+}
+
+/// A kernel overlay device's encapsulation, as the underlay programs recognise it: UDP to
+/// `port` carrying a `kind` header and the inner Ethernet frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Overlay {
+    /// The encapsulation.
+    pub kind: OverlayKind,
+    /// The UDP destination port of the overlay (for example 8472 for VXLAN, 6081 for Geneve;
+    /// see [`common::VXLAN_DEFAULT_PORT`] and [`common::GENEVE_DEFAULT_PORT`]). Port 0 turns
+    /// the overlay check off, like `None`.
+    pub port: u16,
+}
+
+impl Overlay {
+    const fn to_raw(self) -> common::OverlayConfig {
+        common::OverlayConfig {
+            port: self.port as u32,
+            kind: self.kind.to_raw(),
+        }
+    }
+}
+
+/// An overlay encapsulation: how far past the UDP header the inner Ethernet frame starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverlayKind {
+    /// VXLAN (RFC 7348): an 8-byte header.
+    Vxlan,
+    /// Geneve (RFC 8926): an 8-byte header and `opt_len * 4` bytes of options.
+    Geneve,
+}
+
+impl OverlayKind {
+    const fn to_raw(self) -> u32 {
+        match self {
+            Self::Vxlan => common::OVERLAY_KIND_VXLAN,
+            Self::Geneve => common::OVERLAY_KIND_GENEVE,
         }
     }
 }
@@ -319,7 +373,7 @@ pub const TC_ACT_SHOT: i32 = 2;
 pub trait Datapath: Send + Sync {
     /// How programs are attached on this kernel.
     fn attach_mode(&self) -> AttachMode;
-    /// Sets the datapath-wide configuration.
+    /// Sets the datapath-wide configuration (`CONFIG`, and the overlay in `OVERLAY`).
     fn set_config(&self, cfg: DatapathConfig) -> Result<()>;
     /// Maps a remote pod CIDR to its peer node. The CIDR must have no host bits set and the
     /// peer id must not be 0. Overlapping CIDRs are allowed: the longest prefix wins. Each
@@ -523,6 +577,42 @@ mod tests {
             "\"unencrypted-egress\""
         );
         assert_eq!(DropReason::ALL.len(), common::DROP_REASONS);
+    }
+
+    #[test]
+    fn overlay_to_raw_and_serde() {
+        let mut cfg = DatapathConfig {
+            strict: true,
+            decrypt_ifindex: 3,
+            overlay: None,
+        };
+        assert_eq!(cfg.overlay_raw(), common::OverlayConfig::default());
+        assert!(!cfg.overlay_raw().enabled());
+        cfg.overlay = Some(Overlay {
+            kind: OverlayKind::Geneve,
+            port: common::GENEVE_DEFAULT_PORT,
+        });
+        assert_eq!(
+            cfg.overlay_raw(),
+            common::OverlayConfig {
+                port: 6081,
+                kind: common::OVERLAY_KIND_GENEVE
+            }
+        );
+        let vxlan = Overlay {
+            kind: OverlayKind::Vxlan,
+            port: common::VXLAN_DEFAULT_PORT,
+        };
+        assert_eq!(vxlan.to_raw().kind, common::OVERLAY_KIND_VXLAN);
+        assert_eq!(vxlan.to_raw().port, 8472);
+        assert_eq!(
+            serde_json::to_value(cfg).unwrap()["overlay"],
+            serde_json::json!({"kind": "geneve", "port": 6081})
+        );
+        assert_eq!(
+            serde_json::to_string(&OverlayKind::Vxlan).unwrap(),
+            "\"vxlan\""
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@
 use enc_tests::netns::Netns;
 use enc_tunnel_ebpf::common::{MARK_MAGIC_DECRYPTED, MAX_PREFIX_LENS, encrypt_mark};
 use enc_tunnel_ebpf::{
-    AttachMode, AyaDatapath, Backend, Datapath, DatapathConfig, DropReason, Error, Hook, PeerState,
-    TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
+    AttachMode, AyaDatapath, Backend, Datapath, DatapathConfig, DropReason, Error, Hook, Overlay,
+    OverlayKind, PeerState, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
 };
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -63,6 +63,7 @@ fn setup(dp: &AyaDatapath, strict: bool, decrypt_ifindex: u32) {
     dp.set_config(DatapathConfig {
         strict,
         decrypt_ifindex,
+        overlay: None,
     })
     .unwrap();
     for (cidr, peer) in [
@@ -369,6 +370,7 @@ fn privileged_pod_egress_requires_decrypt_path() {
     dp.set_config(DatapathConfig {
         strict: true,
         decrypt_ifindex: 0,
+        overlay: None,
     })
     .unwrap();
     let p = ipv4("10.244.2.5", "10.244.1.7");
@@ -439,6 +441,556 @@ fn privileged_underlay_refuses_plaintext_and_counts_leaks() {
     let c = dp.counters().unwrap()[&2].clone();
     assert_eq!((c.leak_packets, c.leak_bytes), (1, leak.len() as u64));
     assert_eq!(c.drops_for(DropReason::UnencryptedEgress), 1);
+}
+
+// ---- Overlay (VXLAN / Geneve) packets on the underlay ----
+
+const VXLAN: Overlay = Overlay {
+    kind: OverlayKind::Vxlan,
+    port: 8472,
+};
+const GENEVE: Overlay = Overlay {
+    kind: OverlayKind::Geneve,
+    port: 6081,
+};
+
+fn set_overlay(dp: &AyaDatapath, strict: bool, overlay: Option<Overlay>) {
+    dp.set_config(DatapathConfig {
+        strict,
+        decrypt_ifindex: 0,
+        overlay,
+    })
+    .unwrap();
+}
+
+/// A UDP datagram to `dport` (source port 40000, no checksum) carrying `payload`.
+fn udp(dport: u16, payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(8 + payload.len()).unwrap();
+    let mut u = 40000u16.to_be_bytes().to_vec();
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&len.to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+/// An outer IPv4 frame with protocol `proto`, `opt_words` 4-byte words of IP options (IHL =
+/// 5 + opt_words) and flags/fragment-offset word `frag`, carrying `payload`.
+fn outer_v4_with(
+    src: &str,
+    dst: &str,
+    proto: u8,
+    opt_words: u8,
+    frag: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let src: Ipv4Addr = src.parse().unwrap();
+    let dst: Ipv4Addr = dst.parse().unwrap();
+    let hlen = 20 + 4 * usize::from(opt_words);
+    let total = u16::try_from(hlen + payload.len()).unwrap();
+    let mut ip = vec![0x40 | (5 + opt_words), 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 1]);
+    ip.extend_from_slice(&frag.to_be_bytes());
+    ip.extend_from_slice(&[64, proto, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    // Options: NOPs (type 1).
+    ip.resize(hlen, 1);
+    ip.extend_from_slice(payload);
+    eth(0x0800, &ip)
+}
+
+/// Node 10.0.0.2 to node 10.0.0.1 (outside every pod CIDR), UDP to `dport`.
+fn outer_v4(dport: u16, payload: &[u8]) -> Vec<u8> {
+    outer_v4_with("10.0.0.2", "10.0.0.1", 17, 0, 0x4000, &udp(dport, payload))
+}
+
+/// Node fd00:99::2 to node fd00:99::1, next header `next`, carrying `payload`.
+fn outer_v6_with(next: u8, payload: &[u8]) -> Vec<u8> {
+    let src: Ipv6Addr = "fd00:99::2".parse().unwrap();
+    let dst: Ipv6Addr = "fd00:99::1".parse().unwrap();
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+    ip.extend_from_slice(&[next, 64]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    ip.extend_from_slice(payload);
+    eth(0x86DD, &ip)
+}
+
+fn outer_v6(dport: u16, payload: &[u8]) -> Vec<u8> {
+    outer_v6_with(17, &udp(dport, payload))
+}
+
+/// A VXLAN header (flags: VNI valid; VNI 1) followed by the inner frame.
+fn vxlan(inner: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    v.extend_from_slice(inner);
+    v
+}
+
+/// A Geneve header (version 0, `opts.len() / 4` option words, protocol Ethernet, VNI 1), the
+/// options, and the inner frame.
+fn geneve(opts: &[u8], inner: &[u8]) -> Vec<u8> {
+    assert_eq!(opts.len() % 4, 0);
+    let words = u8::try_from(opts.len() / 4).unwrap();
+    let mut g = vec![words & 0x3F, 0, 0x65, 0x58, 0, 0, 1, 0];
+    g.extend_from_slice(opts);
+    g.extend_from_slice(inner);
+    g
+}
+
+/// 8 bytes of Geneve options: one TLV (class 0x0102, type 0x80, 4 bytes of data).
+const GENEVE_OPTS: [u8; 8] = [0x01, 0x02, 0x80, 0x01, 0xAA, 0xBB, 0xCC, 0xDD];
+
+/// What one test run did: the verdict, and where it was counted (every (peer, reason) whose
+/// drop count grew, and every peer whose leak count grew, each with its increase).
+#[derive(Debug, PartialEq, Eq)]
+struct Outcome {
+    action: i32,
+    drops: Vec<(u16, DropReason, u64)>,
+    leaks: Vec<(u16, u64)>,
+}
+
+fn outcome(action: i32, drops: &[(u16, DropReason)], leaks: &[u16]) -> Outcome {
+    Outcome {
+        action,
+        drops: drops.iter().map(|(p, r)| (*p, *r, 1)).collect(),
+        leaks: leaks.iter().map(|p| (*p, 1)).collect(),
+    }
+}
+
+fn run(dp: &AyaDatapath, hook: Hook, frame: &[u8], mark: u32) -> Outcome {
+    let before = dp.counters().unwrap();
+    let r = dp
+        .test_run_with_mark(hook, frame, 0, mark, 1)
+        .unwrap_or_else(|e| panic!("{hook} ({} bytes): {e:?}", frame.len()));
+    // No program of ours changes the mark on the underlay.
+    assert_eq!(r.mark, mark, "{hook}");
+    let after = dp.counters().unwrap();
+    let mut drops = Vec::new();
+    let mut leaks = Vec::new();
+    for (peer, c) in &after {
+        let old = before.get(peer).cloned().unwrap_or_default();
+        for reason in DropReason::ALL {
+            let d = c.drops_for(reason) - old.drops_for(reason);
+            if d != 0 {
+                drops.push((*peer, reason, d));
+            }
+        }
+        if c.leak_packets != old.leak_packets {
+            leaks.push((*peer, c.leak_packets - old.leak_packets));
+        }
+    }
+    Outcome {
+        action: r.action,
+        drops,
+        leaks,
+    }
+}
+
+fn passes(dp: &AyaDatapath, hook: Hook, frame: &[u8], mark: u32) -> bool {
+    run(dp, hook, frame, mark) == outcome(TC_ACT_UNSPEC, &[], &[])
+}
+
+const PLAIN: DropReason = DropReason::PlaintextFromUnderlay;
+const UNENC: DropReason = DropReason::UnencryptedEgress;
+
+#[test]
+fn privileged_underlay_ingress_refuses_plaintext_vxlan() {
+    if !enc_tests::require_root("privileged_underlay_ingress_refuses_plaintext_vxlan") {
+        return;
+    }
+    let (_dir, dp) = load("ovl-vxlan-in");
+    setup(&dp, true, 0);
+    set_overlay(&dp, true, Some(VXLAN));
+    let ui = Hook::UnderlayIngress;
+    let from_peer2 = outer_v4(8472, &vxlan(&ipv4("10.244.2.5", "10.244.1.7")));
+    let shot = |peer| outcome(TC_ACT_SHOT, &[(peer, PLAIN)], &[]);
+
+    // Inner source in peer 2's CIDR: refused under peer 2, over IPv4 and IPv6, inner and outer.
+    assert_eq!(run(&dp, ui, &from_peer2, 0), shot(2));
+    let v6_inner = outer_v4(8472, &vxlan(&ipv6("fd00:2::5", "fd00:1::7")));
+    assert_eq!(run(&dp, ui, &v6_inner, 0), shot(2), "inner IPv6");
+    let v6_outer = outer_v6(8472, &vxlan(&ipv4("10.244.2.5", "10.244.1.7")));
+    assert_eq!(run(&dp, ui, &v6_outer, 0), shot(2), "outer IPv6");
+    let v6_both = outer_v6(8472, &vxlan(&ipv6("fd00:2::5", "fd00:1::7")));
+    assert_eq!(run(&dp, ui, &v6_both, 0), shot(2), "IPv6 in IPv6");
+    // The outer IHL is honoured (two words of options).
+    let opts = outer_v4_with(
+        "10.0.0.2",
+        "10.0.0.1",
+        17,
+        2,
+        0,
+        &udp(8472, &vxlan(&ipv4("10.244.2.5", "10.244.1.7"))),
+    );
+    assert_eq!(run(&dp, ui, &opts, 0), shot(2), "IPv4 options");
+    // A first fragment holds the UDP header: checked; a later one is not an overlay packet.
+    let first = outer_v4_with(
+        "10.0.0.2",
+        "10.0.0.1",
+        17,
+        0,
+        0x2000,
+        &udp(8472, &vxlan(&ipv4("10.244.2.5", "10.244.1.7"))),
+    );
+    assert_eq!(run(&dp, ui, &first, 0), shot(2), "first fragment");
+    let later = outer_v4_with(
+        "10.0.0.2",
+        "10.0.0.1",
+        17,
+        0,
+        0x2000 | 185,
+        &udp(8472, &vxlan(&ipv4("10.244.2.5", "10.244.1.7"))),
+    );
+    assert!(passes(&dp, ui, &later, 0), "non-first fragment");
+
+    // Inner source in no remote pod CIDR (or no inner IP at all): refused under peer 0.
+    let stranger = outer_v4(8472, &vxlan(&ipv4("192.168.7.7", "10.244.1.7")));
+    assert_eq!(run(&dp, ui, &stranger, 0), shot(0), "unattributed");
+    let inner_arp = outer_v4(8472, &vxlan(&arp()));
+    assert_eq!(run(&dp, ui, &inner_arp, 0), shot(0), "inner ARP");
+    // Inner Ethernet header present, inner IP header cut: the overlay device would still
+    // decapsulate it, so it is refused too (unattributed).
+    let cut_ip = outer_v4(8472, &vxlan(&ipv4("10.244.2.5", "10.244.1.7")[..14 + 10]));
+    assert_eq!(run(&dp, ui, &cut_ip, 0), shot(0), "inner IP cut");
+
+    // Kernel XFRM's re-injected, decrypted packet: the mark of the inner source's peer passes.
+    for p in [&from_peer2, &v6_inner, &v6_outer, &v6_both] {
+        assert!(passes(&dp, ui, p, decrypted(2)));
+        assert!(
+            passes(&dp, ui, p, decrypted(2) | 0x5A),
+            "bits 7..0 are not ours"
+        );
+        assert_eq!(run(&dp, ui, p, decrypted(3)), shot(2), "another peer's SA");
+        assert_eq!(
+            run(&dp, ui, p, encrypt_mark(2, 1)),
+            shot(2),
+            "encrypt magic"
+        );
+    }
+    // Unattributed inner source: any decrypted mark will do, the magic is still required.
+    assert!(passes(&dp, ui, &stranger, decrypted(3)));
+    assert!(passes(&dp, ui, &stranger, decrypted(0)));
+    assert_eq!(run(&dp, ui, &stranger, encrypt_mark(3, 1)), shot(0));
+
+    // Non-strict: counted, not dropped.
+    set_overlay(&dp, false, Some(VXLAN));
+    assert_eq!(
+        run(&dp, ui, &from_peer2, 0),
+        outcome(TC_ACT_UNSPEC, &[(2, PLAIN)], &[])
+    );
+    assert_eq!(
+        run(&dp, ui, &stranger, 0),
+        outcome(TC_ACT_UNSPEC, &[(0, PLAIN)], &[])
+    );
+    // Never counted as a leak or under any other reason.
+    let c = dp.counters().unwrap();
+    assert!(
+        c.values()
+            .all(|c| c.leak_packets == 0 && c.drops.len() == 1),
+        "{c:?}"
+    );
+}
+
+#[test]
+fn privileged_underlay_ingress_refuses_plaintext_geneve() {
+    if !enc_tests::require_root("privileged_underlay_ingress_refuses_plaintext_geneve") {
+        return;
+    }
+    let (_dir, dp) = load("ovl-geneve-in");
+    setup(&dp, true, 0);
+    set_overlay(&dp, true, Some(GENEVE));
+    let ui = Hook::UnderlayIngress;
+    let shot = |peer| outcome(TC_ACT_SHOT, &[(peer, PLAIN)], &[]);
+    let inner = ipv4("10.244.2.5", "10.244.1.7");
+    // Attribution to peer 2 shows the inner frame was found past the options (reading it at
+    // the wrong offset finds no IP header: peer 0).
+    for (what, opts) in [
+        ("no options", &[][..]),
+        ("8 bytes of options", &GENEVE_OPTS[..]),
+    ] {
+        let p = outer_v4(6081, &geneve(opts, &inner));
+        assert_eq!(run(&dp, ui, &p, 0), shot(2), "{what}");
+        assert!(passes(&dp, ui, &p, decrypted(2)), "{what}");
+        assert_eq!(run(&dp, ui, &p, decrypted(5)), shot(2), "{what}");
+        let p6 = outer_v6(6081, &geneve(opts, &ipv6("fd00:2::5", "fd00:1::7")));
+        assert_eq!(run(&dp, ui, &p6, 0), shot(2), "{what}, IPv6");
+        let stranger = outer_v4(6081, &geneve(opts, &ipv4("192.168.7.7", "10.244.1.7")));
+        assert_eq!(run(&dp, ui, &stranger, 0), shot(0), "{what}, unattributed");
+    }
+    // A VXLAN packet is no Geneve packet (other port): the plain checks, which pass it.
+    assert!(passes(&dp, ui, &outer_v4(8472, &vxlan(&inner)), 0));
+    // With VXLAN configured on the Geneve port, the options are not skipped: the inner frame
+    // is read at the wrong offset and the packet is unattributed.
+    set_overlay(
+        &dp,
+        true,
+        Some(Overlay {
+            kind: OverlayKind::Vxlan,
+            port: 6081,
+        }),
+    );
+    let p = outer_v4(6081, &geneve(&GENEVE_OPTS, &inner));
+    assert_eq!(run(&dp, ui, &p, 0), shot(0));
+}
+
+#[test]
+fn privileged_underlay_egress_counts_overlay_leaks() {
+    if !enc_tests::require_root("privileged_underlay_egress_counts_overlay_leaks") {
+        return;
+    }
+    let (_dir, dp) = load("ovl-egress");
+    setup(&dp, true, 0);
+    let ue = Hook::UnderlayEgress;
+    let leak = |action, peer| outcome(action, &[(peer, UNENC)], &[peer]);
+    for (overlay, frames) in [
+        (
+            VXLAN,
+            [
+                outer_v4(8472, &vxlan(&ipv4("10.244.1.7", "10.244.2.5"))),
+                outer_v6(8472, &vxlan(&ipv6("fd00:1::7", "fd00:2::5"))),
+                outer_v4(8472, &vxlan(&ipv4("10.244.1.7", "192.168.7.7"))),
+            ],
+        ),
+        (
+            GENEVE,
+            [
+                outer_v4(
+                    6081,
+                    &geneve(&GENEVE_OPTS, &ipv4("10.244.1.7", "10.244.2.5")),
+                ),
+                outer_v6(6081, &geneve(&[], &ipv6("fd00:1::7", "fd00:2::5"))),
+                outer_v4(6081, &geneve(&[], &ipv4("10.244.1.7", "192.168.7.7"))),
+            ],
+        ),
+    ] {
+        let [to_peer2, to_peer2_v6, to_stranger] = &frames;
+        let kind = overlay.kind;
+        set_overlay(&dp, true, Some(overlay));
+        assert_eq!(run(&dp, ue, to_peer2, 0), leak(TC_ACT_SHOT, 2), "{kind:?}");
+        assert_eq!(
+            run(&dp, ue, to_peer2_v6, 0),
+            leak(TC_ACT_SHOT, 2),
+            "{kind:?} v6"
+        );
+        assert_eq!(
+            run(&dp, ue, to_stranger, 0),
+            leak(TC_ACT_SHOT, 0),
+            "{kind:?}"
+        );
+        // A mark does not excuse anything on egress.
+        assert_eq!(run(&dp, ue, to_peer2, decrypted(2)), leak(TC_ACT_SHOT, 2));
+        set_overlay(&dp, false, Some(overlay));
+        assert_eq!(
+            run(&dp, ue, to_peer2, 0),
+            leak(TC_ACT_UNSPEC, 2),
+            "{kind:?}"
+        );
+        assert_eq!(
+            run(&dp, ue, to_stranger, 0),
+            leak(TC_ACT_UNSPEC, 0),
+            "{kind:?}"
+        );
+    }
+    let c = dp.counters().unwrap();
+    assert_eq!(c[&2].leak_packets, 8);
+    assert_eq!(c[&0].leak_packets, 4);
+    let frame = outer_v4(8472, &vxlan(&ipv4("10.244.1.7", "192.168.7.7")));
+    // Every unattributed frame has the same length (Geneve without options = VXLAN).
+    assert_eq!(c[&0].leak_bytes, 4 * frame.len() as u64);
+}
+
+#[test]
+fn privileged_overlay_off_and_other_udp_keep_plain_checks() {
+    if !enc_tests::require_root("privileged_overlay_off_and_other_udp_keep_plain_checks") {
+        return;
+    }
+    let (_dir, dp) = load("ovl-off");
+    setup(&dp, true, 0);
+    let vx = |inner: &[u8]| outer_v4(8472, &vxlan(inner));
+    let ge = |inner: &[u8]| outer_v6(6081, &geneve(&GENEVE_OPTS, inner));
+    let frames = [
+        vx(&ipv4("10.244.2.5", "10.244.2.6")),
+        vx(&ipv4("192.168.7.7", "192.168.7.8")),
+        ge(&ipv4("10.244.2.5", "10.244.2.6")),
+        ge(&ipv6("fd00:2::5", "fd00:2::6")),
+    ];
+    // No overlay configured (as before this check existed; and after turning it off again):
+    // the outer addresses are node addresses, outside every pod CIDR, so everything passes.
+    let all_pass = |dp: &AyaDatapath| {
+        for (i, f) in frames.iter().enumerate() {
+            for hook in [Hook::UnderlayIngress, Hook::UnderlayEgress] {
+                assert!(passes(dp, hook, f, 0), "frame {i} {hook}");
+            }
+        }
+    };
+    all_pass(&dp);
+    set_overlay(&dp, true, Some(VXLAN));
+    assert_eq!(
+        run(&dp, Hook::UnderlayIngress, &frames[0], 0),
+        outcome(TC_ACT_SHOT, &[(2, PLAIN)], &[])
+    );
+    set_overlay(&dp, true, None);
+    all_pass(&dp);
+    // The plain checks still run on the outer addresses of an overlay-looking packet.
+    let outer_from_pod = outer_v4_with(
+        "10.244.2.5",
+        "10.244.1.7",
+        17,
+        0,
+        0,
+        &udp(8472, &vxlan(&ipv4("192.168.7.7", "192.168.7.8"))),
+    );
+    assert_eq!(
+        run(&dp, Hook::UnderlayIngress, &outer_from_pod, 0),
+        outcome(TC_ACT_SHOT, &[(2, PLAIN)], &[])
+    );
+
+    // With an overlay configured, UDP to another port (WireGuard's 51820), another protocol
+    // on the overlay port (TCP), and IPv6 with an extension header before UDP are not overlay
+    // packets.
+    for overlay in [VXLAN, GENEVE] {
+        set_overlay(&dp, true, Some(overlay));
+        let inner = ipv4("10.244.2.5", "10.244.2.6");
+        let payload = if overlay.kind == OverlayKind::Vxlan {
+            vxlan(&inner)
+        } else {
+            geneve(&[], &inner)
+        };
+        let mut hop_by_hop = vec![17, 0, 1, 4, 0, 0, 0, 0]; // next: UDP; PadN
+        hop_by_hop.extend_from_slice(&udp(overlay.port, &payload));
+        let others = [
+            ("wireguard", outer_v4(51820, &payload)),
+            ("wireguard v6", outer_v6(51820, &payload)),
+            (
+                "tcp",
+                outer_v4_with(
+                    "10.0.0.2",
+                    "10.0.0.1",
+                    6,
+                    0,
+                    0,
+                    &udp(overlay.port, &payload),
+                ),
+            ),
+            ("v6 extension header", outer_v6_with(0, &hop_by_hop)),
+        ];
+        for (what, f) in &others {
+            for hook in [Hook::UnderlayIngress, Hook::UnderlayEgress] {
+                assert!(passes(&dp, hook, f, 0), "{:?} {what} {hook}", overlay.kind);
+            }
+        }
+        // ... while the real thing is refused.
+        let real = outer_v4(overlay.port, &payload);
+        assert_eq!(
+            run(&dp, Hook::UnderlayIngress, &real, 0),
+            outcome(TC_ACT_SHOT, &[(2, PLAIN)], &[])
+        );
+    }
+}
+
+#[test]
+fn privileged_truncated_overlay_packets_pass() {
+    if !enc_tests::require_root("privileged_truncated_overlay_packets_pass") {
+        return;
+    }
+    let (_dir, dp) = load("ovl-short");
+    setup(&dp, true, 0);
+    let inner = ipv4("10.244.2.5", "10.244.1.7");
+    for overlay in [VXLAN, GENEVE] {
+        set_overlay(&dp, true, Some(overlay));
+        let full = if overlay.kind == OverlayKind::Vxlan {
+            vxlan(&inner)
+        } else {
+            geneve(&GENEVE_OPTS, &inner)
+        };
+        let hdr = if overlay.kind == OverlayKind::Vxlan {
+            8
+        } else {
+            16
+        };
+        // Cut: right after UDP, inside the overlay header (and Geneve options), and inside
+        // the inner Ethernet header. The overlay device drops these: not overlay packets, and
+        // the outer (node) addresses are in no pod CIDR.
+        for cut in [0, 4, hdr - 1, hdr, hdr + 13] {
+            for (what, f) in [
+                ("v4", outer_v4(overlay.port, &full[..cut])),
+                ("v6", outer_v6(overlay.port, &full[..cut])),
+            ] {
+                for hook in [Hook::UnderlayIngress, Hook::UnderlayEgress] {
+                    assert!(
+                        passes(&dp, hook, &f, 0),
+                        "{:?} {what} cut at {cut} {hook}",
+                        overlay.kind
+                    );
+                }
+            }
+        }
+        // The full inner Ethernet header is enough to count as an overlay packet.
+        let f = outer_v4(overlay.port, &full[..hdr + 14]);
+        assert_eq!(
+            run(&dp, Hook::UnderlayIngress, &f, 0),
+            outcome(TC_ACT_SHOT, &[(0, PLAIN)], &[])
+        );
+    }
+    // Geneve claiming the most options (63 words) with few bytes behind them.
+    set_overlay(&dp, true, Some(GENEVE));
+    let mut g = geneve(&GENEVE_OPTS, &inner);
+    g[0] = 0x3F;
+    let f = outer_v4(6081, &g);
+    for hook in [Hook::UnderlayIngress, Hook::UnderlayEgress] {
+        assert!(passes(&dp, hook, &f, 0), "opt_len 63 {hook}");
+    }
+    // ... and the same with all 252 option bytes there and an inner frame behind them, behind
+    // a maximal IPv4 header: the largest inner offset there is, still parsed.
+    let opts = [0u8; 252];
+    let f = outer_v4_with(
+        "10.0.0.2",
+        "10.0.0.1",
+        17,
+        10,
+        0,
+        &udp(6081, &geneve(&opts, &inner)),
+    );
+    assert_eq!(
+        run(&dp, Hook::UnderlayIngress, &f, 0),
+        outcome(TC_ACT_SHOT, &[(2, PLAIN)], &[])
+    );
+}
+
+#[test]
+fn privileged_pin_dir_without_overlay_map_loads() {
+    if !enc_tests::require_root("privileged_pin_dir_without_overlay_map_loads") {
+        return;
+    }
+    use enc_tunnel_ebpf::common::map_names;
+    let (dir, dp) = load("ovl-pins");
+    setup(&dp, true, 0);
+    set_overlay(&dp, true, Some(VXLAN));
+    let p = outer_v4(8472, &vxlan(&ipv4("10.244.2.5", "10.244.1.7")));
+    assert_eq!(run(&dp, Hook::UnderlayIngress, &p, 0).action, TC_ACT_SHOT);
+    drop(dp);
+    // A pin directory of an earlier version has every map but OVERLAY.
+    let overlay_pin = dir.0.join(map_names::OVERLAY);
+    std::fs::remove_file(&overlay_pin).unwrap();
+    let dp = AyaDatapath::load(&dir.0).unwrap();
+    assert!(overlay_pin.exists(), "OVERLAY is pinned again");
+    for name in map_names::ALL {
+        assert!(dir.0.join(name).exists(), "{name}");
+    }
+    // The other maps kept their state; the new OVERLAY is zeroed (no overlay check) until
+    // the agent sets the config again.
+    assert_eq!(dp.dump_cidrs().unwrap().len(), 5);
+    assert!(passes(&dp, Hook::UnderlayIngress, &p, 0));
+    set_overlay(&dp, true, Some(VXLAN));
+    assert_eq!(run(&dp, Hook::UnderlayIngress, &p, 0).action, TC_ACT_SHOT);
+    // And a reload keeps it.
+    drop(dp);
+    let dp = AyaDatapath::load(&dir.0).unwrap();
+    assert_eq!(run(&dp, Hook::UnderlayIngress, &p, 0).action, TC_ACT_SHOT);
 }
 
 #[test]

@@ -772,6 +772,7 @@ fn run_marking(args: &MarkingArgs) -> anyhow::Result<Report> {
         dp.set_config(DatapathConfig {
             strict: true,
             decrypt_ifindex: 0,
+            overlay: None,
         })?;
         for i in 0..n {
             dp.upsert_peer(peer_id(i), peer_state())?;

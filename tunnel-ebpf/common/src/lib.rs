@@ -82,14 +82,20 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     /// The datapath configuration: `Array<Config>` with one entry.
     pub const CONFIG: &str = "CONFIG";
+    /// The overlay (VXLAN / Geneve) the underlay programs recognise: `Array<OverlayConfig>`
+    /// with one entry. A separate map rather than new `Config` fields, so that a `CONFIG`
+    /// pinned by an earlier version keeps its layout; a pin directory without it simply gets
+    /// it created (zeroed: no overlay check) on the next load.
+    pub const OVERLAY: &str = "OVERLAY";
     /// Every map, in a fixed order.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 7] = [
         REMOTE_NETS_V4,
         REMOTE_NETS_V6,
         PREFIX_LENS,
         PEERS,
         COUNTERS,
         CONFIG,
+        OVERLAY,
     ];
     /// The LPM-trie maps of earlier versions (`LpmTrie<[u8; 4] / [u8; 16], u32 peer id>`).
     /// The loader moves their entries into `REMOTE_NETS_*` and unpins them.
@@ -342,11 +348,44 @@ impl Config {
     }
 }
 
+/// `OverlayConfig::kind`: VXLAN (RFC 7348), an 8-byte header after UDP.
+pub const OVERLAY_KIND_VXLAN: u32 = 1;
+/// `OverlayConfig::kind`: Geneve (RFC 8926), an 8-byte header plus `opt_len * 4` bytes of
+/// options after UDP.
+pub const OVERLAY_KIND_GENEVE: u32 = 2;
+/// Linux's historical VXLAN UDP port (the vxlan module's default; flannel and Cilium use it),
+/// not IANA's 4789.
+pub const VXLAN_DEFAULT_PORT: u16 = 8472;
+/// IANA UDP port of Geneve.
+pub const GENEVE_DEFAULT_PORT: u16 = 6081;
+
+/// The single entry of `OVERLAY`: which UDP packets on the underlay are pod traffic
+/// encapsulated by a kernel overlay device. When encryption is on, such packets are routed into
+/// the encryption device, so on the underlay they must never appear in plaintext; the underlay
+/// programs look up their inner addresses and refuse them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverlayConfig {
+    /// UDP destination port of the overlay, in host byte order; 0 (a fresh, zeroed map) turns
+    /// the overlay check off.
+    pub port: u32,
+    /// `OVERLAY_KIND_VXLAN` or `OVERLAY_KIND_GENEVE`; any other value is parsed as VXLAN.
+    pub kind: u32,
+}
+
+impl OverlayConfig {
+    /// Whether the overlay check is on.
+    #[inline(always)]
+    pub const fn enabled(&self) -> bool {
+        self.port != 0
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are #[repr(C)], Copy, contain only integers (arrays included), and
-    // have no padding (u32 x3; u64 x14; u32 + [u8; 4]; u32 + [u8; 16]; u32 + [u8; 16]), so
-    // every bit pattern is a valid value.
+    // have no padding (u32 x3; u64 x14; u32 x3; u32 + [u8; 4]; u32 + [u8; 16];
+    // u32 + [u8; 16]; u32 x2), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::PeerState {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::PeerCounters {}
@@ -358,6 +397,8 @@ mod user {
     unsafe impl aya::Pod for super::NetKeyV6 {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::PrefixLens {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::OverlayConfig {}
 }
 
 #[cfg(test)]
@@ -404,6 +445,19 @@ mod tests {
         assert_eq!(core::mem::size_of::<NetKeyV4>(), 8);
         assert_eq!(core::mem::size_of::<NetKeyV6>(), 20);
         assert_eq!(core::mem::size_of::<PrefixLens>(), 4 + MAX_PREFIX_LENS);
+        assert_eq!(core::mem::size_of::<OverlayConfig>(), 8);
+    }
+
+    #[test]
+    fn zeroed_overlay_is_off() {
+        assert!(!OverlayConfig::default().enabled());
+        let vxlan = OverlayConfig {
+            port: u32::from(VXLAN_DEFAULT_PORT),
+            kind: OVERLAY_KIND_VXLAN,
+        };
+        assert!(vxlan.enabled());
+        assert_ne!(OVERLAY_KIND_VXLAN, OVERLAY_KIND_GENEVE);
+        assert!(map_names::ALL.contains(&map_names::OVERLAY));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The enc tc programs: marking of inter-node pod traffic, strict mode, and the leak sentinel.
 //!
-//! Four `SchedClassifier` programs share six maps (see `enc_tunnel_ebpf_common`):
+//! Four `SchedClassifier` programs share seven maps (see `enc_tunnel_ebpf_common`):
 //!
 //! * `tunnel_pod_ingress`: packets from a local pod. A destination in a remote pod CIDR gets the
 //!   encrypt mark of its peer when the peer is authenticated and has a key; otherwise the packet
@@ -8,13 +8,32 @@
 //! * `tunnel_pod_egress`: packets to a local pod. A source in a remote pod CIDR must have come
 //!   through the decrypt path (the decrypt device, or a decrypted mark) from an authenticated
 //!   peer with a key.
-//! * `tunnel_underlay_ingress`: plaintext from a remote pod CIDR on the wire is dropped.
-//! * `tunnel_underlay_egress`: the leak sentinel; plaintext towards a remote pod CIDR leaving on
-//!   the wire is counted as a leak and dropped (strict).
+//! * `tunnel_underlay_ingress`: plaintext from a remote pod CIDR on the wire is dropped, and so
+//!   is a plaintext overlay (VXLAN / Geneve) packet, whatever its inner source.
+//! * `tunnel_underlay_egress`: the leak sentinel; plaintext towards a remote pod CIDR, or a
+//!   plaintext overlay packet, leaving on the wire is counted as a leak and dropped (strict).
 //!
-//! Only the Ethernet header and the fixed IPv4 / IPv6 header are read, so fragments are handled
-//! like whole packets. Non-IP and short or malformed packets pass untouched. Outside strict mode
+//! Only the Ethernet header and the fixed IPv4 / IPv6 header are read (of an overlay packet on
+//! the underlay, also the outer UDP and overlay headers and the inner frame's), so fragments
+//! are handled like whole packets. Non-IP and short or malformed packets pass untouched. Outside strict mode
 //! nothing is dropped, but every verdict is still counted under its reason.
+//!
+//! # Overlay packets
+//!
+//! When `OVERLAY` has a non-zero port, the underlay programs first check whether a packet is
+//! overlay-encapsulated pod traffic: outer IPv4 (any IHL; not a non-first fragment) or IPv6
+//! (next header directly UDP, no extension headers), UDP to that destination port, and room
+//! for the overlay header (VXLAN: 8 bytes; Geneve: 8 + `opt_len * 4`) and the inner Ethernet
+//! header, i.e. everything the kernel overlay device needs to decapsulate it. With encryption
+//! on, overlay packets are routed into the encryption device, so a legitimate one never
+//! crosses the underlay in plaintext; the one exception is kernel XFRM, which re-injects the
+//! decrypted packet at the underlay's ingress with the inbound SA's output mark (magic `0xD`).
+//! Such a packet is refused (unless so marked, on ingress) and counted under the peer owning
+//! the inner source (ingress) / destination (egress) address, looked up with the same code at
+//! the inner Ethernet header's offset; under peer 0 ("unattributed") when that address is in no
+//! remote pod CIDR or the inner frame is not a readable IPv4 / IPv6 packet. A packet too short
+//! to hold the inner Ethernet header is no overlay packet (the device would drop it) and
+//! keeps the plain checks, like every non-overlay packet.
 //!
 //! "Pass" is `TC_ACT_UNSPEC` (-1, `TCX_NEXT` under tcx): no objection, the next tcx program or
 //! clsact filter (or the default action) decides. `TC_ACT_OK` (0, `TCX_PASS`) would end the tcx
@@ -36,8 +55,8 @@ use aya_ebpf::{
 };
 use enc_tunnel_ebpf_common::{
     Config, DropReason, MARK_MAGIC_DECRYPTED, MARK_OWNED_MASK, MAX_CIDRS, MAX_PEERS,
-    MAX_PREFIX_LENS, NetKeyV4, NetKeyV6, PREFIX_LENS_V4, PREFIX_LENS_V6, PeerCounters, PeerState,
-    PrefixLens, encrypt_mark, mark_magic, mark_peer,
+    MAX_PREFIX_LENS, NetKeyV4, NetKeyV6, OVERLAY_KIND_GENEVE, OverlayConfig, PREFIX_LENS_V4,
+    PREFIX_LENS_V6, PeerCounters, PeerState, PrefixLens, encrypt_mark, mark_magic, mark_peer,
 };
 
 #[map]
@@ -54,12 +73,25 @@ static PEERS: HashMap<u32, PeerState> = HashMap::pinned(MAX_PEERS, 0);
 static COUNTERS: PerCpuHashMap<u32, PeerCounters> = PerCpuHashMap::pinned(MAX_PEERS, 0);
 #[map]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
+/// Port 0 (a fresh, zeroed map): no overlay check.
+#[map]
+static OVERLAY: Array<OverlayConfig> = Array::pinned(1, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
+const IPV4_MAX_HLEN: usize = 60;
+const IPPROTO_UDP: u8 = 17;
+const UDP_HLEN: usize = 8;
+/// The VXLAN header, and the fixed part of the Geneve header.
+const OVERLAY_HLEN: usize = 8;
+/// Geneve options: `opt_len` (6 bits) counts 4-byte words.
+const GENEVE_MAX_OPTS: usize = 63 * 4;
+/// The largest offset of an inner Ethernet header the parser can compute (IPv4 with options,
+/// UDP, Geneve with every option); a bound the verifier can see, never reached otherwise.
+const MAX_INNER_OFF: usize = ETH_HLEN + IPV4_MAX_HLEN + UDP_HLEN + OVERLAY_HLEN + GENEVE_MAX_OPTS;
 
 /// `TC_ACT_UNSPEC` (== `TCX_NEXT`): no objection, let the next program or filter decide.
 /// Not `TC_ACT_OK` (== `TCX_PASS`), which would skip the programs attached after ours.
@@ -74,44 +106,113 @@ enum Addr {
     Dst,
 }
 
-/// Peer id owning the remote pod CIDR that holds the chosen address, if any. `None` for
-/// non-IP, short or malformed packets and for addresses in no remote CIDR.
+/// Peer id owning the remote pod CIDR that holds the chosen address of the Ethernet frame at
+/// offset `base` (0: the packet itself; else an overlay packet's inner frame), if any. `None`
+/// for non-IP, short or malformed frames and for addresses in no remote CIDR.
 #[inline(always)]
-fn remote_peer(ctx: &TcContext, which: Addr) -> Option<u32> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+fn remote_peer(ctx: &TcContext, base: usize, which: Addr) -> Option<u32> {
+    if base > MAX_INNER_OFF {
+        return None;
+    }
+    let ip = base + ETH_HLEN;
+    let ethertype = u16::from_be(ctx.load::<u16>(base + 12).ok()?);
     match ethertype {
         ETH_P_IP => {
-            let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+            let vihl: u8 = ctx.load(ip).ok()?;
             if vihl >> 4 != 4 || vihl & 0x0F < 5 {
                 return None;
             }
-            if (ctx.len() as usize) < ETH_HLEN + IPV4_HLEN {
+            if (ctx.len() as usize) < ip + IPV4_HLEN {
                 return None;
             }
             let off = match which {
-                Addr::Src => ETH_HLEN + 12,
-                Addr::Dst => ETH_HLEN + 16,
+                Addr::Src => ip + 12,
+                Addr::Dst => ip + 16,
             };
             let addr: [u8; 4] = ctx.load(off).ok()?;
             lookup_v4(addr)
         }
         ETH_P_IPV6 => {
-            let v: u8 = ctx.load(ETH_HLEN).ok()?;
+            let v: u8 = ctx.load(ip).ok()?;
             if v >> 4 != 6 {
                 return None;
             }
-            if (ctx.len() as usize) < ETH_HLEN + IPV6_HLEN {
+            if (ctx.len() as usize) < ip + IPV6_HLEN {
                 return None;
             }
             let off = match which {
-                Addr::Src => ETH_HLEN + 8,
-                Addr::Dst => ETH_HLEN + 24,
+                Addr::Src => ip + 8,
+                Addr::Dst => ip + 24,
             };
             let addr: [u8; 16] = ctx.load(off).ok()?;
             lookup_v6(addr)
         }
         _ => None,
     }
+}
+
+#[inline(always)]
+fn overlay_config() -> OverlayConfig {
+    // A missing entry cannot happen with an array map; default() is "no overlay".
+    OVERLAY.get(0).copied().unwrap_or_default()
+}
+
+/// If the packet (an Ethernet frame on the underlay) is an overlay packet as `OVERLAY`
+/// describes it, the offset of its inner Ethernet header; `None` when the overlay check is off,
+/// for anything else, and for a packet too short to hold the overlay header and the inner
+/// Ethernet header (the overlay device would drop it).
+#[inline(always)]
+fn overlay_inner(ctx: &TcContext) -> Option<usize> {
+    let ov = overlay_config();
+    if !ov.enabled() {
+        return None;
+    }
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let udp = match ethertype {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+            let ihl = usize::from(vihl & 0x0F) * 4;
+            if vihl >> 4 != 4 || ihl < IPV4_HLEN {
+                return None;
+            }
+            // Only a first fragment (or a whole packet) holds the UDP header.
+            let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?);
+            if frag & 0x1FFF != 0 {
+                return None;
+            }
+            let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+            if proto != IPPROTO_UDP {
+                return None;
+            }
+            ETH_HLEN + ihl
+        }
+        ETH_P_IPV6 => {
+            let v: u8 = ctx.load(ETH_HLEN).ok()?;
+            if v >> 4 != 6 {
+                return None;
+            }
+            let next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+            if next != IPPROTO_UDP {
+                return None;
+            }
+            ETH_HLEN + IPV6_HLEN
+        }
+        _ => return None,
+    };
+    let dport = u16::from_be(ctx.load::<u16>(udp + 2).ok()?);
+    if u32::from(dport) != ov.port {
+        return None;
+    }
+    let hdr = udp + UDP_HLEN;
+    let mut inner = hdr + OVERLAY_HLEN;
+    if ov.kind == OVERLAY_KIND_GENEVE {
+        let ver_opt: u8 = ctx.load(hdr).ok()?;
+        inner += usize::from(ver_opt & 0x3F) * 4;
+    }
+    if inner > MAX_INNER_OFF || (ctx.len() as usize) < inner + ETH_HLEN {
+        return None;
+    }
+    Some(inner)
 }
 
 /// The prefix lengths in use for `family` (`PREFIX_LENS_V4` / `PREFIX_LENS_V6`), longest first.
@@ -259,7 +360,7 @@ pub fn tunnel_pod_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tunnel_pod_ingress(ctx: &TcContext) -> Result<i32, i32> {
-    let Some(peer) = remote_peer(ctx, Addr::Dst) else {
+    let Some(peer) = remote_peer(ctx, 0, Addr::Dst) else {
         return Ok(PASS);
     };
     match peer_refusal(peer) {
@@ -284,7 +385,7 @@ pub fn tunnel_pod_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tunnel_pod_egress(ctx: &TcContext) -> Result<i32, i32> {
-    let Some(peer) = remote_peer(ctx, Addr::Src) else {
+    let Some(peer) = remote_peer(ctx, 0, Addr::Src) else {
         return Ok(PASS);
     };
     let cfg = config();
@@ -311,15 +412,22 @@ pub fn tunnel_underlay_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tunnel_underlay_ingress(ctx: &TcContext) -> Result<i32, i32> {
-    // Encrypted traffic and the control channel are node-to-node, never in a pod CIDR.
-    let Some(peer) = remote_peer(ctx, Addr::Src) else {
-        return Ok(PASS);
+    let mark = skb_mark(ctx);
+    // An overlay packet is judged by its inner source; anything else by its own.
+    let overlay = overlay_inner(ctx);
+    let peer = match (overlay, remote_peer(ctx, overlay.unwrap_or(0), Addr::Src)) {
+        // Kernel XFRM in tunnel mode hands the decrypted inner packet back to this
+        // interface's ingress with the SA's output mark set; a mark never arrives from the
+        // wire. It must be the mark of the peer owning the source.
+        (_, Some(peer)) if decrypted_for(mark, peer) => return Ok(PASS),
+        (_, Some(peer)) => peer,
+        // An overlay packet never crosses the underlay in plaintext except decrypted by
+        // kernel XFRM; with an unattributable inner source any peer's decrypted mark will do.
+        (Some(_), None) if mark_magic(mark) == MARK_MAGIC_DECRYPTED => return Ok(PASS),
+        (Some(_), None) => 0,
+        // Encrypted traffic and the control channel are node-to-node, never in a pod CIDR.
+        (None, None) => return Ok(PASS),
     };
-    // Kernel XFRM in tunnel mode hands the decrypted inner packet back to this interface's
-    // ingress with the SA's output mark set; a mark never arrives from the wire.
-    if decrypted_for(skb_mark(ctx), peer) {
-        return Ok(PASS);
-    }
     Err(refuse(
         ctx,
         &config(),
@@ -338,8 +446,14 @@ pub fn tunnel_underlay_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tunnel_underlay_egress(ctx: &TcContext) -> Result<i32, i32> {
-    let Some(peer) = remote_peer(ctx, Addr::Dst) else {
-        return Ok(PASS);
+    // An overlay packet on the wire is plaintext by definition (encrypted traffic leaves as
+    // WireGuard UDP on another port, or as ESP): a leak, counted under the inner destination's
+    // peer, or peer 0 when that is in no remote pod CIDR.
+    let overlay = overlay_inner(ctx);
+    let peer = match (overlay, remote_peer(ctx, overlay.unwrap_or(0), Addr::Dst)) {
+        (_, Some(peer)) => peer,
+        (Some(_), None) => 0,
+        (None, None) => return Ok(PASS),
     };
     count_leak(peer, ctx.len());
     Err(refuse(ctx, &config(), peer, DropReason::UnencryptedEgress))
