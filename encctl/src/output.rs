@@ -65,7 +65,7 @@ pub fn status(s: &Status) -> String {
     format!(
         "node:        {} ({}, pods {})\n\
          agent:       enc-agent {} up {}\n\
-         encryption:  {} via {} on {}{} (mtu {})\n\
+         encryption:  {}\n\
          backend:     {}\n\
          {}\
          control:     tls 1.3 mutual auth on {} ({})\n\
@@ -80,13 +80,20 @@ pub fn status(s: &Status) -> String {
         s.node.pod_cidr,
         s.version,
         age(s.uptime_seconds),
-        e.kind,
-        e.backend,
-        e.interface,
-        e.listen_port
-            .map(|p| format!(", udp port {p}"))
-            .unwrap_or_default(),
-        e.mtu,
+        if e.kind == "none" {
+            "none: pod traffic crosses unencrypted".to_owned()
+        } else {
+            format!(
+                "{} via {} on {}{} (mtu {})",
+                e.kind,
+                e.backend,
+                e.interface,
+                e.listen_port
+                    .map(|p| format!(", udp port {p}"))
+                    .unwrap_or_default(),
+                e.mtu
+            )
+        },
         e.backend_reason,
         match (&e.public_key, &e.ipsec) {
             (Some(k), _) => format!("public key:  {k}\n"),

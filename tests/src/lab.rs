@@ -69,8 +69,11 @@ pub struct LabOptions {
     pub foreign: Vec<usize>,
     /// Strict mode of every agent.
     pub strict: bool,
-    /// Encryption type of every agent: `wireguard` or `ipsec`.
+    /// Encryption type of every agent: `wireguard`, `ipsec` or `none` (then `strict` must be
+    /// false).
     pub encryption: &'static str,
+    /// `tunnel.protocol` of every agent: `disabled` (direct routing), `vxlan` or `geneve`.
+    pub tunnel: &'static str,
     /// Impostors: node `i` (1-based) holds a valid cluster certificate, but for another name,
     /// and runs under that name at the address where the others expect `node-<i>`.
     pub impostors: Vec<(usize, String)>,
@@ -92,6 +95,7 @@ impl LabOptions {
             impostors: vec![],
             strict: true,
             encryption: "wireguard",
+            tunnel: "disabled",
             rotation: vec![],
             implementations: vec![],
         }
@@ -204,6 +208,7 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
     bin: PathBuf,
     prefix: String,
+    encryption: &'static str,
 }
 
 impl Lab {
@@ -396,6 +401,13 @@ impl Lab {
                 };
                 yaml = yaml.replacen(&section, &line, 1);
             }
+            if opts.tunnel != "disabled" {
+                yaml = yaml.replacen(
+                    "datapath:\n",
+                    &format!("tunnel:\n  protocol: {}\ndatapath:\n", opts.tunnel),
+                    1,
+                );
+            }
             if !opts.rotation.is_empty() {
                 // Goes before the trailing `peers:` key.
                 yaml.truncate(yaml.len() - "peers:\n".len());
@@ -422,6 +434,7 @@ impl Lab {
             dir,
             bin,
             prefix,
+            encryption: opts.encryption,
         })
     }
 
@@ -687,7 +700,7 @@ impl Lab {
     }
 
     /// Waits until node `i` reports each of `names` authenticated with its encryption peer
-    /// (WireGuard or IPsec) configured.
+    /// (WireGuard or IPsec) configured; with encryption `none`, authenticated.
     pub fn wait_authenticated(
         &self,
         i: usize,
@@ -704,7 +717,8 @@ impl Lab {
                         .iter()
                         .find(|p| p.name == *n)
                         .with_context(|| format!("{n} not listed"))?;
-                    let keyed = p.wireguard.is_some() || p.ipsec.is_some();
+                    let keyed =
+                        p.wireguard.is_some() || p.ipsec.is_some() || self.encryption == "none";
                     if p.auth != enc_api::AuthState::Authenticated || !keyed {
                         bail!("{n} is {:?}", p.auth);
                     }

@@ -236,3 +236,298 @@ pub fn rotation_under_load(lab: &Lab, load: &RotationLoad) -> anyhow::Result<Rot
     }
     Ok(outcome)
 }
+
+/// The pod-route MTU each stack must get on a 1500-byte IPv4 underlay: the underlay MTU
+/// minus the overlay (50: outer IPv4 20, UDP 8, VXLAN/Geneve 8, inner Ethernet 14) and the
+/// encryption (WireGuard 60: IPv4 20, UDP 8, header 16, tag 16; ESP 54 with padding to 4).
+/// Written out here rather than taken from the agent, so that the test checks its arithmetic.
+pub fn expected_pod_mtu(encryption: &str, tunnel: &str) -> u32 {
+    let encrypted = match encryption {
+        "wireguard" => 1440,
+        "ipsec" => 1446,
+        _ => 1500,
+    };
+    match tunnel {
+        "vxlan" | "geneve" => encrypted - 50,
+        _ => encrypted,
+    }
+}
+
+/// What [`overlay_matrix`] saw on the underlay.
+#[derive(Clone, Debug, Default)]
+pub struct OverlayReport {
+    /// Frames captured on the underlay bridge.
+    pub frames: usize,
+    /// Node-to-node packets of the encryption (WireGuard UDP or ESP).
+    pub encrypted: usize,
+    /// Overlay (VXLAN/Geneve UDP) packets seen in plaintext on the wire.
+    pub overlay_plain: usize,
+    /// Frames carrying the plaintext marker.
+    pub marker_frames: usize,
+    /// The pod-route MTU the agents computed.
+    pub pod_mtu: u32,
+}
+
+/// UDP port of the overlay of `tunnel`, if any.
+fn overlay_port(tunnel: &str) -> Option<u16> {
+    match tunnel {
+        "vxlan" => Some(8472),
+        "geneve" => Some(6081),
+        _ => None,
+    }
+}
+
+/// Whether an Ethernet frame is an IPv4 fragment (more-fragments set or a non-zero offset).
+fn is_fragment(data: &[u8]) -> bool {
+    data.len() >= 22
+        && data[12..14] == [0x08, 0x00]
+        && (u16::from_be_bytes([data[20], data[21]]) & 0x3fff) != 0
+}
+
+/// The overlay-mode scenario of issue 7, for one combination of `encryption` (`none`,
+/// `wireguard`, `ipsec`) and `tunnel` (`disabled`, `vxlan`, `geneve`), on a lab of `nodes`
+/// nodes with one pod each whose agents run:
+///
+/// - every node reports the tunnel, its device and the pod MTU of [`expected_pod_mtu`];
+/// - every pod reaches every other (ping with the marker, and TCP of the marker);
+/// - with DF set, a ping of exactly the pod MTU crosses, and one byte more is refused with
+///   an ICMP "fragmentation needed" (or the local equivalent) that names the MTU: no black hole;
+/// - on the underlay capture: no IPv4 fragment at all; with encryption, no marker, no
+///   plaintext overlay packet, nothing between nodes but the control channel and the
+///   encryption's packets; without encryption, the marker travels inside the overlay's UDP
+///   (or as plain pod packets with direct routing), proving which path carried it.
+pub fn overlay_matrix(
+    lab: &Lab,
+    encryption: &str,
+    tunnel: &str,
+    nodes: usize,
+) -> anyhow::Result<OverlayReport> {
+    use crate::lab::{CONTROL_PORT, WG_PORT};
+    use std::net::IpAddr;
+    const MARKER_HEX: &str = "656e632d706c61696e746578742d6d61";
+    let marker: &[u8] = b"enc-plaintext-ma";
+    let pod_mtu = expected_pod_mtu(encryption, tunnel);
+    for i in 1..=nodes {
+        let others: Vec<String> = (1..=nodes)
+            .filter(|k| *k != i)
+            .map(|k| format!("node-{k}"))
+            .collect();
+        let refs: Vec<&str> = others.iter().map(String::as_str).collect();
+        lab.wait_authenticated(i, &refs, Duration::from_secs(40))?;
+        let status = lab.status(i)?;
+        let n = &status.network;
+        ensure!(
+            n.tunnel == tunnel && n.pod_mtu == pod_mtu,
+            "node-{i} reports tunnel {} pod MTU {} (want {tunnel}, {pod_mtu}): {n:?}",
+            n.tunnel,
+            n.pod_mtu
+        );
+        if let Some(port) = overlay_port(tunnel) {
+            let dev = n
+                .overlay_device
+                .clone()
+                .context("overlay device in status")?;
+            ensure!(
+                n.overlay_port == Some(port),
+                "overlay port {:?}",
+                n.overlay_port
+            );
+            let shown = lab.node(i).ns.run(&["ip", "-d", "link", "show", &dev])?;
+            let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+            ensure!(
+                shown.contains(&format!("{tunnel} external"))
+                    && shown.contains(&format!("mtu {pod_mtu}")),
+                "node-{i} {dev}: {shown}"
+            );
+        }
+    }
+    let text = lab.encctl(1, &["status"])?;
+    ensure!(
+        text.contains(&format!("tunnel:      {tunnel}"))
+            && text.contains(&format!("pod routes {pod_mtu}")),
+        "encctl status lacks the tunnel or MTU lines:\n{text}"
+    );
+    eprintln!(
+        "{}",
+        text.lines()
+            .filter(|l| l.starts_with("tunnel:")
+                || l.starts_with("mtu:")
+                || l.starts_with("encryption:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    let capture = lab.capture(&format!("overlay-{encryption}-{tunnel}"))?;
+    let mut failures = Vec::new();
+    for i in 1..=nodes {
+        for k in (1..=nodes).filter(|k| *k != i) {
+            let dst = lab.node(k).pods[0].addr;
+            if !lab.ping(i, 1, dst, 2, MARKER_HEX)? {
+                failures.push(format!("node-{i} pod -> {dst}"));
+            }
+        }
+    }
+    ensure!(failures.is_empty(), "pings failed: {failures:?}");
+    let payload: Vec<u8> = PLAINTEXT_MARKER
+        .iter()
+        .copied()
+        .cycle()
+        .take(40_000)
+        .collect();
+    for (a, b) in [(1, 2), (2, nodes), (nodes, 1)] {
+        if a != b {
+            lab.tcp_transfer((a, 1), (b, 1), &payload)
+                .with_context(|| format!("TCP node-{a} -> node-{b}"))?;
+        }
+    }
+
+    // The DF probe: node-1's pod to node-2's pod, ICMP payload = MTU - 20 (IPv4) - 8 (ICMP).
+    let pod = &lab.node(1).pods[0];
+    let dst = lab.node(2).pods[0].addr.to_string();
+    let probe = |size: u32| {
+        sys::output_in(
+            pod.ns.name(),
+            &[
+                "ping",
+                "-n",
+                "-M",
+                "do",
+                "-c",
+                "1",
+                "-W",
+                "3",
+                "-s",
+                &size.to_string(),
+                &dst,
+            ],
+        )
+    };
+    let fits = probe(pod_mtu - 28)?;
+    ensure!(
+        fits.status.success(),
+        "a DF ping of exactly the pod MTU {pod_mtu} did not cross: {}",
+        String::from_utf8_lossy(&fits.stdout)
+    );
+    let mut refused = String::new();
+    for _ in 0..2 {
+        let over = probe(pod_mtu - 27)?;
+        ensure!(
+            !over.status.success(),
+            "a DF ping one byte above the pod MTU {pod_mtu} crossed: the MTU is not enforced"
+        );
+        refused = format!(
+            "{}{}",
+            String::from_utf8_lossy(&over.stdout),
+            String::from_utf8_lossy(&over.stderr)
+        );
+        if refused.contains(&format!("mtu = {pod_mtu}"))
+            || refused.contains(&format!("mtu={pod_mtu}"))
+        {
+            break;
+        }
+    }
+    ensure!(
+        refused.contains(&format!("mtu = {pod_mtu}"))
+            || refused.contains(&format!("mtu={pod_mtu}")),
+        "one byte over the pod MTU was not refused with an ICMP naming mtu {pod_mtu}: {refused}"
+    );
+    eprintln!(
+        "DF probe: {} bytes crossed, {} refused ({})",
+        pod_mtu,
+        pod_mtu + 1,
+        refused
+            .lines()
+            .find(|l| l.contains("mtu"))
+            .unwrap_or("")
+            .trim()
+    );
+    let frames = capture.stop()?;
+
+    let node_addrs: Vec<IpAddr> = lab.nodes.iter().map(|n| IpAddr::V4(n.addr)).collect();
+    let port = overlay_port(tunnel);
+    let mut report = OverlayReport {
+        frames: frames.len(),
+        pod_mtu,
+        ..OverlayReport::default()
+    };
+    let (mut fragments, mut other, mut pod_plain) = (0, Vec::new(), 0);
+    for f in &frames {
+        let has_marker =
+            pcap::contains(&f.data, marker) || pcap::contains(&f.data, PLAINTEXT_MARKER);
+        if has_marker {
+            report.marker_frames += 1;
+        }
+        if is_fragment(&f.data) {
+            fragments += 1;
+        }
+        let Some(ip) = &f.ip else { continue };
+        if ip.dst.is_multicast() || matches!(ip.src, IpAddr::V6(a) if a.is_unicast_link_local()) {
+            continue;
+        }
+        let between_nodes = node_addrs.contains(&ip.src) && node_addrs.contains(&ip.dst);
+        if !between_nodes {
+            pod_plain += 1;
+            if encryption != "none" || port.is_some() {
+                other.push(format!("{ip:?}"));
+            }
+            continue;
+        }
+        match ip.proto {
+            pcap::TCP if ip.has_port(CONTROL_PORT) => {}
+            pcap::UDP if port.is_some() && ip.dport == port => {
+                report.overlay_plain += 1;
+                if encryption != "none" {
+                    other.push(format!("plaintext overlay {ip:?}"));
+                }
+            }
+            pcap::UDP if encryption == "wireguard" && ip.sport == Some(WG_PORT) => {
+                report.encrypted += 1
+            }
+            50 if encryption == "ipsec" => report.encrypted += 1,
+            _ => other.push(format!("{ip:?}")),
+        }
+    }
+    ensure!(
+        fragments == 0,
+        "{fragments} IPv4 fragments on the underlay: some layer's MTU is too large"
+    );
+    ensure!(
+        other.is_empty(),
+        "unexpected packets on the underlay ({} of them): {:?}",
+        other.len(),
+        &other[..other.len().min(5)]
+    );
+    if encryption == "none" {
+        ensure!(
+            report.marker_frames > 0,
+            "without encryption the marker must be visible on the wire; the capture missed the traffic"
+        );
+        match port {
+            Some(_) => ensure!(
+                report.overlay_plain >= 20 && pod_plain == 0,
+                "{} overlay packets and {pod_plain} bare pod packets: pod traffic did not take the overlay",
+                report.overlay_plain
+            ),
+            None => ensure!(
+                pod_plain >= 20,
+                "only {pod_plain} pod packets routed directly on the underlay"
+            ),
+        }
+    } else {
+        ensure!(
+            report.marker_frames == 0,
+            "{} frames on the underlay carry the plaintext marker",
+            report.marker_frames
+        );
+        ensure!(
+            report.encrypted >= 40,
+            "only {} encrypted packets captured; the capture missed the traffic",
+            report.encrypted
+        );
+    }
+    eprintln!(
+        "capture ({encryption} over {tunnel}): {} frames, {} encrypted, {} plaintext overlay, {} with the marker, 0 fragments",
+        report.frames, report.encrypted, report.overlay_plain, report.marker_frames
+    );
+    Ok(report)
+}
