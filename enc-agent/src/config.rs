@@ -1453,4 +1453,66 @@ peers:
             assert!(check_node_name(bad).is_err(), "{bad:?}");
         }
     }
+
+    #[test]
+    fn tunnel_forms_defaults_and_errors() {
+        let d = dir();
+        let c = parse(&d, GOOD).unwrap();
+        assert_eq!(c.tunnel, TunnelConfig::Disabled);
+        let with = |t: &str| GOOD.replace("statusSocket:", &format!("{t}\nstatusSocket:"));
+        let c = parse(&d, &with("tunnel: vxlan")).unwrap();
+        assert_eq!(
+            c.tunnel,
+            TunnelConfig::Vxlan(OverlayConfig {
+                port: 8472,
+                vni: 1,
+                interface: "enc-vxlan0".into()
+            })
+        );
+        let c = parse(&d, &with("tunnel: { protocol: geneve, vni: 7 }")).unwrap();
+        assert_eq!(
+            c.tunnel,
+            TunnelConfig::Geneve(OverlayConfig {
+                port: 6081,
+                vni: 7,
+                interface: "enc-geneve0".into()
+            })
+        );
+        assert_eq!(c.tunnel.name(), "geneve");
+        let (f, v, r) = invalid_field(&d, &with("tunnel: gre"));
+        assert_eq!((f.as_str(), v.as_str()), ("tunnel.protocol", "gre"));
+        assert!(r.contains("vxlan, geneve, disabled"), "{r}");
+        let (f, v, _) = invalid_field(&d, &with("tunnel: { protocol: vxlan, vni: 16777216 }"));
+        assert_eq!((f.as_str(), v.as_str()), ("tunnel.vni", "16777216"));
+        let (f, _, r) = invalid_field(&d, &with("tunnel: { protocol: vxlan, prot: 1 }"));
+        assert_eq!(f, "tunnel");
+        assert!(r.contains("unknown field `prot`"), "{r}");
+        let (f, v, r) = invalid_field(&d, &with("tunnel: { protocol: vxlan, port: 51820 }"));
+        assert_eq!((f.as_str(), v.as_str()), ("tunnel.port", "51820"));
+        assert!(r.contains("wireguard"), "{r}");
+        let (f, _, _) = invalid_field(&d, &with("tunnel: { protocol: disabled, port: 9 }"));
+        assert_eq!(f, "tunnel.protocol");
+        let v6 = GOOD.replace("podCidr: 10.244.1.0/24", "podCidr: fd00:1::/64");
+        let v6 = v6.replace("statusSocket:", "tunnel: vxlan\nstatusSocket:");
+        let (f, _, r) = invalid_field(&d, &v6);
+        assert_eq!(f, "node.podCidr");
+        assert!(r.contains("address family"), "{r}");
+    }
+
+    #[test]
+    fn encryption_none_turns_strict_mode_off_and_refuses_it_explicitly() {
+        let d = dir();
+        let none = GOOD.replace("type: wireguard", "type: none");
+        let c = parse(&d, &none).unwrap();
+        assert_eq!(c.encryption, EncryptionConfig::None);
+        assert!(!c.strict_mode);
+        assert_eq!(c.encryption_name(), "none");
+        let strict = GOOD.replace("type: wireguard", "type: none\n  strictMode: true");
+        let (f, v, r) = invalid_field(&d, &strict);
+        assert_eq!((f.as_str(), v.as_str()), ("encryption.strictMode", "true"));
+        assert!(r.contains("none"), "{r}");
+        let (f, _, r) = invalid_field(&d, &GOOD.replace("type: wireguard", "type: aes"));
+        assert_eq!(f, "encryption.type");
+        assert!(r.contains("none, wireguard, ipsec"), "{r}");
+    }
 }

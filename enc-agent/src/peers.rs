@@ -859,4 +859,92 @@ peers:
         assert_eq!(e.epochs.keys().copied().collect::<Vec<_>>(), vec![Epoch(2)]);
         assert!(e.stale.is_empty());
     }
+
+    fn overlay_layout(crypto: Option<&str>) -> Layout {
+        Layout {
+            crypto: crypto.map(|d| CryptoLayout {
+                device: d.into(),
+                mtu: 1440,
+            }),
+            overlay: Some(OverlaySpec {
+                ifname: "enc-vxlan0".into(),
+                kind: enc_geneve_vxlan::OverlayKind::Vxlan,
+                port: 8472,
+                mtu: 1390,
+                mac: overlay_mac("10.0.0.2".parse().unwrap()),
+            }),
+            vni: 1,
+            underlay_interface: "eth0".into(),
+            pod_mtu: 1390,
+        }
+    }
+
+    #[test]
+    fn encrypted_overlay_routes_pods_through_the_overlay_and_the_overlay_into_the_device() {
+        let now = Instant::now();
+        let mut t = PeerTable::new(&config(), now);
+        establish(&mut t, now, 1, 1);
+        let d = t.desired(&overlay_layout(Some("wg0")));
+        let pod = d
+            .routes
+            .iter()
+            .find(|r| r.dst.to_string() == "10.244.1.0/24")
+            .unwrap();
+        assert_eq!(
+            (pod.dev.as_str(), pod.table, pod.mtu, pod.via),
+            (
+                "enc-vxlan0",
+                ENC_TABLE,
+                Some(1390),
+                Some("10.0.0.1".parse().unwrap())
+            )
+        );
+        let encap = pod.encap.unwrap();
+        assert_eq!(
+            (encap.id, encap.src.to_string(), encap.dst.to_string()),
+            (1, "10.0.0.2".into(), "10.0.0.1".into())
+        );
+        let host = d
+            .routes
+            .iter()
+            .find(|r| r.dst.to_string() == "10.0.0.1/32")
+            .unwrap();
+        assert_eq!((host.dev.as_str(), host.table), ("wg0", ENC_TABLE));
+        // WireGuard carries the overlay's packets between the two nodes, not pod packets.
+        assert_eq!(
+            d.wg_peers[0].allowed_ips,
+            vec!["10.0.0.1/32".parse().unwrap()]
+        );
+        assert_eq!(d.neighs.len(), 2);
+        assert_eq!(d.neighs[0].mac, overlay_mac("10.0.0.1".parse().unwrap()));
+        assert_eq!(d.rules, steering_rules());
+        assert_eq!(d.cidrs.len(), 2);
+    }
+
+    #[test]
+    fn no_encryption_means_main_table_routes_and_nothing_else() {
+        let now = Instant::now();
+        let mut t = PeerTable::new(&config(), now);
+        establish(&mut t, now, 1, 1);
+        let d = t.desired(&overlay_layout(None));
+        assert!(d.routes.iter().all(|r| r.table == RT_TABLE_MAIN));
+        assert_eq!(d.routes.len(), 2, "one route per peer, no host routes");
+        assert!(d.wg_peers.is_empty() && d.ipsec_peers.is_empty());
+        assert!(d.rules.is_empty() && d.cidrs.is_empty() && d.peer_states.is_empty());
+        let mut direct = overlay_layout(None);
+        direct.overlay = None;
+        direct.pod_mtu = 1500;
+        let d = t.desired(&direct);
+        let r = &d.routes[0];
+        assert_eq!(
+            (r.dev.as_str(), r.table, r.via, r.encap),
+            (
+                "eth0",
+                RT_TABLE_MAIN,
+                Some("10.0.0.1".parse().unwrap()),
+                None
+            )
+        );
+        assert!(d.neighs.is_empty() && d.overlay.is_none());
+    }
 }

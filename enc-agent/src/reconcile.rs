@@ -457,4 +457,66 @@ mod tests {
         assert_eq!((out.routes_upserted, out.routes_deleted), (2, 1));
         assert!(!links.dump_routes(ENC_TABLE).unwrap().contains(&stale));
     }
+
+    #[test]
+    fn overlay_device_neighbours_and_routes_converge_and_move_between_tables() {
+        use enc_geneve_vxlan::{OverlayKind, OverlaySpec, RT_TABLE_MAIN, overlay_mac};
+        let links = FakeLinks::new();
+        let dp = FakeDatapath::new(enc_tunnel_ebpf::AttachMode::Tcx);
+        let table = PeerTable::new(&crate::peers::tests::config(), Instant::now());
+        let overlay = OverlaySpec {
+            ifname: "enc-vxlan0".into(),
+            kind: OverlayKind::Vxlan,
+            port: 8472,
+            mtu: 1450,
+            mac: overlay_mac("10.0.0.2".parse().unwrap()),
+        };
+        let mut layout = Layout {
+            crypto: None,
+            overlay: Some(overlay.clone()),
+            vni: 1,
+            underlay_interface: "eth0".into(),
+            pod_mtu: 1450,
+        };
+        let out = reconcile(&table.desired(&layout), &Crypto::None, &links, &dp).unwrap();
+        assert_eq!((out.overlay_changed, out.routes_upserted), (3, 2));
+        assert_eq!(links.neighs().len(), 2);
+        assert_eq!(links.dump_routes(RT_TABLE_MAIN).unwrap().len(), 2);
+        assert!(
+            dp.dump_peers().unwrap().is_empty(),
+            "no datapath without encryption"
+        );
+        let again = reconcile(&table.desired(&layout), &Crypto::None, &links, &dp).unwrap();
+        assert_eq!(again, Outcome::default());
+
+        // Encryption switched on: the routes move to table 229, host routes into the device.
+        links.add_link("wg0", 1440);
+        layout.crypto = Some(crate::peers::CryptoLayout {
+            device: "wg0".into(),
+            mtu: 1440,
+        });
+        let wg = std::sync::Arc::new(FakeWg::new("wg0", PublicKey::from([9; 32]), 51820));
+        let out = reconcile(
+            &table.desired(&layout),
+            &Crypto::Wireguard(wg.clone()),
+            &links,
+            &dp,
+        )
+        .unwrap();
+        assert_eq!((out.routes_upserted, out.routes_deleted), (4, 2));
+        assert!(links.dump_routes(RT_TABLE_MAIN).unwrap().is_empty());
+        assert_eq!(links.dump_routes(ENC_TABLE).unwrap().len(), 4);
+
+        // A Geneve device on a kernel without Geneve: the backend's refusal surfaces.
+        links.refuse_kind(OverlayKind::Geneve);
+        layout.overlay = Some(OverlaySpec {
+            kind: OverlayKind::Geneve,
+            ..overlay
+        });
+        let err = reconcile(&table.desired(&layout), &Crypto::None, &links, &dp).unwrap_err();
+        assert!(
+            format!("{err:?}").contains("95") || err.to_string().contains("enc-vxlan0"),
+            "{err:?}"
+        );
+    }
 }

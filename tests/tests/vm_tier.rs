@@ -144,6 +144,48 @@ fn vm_mixed_ipsec() {
     mixed("vm_mixed_ipsec", "ipsec");
 }
 
+/// Geneve (which the host kernel lacks) with each encryption on the 6.1 kernel: the overlay
+/// scenario of the host tier, with kernel WireGuard and kernel XFRM ESP.
+fn geneve(test: &str, encryption: &str) {
+    let Some(run) = boot(test, &["overlay", encryption, "geneve"]) else {
+        return;
+    };
+    assert_eq!(one(&run, "tunnel"), "geneve");
+    let want_mtu = enc_tests::scenarios::expected_pod_mtu(encryption, "geneve");
+    assert_eq!(one(&run, "overlay.pod-mtu"), want_mtu.to_string());
+    assert_eq!(
+        one(&run, "overlay.plaintext-overlay") == "0",
+        encryption != "none"
+    );
+    if encryption == "none" {
+        assert_eq!(one(&run, "attach-mode"), "off");
+    } else {
+        assert_eq!(one(&run, "backend"), kernel_backend(encryption));
+        assert_eq!(one(&run, "attach-mode"), "clsact");
+        assert_eq!(one(&run, "overlay.marker-frames"), "0");
+    }
+    eprintln!(
+        "vm: geneve over {encryption}: pod MTU {want_mtu}, {} encrypted packets, {} plaintext Geneve packets",
+        one(&run, "overlay.encrypted"),
+        one(&run, "overlay.plaintext-overlay")
+    );
+}
+
+#[test]
+fn vm_geneve_none() {
+    geneve("vm_geneve_none", "none");
+}
+
+#[test]
+fn vm_geneve_wireguard() {
+    geneve("vm_geneve_wireguard", "wireguard");
+}
+
+#[test]
+fn vm_geneve_ipsec() {
+    geneve("vm_geneve_ipsec", "ipsec");
+}
+
 /// Debugging aid, not part of the suite: boots a VM and runs the shell script in
 /// `ENC_VM_SCRIPT`, printing the console. `ENC_VM_SCRIPT='ip xfrm state' cargo test -p
 /// enc-tests --test vm_tier vm_script -- --ignored --nocapture`.

@@ -36,6 +36,16 @@ enum Cmd {
         #[arg(value_parser = ["wireguard", "ipsec"])]
         name: String,
     },
+    /// Run the overlay scenario: reachability, capture and the DF/MTU probe for one
+    /// combination of encryption and tunnel.
+    Overlay {
+        /// Encryption type.
+        #[arg(value_parser = ["none", "wireguard", "ipsec"])]
+        encryption: String,
+        /// Tunnel protocol.
+        #[arg(value_parser = ["vxlan", "geneve", "disabled"])]
+        tunnel: String,
+    },
     /// Run a shell script given in base64 (a debugging aid: `Vm::run_script` sends one).
     Shell {
         /// The script, base64-encoded.
@@ -53,6 +63,7 @@ fn main() -> ExitCode {
         Cmd::Probe => scenario::probe(),
         Cmd::HostTier { name } => scenario::host_tier(name),
         Cmd::Mixed { name } => scenario::mixed(name),
+        Cmd::Overlay { encryption, tunnel } => scenario::overlay(encryption, tunnel),
         Cmd::Shell { script } => scenario::shell(script),
     };
     scenario::value(
