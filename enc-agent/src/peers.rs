@@ -623,6 +623,10 @@ impl PeerTable {
                         .filter(|o| o.epoch < k.epoch)
                         .map(|o| ((o.epoch.0 & 0xf) as u8, sa_keys(&o.esp_out)))
                         .collect(),
+                    bypass: match layout.overlay {
+                        Some(_) => vec![(self.local_cidr, e.config.pod_cidr)],
+                        None => Vec::new(),
+                    },
                 }),
                 (None, _) => {}
             }

@@ -90,6 +90,15 @@ pub struct IpsecPeerSpec {
     /// userspace engine takes traffic by route, not by mark, so it seals with `outbound` only
     /// and ignores this list (it still refuses an invalid one, as the kernel backend does).
     pub older_outbound: Vec<(u8, SaKeys)>,
+    /// Pairs `(local, remote)` of pod CIDRs that travel inside an overlay (VXLAN, Geneve)
+    /// whose packets this peer's SAs protect (`local_cidrs` / `remote_cidrs` are then the two
+    /// underlay addresses). The datapath marks the inner pod packets before the overlay
+    /// device encapsulates them, so the kernel backend gives each pair an `out` allow policy
+    /// without a template for every outbound epoch's mark: the inner packet passes XFRM
+    /// unencrypted on its way into the overlay device, instead of hitting the catch-all
+    /// block policy, and only the overlay's packet is encrypted. Empty without an overlay.
+    /// The userspace engine takes traffic by route and ignores it.
+    pub bypass: Vec<(IpNet, IpNet)>,
 }
 
 impl IpsecPeerSpec {

@@ -146,6 +146,7 @@ fn setup_on(tag: &str, b_inbound_key: u8, underlay: Underlay) -> TestResult<(Nod
         outbound: keys(SPI_AB, 1),
         inbound: vec![keys(SPI_BA, 2)],
         older_outbound: vec![],
+        bypass: vec![],
     };
     let spec_b = IpsecPeerSpec {
         peer_id: 1,
@@ -158,6 +159,7 @@ fn setup_on(tag: &str, b_inbound_key: u8, underlay: Underlay) -> TestResult<(Nod
         outbound: keys(SPI_BA, 2),
         inbound: vec![keys(SPI_AB, b_inbound_key)],
         older_outbound: vec![],
+        bypass: vec![],
     };
 
     let a = start(ns_a, "espa", underlay_a, &spec_a)?;

@@ -43,6 +43,7 @@ fn spec() -> IpsecPeerSpec {
         outbound: keys(0x1005),
         inbound: vec![keys(0x2005)],
         older_outbound: vec![],
+        bypass: vec![],
     }
 }
 

@@ -34,6 +34,7 @@ fn spec(mirror: bool) -> IpsecPeerSpec {
             outbound: b_to_a,
             inbound: vec![a_to_b],
             older_outbound: vec![],
+            bypass: vec![],
         }
     } else {
         IpsecPeerSpec {
@@ -47,6 +48,7 @@ fn spec(mirror: bool) -> IpsecPeerSpec {
             outbound: a_to_b,
             inbound: vec![b_to_a],
             older_outbound: vec![],
+            bypass: vec![],
         }
     }
 }

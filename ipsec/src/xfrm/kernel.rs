@@ -141,7 +141,7 @@ pub fn peer_objects(spec: &IpsecPeerSpec) -> Result<PeerObjects> {
         pairs
     };
     let mut policies = Vec::new();
-    for (epoch, _) in outbound {
+    for (epoch, _) in outbound.clone() {
         for (src, dst) in pairs(&spec.local_cidrs, &spec.remote_cidrs) {
             policies.push(PolicySpec {
                 dir: PolicyDir::Out,
@@ -155,6 +155,22 @@ pub fn peer_objects(spec: &IpsecPeerSpec) -> Result<PeerObjects> {
                     dst: spec.remote,
                     reqid,
                 }),
+            });
+        }
+    }
+    for (epoch, _) in outbound.clone() {
+        for (src, dst) in &spec.bypass {
+            if src.addr().is_ipv4() != dst.addr().is_ipv4() {
+                continue;
+            }
+            policies.push(PolicySpec {
+                dir: PolicyDir::Out,
+                src: src.trunc(),
+                dst: dst.trunc(),
+                mark: out_mark(epoch),
+                priority: PRIORITY_PEER,
+                action: PolicyAction::Allow,
+                tmpl: None,
             });
         }
     }
@@ -500,7 +516,47 @@ mod tests {
             outbound: keys(0x1000 + u32::from(peer_id)),
             inbound: vec![keys(0x2000 + u32::from(peer_id))],
             older_outbound: vec![],
+            bypass: vec![],
         }
+    }
+
+    #[test]
+    fn overlay_pod_cidrs_get_template_free_allow_policies_per_outbound_epoch() {
+        let mut s = spec(1, 3);
+        s.local_cidrs = vec!["192.168.0.1/32".parse().unwrap()];
+        s.remote_cidrs = vec!["192.168.0.11/32".parse().unwrap()];
+        s.older_outbound = vec![(2, keys(0x2000_1001))];
+        s.bypass = vec![(
+            "10.1.0.0/24".parse().unwrap(),
+            "10.101.0.0/24".parse().unwrap(),
+        )];
+        let objects = peer_objects(&s).unwrap();
+        let bypass: Vec<&PolicySpec> = objects
+            .policies
+            .iter()
+            .filter(|p| p.tmpl.is_none())
+            .collect();
+        assert_eq!(bypass.len(), 2, "one per outbound epoch: {bypass:?}");
+        for (p, epoch) in bypass.iter().zip([3u8, 2]) {
+            assert_eq!(p.dir, PolicyDir::Out);
+            assert_eq!(p.action, PolicyAction::Allow);
+            assert_eq!(p.src.to_string(), "10.1.0.0/24");
+            assert_eq!(p.dst.to_string(), "10.101.0.0/24");
+            assert_eq!(p.mark, (encrypt_mark(1, epoch), OUT_MARK_MASK));
+        }
+        // The overlay's packets between the two nodes are the ones the SAs protect.
+        let sealed: Vec<&PolicySpec> = objects
+            .policies
+            .iter()
+            .filter(|p| p.dir == PolicyDir::Out && p.tmpl.is_some())
+            .collect();
+        assert!(
+            sealed
+                .iter()
+                .all(|p| p.src.to_string() == "192.168.0.1/32"
+                    && p.dst.to_string() == "192.168.0.11/32"),
+            "{sealed:?}"
+        );
     }
 
     /// Peer 1's outbound keys at `epoch` (SPI bits 31..28 carry the epoch).
