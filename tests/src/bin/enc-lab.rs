@@ -29,16 +29,22 @@ enum Cmd {
         /// Encryption: wireguard or ipsec.
         #[arg(long, default_value = "wireguard", value_parser = ["wireguard", "ipsec"])]
         encryption: String,
+        /// Overlay between the nodes: disabled (direct routing into the encryption device),
+        /// vxlan, or geneve (needs a kernel with the geneve module).
+        #[arg(long, default_value = "disabled", value_parser = ["disabled", "vxlan", "geneve"])]
+        tunnel: String,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let Cli {
-        command: Cmd::Demo {
-            nodes,
-            keep,
-            encryption,
-        },
+        command:
+            Cmd::Demo {
+                nodes,
+                keep,
+                encryption,
+                tunnel,
+            },
     } = Cli::parse();
     ensure!(
         (2..=9).contains(&nodes),
@@ -55,6 +61,11 @@ fn main() -> anyhow::Result<()> {
         "ipsec"
     } else {
         "wireguard"
+    };
+    opts.tunnel = match tunnel.as_str() {
+        "vxlan" => "vxlan",
+        "geneve" => "geneve",
+        _ => "disabled",
     };
     let mut lab = Lab::build(&opts).context("build the lab")?;
     println!(
