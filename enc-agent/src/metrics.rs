@@ -128,6 +128,10 @@ families! {
         "Agent version, encryption type and the implementation in use; always 1.";
     UPTIME = "enc_uptime_seconds", Gauge, [],
         "Seconds since the agent started.";
+    TUNNEL_INFO = "enc_tunnel_info", Gauge, ["tunnel", "device", "stack"],
+        "The overlay (vxlan, geneve, disabled), its device and the layers on the wire, outermost first; always 1.";
+    MTU = "enc_mtu_bytes", Gauge, ["layer"],
+        "MTU of each layer: underlay, encryption device, overlay device, and the pod routes (the largest pod packet that crosses unfragmented).";
     STRICT_MODE = "enc_strict_mode", Gauge, [],
         "1 if unauthenticated or unencrypted pod traffic is dropped, 0 if it is only counted.";
     PEERS = "enc_peers", Gauge, ["state"],
@@ -267,6 +271,26 @@ pub fn render(status: &Status, peers: &Peers) -> String {
     let enc = &status.encryption;
     x.add(&BUILD_INFO, &[&status.version, &enc.kind, &enc.backend], 1);
     x.add(&UPTIME, &[], status.uptime_seconds);
+    let net = &status.network;
+    if !net.tunnel.is_empty() {
+        x.add(
+            &TUNNEL_INFO,
+            &[
+                &net.tunnel,
+                net.overlay_device.as_deref().unwrap_or(""),
+                &net.stack,
+            ],
+            1,
+        );
+        x.add(&MTU, &["underlay"], u64::from(net.underlay_mtu));
+        if let Some(m) = net.encryption_mtu {
+            x.add(&MTU, &["encryption"], u64::from(m));
+        }
+        if let Some(m) = net.overlay_mtu {
+            x.add(&MTU, &["overlay"], u64::from(m));
+        }
+        x.add(&MTU, &["pod"], u64::from(net.pod_mtu));
+    }
     x.add(&STRICT_MODE, &[], u8::from(status.datapath.strict_mode));
     let counts = &status.peers;
     for (state, n) in
@@ -442,7 +466,17 @@ mod tests {
                 stuck_peers: vec!["node-3".into()],
                 rotation_interval_seconds: Some(86400),
             },
-            network: Default::default(),
+            network: enc_api::NetworkInfo {
+                tunnel: "vxlan".into(),
+                overlay_device: Some("enc-vxlan0".into()),
+                overlay_port: Some(8472),
+                vni: Some(1),
+                stack: "ipsec(vxlan(pod))".into(),
+                underlay_mtu: 1500,
+                encryption_mtu: Some(1446),
+                overlay_mtu: Some(1396),
+                pod_mtu: 1396,
+            },
         }
     }
 
@@ -551,6 +585,14 @@ mod tests {
             "1"
         );
         assert_eq!(v("enc_uptime_seconds"), "42");
+        assert_eq!(
+            v(r#"enc_tunnel_info{tunnel="vxlan",device="enc-vxlan0",stack="ipsec(vxlan(pod))"}"#),
+            "1"
+        );
+        assert_eq!(v(r#"enc_mtu_bytes{layer="pod"}"#), "1396");
+        assert_eq!(v(r#"enc_mtu_bytes{layer="overlay"}"#), "1396");
+        assert_eq!(v(r#"enc_mtu_bytes{layer="encryption"}"#), "1446");
+        assert_eq!(v(r#"enc_mtu_bytes{layer="underlay"}"#), "1500");
         assert_eq!(v("enc_strict_mode"), "1");
         assert_eq!(v(r#"enc_peers{state="authenticated"}"#), "2");
         assert_eq!(v(r#"enc_peers{state="pending"}"#), "1");
