@@ -120,6 +120,26 @@ pub struct Status {
     /// The overlay and the MTU of every layer.
     #[serde(default)]
     pub network: NetworkInfo,
+    /// The soonest certificate expiry on this node and across its peers.
+    #[serde(default)]
+    pub expiry: ExpiryInfo,
+}
+
+/// Which certificate expires first: this node's own, or one a peer presented.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpiryInfo {
+    /// This node's certificate expiry (RFC 3339).
+    pub node_not_after: String,
+    /// The node whose certificate expires first (this node or a peer).
+    pub soonest_node: String,
+    /// Its expiry (RFC 3339).
+    pub soonest_not_after: String,
+    /// Seconds until then (negative once expired).
+    pub soonest_seconds_left: i64,
+    /// Certificates with 20% or less of their lifetime left, by node name.
+    #[serde(default)]
+    pub expiring: Vec<String>,
 }
 
 /// How pod traffic crosses between nodes: the overlay mode, its device, and the MTUs.
@@ -374,6 +394,12 @@ pub struct PeerInfo {
     pub state_age_seconds: u64,
     /// Number of failed authentication attempts since start.
     pub failures: u64,
+    /// Seconds since the peer last passed authentication (`None`: never since start).
+    #[serde(default)]
+    pub last_success_seconds: Option<u64>,
+    /// The last authentication failure, if any.
+    #[serde(default)]
+    pub last_failure: Option<FailureInfo>,
     /// The certificate the peer presented in its last successful authentication.
     pub certificate: Option<CertSummary>,
     /// Key epoch and public key id in use with the peer.
@@ -389,6 +415,79 @@ pub struct PeerInfo {
     pub datapath_id: u16,
     /// eBPF counters of traffic to and from the peer's pod CIDR.
     pub counters: DatapathCounters,
+}
+
+/// An authentication failure: why, and how long ago.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureInfo {
+    /// The reason, as the verifier or the session gave it.
+    pub reason: String,
+    /// Seconds since it happened.
+    pub age_seconds: u64,
+}
+
+/// GET: audit events after a sequence number (`?after=N&limit=M`), oldest first.
+pub const EVENTS_PATH: &str = "/v1/events";
+
+/// What an audit event records.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// The agent started (its configuration and identity loaded).
+    AgentStart,
+    /// The agent stopped cleanly.
+    AgentStop,
+    /// A peer passed the mutual-certificate check.
+    AuthSuccess,
+    /// A peer failed authentication (or refused ours), with the reason.
+    AuthFailure,
+    /// A control session ended (keys stay for the grace period).
+    SessionEnd,
+    /// Inbound keys of an epoch were installed for a peer.
+    KeyInstall,
+    /// Outbound traffic to a peer switched to an epoch.
+    KeySwitch,
+    /// An epoch's keys were retired.
+    KeyRetire,
+    /// A key rotation with a peer started (the detail says which trigger).
+    RotationStart,
+    /// A revocation list was accepted (the detail names its number and source).
+    Revocation,
+    /// A revocation list was refused (the detail says why).
+    RevocationRefused,
+    /// A peer's certificate was found revoked and its keys torn down.
+    PeerRevoked,
+    /// This node's certificate was renewed.
+    Renewal,
+    /// A certificate is close to expiry (20% of its lifetime left).
+    ExpiryWarning,
+}
+
+/// One line of the append-only audit log (JSON lines); never carries key material.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    /// Sequence number, increasing across restarts of one agent.
+    pub seq: u64,
+    /// When (UTC, RFC 3339).
+    pub time: String,
+    /// The node that logged it.
+    pub node: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// The peer concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// Key epoch concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u32>,
+    /// Certificate serial concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Reason or detail, in words.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 /// Identifies the key a pair uses without revealing it.

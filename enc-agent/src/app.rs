@@ -63,6 +63,8 @@ pub struct Shared {
     pub started: Instant,
     /// Control session timers.
     pub timing: Timing,
+    /// The audit event log.
+    pub events: crate::events::EventLog,
     table: Mutex<PeerTable>,
     reconcile: Notify,
     /// Serialises reconcile passes (the periodic reconciler and the sessions' key steps).
@@ -72,6 +74,8 @@ pub struct Shared {
     rotators: Mutex<HashMap<String, (u64, tokio::sync::mpsc::Sender<RotateCmd>)>>,
     /// When the WireGuard static key pair was last rolled (or created).
     wg_key_rolled: Mutex<Instant>,
+    /// Serials of certificates already warned about (20% of their lifetime left).
+    expiry_warned: Mutex<std::collections::HashSet<String>>,
 }
 
 /// An operator's rotation request, sent to the session task of one peer.
@@ -386,6 +390,48 @@ impl Shared {
         let mut t = self.table();
         t.expire(Instant::now(), self.config.control.key_grace_period);
         t.desired(&self.layout)
+    }
+
+    /// Warns (log and event), once per certificate, when this node's certificate or one a
+    /// peer presented has 20% or less of its lifetime left.
+    fn check_expiry(&self) {
+        let now = time::OffsetDateTime::now_utc();
+        let own = self.identity.info();
+        let mut certs = vec![(self.config.node.name.clone(), own.clone())];
+        certs.extend(
+            self.table()
+                .iter()
+                .filter_map(|e| e.cert.clone().map(|c| (e.config.name.clone(), c))),
+        );
+        let mut warned = self.expiry_warned.lock().unwrap_or_else(|p| p.into_inner());
+        for (node, c) in certs {
+            if !crate::status::near_expiry(c.not_before, c.not_after, now)
+                || !warned.insert(c.serial.clone())
+            {
+                continue;
+            }
+            let left = c.not_after - now;
+            let whose = if node == self.config.node.name {
+                "this node's certificate".to_owned()
+            } else {
+                format!("the certificate of peer {node}")
+            };
+            let detail = format!(
+                "{whose} expires at {} ({} left, 20% or less of its lifetime)",
+                c.not_after,
+                humantime::format_duration(Duration::from_secs(left.whole_seconds().max(0) as u64))
+            );
+            warn!(node = %node, serial = %c.serial, not_after = %c.not_after, "{detail}");
+            self.events.record(
+                enc_api::EventKind::ExpiryWarning,
+                crate::events::Detail {
+                    peer: (node != self.config.node.name).then_some(node),
+                    serial: Some(c.serial.clone()),
+                    detail,
+                    ..Default::default()
+                },
+            );
+        }
     }
 
     /// Logs new unencrypted-egress (leak) counts, at most once per peer every 10 s.
@@ -760,6 +806,8 @@ pub async fn run(
     let identity = NodeIdentity::load(&config.tls.cert, &config.tls.key, &config.tls.ca)
         .map_err(Error::Certs)?;
     check_identity(&config, &identity)?;
+    let events =
+        crate::events::EventLog::open(&config.state_dir.join("events.jsonl"), &config.node.name)?;
     // Bound before anything touches the kernel: a taken address fails start-up cleanly.
     let metrics = match config.metrics.listen {
         Some(addr) => Some((addr, crate::metrics::bind(addr).await?)),
@@ -900,12 +948,35 @@ pub async fn run(
         layout,
         started: Instant::now(),
         timing: Timing::default(),
+        events,
         reconcile: Notify::new(),
         reconcile_lock: Mutex::new(()),
         next_session: AtomicU64::new(1),
         rotators: Mutex::new(HashMap::new()),
         wg_key_rolled: Mutex::new(Instant::now()),
+        expiry_warned: Mutex::new(std::collections::HashSet::new()),
     });
+
+    {
+        let c = shared.identity.info();
+        shared.events.record(
+            enc_api::EventKind::AgentStart,
+            crate::events::Detail {
+                serial: Some(c.serial.clone()),
+                detail: format!(
+                    "encryption {} ({}) over tunnel {}; certificate {} issued by {} valid until {}; {} expected peers",
+                    shared.crypto.type_name(),
+                    shared.crypto.implementation(),
+                    shared.config.tunnel.name(),
+                    c.subject,
+                    c.issuer,
+                    c.not_after,
+                    shared.config.peers.len()
+                ),
+                ..Default::default()
+            },
+        );
+    }
 
     // First reconcile before any peer is reachable: routes for every peer go into the
     // device, so nothing reaches a peer's pods except through WireGuard.
@@ -974,6 +1045,14 @@ pub async fn run(
     if let Err(e) = std::fs::remove_file(&shared.config.status_socket) {
         warn!(error = %e, socket = %shared.config.status_socket.display(), "cannot remove status socket");
     }
+    shared.events.record(
+        enc_api::EventKind::AgentStop,
+        crate::events::Detail {
+            detail: "clean stop: keys, routes and rules removed; eBPF strict mode left in place"
+                .into(),
+            ..Default::default()
+        },
+    );
     info!("stopped; routes, rules and WireGuard peers removed, eBPF strict mode left in place");
     Ok(())
 }
@@ -1057,6 +1136,7 @@ async fn reconciler(shared: Arc<Shared>) {
         }
         reconcile_once(&shared);
         shared.report_leaks();
+        shared.check_expiry();
     }
 }
 

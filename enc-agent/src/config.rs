@@ -82,6 +82,7 @@ struct RawConfig {
     #[serde(default)]
     rotation: RawRotation,
     status_socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
@@ -215,6 +216,9 @@ pub struct Config {
     pub rotation: RotationConfig,
     /// Unix socket of the status API.
     pub status_socket: PathBuf,
+    /// Where the agent keeps what must survive a restart: the audit event log
+    /// (`events.jsonl`) and the newest revocation list it accepted (`crl.pem`).
+    pub state_dir: PathBuf,
     /// Prometheus metrics endpoint.
     pub metrics: MetricsConfig,
     /// The peers discovery expects (standalone mode: listed here).
@@ -986,6 +990,14 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         return Err(invalid("statusSocket", "", "must not be empty"));
     }
     let metrics = validate_metrics(&raw.metrics, control.listen)?;
+    let state_dir = match raw.state_dir {
+        Some(d) if d.as_os_str().is_empty() => {
+            return Err(invalid("stateDir", "", "must not be empty"));
+        }
+        Some(d) if d.is_relative() => base.join(d),
+        Some(d) => d,
+        None => PathBuf::from("/var/lib/enc").join(&raw.node.name),
+    };
 
     if raw.peers.len() > MAX_PEERS {
         return Err(invalid(
@@ -1071,6 +1083,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         },
         rotation,
         status_socket,
+        state_dir,
         metrics,
         peers,
     })

@@ -7,12 +7,14 @@
 //!
 //! Layout: [`config`] (typed, validated configuration), [`control`] (control channel),
 //! [`peers`] (the peer table, plain data), [`reconcile`] (desired state to the backends),
-//! [`status`] (the Unix-socket API), [`metrics`] (Prometheus endpoint), [`app`] (wiring).
+//! [`status`] (the Unix-socket API), [`metrics`] (Prometheus endpoint), [`events`] (the
+//! audit log), [`app`] (wiring).
 
 pub mod app;
 pub mod backend;
 pub mod config;
 pub mod control;
+pub mod events;
 pub mod metrics;
 pub mod peers;
 pub mod reconcile;

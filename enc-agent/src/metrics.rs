@@ -146,6 +146,10 @@ families! {
         "Peers whose key rotation waits on the peer longer than rotation.stuckAfter.";
     ROTATION_INTERVAL = "enc_rotation_interval_seconds", Gauge, [],
         "Scheduled key rotation interval (absent when the schedule is off).";
+    CERT_SOONEST_EXPIRY = "enc_certificate_soonest_expiry_timestamp_seconds", Gauge, ["node"],
+        "Expiry (Unix time) of the certificate that expires first, this node's or a peer's; the label names whose.";
+    CERT_EXPIRING = "enc_certificates_expiring", Gauge, [],
+        "Certificates (this node's and its peers') with 20% or less of their lifetime left.";
     CERT_EXPIRY = "enc_certificate_expiry_timestamp_seconds", Gauge, ["node"],
         "End of validity (Unix time) of this node's certificate and of the certificate each peer last presented.";
     XFRM_ERRORS = "enc_xfrm_errors_total", Counter, ["counter"],
@@ -315,6 +319,12 @@ pub fn render(status: &Status, peers: &Peers) -> String {
     if let Some(t) = unix_time(&status.certificate.not_after) {
         x.add(&CERT_EXPIRY, &[&status.node.name], t);
     }
+    if let Some(t) = unix_time(&status.expiry.soonest_not_after) {
+        x.add(&CERT_SOONEST_EXPIRY, &[&status.expiry.soonest_node], t);
+    }
+    if !status.expiry.node_not_after.is_empty() {
+        x.add(&CERT_EXPIRING, &[], status.expiry.expiring.len() as u64);
+    }
     if let Some(ipsec) = &enc.ipsec {
         for (counter, n) in &ipsec.xfrm_stat {
             x.add(&XFRM_ERRORS, &[counter], *n);
@@ -477,6 +487,13 @@ mod tests {
                 overlay_mtu: Some(1396),
                 pod_mtu: 1396,
             },
+            expiry: enc_api::ExpiryInfo {
+                node_not_after: "2026-12-01T00:00:00Z".into(),
+                soonest_node: "node-3".into(),
+                soonest_not_after: "2026-11-30T00:00:00Z".into(),
+                soonest_seconds_left: 3600,
+                expiring: vec!["node-3".into()],
+            },
         }
     }
 
@@ -504,6 +521,8 @@ mod tests {
             auth,
             state_age_seconds: 1,
             failures: 0,
+            last_success_seconds: None,
+            last_failure: None,
             certificate: None,
             key: None,
             wireguard: None,
@@ -590,6 +609,11 @@ mod tests {
             "1"
         );
         assert_eq!(v(r#"enc_mtu_bytes{layer="pod"}"#), "1396");
+        assert_eq!(
+            v(r#"enc_certificate_soonest_expiry_timestamp_seconds{node="node-3"}"#),
+            "1795996800"
+        );
+        assert_eq!(v("enc_certificates_expiring"), "1");
         assert_eq!(v(r#"enc_mtu_bytes{layer="overlay"}"#), "1396");
         assert_eq!(v(r#"enc_mtu_bytes{layer="encryption"}"#), "1446");
         assert_eq!(v(r#"enc_mtu_bytes{layer="underlay"}"#), "1500");

@@ -95,6 +95,10 @@ pub struct PeerEntry {
     pub since: Instant,
     /// Failed authentication attempts since start.
     pub failures: u64,
+    /// When the peer last passed authentication.
+    pub last_success: Option<Instant>,
+    /// When and why authentication last failed.
+    pub last_failure: Option<(Instant, String)>,
     /// The certificate seen at the last successful authentication.
     pub cert: Option<CertInfo>,
     /// The session that authenticated the peer (kept through the grace period of a loss).
@@ -282,6 +286,8 @@ impl PeerTable {
                         auth: Auth::Pending(detail.into()),
                         since: now,
                         failures: 0,
+                        last_success: None,
+                        last_failure: None,
                         cert: None,
                         keys: None,
                         epochs: BTreeMap::new(),
@@ -329,6 +335,7 @@ impl PeerTable {
     ) {
         if let Some(e) = self.entries.get_mut(name) {
             e.set_auth(Auth::Authenticated, now);
+            e.last_success = Some(now);
             e.cert = cert;
             e.keys = Some(keys);
             e.lost_at = None;
@@ -425,6 +432,7 @@ impl PeerTable {
     pub fn auth_failed(&mut self, name: &str, now: Instant, reason: String) {
         if let Some(e) = self.entries.get_mut(name) {
             e.failures += 1;
+            e.last_failure = Some((now, reason.clone()));
             e.set_auth(Auth::Failed(reason), now);
             e.drop_keys();
         }

@@ -77,6 +77,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(enc_api::STATUS_PATH, get(status))
         .route(enc_api::PEERS_PATH, get(peers))
         .route(enc_api::ROTATE_PATH, post(rotate))
+        .route(enc_api::EVENTS_PATH, get(events))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
@@ -412,6 +413,58 @@ pub fn build_status(shared: &Shared) -> Status {
         },
         keys,
         network,
+        expiry: expiry_info(shared),
+    }
+}
+
+/// Whether a certificate valid from `not_before` to `not_after` has 20% or less of its
+/// lifetime left at `now`.
+pub fn near_expiry(
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    now: OffsetDateTime,
+) -> bool {
+    let lifetime = not_after - not_before;
+    now >= not_after - lifetime * 0.2
+}
+
+fn expiry_info(shared: &Shared) -> enc_api::ExpiryInfo {
+    let now = OffsetDateTime::now_utc();
+    let own = shared.identity.info();
+    let mut certs: Vec<(String, OffsetDateTime, OffsetDateTime)> = vec![(
+        shared.config.node.name.clone(),
+        own.not_before,
+        own.not_after,
+    )];
+    certs.extend(shared.table().iter().filter_map(|e| {
+        e.cert
+            .as_ref()
+            .map(|c| (e.config.name.clone(), c.not_before, c.not_after))
+    }));
+    let rfc = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| t.to_string())
+    };
+    let expiring = certs
+        .iter()
+        .filter(|(_, nb, na)| near_expiry(*nb, *na, now))
+        .map(|(n, _, _)| n.clone())
+        .collect();
+    let soonest = certs
+        .iter()
+        .min_by_key(|(_, _, na)| *na)
+        .cloned()
+        .unwrap_or((
+            shared.config.node.name.clone(),
+            own.not_before,
+            own.not_after,
+        ));
+    enc_api::ExpiryInfo {
+        node_not_after: rfc(own.not_after),
+        soonest_node: soonest.0,
+        soonest_not_after: rfc(soonest.2),
+        soonest_seconds_left: (soonest.2 - now).whole_seconds(),
+        expiring,
     }
 }
 
@@ -496,6 +549,16 @@ fn peer_info(
         },
         state_age_seconds: now.saturating_duration_since(e.since).as_secs(),
         failures: e.failures,
+        last_success_seconds: e
+            .last_success
+            .map(|t| now.saturating_duration_since(t).as_secs()),
+        last_failure: e
+            .last_failure
+            .as_ref()
+            .map(|(t, reason)| enc_api::FailureInfo {
+                reason: reason.clone(),
+                age_seconds: now.saturating_duration_since(*t).as_secs(),
+            }),
         certificate: e.cert.as_ref().map(summary),
         key: e.outbound_keys().map(|k| KeyInfo {
             epoch: k.epoch.0,
@@ -525,6 +588,51 @@ pub fn build_peers(shared: &Shared) -> Peers {
             .map(|e| peer_info(e, &snap, &counters, now, wall_now))
             .collect(),
     }
+}
+
+/// `?after=N&limit=M` of the events endpoint.
+#[derive(Debug, PartialEq, Eq)]
+struct EventsQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn events(State(shared): State<Arc<Shared>>, uri: axum::http::Uri) -> Response {
+    let query = uri.query().unwrap_or("");
+    match parse_events_query(query) {
+        Ok(q) => Json(
+            shared
+                .events
+                .since(q.after.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000)),
+        )
+        .into_response(),
+        Err(reason) => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": format!("query {query:?}: {reason}") })),
+        )
+            .into_response(),
+    }
+}
+
+/// Parses `after=N&limit=M` (the only query the API takes), naming a bad key or value.
+fn parse_events_query(query: &str) -> Result<EventsQuery, String> {
+    let mut q = EventsQuery {
+        after: None,
+        limit: None,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let n = || {
+            v.parse::<u64>()
+                .map_err(|_| format!("{k} must be a non-negative integer, got {v:?}"))
+        };
+        match k {
+            "after" => q.after = Some(n()?),
+            "limit" => q.limit = Some(n()? as usize),
+            other => return Err(format!("unknown parameter {other:?} (after, limit)")),
+        }
+    }
+    Ok(q)
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<Status> {
@@ -573,6 +681,38 @@ mod tests {
     use enc_ipsec::InboundSaSnapshot;
     use enc_key_manager::rotation::Progress;
     use enc_key_manager::{Epoch, Pair, PairKeys, SessionSecret};
+
+    #[test]
+    fn near_expiry_is_the_last_fifth_of_the_lifetime() {
+        use time::macros::datetime;
+        let nb = datetime!(2026-01-01 00:00 UTC);
+        let na = datetime!(2026-01-11 00:00 UTC);
+        assert!(!near_expiry(nb, na, datetime!(2026-01-08 23:59 UTC)));
+        assert!(near_expiry(nb, na, datetime!(2026-01-09 00:00 UTC)));
+        assert!(near_expiry(nb, na, datetime!(2026-01-12 00:00 UTC)));
+    }
+
+    #[test]
+    fn events_query_names_bad_input() {
+        assert_eq!(
+            parse_events_query("after=5&limit=2"),
+            Ok(EventsQuery {
+                after: Some(5),
+                limit: Some(2)
+            })
+        );
+        assert_eq!(
+            parse_events_query(""),
+            Ok(EventsQuery {
+                after: None,
+                limit: None
+            })
+        );
+        let e = parse_events_query("after=-1").unwrap_err();
+        assert!(e.contains("after") && e.contains("-1"), "{e}");
+        let e = parse_events_query("since=3").unwrap_err();
+        assert!(e.contains("since"), "{e}");
+    }
 
     fn table(now: Instant) -> PeerTable {
         let d = tempfile::tempdir().unwrap();

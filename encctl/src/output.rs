@@ -450,6 +450,8 @@ mod tests {
             auth: AuthState::Authenticated,
             state_age_seconds: 5,
             failures: 0,
+            last_success_seconds: None,
+            last_failure: None,
             certificate: None,
             key: Some(enc_api::KeyInfo {
                 epoch: 3,

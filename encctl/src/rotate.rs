@@ -441,6 +441,8 @@ mod tests {
             auth: enc_api::AuthState::Authenticated,
             state_age_seconds: 0,
             failures: 0,
+            last_success_seconds: None,
+            last_failure: None,
             certificate: None,
             key: None,
             wireguard: None,

@@ -284,6 +284,8 @@ fn peers_json(rotations: &[(&str, Option<enc_api::RotationInfo>)]) -> String {
             auth: enc_api::AuthState::Authenticated,
             state_age_seconds: 1,
             failures: 0,
+            last_success_seconds: None,
+            last_failure: None,
             certificate: None,
             key: None,
             wireguard: None,

@@ -130,6 +130,8 @@ pub struct Node {
     pub socket: PathBuf,
     /// Agent log file.
     pub log: PathBuf,
+    /// The agent's `stateDir` (event log, accepted revocation list).
+    pub state_dir: PathBuf,
     agent: Option<Child>,
     /// Pods behind the node (dropped before the node's namespace).
     pub pods: Vec<Pod>,
@@ -349,6 +351,7 @@ impl Lab {
             let config = dir.path().join(format!("{name}.yaml"));
             let socket = dir.path().join(format!("{name}.sock"));
             let log = dir.path().join(format!("{name}.log"));
+            let state_dir = dir.path().join(format!("{name}-state"));
             nodes.push(Node {
                 index: i,
                 name,
@@ -358,6 +361,7 @@ impl Lab {
                 config,
                 socket,
                 log,
+                state_dir,
                 agent: None,
                 pods,
                 ns,
@@ -372,7 +376,7 @@ impl Lab {
                  encryption:\n  type: {}\n  strictMode: {}\n  wireguard:\n    interface: enc-wg0\n    listenPort: {WG_PORT}\n\
                  underlay:\n  interface: eth0\n\
                  datapath:\n  podInterfacePrefixes: [p]\n  bpfPinDir: {}/{}\n\
-                 statusSocket: {}\npeers:\n",
+                 statusSocket: {}\nstateDir: {}\npeers:\n",
                 n.claimed_name,
                 n.addr,
                 n.pod_cidr,
@@ -387,7 +391,8 @@ impl Lab {
                 opts.strict,
                 bpffs.path().display(),
                 n.claimed_name,
-                n.socket.display()
+                n.socket.display(),
+                n.state_dir.display()
             );
             if let Some((_, imp)) = opts.implementations.iter().find(|(i, _)| *i == n.index) {
                 let (section, rest) = match opts.encryption {

@@ -10,7 +10,9 @@ use super::proto::{self, Message, Rotate, RotationMsg};
 use super::session::{Action, Session, SessionError};
 use crate::app::{RotateCmd, Shared, format_chain};
 use crate::config::PeerConfig;
+use crate::events::Detail;
 use crate::peers::{Role, RotationView, SessionKeys};
+use enc_api::EventKind;
 use enc_certs::{AuthFailure, CertInfo, ExpectedPeer};
 use enc_key_manager::rotation::{Effect, Rotation, Side};
 use enc_key_manager::{EXPORTER_LABEL, EXPORTER_LEN, Epoch, Pair, PairKeys, SessionSecret};
@@ -177,6 +179,13 @@ fn not_connected(shared: &Shared, peer: &PeerConfig, detail: String) {
 
 fn auth_failed(shared: &Shared, peer: &PeerConfig, reason: String) {
     warn!(peer = %peer.name, addr = %peer.underlay_address, %reason, "peer authentication failed");
+    shared.events.record(
+        EventKind::AuthFailure,
+        Detail::peer(
+            &peer.name,
+            format!("{reason} (address {})", peer.underlay_address),
+        ),
+    );
     shared
         .table()
         .auth_failed(&peer.name, Instant::now(), reason);
@@ -299,6 +308,21 @@ where
                         wg_public_key = %hello.wireguard.map(|(k, _)| k.to_string()).unwrap_or_default(),
                         "peer authenticated; installing keys derived from the control session"
                     );
+                    let mut d = Detail::peer(
+                        &peer.name,
+                        format!(
+                            "mutual TLS 1.3 at {}; certificate {} issued by {}, valid until {}",
+                            peer.underlay_address,
+                            cert.as_ref().map_or("?", |c| c.subject.as_str()),
+                            cert.as_ref().map_or("?", |c| c.issuer.as_str()),
+                            cert.as_ref()
+                                .map_or_else(|| "?".to_owned(), |c| c.not_after.to_string()),
+                        ),
+                    );
+                    if let Some(c) = &cert {
+                        d = d.serial(c.serial.clone());
+                    }
+                    shared.events.record(EventKind::AuthSuccess, d);
                     shared.table().authenticated(
                         &peer.name,
                         Instant::now(),
@@ -395,6 +419,10 @@ where
                             let (target, fx) = k.rotation.start(now);
                             if !fx.is_empty() {
                                 info!(peer = %peer.name, target = %target, reason = %why, "starting key rotation");
+                                shared.events.record(
+                                    EventKind::RotationStart,
+                                    Detail::peer(&peer.name, why.clone()).epoch(target.0),
+                                );
                             }
                             effects.extend(fx);
                         }
@@ -408,6 +436,11 @@ where
                         let from = k.rotation.outbound();
                         let (target, fx) = k.rotation.start(Instant::now());
                         info!(peer = %peer.name, target = %target, "key rotation requested by an operator");
+                        shared.events.record(
+                            EventKind::RotationStart,
+                            Detail::peer(&peer.name, "requested by an operator (encctl rotate)")
+                                .epoch(target.0),
+                        );
                         effects.extend(fx);
                         Ok((from, target))
                     }
@@ -452,6 +485,16 @@ where
     };
     if established {
         info!(peer = %peer.name, session = session_id, %reason, "control session ended");
+        shared.events.record(
+            EventKind::SessionEnd,
+            Detail::peer(
+                &peer.name,
+                format!(
+                    "{reason}; keys kept for {} while reconnecting",
+                    humantime::format_duration(shared.config.control.key_grace_period)
+                ),
+            ),
+        );
         shared
             .table()
             .session_lost(&peer.name, now, session_id, &reason);
@@ -520,6 +563,10 @@ async fn carry_out<W: AsyncWrite + Unpin>(
                 End::Keys(format!("installing epoch {epoch}: {}", format_chain(&e)))
             })?;
             info!(peer = %peer.name, session = session_id, %epoch, %key_id, esp_spi_in = %format_args!("{spi_in:#010x}"), "inbound keys installed");
+            shared.events.record(
+                EventKind::KeyInstall,
+                Detail::peer(&peer.name, format!("inbound keys, key id {key_id}")).epoch(epoch.0),
+            );
             Ok(())
         }
         Effect::SwitchOutbound(epoch) => {
@@ -536,6 +583,10 @@ async fn carry_out<W: AsyncWrite + Unpin>(
             })?;
             k.tx_base = shared.peer_tx(&peer.name).map_or(0, |t| t.bytes);
             info!(peer = %peer.name, session = session_id, %epoch, "outbound switched to the new epoch");
+            shared.events.record(
+                EventKind::KeySwitch,
+                Detail::peer(&peer.name, "outbound traffic now uses this epoch").epoch(epoch.0),
+            );
             Ok(())
         }
         Effect::Retire(epoch) => {
@@ -548,6 +599,14 @@ async fn carry_out<W: AsyncWrite + Unpin>(
                     warn!(peer = %peer.name, %epoch, error = %format_chain(&e), "retiring keys failed; will retry");
                 }
                 info!(peer = %peer.name, session = session_id, %epoch, "old epoch retired");
+                shared.events.record(
+                    EventKind::KeyRetire,
+                    Detail::peer(
+                        &peer.name,
+                        "old epoch's keys removed after the grace period",
+                    )
+                    .epoch(epoch.0),
+                );
             }
             Ok(())
         }
