@@ -17,6 +17,32 @@ pub const PEERS_PATH: &str = "/v1/peers";
 /// `POST` a [`RotateRequest`]: start a key rotation; answers [`RotateResponse`].
 pub const ROTATE_PATH: &str = "/v1/rotate";
 
+/// `POST` a [`CrlPush`]: offer a certificate revocation list; answers [`CrlPushed`].
+pub const CRL_PATH: &str = "/v1/crl";
+
+/// Body of a revocation-list push.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CrlPush {
+    /// The X.509 CRL, PEM, signed by a CA of the agent's `tls.ca` bundle.
+    pub pem: String,
+}
+
+/// Answer to a revocation-list push.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CrlPushed {
+    /// `adopted` (newer: persisted, applied and passed on to every peer), `same` (already
+    /// held) or `older` (the agent holds a newer list).
+    pub outcome: String,
+    /// The number of the list pushed.
+    pub number: u64,
+    /// The number of the list the agent now holds.
+    pub held: u64,
+    /// Peers whose certificate the list held now revokes.
+    pub revoked_peers: Vec<String>,
+}
+
 /// Body of a rotation request.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -9,12 +9,16 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
+    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType,
+    SerialNumber,
 };
 use ring::rand::SecureRandom;
+use rustls_pki_types::CertificateDer;
 use time::{Duration, OffsetDateTime};
+use x509_parser::extensions::ParsedExtension;
 
 use crate::info::{self, CertInfo};
+use crate::ledger::{self, IssuedEntry};
 use crate::{Error, Result};
 
 /// File name of the CA certificate inside a CA directory.
@@ -77,6 +81,8 @@ impl fmt::Debug for IssuedPem {
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    key_id: KeyIdMethod,
     info: CertInfo,
 }
 
@@ -119,10 +125,15 @@ impl CertificateAuthority {
             context: "self-signing CA certificate".to_owned(),
             source,
         })?;
-        let info = info::parse_der(cert.der(), "generated CA certificate")?;
+        let cert_der = cert.der().clone();
+        let x509 = info::parse_x509(cert_der.as_ref(), "generated CA certificate")?;
+        let info = info::from_x509(&x509, cert_der.as_ref());
+        let key_id = key_id_method(&x509);
         Ok(Self {
             issuer: Issuer::new(params, key),
             cert_pem: cert.pem(),
+            cert_der,
+            key_id,
             info,
         })
     }
@@ -180,10 +191,13 @@ impl CertificateAuthority {
             context: format!("{cert_origin}: reading CA certificate"),
             source,
         })?;
+        let key_id = key_id_method(&x509);
         Ok(Self {
             issuer,
             cert_pem: cert_pem.to_owned(),
+            key_id,
             info,
+            cert_der: der,
         })
     }
 
@@ -192,9 +206,25 @@ impl CertificateAuthority {
         &self.cert_pem
     }
 
+    /// The CA certificate, DER (for example to check CRLs against it with
+    /// [`RevocationList::from_pem`](crate::RevocationList::from_pem)).
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
     /// Details of the CA certificate.
     pub fn info(&self) -> &CertInfo {
         &self.info
+    }
+
+    pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
+    /// How to derive the authority key identifier of what this CA signs: its own subject
+    /// key identifier when the certificate has one.
+    pub(crate) fn key_id_method(&self) -> KeyIdMethod {
+        self.key_id.clone()
     }
 
     fn key_pem(&self) -> String {
@@ -221,6 +251,11 @@ pub fn init_ca(out: &Path, opts: &CaOptions) -> Result<CertInfo> {
 ///
 /// The certificate is valid from 5 minutes ago (clock skew) for `days` days, but never past
 /// the CA's own expiry.
+///
+/// Before the files are written, the certificate is recorded in the issuance ledger
+/// `ca_dir/issued.jsonl` (see [`read_ledger`](crate::read_ledger)), so that every certificate
+/// that may be in use can be revoked by node name; if writing the files then fails, the
+/// ledger lists a certificate nobody holds, which is harmless.
 pub fn issue_node_cert(ca_dir: &Path, req: &NodeCertRequest, out: &Path) -> Result<CertInfo> {
     validate_request(req)?;
     check_days(req.days)?;
@@ -240,6 +275,7 @@ pub fn issue_node_cert(ca_dir: &Path, req: &NodeCertRequest, out: &Path) -> Resu
     }
     let issued = issue_node_cert_pem(&ca, req, now - CLOCK_SKEW, not_after)?;
     let info = info::inspect_from(issued.cert_pem.as_bytes(), "issued certificate")?;
+    ledger::append(ca_dir, &IssuedEntry::new(&req.node, &info, now))?;
     create_dir(out)?;
     write_pair(&cert_path, &issued.cert_pem, &key_path, &issued.key_pem)?;
     tracing::info!(node = %req.node, path = %cert_path.display(), serial = %info.serial, "issued node certificate");
@@ -248,7 +284,8 @@ pub fn issue_node_cert(ca_dir: &Path, req: &NodeCertRequest, out: &Path) -> Resu
 
 /// Issues a node certificate with an explicit validity window and returns it as PEM.
 ///
-/// Validates the node name and addresses (not `days`, which the window replaces).
+/// Validates the node name and addresses (not `days`, which the window replaces). Works in
+/// memory: nothing is recorded in the issuance ledger ([`issue_node_cert`] does that).
 pub fn issue_node_cert_pem(
     ca: &CertificateAuthority,
     req: &NodeCertRequest,
@@ -354,12 +391,24 @@ fn check_days(days: u32) -> Result<()> {
     Ok(())
 }
 
-fn now_secs() -> OffsetDateTime {
+pub(crate) fn now_secs() -> OffsetDateTime {
     trunc_secs(OffsetDateTime::now_utc())
 }
 
-fn trunc_secs(t: OffsetDateTime) -> OffsetDateTime {
+pub(crate) fn trunc_secs(t: OffsetDateTime) -> OffsetDateTime {
     t.replace_nanosecond(0).unwrap_or(t)
+}
+
+fn key_id_method(cert: &x509_parser::certificate::X509Certificate<'_>) -> KeyIdMethod {
+    cert.extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(id) => {
+                Some(KeyIdMethod::PreSpecified(id.0.to_vec()))
+            }
+            _ => None,
+        })
+        .unwrap_or(KeyIdMethod::Sha256)
 }
 
 /// A random positive 16-byte serial whose first byte is non-zero, so its DER form is exactly
@@ -375,7 +424,7 @@ fn random_serial() -> Result<SerialNumber> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-fn read_string(path: &Path) -> Result<String> {
+pub(crate) fn read_string(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))
 }
 
@@ -394,7 +443,7 @@ fn refuse_existing(paths: &[&PathBuf]) -> Result<()> {
     Ok(())
 }
 
-fn create_dir(dir: &Path) -> Result<()> {
+pub(crate) fn create_dir(dir: &Path) -> Result<()> {
     DirBuilder::new()
         .recursive(true)
         .mode(0o755)

@@ -142,12 +142,91 @@ pub enum Error {
         /// The builder error.
         source: rustls::server::VerifierBuilderError,
     },
+
+    /// A line of the issuance ledger (`issued.jsonl`) cannot be read.
+    #[error("{path}:{line}: bad issuance ledger entry: {reason}", path = path.display())]
+    Ledger {
+        /// The ledger file.
+        path: PathBuf,
+        /// The line number, from 1.
+        line: usize,
+        /// What is wrong with the line.
+        reason: String,
+    },
+
+    /// A node name to revoke has no certificate in the issuance ledger.
+    #[error(
+        "no certificate issued to node {node:?} is recorded in {ledger} (revoke it by --serial instead)",
+        ledger = ledger.display()
+    )]
+    UnknownNode {
+        /// The node name.
+        node: String,
+        /// The issuance ledger that was searched.
+        ledger: PathBuf,
+    },
+
+    /// The input holds no certificate revocation list (PEM label `X509 CRL`).
+    #[error("{origin}: no certificate revocation list (X509 CRL) found")]
+    NoCrl {
+        /// Where the input came from.
+        origin: String,
+    },
+
+    /// A certificate revocation list could not be parsed as X.509.
+    #[error("{origin}: cannot parse certificate revocation list: {source}")]
+    CrlParse {
+        /// Where the CRL came from.
+        origin: String,
+        /// The parser error.
+        source: x509_parser::error::X509Error,
+    },
+
+    /// A certificate revocation list parses but is not usable (version, CRL number, ...).
+    #[error("{origin}: unusable certificate revocation list: {reason}")]
+    BadCrl {
+        /// Where the CRL came from.
+        origin: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// No CA certificate has the issuer name of a certificate revocation list.
+    #[error("{origin}: CRL issuer {issuer} matches none of the {cas} CA certificate(s)")]
+    CrlIssuerUnknown {
+        /// Where the CRL came from.
+        origin: String,
+        /// The CRL's issuer name.
+        issuer: String,
+        /// How many CA certificates were tried.
+        cas: usize,
+    },
+
+    /// The signature of a certificate revocation list does not verify against its CA.
+    #[error("{origin}: CRL signature does not verify against CA {issuer}: {reason}")]
+    CrlSignature {
+        /// Where the CRL came from.
+        origin: String,
+        /// The CRL's issuer name.
+        issuer: String,
+        /// Why verification failed.
+        reason: String,
+    },
 }
 
 impl Error {
     /// True if the error is a refusal to overwrite an existing file.
     pub fn is_already_exists(&self) -> bool {
         matches!(self, Error::AlreadyExists { .. })
+    }
+
+    /// True if a certificate revocation list was refused because it is not issued and
+    /// signed by one of the trusted CAs (unknown issuer or bad signature).
+    pub fn is_untrusted_crl(&self) -> bool {
+        matches!(
+            self,
+            Error::CrlIssuerUnknown { .. } | Error::CrlSignature { .. }
+        )
     }
 
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {

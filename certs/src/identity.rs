@@ -126,7 +126,7 @@ impl NodeIdentity {
             reason: AuthFailure::from_tls_error(&e),
         };
         let now = UnixTime::now();
-        verify::webpki_client_verifier(&roots)?
+        verify::webpki_client_verifier(&roots, &[])?
             .verify_client_cert(leaf, &chain[1..], now)
             .map_err(untrusted)?;
         let server_name =
@@ -134,7 +134,7 @@ impl NodeIdentity {
                 name: name.clone(),
                 source,
             })?;
-        verify::webpki_server_verifier(&roots)?
+        verify::webpki_server_verifier(&roots, &[])?
             .verify_server_cert(leaf, &chain[1..], &server_name, &[], now)
             .map_err(untrusted)?;
 

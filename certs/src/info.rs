@@ -40,7 +40,10 @@ pub struct CertInfo {
     pub is_ca: bool,
 }
 
-fn ser_rfc3339<S: Serializer>(t: &OffsetDateTime, s: S) -> std::result::Result<S::Ok, S::Error> {
+pub(crate) fn ser_rfc3339<S: Serializer>(
+    t: &OffsetDateTime,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&rfc3339(*t))
 }
 
@@ -68,6 +71,13 @@ pub fn inspect(bytes: &[u8]) -> Result<CertInfo> {
 pub fn inspect_file(path: &Path) -> Result<CertInfo> {
     let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
     inspect_from(&bytes, &path.display().to_string())
+}
+
+/// Reads all certificates of a PEM file (for example a CA bundle, to check CRLs against);
+/// errors name the file.
+pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+    pem_certs(&bytes, &path.display().to_string())
 }
 
 pub(crate) fn inspect_from(bytes: &[u8], origin: &str) -> Result<CertInfo> {

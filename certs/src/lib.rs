@@ -7,21 +7,38 @@
 //!   the peer against the CA *and* against the node discovery says should be there
 //!   ([`ExpectedPeer`]: DNS SAN = node name, IP SAN = address).
 //! - [`AuthFailure`] turns handshake errors into a short reason for status display.
+//! - Revocation: [`issue_node_cert`] records every certificate in the issuance ledger
+//!   `<ca_dir>/issued.jsonl` ([`read_ledger`]); [`revoke`] adds serials (or all of a node's)
+//!   to the CA-signed list `<ca_dir>/crl.pem`; [`RevocationList`] is such a list with its
+//!   signature verified, and [`client_config_with_crls`] / [`server_config_with_crls`]
+//!   refuse peers it revokes ([`AuthFailure::Revoked`]).
 
 mod ca;
+mod crl;
 mod error;
 mod identity;
 mod info;
+mod ledger;
+mod revoke;
 mod verify;
 
 pub use ca::{
     CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW, CaOptions, CertificateAuthority, IssuedPem, MAX_DAYS,
     NodeCertRequest, init_ca, issue_node_cert, issue_node_cert_pem, validate_node_name,
 };
+pub use crl::{
+    CRL_PEM_LABEL, CrlInfo, RevocationList, RevokedEntry, inspect_crl, inspect_crl_file,
+    parse_serial, sign_crl,
+};
 pub use error::{Error, Result};
 pub use identity::NodeIdentity;
-pub use info::{CertInfo, inspect, inspect_file};
-pub use verify::{AuthFailure, ExpectedPeer, client_config, peer_info, server_config, server_name};
+pub use info::{CertInfo, inspect, inspect_file, read_pem_certs};
+pub use ledger::{IssuedEntry, LEDGER_FILE, ledger_path, read_ledger};
+pub use revoke::{CRL_FILE, CRL_VALIDITY, RevokeOutcome, RevokeRequest, crl_path, revoke};
+pub use verify::{
+    AuthFailure, ExpectedPeer, client_config, client_config_with_crls, peer_info, server_config,
+    server_config_with_crls, server_name,
+};
 
 /// Installs ring as rustls' process-wide `CryptoProvider`; idempotent, call at start-up.
 ///

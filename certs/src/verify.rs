@@ -18,7 +18,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::info::{self, CertInfo};
-use crate::{Error, NodeIdentity, Result};
+use crate::{Error, NodeIdentity, Result, RevocationList};
 
 /// Who discovery says should be on the other end of a connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +76,13 @@ pub enum AuthFailure {
         /// The addresses the certificate presents.
         presented: Vec<IpAddr>,
     },
+    /// The certificate is on a revocation list of the cluster CA.
+    #[error("certificate revoked (serial {serial})")]
+    Revoked {
+        /// The certificate's serial, in the [`CertInfo::serial`] format, or "unknown" when
+        /// the error came from a verifier that does not know it.
+        serial: String,
+    },
     /// The peer sent no certificate.
     #[error("peer presented no certificate")]
     NoCertificate,
@@ -102,6 +109,7 @@ fn list<T: std::fmt::Display>(items: &[T]) -> String {
 }
 
 const UNKNOWN_TIME: &str = "unknown time";
+const UNKNOWN_SERIAL: &str = "unknown";
 
 fn unix_rfc3339(t: UnixTime) -> String {
     i64::try_from(t.as_secs())
@@ -139,6 +147,10 @@ impl AuthFailure {
                 } => AuthFailure::NameMismatch {
                     expected: expected.to_str().into_owned(),
                     presented: presented.clone(),
+                },
+                // Our verifiers replace this by `Revoked` with the serial (see `remap_error`).
+                C::Revoked => AuthFailure::Revoked {
+                    serial: UNKNOWN_SERIAL.to_owned(),
                 },
                 C::Other(OtherError(inner)) => inner
                     .downcast_ref::<AuthFailure>()
@@ -242,13 +254,30 @@ fn name_check(dns: &[String], expected: &ExpectedPeer) -> std::result::Result<()
     }
 }
 
-/// Replaces webpki's name error by our own, which lists the presented DNS names.
-fn remap_name_error(
+/// Replaces webpki's name error by our own, which lists the presented DNS names, and its
+/// revocation error by [`AuthFailure::Revoked`] naming the serial.
+///
+/// Both travel as `CertificateError::Other`, which rustls answers with a
+/// `certificate_unknown` alert: the peer learns that it was refused, not why (the local
+/// failure has the detail).
+fn remap_error(
     err: rustls::Error,
     end_entity: &CertificateDer<'_>,
     expected: &ExpectedPeer,
 ) -> rustls::Error {
     match err {
+        rustls::Error::InvalidCertificate(CertificateError::Revoked) => {
+            let serial = info::parse_der(end_entity.as_ref(), "peer certificate")
+                .map_or_else(|_| UNKNOWN_SERIAL.to_owned(), |c| c.serial);
+            // Debug only: the caller reports the failure (with the serial) itself.
+            tracing::debug!(
+                peer = %expected.name,
+                addr = %expected.addr,
+                %serial,
+                "peer presented a revoked certificate"
+            );
+            AuthFailure::Revoked { serial }.into_tls_error()
+        }
         rustls::Error::InvalidCertificate(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
         ) => match info::parse_x509(end_entity.as_ref(), "peer certificate") {
@@ -281,7 +310,7 @@ impl ServerCertVerifier for PeerServerVerifier {
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
         self.inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-            .map_err(|e| remap_name_error(e, end_entity, &self.expected))?;
+            .map_err(|e| remap_error(e, end_entity, &self.expected))?;
         check_identity(end_entity, &self.expected)?;
         Ok(ServerCertVerified::assertion())
     }
@@ -337,7 +366,8 @@ impl ClientCertVerifier for PeerClientVerifier {
         now: UnixTime,
     ) -> std::result::Result<ClientCertVerified, rustls::Error> {
         self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|e| remap_error(e, end_entity, &self.expected))?;
         check_identity(end_entity, &self.expected)?;
         Ok(ClientCertVerified::assertion())
     }
@@ -365,10 +395,19 @@ impl ClientCertVerifier for PeerClientVerifier {
     }
 }
 
+/// The WebPKI server verifier. With CRLs: only the end entity is checked (the chain is
+/// CA -> node, and the CA is the trust anchor), a certificate no CRL speaks for passes (as it
+/// would without CRLs), and an expired CRL (past nextUpdate) is still used, so a CA that
+/// has not re-signed in time never stops the cluster from authenticating.
 pub(crate) fn webpki_server_verifier(
     roots: &Arc<RootCertStore>,
+    crls: &[RevocationList],
 ) -> Result<Arc<WebPkiServerVerifier>> {
+    // rustls' default revocation expiration policy is to ignore nextUpdate; we rely on it.
     WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+        .with_crls(crls.iter().map(|c| c.der().clone()))
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
         .build()
         .map_err(|source| Error::Verifier {
             context: "building server certificate verifier",
@@ -376,10 +415,16 @@ pub(crate) fn webpki_server_verifier(
         })
 }
 
+/// The WebPKI client verifier; CRLs are handled as in [`webpki_server_verifier`].
 pub(crate) fn webpki_client_verifier(
     roots: &Arc<RootCertStore>,
+    crls: &[RevocationList],
 ) -> Result<Arc<dyn ClientCertVerifier>> {
+    // rustls' default revocation expiration policy is to ignore nextUpdate; we rely on it.
     WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .with_crls(crls.iter().map(|c| c.der().clone()))
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
         .build()
         .map_err(|source| Error::Verifier {
             context: "building client certificate verifier",
@@ -389,10 +434,29 @@ pub(crate) fn webpki_client_verifier(
 
 /// Client configuration: TLS 1.3 only, ring provider, presents our certificate and verifies
 /// the server against the CA bundle, its validity, and a DNS SAN equal to `expected.name`
-/// and an IP SAN equal to `expected.addr`.
+/// and an IP SAN equal to `expected.addr`. No revocation check: see
+/// [`client_config_with_crls`].
 pub fn client_config(id: &NodeIdentity, expected: &ExpectedPeer) -> Result<Arc<ClientConfig>> {
+    client_config_with_crls(id, expected, &[])
+}
+
+/// Like [`client_config`], and refuses a server whose certificate one of `crls` revokes
+/// ([`AuthFailure::Revoked`] with its serial).
+///
+/// Each CRL must be issued by a CA of the identity's bundle (checked again here, as a list
+/// signed by another key of the same name would fail every handshake); otherwise an
+/// [`Error::CrlIssuerUnknown`] / [`Error::CrlSignature`]. Only the peer's own certificate
+/// is looked up; a CRL past its nextUpdate is still applied (a stale list is better than
+/// none, and an expiry must not cut the cluster off); a certificate of a CA no list speaks
+/// for is accepted, as without lists.
+pub fn client_config_with_crls(
+    id: &NodeIdentity,
+    expected: &ExpectedPeer,
+    crls: &[RevocationList],
+) -> Result<Arc<ClientConfig>> {
+    check_crls(id, crls)?;
     let verifier = PeerServerVerifier {
-        inner: webpki_server_verifier(id.roots())?,
+        inner: webpki_server_verifier(id.roots(), crls)?,
         expected: expected.clone(),
     };
     let config = ClientConfig::builder_with_provider(provider())
@@ -413,10 +477,22 @@ pub fn client_config(id: &NodeIdentity, expected: &ExpectedPeer) -> Result<Arc<C
 
 /// Server configuration: TLS 1.3 only, ring provider, requires a client certificate and
 /// verifies it like [`client_config`] does (the acceptor knows `expected` from the TCP
-/// source address before the handshake).
+/// source address before the handshake). No revocation check: see
+/// [`server_config_with_crls`].
 pub fn server_config(id: &NodeIdentity, expected: &ExpectedPeer) -> Result<Arc<ServerConfig>> {
+    server_config_with_crls(id, expected, &[])
+}
+
+/// Like [`server_config`], and refuses a client whose certificate one of `crls` revokes;
+/// CRLs are checked and applied as in [`client_config_with_crls`].
+pub fn server_config_with_crls(
+    id: &NodeIdentity,
+    expected: &ExpectedPeer,
+    crls: &[RevocationList],
+) -> Result<Arc<ServerConfig>> {
+    check_crls(id, crls)?;
     let verifier = PeerClientVerifier {
-        inner: webpki_client_verifier(id.roots())?,
+        inner: webpki_client_verifier(id.roots(), crls)?,
         expected: expected.clone(),
     };
     let config = ServerConfig::builder_with_provider(provider())
@@ -432,6 +508,11 @@ pub fn server_config(id: &NodeIdentity, expected: &ExpectedPeer) -> Result<Arc<S
             source,
         })?;
     Ok(Arc::new(config))
+}
+
+fn check_crls(id: &NodeIdentity, crls: &[RevocationList]) -> Result<()> {
+    crls.iter()
+        .try_for_each(|crl| crl.check_issued_by(id.ca_certs()))
 }
 
 #[cfg(test)]
@@ -464,6 +545,10 @@ mod tests {
             f.to_string(),
             "certificate SAN lacks address 10.0.0.2 (presents: 10.0.0.9)"
         );
+        let f = AuthFailure::Revoked {
+            serial: "4a3f".into(),
+        };
+        assert_eq!(f.to_string(), "certificate revoked (serial 4a3f)");
         let f = AuthFailure::RejectedByPeer {
             alert: "unknown_ca".into(),
         };
@@ -493,6 +578,22 @@ mod tests {
             )),
             AuthFailure::RejectedByPeer {
                 alert: "unknown_ca".into()
+            }
+        );
+        assert_eq!(
+            AuthFailure::from_tls_error(&rustls::Error::AlertReceived(
+                rustls::AlertDescription::CertificateRevoked
+            )),
+            AuthFailure::RejectedByPeer {
+                alert: "certificate_revoked".into()
+            }
+        );
+        assert_eq!(
+            AuthFailure::from_tls_error(&rustls::Error::InvalidCertificate(
+                CertificateError::Revoked
+            )),
+            AuthFailure::Revoked {
+                serial: "unknown".into()
             }
         );
     }

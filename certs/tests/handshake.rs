@@ -6,8 +6,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use enc_certs::{
-    AuthFailure, CaOptions, CertificateAuthority, ExpectedPeer, IssuedPem, NodeCertRequest,
-    NodeIdentity, client_config, issue_node_cert_pem, peer_info, server_config, server_name,
+    AuthFailure, CaOptions, CertificateAuthority, Error, ExpectedPeer, IssuedPem, NodeCertRequest,
+    NodeIdentity, RevocationList, RevokedEntry, client_config, client_config_with_crls,
+    issue_node_cert_pem, peer_info, server_config, server_config_with_crls, server_name, sign_crl,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -457,4 +458,235 @@ fn identity_from_the_wrong_peer_is_rejected_even_with_a_valid_cert() {
         failure.to_string(),
         "certificate SAN does not name node \"node-3\" (presents: node-2)"
     );
+}
+
+/// A CRL of `ca` revoking `serials`, valid over `[this_update, next_update]`, as an agent
+/// would install it: from its PEM, verified against the CA certificate.
+fn crl_window(
+    ca: &CertificateAuthority,
+    serials: &[&str],
+    this_update: OffsetDateTime,
+    next_update: OffsetDateTime,
+) -> RevocationList {
+    let revoked_at = this_update.format(&Rfc3339).unwrap();
+    let entries: Vec<RevokedEntry> = serials
+        .iter()
+        .map(|s| RevokedEntry {
+            serial: (*s).to_owned(),
+            revoked_at: revoked_at.clone(),
+        })
+        .collect();
+    let signed = sign_crl(ca, 1, &entries, this_update, next_update).unwrap();
+    RevocationList::from_pem(signed.pem(), &[ca.cert_der().clone()]).unwrap()
+}
+
+fn crl(ca: &CertificateAuthority, serials: &[&str]) -> RevocationList {
+    let now = OffsetDateTime::now_utc();
+    crl_window(
+        ca,
+        serials,
+        now - Duration::minutes(1),
+        now + Duration::days(1),
+    )
+}
+
+/// A CRL whose nextUpdate has passed.
+fn expired_crl(ca: &CertificateAuthority, serials: &[&str]) -> RevocationList {
+    let now = OffsetDateTime::now_utc();
+    crl_window(
+        ca,
+        serials,
+        now - Duration::days(10),
+        now - Duration::days(1),
+    )
+}
+
+#[test]
+fn server_refuses_a_revoked_client_and_names_the_serial() {
+    let c = cluster();
+    let node2_serial = c.node2.info().serial.clone();
+    for (label, list) in [
+        ("current CRL", crl(&c.ca, &[&node2_serial])),
+        (
+            "CRL past its nextUpdate",
+            expired_crl(&c.ca, &[&node2_serial]),
+        ),
+    ] {
+        // node-2 dials node-1, whose CRL revokes node-2's certificate.
+        let scfg = server_config_with_crls(
+            &c.node1,
+            &expect("node-2", "10.0.0.2"),
+            std::slice::from_ref(&list),
+        )
+        .unwrap();
+        let ccfg = client_config(&c.node2, &expect("node-1", "10.0.0.1")).unwrap();
+        let out = handshake(
+            ccfg,
+            server_name(&expect("node-1", "10.0.0.1")).unwrap(),
+            scfg,
+        );
+        let server_err = out
+            .server_err
+            .unwrap_or_else(|| panic!("{label}: server accepted a revoked client"));
+        let failure = AuthFailure::from_tls_error(&server_err);
+        assert_eq!(
+            failure,
+            AuthFailure::Revoked {
+                serial: node2_serial.clone()
+            },
+            "{label}: {server_err}"
+        );
+        assert_eq!(
+            failure.to_string(),
+            format!("certificate revoked (serial {node2_serial})")
+        );
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, server_err);
+        assert_eq!(AuthFailure::from_io_error(&io), Some(failure));
+        // The detail stays local: the revoked peer gets rustls' alert for a custom
+        // verifier error.
+        let client_err = out
+            .client_err
+            .unwrap_or_else(|| panic!("{label}: client saw no failure"));
+        assert_eq!(
+            AuthFailure::from_tls_error(&client_err),
+            AuthFailure::RejectedByPeer {
+                alert: "certificate_unknown".into()
+            },
+            "{label}: {client_err}"
+        );
+        assert!(out.server.peer_certificates().is_none());
+    }
+}
+
+#[test]
+fn client_refuses_a_revoked_server_and_names_the_serial() {
+    let c = cluster();
+    let node2_serial = c.node2.info().serial.clone();
+    for (label, list) in [
+        ("current CRL", crl(&c.ca, &[&node2_serial])),
+        (
+            "CRL past its nextUpdate",
+            expired_crl(&c.ca, &[&node2_serial]),
+        ),
+    ] {
+        // node-1 dials node-2, and node-1's CRL revokes node-2's certificate.
+        let ccfg = client_config_with_crls(
+            &c.node1,
+            &expect("node-2", "10.0.0.2"),
+            std::slice::from_ref(&list),
+        )
+        .unwrap();
+        let scfg = server_config(&c.node2, &expect("node-1", "10.0.0.1")).unwrap();
+        let out = handshake(
+            ccfg,
+            server_name(&expect("node-2", "10.0.0.2")).unwrap(),
+            scfg,
+        );
+        let client_err = out
+            .client_err
+            .unwrap_or_else(|| panic!("{label}: client accepted a revoked server"));
+        assert_eq!(
+            AuthFailure::from_tls_error(&client_err),
+            AuthFailure::Revoked {
+                serial: node2_serial.clone()
+            },
+            "{label}: {client_err}"
+        );
+        let server_err = out
+            .server_err
+            .unwrap_or_else(|| panic!("{label}: server saw no failure"));
+        assert_eq!(
+            AuthFailure::from_tls_error(&server_err),
+            AuthFailure::RejectedByPeer {
+                alert: "certificate_unknown".into()
+            },
+            "{label}: {server_err}"
+        );
+        assert!(out.client.peer_certificates().is_none());
+    }
+}
+
+#[test]
+fn certificates_a_crl_does_not_list_still_authenticate() {
+    let c = cluster();
+    // Revokes a third certificate (and an unrelated serial), not node-1's or node-2's.
+    let node3 = identity(&c.ca, &issue(&c.ca, "node-3", "10.0.0.3"));
+    let serial3 = node3.info().serial.clone();
+    for (label, list) in [
+        ("current CRL", crl(&c.ca, &[&serial3, "7f0001"])),
+        ("CRL past its nextUpdate", expired_crl(&c.ca, &[&serial3])),
+        ("empty CRL", crl(&c.ca, &[])),
+    ] {
+        let lists = std::slice::from_ref(&list);
+        let ccfg = client_config_with_crls(&c.node1, &expect("node-2", "10.0.0.2"), lists).unwrap();
+        let scfg = server_config_with_crls(&c.node2, &expect("node-1", "10.0.0.1"), lists).unwrap();
+        let out = handshake(
+            ccfg,
+            server_name(&expect("node-2", "10.0.0.2")).unwrap(),
+            scfg,
+        );
+        assert!(out.client_err.is_none(), "{label}: {:?}", out.client_err);
+        assert!(out.server_err.is_none(), "{label}: {:?}", out.server_err);
+        assert!(!out.client.is_handshaking() && !out.server.is_handshaking());
+        let seen = peer_info(out.server.peer_certificates().unwrap()).unwrap();
+        assert_eq!(&seen, c.node1.info(), "{label}");
+    }
+    // And node-3 itself is refused under the same list.
+    let list = crl(&c.ca, &[&serial3]);
+    let scfg = server_config_with_crls(
+        &c.node1,
+        &expect("node-3", "10.0.0.3"),
+        std::slice::from_ref(&list),
+    )
+    .unwrap();
+    let ccfg = client_config(&node3, &expect("node-1", "10.0.0.1")).unwrap();
+    let out = handshake(
+        ccfg,
+        server_name(&expect("node-1", "10.0.0.1")).unwrap(),
+        scfg,
+    );
+    assert_eq!(
+        AuthFailure::from_tls_error(&out.server_err.unwrap()),
+        AuthFailure::Revoked { serial: serial3 }
+    );
+}
+
+#[test]
+fn crls_of_other_cas_can_never_be_installed() {
+    let c = cluster();
+    let cas = [c.ca.cert_der().clone()];
+    let serial = c.node2.info().serial.clone();
+    let now = OffsetDateTime::now_utc();
+    let entries = [RevokedEntry {
+        serial: serial.clone(),
+        revoked_at: now.format(&Rfc3339).unwrap(),
+    }];
+    for (label, foreign) in [("other CA", &c.other_ca), ("same-name CA", &c.foreign_ca)] {
+        let list = sign_crl(foreign, 1, &entries, now, now + Duration::days(1)).unwrap();
+        // Loading it against the cluster CA fails...
+        let err = RevocationList::from_pem(list.pem(), &cas).unwrap_err();
+        assert!(err.is_untrusted_crl(), "{label}: {err}");
+        // ...and a list verified against its own CA is refused by the configurations,
+        // which check it against the identity's CA bundle.
+        let err = server_config_with_crls(
+            &c.node1,
+            &expect("node-2", "10.0.0.2"),
+            std::slice::from_ref(&list),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::CrlIssuerUnknown { .. } | Error::CrlSignature { .. }
+            ),
+            "{label}: {err}"
+        );
+        let err = client_config_with_crls(
+            &c.node1,
+            &expect("node-2", "10.0.0.2"),
+            std::slice::from_ref(&list),
+        )
+        .unwrap_err();
+        assert!(err.is_untrusted_crl(), "{label}: {err}");
+    }
 }

@@ -76,7 +76,25 @@ pub struct Shared {
     wg_key_rolled: Mutex<Instant>,
     /// Serials of certificates already warned about (20% of their lifetime left).
     expiry_warned: Mutex<std::collections::HashSet<String>>,
+    /// The newest revocation list this node verified (persisted in `stateDir/crl.pem`), and
+    /// its number for the sessions to watch.
+    crl: Mutex<Option<enc_certs::RevocationList>>,
+    crl_watch: tokio::sync::watch::Sender<u64>,
 }
+
+/// What became of a revocation list offered to [`Shared::offer_crl`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// It was newer: verified, persisted, applied and passed on.
+    Adopted,
+    /// This node holds the same number already.
+    Same,
+    /// This node holds a newer one.
+    Older,
+}
+
+/// File name of the accepted revocation list in `stateDir`.
+pub const CRL_STATE_FILE: &str = "crl.pem";
 
 /// An operator's rotation request, sent to the session task of one peer.
 #[derive(Debug)]
@@ -390,6 +408,129 @@ impl Shared {
         let mut t = self.table();
         t.expire(Instant::now(), self.config.control.key_grace_period);
         t.desired(&self.layout)
+    }
+
+    /// The revocation lists the TLS verifiers apply (the newest accepted one).
+    pub fn crls(&self) -> Vec<enc_certs::RevocationList> {
+        self.crl
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Whether the certificate with `serial` is on the accepted revocation list.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.crl
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|l| l.is_revoked(serial))
+    }
+
+    /// The accepted revocation list as a control message, if there is one.
+    pub fn revocations_message(&self) -> Option<crate::control::proto::Revocations> {
+        self.crl
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|l| crate::control::proto::Revocations {
+                number: l.number(),
+                pem: l.pem().to_owned(),
+            })
+    }
+
+    /// Notified with the list's number whenever a newer list is adopted.
+    pub fn subscribe_crl(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.crl_watch.subscribe()
+    }
+
+    /// Verifies a revocation list offered by an operator or a peer (`source` says which)
+    /// against the cluster CA bundle and adopts it if its number is higher than the one
+    /// held: persisted to `stateDir/crl.pem` first, then applied to every session (a revoked
+    /// peer's session closes and its keys go at once), then passed on to every peer. The
+    /// error says why a list was refused.
+    pub fn offer_crl(&self, pem: &str, source: &str) -> Result<Offer, String> {
+        let list = match enc_certs::RevocationList::from_pem(pem, self.identity.ca_certs()) {
+            Ok(l) => l,
+            Err(e) => {
+                let reason = format_chain(&e);
+                self.events.record(
+                    enc_api::EventKind::RevocationRefused,
+                    crate::events::Detail {
+                        detail: format!("from {source}: {reason}"),
+                        ..Default::default()
+                    },
+                );
+                return Err(reason);
+            }
+        };
+        let mut held = self.crl.lock().unwrap_or_else(|p| p.into_inner());
+        let have = held.as_ref().map_or(0, |l| l.number());
+        if list.number() == have {
+            return Ok(Offer::Same);
+        }
+        if list.number() < have {
+            return Ok(Offer::Older);
+        }
+        let path = self.config.state_dir.join(CRL_STATE_FILE);
+        if let Err(e) = write_atomically(&path, list.pem().as_bytes()) {
+            let reason = format!("cannot persist it to {}: {e}", path.display());
+            self.events.record(
+                enc_api::EventKind::RevocationRefused,
+                crate::events::Detail {
+                    detail: format!("from {source}: {reason}"),
+                    ..Default::default()
+                },
+            );
+            return Err(reason);
+        }
+        let number = list.number();
+        let entries = list.entries().len();
+        let own = &self.identity.info().serial;
+        if list.is_revoked(own) {
+            tracing::error!(serial = %own, number, "this node's own certificate is revoked: peers will refuse it");
+        }
+        *held = Some(list);
+        drop(held);
+        info!(number, entries, %source, path = %path.display(), "revocation list adopted");
+        self.events.record(
+            enc_api::EventKind::Revocation,
+            crate::events::Detail {
+                detail: format!(
+                    "revocation list number {number} with {entries} revoked certificate(s) from {source}, persisted to {}",
+                    path.display()
+                ),
+                ..Default::default()
+            },
+        );
+        // Peers whose current certificate is now revoked lose their keys at once; their
+        // sessions see the change and close.
+        let revoked: Vec<(String, String)> = self
+            .table()
+            .iter()
+            .filter_map(|e| {
+                e.cert
+                    .as_ref()
+                    .filter(|c| self.is_revoked(&c.serial))
+                    .filter(|_| !matches!(e.auth, Auth::Failed(_)))
+                    .map(|c| (e.config.name.clone(), c.serial.clone()))
+            })
+            .collect();
+        for (peer, serial) in &revoked {
+            let reason = enc_certs::AuthFailure::Revoked {
+                serial: serial.clone(),
+            }
+            .to_string();
+            warn!(%peer, %serial, "peer certificate revoked; removing its keys");
+            self.table().auth_failed(peer, Instant::now(), reason);
+        }
+        if !revoked.is_empty() {
+            let _ = self.apply_now();
+        }
+        self.crl_watch.send_replace(number);
+        Ok(Offer::Adopted)
     }
 
     /// Warns (log and event), once per certificate, when this node's certificate or one a
@@ -808,6 +949,24 @@ pub async fn run(
     check_identity(&config, &identity)?;
     let events =
         crate::events::EventLog::open(&config.state_dir.join("events.jsonl"), &config.node.name)?;
+    // The revocation list accepted before a restart still holds.
+    let crl_path = config.state_dir.join(CRL_STATE_FILE);
+    let crl = if crl_path.exists() {
+        let list = enc_certs::RevocationList::load(&crl_path, identity.ca_certs()).map_err(|e| {
+            Error::Io {
+                context: format!(
+                    "revocation list {} does not verify against tls.ca ({}); remove it only if the CA that signed it is no longer trusted",
+                    crl_path.display(),
+                    format_chain(&e)
+                ),
+                source: std::io::ErrorKind::InvalidData.into(),
+            }
+        })?;
+        info!(number = list.number(), entries = list.entries().len(), path = %crl_path.display(), "revocation list loaded");
+        Some(list)
+    } else {
+        None
+    };
     // Bound before anything touches the kernel: a taken address fails start-up cleanly.
     let metrics = match config.metrics.listen {
         Some(addr) => Some((addr, crate::metrics::bind(addr).await?)),
@@ -955,6 +1114,8 @@ pub async fn run(
         rotators: Mutex::new(HashMap::new()),
         wg_key_rolled: Mutex::new(Instant::now()),
         expiry_warned: Mutex::new(std::collections::HashSet::new()),
+        crl: Mutex::new(crl),
+        crl_watch: tokio::sync::watch::channel(0).0,
     });
 
     {
@@ -1138,6 +1299,20 @@ async fn reconciler(shared: Arc<Shared>) {
         shared.report_leaks();
         shared.check_expiry();
     }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so that a crash never
+/// leaves a half-written file; creates the directory if needed.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Formats an error and its sources on one line.

@@ -78,6 +78,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(enc_api::PEERS_PATH, get(peers))
         .route(enc_api::ROTATE_PATH, post(rotate))
         .route(enc_api::EVENTS_PATH, get(events))
+        .route(enc_api::CRL_PATH, post(crl))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
@@ -652,6 +653,55 @@ fn rotate_request(body: &[u8]) -> Result<RotateRequest, String> {
     serde_json::from_slice(body).map_err(|e| {
         format!("invalid rotate request (expected {{\"peer\": \"NAME\"}} or {{}}): {e}")
     })
+}
+
+/// `POST /v1/crl`: an operator offers a revocation list.
+async fn crl(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let req: enc_api::CrlPush = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "invalid revocation-list push (expected {{\"pem\": \"-----BEGIN X509 CRL-----...\"}}): {e}"
+                ),
+            );
+        }
+    };
+    let number = enc_certs::RevocationList::from_pem(&req.pem, shared.identity.ca_certs())
+        .map(|l| l.number())
+        .unwrap_or(0);
+    match shared.offer_crl(&req.pem, "an operator (encctl crl push)") {
+        Ok(offer) => {
+            let held = shared.revocations_message().map_or(0, |r| r.number);
+            let revoked_peers = shared
+                .table()
+                .iter()
+                .filter(|e| {
+                    e.cert
+                        .as_ref()
+                        .is_some_and(|c| shared.is_revoked(&c.serial))
+                })
+                .map(|e| e.config.name.clone())
+                .collect();
+            Json(enc_api::CrlPushed {
+                outcome: match offer {
+                    crate::app::Offer::Adopted => "adopted",
+                    crate::app::Offer::Same => "same",
+                    crate::app::Offer::Older => "older",
+                }
+                .into(),
+                number,
+                held,
+                revoked_peers,
+            })
+            .into_response()
+        }
+        Err(reason) => api_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("revocation list refused: {reason}"),
+        ),
+    }
 }
 
 /// `POST /v1/rotate`: starts a rotation with one peer or every authenticated one.

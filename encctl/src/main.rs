@@ -5,10 +5,11 @@
 
 mod client;
 mod output;
+mod revoke;
 mod rotate;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -39,6 +40,10 @@ enum Output {
     Text,
     /// JSON, as the API returns it.
     Json,
+    /// Text with more columns (`encctl peers`: certificate serial, issuer, expiry, time
+    /// since the last successful authentication, failures and the last failure's reason);
+    /// other commands print their usual text.
+    Wide,
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,6 +61,84 @@ enum Command {
     /// Node certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Revoke node certificates: add them to the CA-signed revocation list DIR/crl.pem.
+    Revoke(RevokeArgs),
+    /// Certificate revocation lists.
+    #[command(subcommand)]
+    Crl(CrlCommand),
+    /// The agent's audit log: authentications, key installs, rotations, revocations.
+    Events(EventsArgs),
+}
+
+/// Arguments of `encctl events`.
+#[derive(Debug, Args)]
+struct EventsArgs {
+    /// Keep reading: print new events as they are logged, until interrupted.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// Only events after this sequence number.
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    after: u64,
+    /// Only events about this peer.
+    #[arg(long, value_name = "NAME", value_parser = parse_peer)]
+    peer: Option<String>,
+    #[command(flatten)]
+    agent: AgentOpts,
+}
+
+/// Arguments of `encctl revoke`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("what").required(true).multiple(true).args(["serials", "nodes"])))]
+struct RevokeArgs {
+    /// Directory holding ca.crt, ca.key and the issuance ledger issued.jsonl.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Serial to revoke, hex with or without colons (repeat for several).
+    #[arg(long = "serial", value_name = "S", value_parser = parse_serial)]
+    serials: Vec<String>,
+    /// Revoke every certificate the issuance ledger lists for this node (repeat for several).
+    #[arg(long = "node", value_name = "NAME")]
+    nodes: Vec<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+fn parse_serial(s: &str) -> Result<String, String> {
+    enc_certs::parse_serial(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Subcommand)]
+enum CrlCommand {
+    /// Show a revocation list: issuer, number, this/next update, revoked serials.
+    Inspect {
+        /// CRL file (PEM or DER).
+        file: PathBuf,
+        /// Verify the list's signature against this CA certificate file (PEM).
+        #[arg(long, value_name = "CA_CERT_FILE")]
+        ca: Option<PathBuf>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Give a revocation list to an agent: it verifies the CA signature, keeps the list if it
+    /// is newer than its own (persisted across restarts), tears down the keys of every peer
+    /// it revokes, and passes it to every peer over the control channel.
+    Push {
+        /// CRL file (PEM), as `encctl revoke` writes it.
+        file: PathBuf,
+        #[command(flatten)]
+        agent: AgentOpts,
+    },
+}
+
+/// `encctl crl inspect -o json`: the list's summary and whether its signature was checked.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CrlInspect<'a> {
+    #[serde(flatten)]
+    crl: &'a enc_certs::CrlInfo,
+    signature_verified: bool,
 }
 
 /// Arguments of `encctl rotate`.
@@ -159,7 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let status: enc_api::Status = client::get(&opts.socket, enc_api::STATUS_PATH)?;
             match opts.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
-                Output::Text => print!("{}", output::status(&status)),
+                Output::Text | Output::Wide => print!("{}", output::status(&status)),
             }
         }
         Command::Peers(opts) => {
@@ -167,9 +250,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match opts.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&peers)?),
                 Output::Text => print!("{}", output::peers(&peers.peers)),
+                Output::Wide => print!("{}", output::peers_wide(&peers.peers)),
             }
         }
         Command::Rotate(args) => rotate(args)?,
+        Command::Events(args) => events(&args)?,
+        Command::Crl(CrlCommand::Push { file, agent }) => crl_push(&file, &agent)?,
         Command::Ca(CaCommand::Init {
             out,
             name,
@@ -226,8 +312,103 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("inspect {}", file.display()))?;
             emit(output, &info, || output::cert(&info))?;
         }
+        Command::Revoke(RevokeArgs {
+            ca,
+            serials,
+            nodes,
+            output,
+        }) => {
+            let out = enc_certs::revoke(&ca, &enc_certs::RevokeRequest { serials, nodes })
+                .with_context(|| format!("revoke certificates of the CA in {}", ca.display()))?;
+            emit(output, &out, || {
+                // Only annotates serials with node names; the revocation is done.
+                let ledger = enc_certs::read_ledger(&ca).unwrap_or_default();
+                revoke::outcome_text(&out, &ledger)
+            })?;
+        }
+        Command::Crl(CrlCommand::Inspect { file, ca, output }) => {
+            let context = || format!("inspect {}", file.display());
+            let info = match &ca {
+                Some(ca_file) => {
+                    let cas = enc_certs::read_pem_certs(ca_file).with_context(context)?;
+                    enc_certs::RevocationList::load(&file, &cas)
+                        .with_context(context)?
+                        .info()
+                        .clone()
+                }
+                None => enc_certs::inspect_crl_file(&file).with_context(context)?,
+            };
+            let json = CrlInspect {
+                crl: &info,
+                signature_verified: ca.is_some(),
+            };
+            emit(output, &json, || {
+                revoke::crl_text(&info, ca.as_deref(), time::OffsetDateTime::now_utc())
+            })?;
+        }
     }
     Ok(())
+}
+
+fn crl_push(file: &std::path::Path, agent: &AgentOpts) -> anyhow::Result<()> {
+    let pem = std::fs::read_to_string(file)
+        .with_context(|| format!("read revocation list {}", file.display()))?;
+    let client = client::Client::new(&agent.socket)?;
+    let resp: enc_api::CrlPushed = client
+        .post(enc_api::CRL_PATH, &enc_api::CrlPush { pem })
+        .with_context(|| format!("push {} to the agent", file.display()))?;
+    emit(agent.output, &resp, || {
+        let what = match resp.outcome.as_str() {
+            "adopted" => format!(
+                "adopted revocation list {}: persisted, applied and passed on to every peer",
+                resp.number
+            ),
+            "same" => format!("the agent already holds revocation list {}", resp.number),
+            _ => format!(
+                "the agent holds a newer revocation list ({}) than {}; nothing changed",
+                resp.held, resp.number
+            ),
+        };
+        let peers = if resp.revoked_peers.is_empty() {
+            "no expected peer's current certificate is revoked".to_owned()
+        } else {
+            format!("revoked peers: {}", resp.revoked_peers.join(", "))
+        };
+        format!("{what}\n{peers}\n")
+    })
+}
+
+fn events(args: &EventsArgs) -> anyhow::Result<()> {
+    let client = client::Client::new(&args.agent.socket)?;
+    let mut after = args.after;
+    loop {
+        let batch: Vec<enc_api::Event> = client.get(&format!(
+            "{}?after={after}&limit=1000",
+            enc_api::EVENTS_PATH
+        ))?;
+        let full = batch.len() == 1000;
+        for e in &batch {
+            after = after.max(e.seq);
+            if args
+                .peer
+                .as_ref()
+                .is_some_and(|p| e.peer.as_ref() != Some(p))
+            {
+                continue;
+            }
+            match args.agent.output {
+                Output::Json => println!("{}", serde_json::to_string(e)?),
+                Output::Text | Output::Wide => println!("{}", output::event(e)),
+            }
+        }
+        if full {
+            continue;
+        }
+        if !args.follow {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn rotate(args: RotateArgs) -> anyhow::Result<()> {
@@ -256,7 +437,7 @@ fn emit<T: serde::Serialize>(
 ) -> anyhow::Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Output::Text => print!("{}", text()),
+        Output::Text | Output::Wide => print!("{}", text()),
     }
     Ok(())
 }

@@ -58,6 +58,74 @@ pub fn age(secs: u64) -> String {
     }
 }
 
+/// `encctl peers -o wide`: identity and authentication history per peer.
+pub fn peers_wide(peers: &[PeerInfo]) -> String {
+    let rows: Vec<Vec<String>> = peers
+        .iter()
+        .map(|p| {
+            let state = match &p.auth {
+                AuthState::Pending { .. } => "pending",
+                AuthState::Authenticated => "authenticated",
+                AuthState::Failed { .. } => "failed",
+            };
+            let cert = p.certificate.as_ref();
+            vec![
+                p.name.clone(),
+                p.address.to_string(),
+                format!("{state} ({})", age(p.state_age_seconds)),
+                cert.map(|c| c.serial.clone()).unwrap_or_else(|| "-".into()),
+                cert.map(|c| c.issuer.clone()).unwrap_or_else(|| "-".into()),
+                cert.map(|c| c.not_after.clone())
+                    .unwrap_or_else(|| "-".into()),
+                p.last_success_seconds
+                    .map(|s| format!("{} ago", age(s)))
+                    .unwrap_or_else(|| "never".into()),
+                p.failures.to_string(),
+                p.last_failure
+                    .as_ref()
+                    .map(|f| format!("{} ago: {}", age(f.age_seconds), f.reason))
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "ADDRESS",
+            "AUTH",
+            "SERIAL",
+            "ISSUER",
+            "EXPIRES",
+            "LAST AUTH",
+            "FAILURES",
+            "LAST FAILURE",
+        ],
+        &rows,
+    )
+}
+
+/// One line of `encctl events`.
+pub fn event(e: &enc_api::Event) -> String {
+    let kind = serde_json::to_value(e.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{:?}", e.kind));
+    let mut s = format!("{} #{} {} {}", e.time, e.seq, e.node, kind);
+    if let Some(p) = &e.peer {
+        let _ = write!(s, " peer={p}");
+    }
+    if let Some(ep) = e.epoch {
+        let _ = write!(s, " epoch={ep}");
+    }
+    if let Some(serial) = &e.serial {
+        let _ = write!(s, " serial={serial}");
+    }
+    if !e.detail.is_empty() {
+        let _ = write!(s, ": {}", e.detail);
+    }
+    s
+}
+
 /// `encctl status` text.
 pub fn status(s: &Status) -> String {
     let e = &s.encryption;
@@ -137,7 +205,32 @@ pub fn status(s: &Status) -> String {
         drop_detail(&s.datapath.totals),
         s.datapath.totals.leak_packets,
         network(&s.network),
-    )
+    ) + &expiry(&s.expiry)
+}
+
+/// The `expiry:` line of `encctl status`: the certificate that expires first.
+pub fn expiry(x: &enc_api::ExpiryInfo) -> String {
+    if x.soonest_not_after.is_empty() {
+        return String::new();
+    }
+    let left = if x.soonest_seconds_left < 0 {
+        "expired".to_owned()
+    } else {
+        format!("in {}", age(x.soonest_seconds_left as u64))
+    };
+    let mut line = format!(
+        "expiry:      soonest {} at {} ({left})",
+        x.soonest_node, x.soonest_not_after
+    );
+    if !x.expiring.is_empty() {
+        let _ = write!(
+            line,
+            "; 20% or less of the lifetime left: {}",
+            x.expiring.join(", ")
+        );
+    }
+    line.push('\n');
+    line
 }
 
 /// The `tunnel:` and `mtu:` lines of `encctl status`.

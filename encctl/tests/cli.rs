@@ -458,3 +458,149 @@ fn rotate_wait_succeeds_when_every_peer_retired() {
             "done": true, "lastStep": "retired", "stuck": null}]})
     );
 }
+
+fn issue(ca: &Path, node: &str, addr: &str, out: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(&[
+        "cert",
+        "issue",
+        "--ca",
+        p(ca),
+        "--node",
+        node,
+        "--ip",
+        addr,
+        "--out",
+        p(out),
+        "-o",
+        "json",
+    ]))
+    .expect("cert issue -o json prints JSON")
+}
+
+#[test]
+fn revoke_a_node_and_inspect_the_list() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = d.path().join("ca");
+    ok(&["ca", "init", "--out", p(&ca)]);
+    let first = issue(&ca, "node-1", "10.0.0.1", &d.path().join("a"));
+    let second = issue(&ca, "node-1", "10.0.0.1", &d.path().join("b"));
+    let other = issue(&ca, "node-2", "10.0.0.2", &d.path().join("a"));
+    let s1 = first["serial"].as_str().unwrap();
+    let s2 = second["serial"].as_str().unwrap();
+    let s3 = other["serial"].as_str().unwrap();
+    assert_ne!(s1, s2);
+
+    let text = ok(&["revoke", "--ca", p(&ca), "--node", "node-1"]);
+    let crl = ca.join("crl.pem");
+    for want in [
+        "revoked 2 certificate(s)",
+        s1,
+        s2,
+        "number 1",
+        &format!("distribute it with: encctl crl push {}", p(&crl)),
+    ] {
+        assert!(text.contains(want), "revoke output lacks {want:?}:\n{text}");
+    }
+    assert!(!text.contains(s3), "{text}");
+
+    let text = ok(&["crl", "inspect", p(&crl), "--ca", p(&ca.join("ca.crt"))]);
+    for want in [
+        "CN=enc cluster CA",
+        "number:       1",
+        "verified against",
+        s1,
+        s2,
+    ] {
+        assert!(text.contains(want), "inspect lacks {want:?}:\n{text}");
+    }
+    assert!(!text.contains(s3), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "crl",
+        "inspect",
+        p(&crl),
+        "--ca",
+        p(&ca.join("ca.crt")),
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(json["number"], 1);
+    assert_eq!(json["signatureVerified"], true);
+    let listed: Vec<&str> = json["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["serial"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [s1, s2]);
+    let text = ok(&["crl", "inspect", p(&crl)]);
+    assert!(text.contains("not checked"), "{text}");
+
+    // Again, plus node-2's serial with colons in upper case: one new, two already there.
+    let colons = s3
+        .as_bytes()
+        .chunks(2)
+        .map(|c| std::str::from_utf8(c).unwrap().to_ascii_uppercase())
+        .collect::<Vec<_>>()
+        .join(":");
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "revoke",
+        "--ca",
+        p(&ca),
+        "--node",
+        "node-1",
+        "--serial",
+        &colons,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(json["written"], true);
+    assert_eq!(json["added"], serde_json::json!([s3]));
+    assert_eq!(json["alreadyRevoked"], serde_json::json!([s1, s2]));
+    assert_eq!(json["crl"]["number"], 2);
+    let text = ok(&["revoke", "--ca", p(&ca), "--serial", s3]);
+    assert!(
+        text.contains("nothing new") && text.contains("unchanged"),
+        "{text}"
+    );
+
+    // Checked against another CA, the list is refused.
+    let other_ca = d.path().join("other");
+    ok(&["ca", "init", "--out", p(&other_ca)]);
+    let e = err(&[
+        "crl",
+        "inspect",
+        p(&crl),
+        "--ca",
+        p(&other_ca.join("ca.crt")),
+    ]);
+    assert!(e.contains("crl.pem") && e.contains("signature"), "{e}");
+}
+
+#[test]
+fn revoke_errors_name_the_bad_value() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = d.path().join("ca");
+    ok(&["ca", "init", "--out", p(&ca)]);
+    issue(&ca, "node-1", "10.0.0.1", &d.path().join("a"));
+
+    let e = err(&["revoke", "--ca", p(&ca), "--node", "unknown"]);
+    assert!(
+        e.contains("\"unknown\"") && e.contains("issued.jsonl"),
+        "{e}"
+    );
+    let e = err(&["revoke", "--ca", p(&ca), "--serial", "zz"]);
+    assert!(e.contains("zz") && e.contains("--serial"), "{e}");
+    let e = err(&["revoke", "--ca", p(&ca)]);
+    assert!(e.contains("--serial") && e.contains("--node"), "{e}");
+    let missing = d.path().join("missing");
+    let e = err(&["revoke", "--ca", p(&missing), "--serial", "4a"]);
+    assert!(e.contains(&format!("{}/ca.crt", p(&missing))), "{e}");
+    assert!(!ca.join("crl.pem").exists(), "a failed revoke wrote a list");
+
+    let e = err(&["crl", "inspect", p(&ca.join("ca.crt"))]);
+    assert!(e.contains("ca.crt") && e.contains("CRL"), "{e}");
+    let e = err(&["crl", "inspect", p(&d.path().join("none.pem"))]);
+    assert!(e.contains("none.pem"), "{e}");
+}

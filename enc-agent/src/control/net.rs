@@ -8,7 +8,7 @@
 
 use super::proto::{self, Message, Rotate, RotationMsg};
 use super::session::{Action, Session, SessionError};
-use crate::app::{RotateCmd, Shared, format_chain};
+use crate::app::{Offer, RotateCmd, Shared, format_chain};
 use crate::config::PeerConfig;
 use crate::events::Detail;
 use crate::peers::{Role, RotationView, SessionKeys};
@@ -60,7 +60,11 @@ async fn handle_inbound(shared: Arc<Shared>, stream: TcpStream, src: SocketAddr)
         debug!(peer = %peer.name, %src, "peer dialled although this node dials it; closed");
         return;
     }
-    let config = match enc_certs::server_config(&shared.identity, &expected(&peer)) {
+    let config = match enc_certs::server_config_with_crls(
+        &shared.identity,
+        &expected(&peer),
+        &shared.crls(),
+    ) {
         Ok(c) => c,
         Err(e) => {
             warn!(peer = %peer.name, error = %format_chain(&e), "cannot build TLS server config");
@@ -133,7 +137,7 @@ async fn dial_once(shared: &Arc<Shared>, peer: &PeerConfig) -> bool {
     let _ = stream.set_nodelay(true);
     let exp = expected(peer);
     let (config, name) = match (
-        enc_certs::client_config(&shared.identity, &exp),
+        enc_certs::client_config_with_crls(&shared.identity, &exp, &shared.crls()),
         enc_certs::server_name(&exp),
     ) {
         (Ok(c), Ok(n)) => (c, n),
@@ -241,6 +245,8 @@ enum End {
     Write(std::io::Error),
     Keys(String),
     Rotation(String),
+    /// The peer's certificate is on a revocation list this node accepted.
+    Revoked(String),
 }
 
 /// Key-rotation bookkeeping of one session: the state machine and the trigger baselines.
@@ -284,6 +290,8 @@ where
     let mut pending = first;
     let mut effects: Vec<Effect> = Vec::new();
     let mut keys: Option<KeyState> = None;
+    let mut crl_rx = shared.subscribe_crl();
+    let serial = cert.as_ref().map(|c| c.serial.clone());
 
     let end = 'outer: loop {
         for action in pending.drain(..) {
@@ -333,6 +341,12 @@ where
                         },
                     );
                     shared.register_rotator(&peer.name, session_id, cmd_tx.clone());
+                    // Our newest revocation list, so that lists spread to every node.
+                    if let Some(r) = shared.revocations_message()
+                        && let Err(e) = wr.write_all(&proto::encode(&Message::Revocations(r))).await
+                    {
+                        break 'outer End::Write(e);
+                    }
                     shared.request_reconcile();
                     let side = match Role::of(&local, &peer.name) {
                         Role::Dial => Side::Leader,
@@ -384,6 +398,25 @@ where
                         Err(e) => break 'outer End::Rotation(e.to_string()),
                     }
                 }
+                Action::Revocations(r) => {
+                    let number = r.number;
+                    match shared.offer_crl(&r.pem, &format!("peer {}", peer.name)) {
+                        Ok(Offer::Adopted | Offer::Same) => {}
+                        // The peer is behind: send it ours.
+                        Ok(Offer::Older) => {
+                            if let Some(ours) = shared.revocations_message()
+                                && let Err(e) = wr
+                                    .write_all(&proto::encode(&Message::Revocations(ours)))
+                                    .await
+                            {
+                                break 'outer End::Write(e);
+                            }
+                        }
+                        Err(reason) => {
+                            warn!(peer = %peer.name, number, %reason, "revocation list from a peer refused");
+                        }
+                    }
+                }
             }
         }
         if let Some(k) = keys.as_mut() {
@@ -408,6 +441,22 @@ where
                 Some(Ok(m)) => session.on_message(m, Instant::now()),
                 Some(Err(e)) => break 'outer End::Read(e),
                 None => break 'outer End::Read(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+            },
+            changed = crl_rx.changed() => {
+                if changed.is_ok() {
+                    if let Some(r) = shared.revocations_message()
+                        && session.is_established()
+                        && let Err(e) = wr.write_all(&proto::encode(&Message::Revocations(r))).await
+                    {
+                        break 'outer End::Write(e);
+                    }
+                    if let Some(s) = &serial
+                        && shared.is_revoked(s)
+                    {
+                        break 'outer End::Revoked(s.clone());
+                    }
+                }
+                Ok(vec![])
             },
             _ = tick.tick() => {
                 let now = Instant::now();
@@ -462,6 +511,22 @@ where
     let established = session.is_established();
     let now = Instant::now();
     let reason = match &end {
+        End::Revoked(serial) => {
+            let reason = enc_certs::AuthFailure::Revoked {
+                serial: serial.clone(),
+            }
+            .to_string();
+            shared.events.record(
+                EventKind::PeerRevoked,
+                Detail::peer(
+                    &peer.name,
+                    format!("{reason}; session closed, keys removed"),
+                )
+                .serial(serial.clone()),
+            );
+            auth_failed(shared, peer, reason);
+            return established;
+        }
         End::Session(e) if e.is_auth_failure() => {
             auth_failed(shared, peer, e.to_string());
             return established;

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 /// Version of the control protocol spoken by this build.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest accepted frame body, in bytes.
-pub const MAX_FRAME: usize = 16 * 1024;
+/// 256 KiB: room for a revocation list of a few thousand entries (about 60 bytes each in PEM).
+pub const MAX_FRAME: usize = 256 * 1024;
 
 /// A malformed control message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -45,6 +46,20 @@ pub enum Message {
     Goodbye(Goodbye),
     /// A step of the two-phase key rotation.
     Rotate(Rotate),
+    /// The newest certificate revocation list the sender holds, signed by the cluster CA.
+    /// The receiver checks the signature itself: the channel carries it, it does not vouch
+    /// for it.
+    Revocations(Revocations),
+}
+
+/// A certificate revocation list (X.509 CRL, PEM) and its CRL number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Revocations {
+    /// CRL number (the receiver keeps the highest it has verified).
+    pub number: u64,
+    /// The CRL, PEM.
+    pub pem: String,
 }
 
 /// A rotation step, with the WireGuard static public key the sender binds to its epoch.

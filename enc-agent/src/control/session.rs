@@ -47,6 +47,8 @@ pub enum Action {
     Established(PeerHello),
     /// A key-rotation step from the peer, for the rotation state machine.
     Rotation(Rotate),
+    /// A revocation list from the peer, to verify and adopt if newer.
+    Revocations(super::proto::Revocations),
 }
 
 /// Why a session ended.
@@ -204,6 +206,7 @@ impl Session {
             Message::Pong(_) => Ok(vec![]),
             Message::Goodbye(Goodbye { reason }) => Err(SessionError::Closed(reason)),
             Message::Rotate(r) => Ok(vec![Action::Rotation(r)]),
+            Message::Revocations(r) => Ok(vec![Action::Revocations(r)]),
         }
     }
 
