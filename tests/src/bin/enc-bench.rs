@@ -21,6 +21,15 @@
 //! Prints a markdown report (or JSON with `--json`). Needs root. Everything it creates (a bpffs
 //! mount on a temporary directory, pin directories, two namespaces, nft files) is removed on
 //! exit, also on error and on Ctrl-C.
+//!
+//! `enc-bench overlay` measures iperf3 TCP throughput (1 stream and `-P 4`) pod to pod across
+//! two nodes, one setup after the other in one run: a plain veth pair, a plain kernel VXLAN
+//! device over a veth/bridge underlay, and real `enc-agent` labs (2 nodes, 1 pod each) for
+//! every tunnel (direct routing, VXLAN, Geneve where the kernel has it) and encryption
+//! (none, WireGuard, IPsec). Beside the throughput it reports the CPU time the whole machine
+//! spent per GB received (`/proc/stat` deltas over each iperf3 run) and the part of it spent
+//! by the agents (their `/proc/<pid>/stat`). Each setup's namespaces are deleted before the
+//! next one is built, also on error and on Ctrl-C.
 
 use anyhow::{Context, bail, ensure};
 use clap::{Args, Parser, Subcommand};
@@ -53,6 +62,9 @@ enum Cmd {
     /// Per-packet cost of the pod-ingress marking program against the number of peers, with
     /// BPF_PROG_TEST_RUN and with a packet generator in namespaces beside an nftables baseline.
     Marking(MarkingArgs),
+    /// iperf3 TCP throughput pod to pod across two nodes: plain veth, plain kernel VXLAN and
+    /// every enc tunnel x encryption combination, side by side in one run.
+    Overlay(overlay::OverlayArgs),
 }
 
 #[derive(Debug, Args)]
@@ -126,22 +138,37 @@ fn check_stop() -> anyhow::Result<()> {
 }
 
 fn main() {
-    let Cli {
-        command: Cmd::Marking(args),
-    } = Cli::parse();
-    if let Err(e) = run(&args) {
+    let result = match Cli::parse().command {
+        Cmd::Marking(args) => run(&args),
+        Cmd::Overlay(args) => overlay::run(&args),
+    };
+    if let Err(e) = result {
         eprintln!("enc-bench: error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(args: &MarkingArgs) -> anyhow::Result<()> {
+/// Fails unless the process runs as root.
+fn require_root() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     ensure!(
         euid == 0,
         "enc-bench needs root (BPF programs, bpffs, network namespaces); running as euid {euid}"
     );
+    Ok(())
+}
+
+/// The kernel release (`uname -r`).
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// `enc-bench marking`: checks the arguments, runs, prints the report.
+fn run(args: &MarkingArgs) -> anyhow::Result<()> {
+    require_root()?;
     ensure!(!args.peers.is_empty(), "--peers is empty");
     for &n in &args.peers {
         ensure!(
@@ -852,9 +879,7 @@ fn run_marking(args: &MarkingArgs) -> anyhow::Result<Report> {
     drop(lab);
     drop(bpffs);
     Ok(Report {
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| "unknown".into()),
+        kernel: kernel_release(),
         cpus: std::thread::available_parallelism().map_or(0, usize::from),
         total: started.elapsed(),
         results,
@@ -1127,6 +1152,932 @@ impl Report {
             "results": results,
             "summary": summary,
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Overlay throughput
+
+/// `enc-bench overlay`: iperf3 TCP throughput pod to pod across two nodes, for plain veth,
+/// plain kernel VXLAN and every enc tunnel x encryption combination, one setup at a time.
+mod overlay {
+    use super::{STOP, check_stop, install_signal_handlers, kernel_release, median, require_root};
+    use anyhow::{Context, bail, ensure};
+    use clap::Args;
+    use enc_tests::lab::{Lab, LabOptions};
+    use enc_tests::netns::Netns;
+    use enc_tests::scenarios::expected_pod_mtu;
+    use enc_tests::sys;
+    use serde_json::{Value, json};
+    use std::fmt::Write as _;
+    use std::io::Read;
+    use std::net::Ipv4Addr;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::Ordering;
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    /// Arguments of `enc-bench overlay`.
+    #[derive(Debug, Args)]
+    pub struct OverlayArgs {
+        /// Length of one iperf3 run (`-t`), in seconds.
+        #[arg(long, default_value_t = 5)]
+        pub time: u32,
+        /// Parallel streams of the multi-stream run (`-P`).
+        #[arg(long, default_value_t = 4)]
+        pub streams: u32,
+        /// iperf3 runs per setup and stream count; the median is reported.
+        #[arg(long, default_value_t = 1)]
+        pub rounds: usize,
+        /// Only the setups whose name contains one of these (comma-separated), e.g.
+        /// `veth,kernel-vxlan,enc-vxlan-wireguard`. The % columns need the baselines.
+        #[arg(long, value_delimiter = ',')]
+        pub only: Vec<String>,
+        /// How long to wait for the two agents to authenticate each other, in seconds.
+        #[arg(long, default_value_t = 60)]
+        pub auth_timeout: u64,
+        /// Print JSON instead of the markdown report.
+        #[arg(long)]
+        pub json: bool,
+    }
+
+    /// TCP port of the iperf3 server.
+    const IPERF_PORT: &str = "5201";
+    /// The tunnels the agent supports, in table order.
+    const TUNNELS: [&str; 3] = ["disabled", "vxlan", "geneve"];
+    /// The encryption types the agent supports, in table order.
+    const ENCRYPTIONS: [&str; 3] = ["none", "wireguard", "ipsec"];
+    /// What the table says about Geneve on a kernel without it.
+    const NO_GENEVE: &str =
+        "not available on this kernel (no geneve module); measured only in the VM tier";
+
+    /// One thing to measure.
+    #[derive(Clone, Copy, Debug)]
+    enum Setup {
+        /// Two namespaces joined by a veth pair.
+        Veth,
+        /// Two namespaces on a veth/bridge underlay, each with a plain kernel VXLAN device.
+        KernelVxlan,
+        /// A lab of two real agents with one pod each.
+        Enc {
+            tunnel: &'static str,
+            encryption: &'static str,
+        },
+    }
+
+    impl Setup {
+        fn name(self) -> String {
+            match self {
+                Self::Veth => "veth".into(),
+                Self::KernelVxlan => "kernel-vxlan".into(),
+                Self::Enc { tunnel, encryption } => format!("enc-{tunnel}-{encryption}"),
+            }
+        }
+
+        /// The packet layers on the underlay, outermost first (as `encctl status` prints them).
+        fn stack(self) -> String {
+            match self {
+                Self::Veth => "ip (one veth pair)".into(),
+                Self::KernelVxlan => "vxlan(ip)".into(),
+                Self::Enc { tunnel, encryption } => {
+                    let inner = match tunnel {
+                        "disabled" => "pod".to_owned(),
+                        t => format!("{t}(pod)"),
+                    };
+                    match encryption {
+                        "none" => inner,
+                        e => format!("{e}({inner})"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One iperf3 client run.
+    #[derive(Clone, Debug)]
+    struct Run {
+        /// `end.sum_received.bits_per_second`.
+        bits_per_second: f64,
+        /// `end.sum_received.bytes`.
+        bytes: u64,
+        /// `end.sum_sent.retransmits`.
+        retransmits: Option<u64>,
+        /// Wall time of the client process.
+        wall: Duration,
+        /// Busy CPU time of the whole machine during the run (`/proc/stat`).
+        cpu_s: f64,
+        /// CPU time of the agents' processes during the run (enc setups only).
+        agent_cpu_s: Option<f64>,
+    }
+
+    impl Run {
+        fn gbps(&self) -> f64 {
+            self.bits_per_second / 1e9
+        }
+        fn gb(&self) -> f64 {
+            self.bytes as f64 / 1e9
+        }
+        fn cpu_per_gb(&self) -> f64 {
+            self.cpu_s / self.gb()
+        }
+        fn agent_cpu_per_gb(&self) -> Option<f64> {
+            self.agent_cpu_s.map(|c| c / self.gb())
+        }
+        fn to_json(&self) -> Value {
+            json!({
+                "bits_per_second": self.bits_per_second,
+                "bytes": self.bytes,
+                "retransmits": self.retransmits,
+                "wall_s": self.wall.as_secs_f64(),
+                "cpu_s": self.cpu_s,
+                "cpu_s_per_gb": self.cpu_per_gb(),
+                "agent_cpu_s": self.agent_cpu_s,
+                "agent_cpu_s_per_gb": self.agent_cpu_per_gb(),
+            })
+        }
+    }
+
+    /// Medians over the runs of one stream count.
+    #[derive(Clone, Copy, Debug)]
+    struct Summary {
+        gbps: f64,
+        cpu_per_gb: f64,
+        agent_cpu_per_gb: Option<f64>,
+    }
+
+    fn summarize(runs: &[Run]) -> Summary {
+        let of = |f: fn(&Run) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+        let agent: Vec<f64> = runs.iter().filter_map(Run::agent_cpu_per_gb).collect();
+        Summary {
+            gbps: of(Run::gbps),
+            cpu_per_gb: of(Run::cpu_per_gb),
+            agent_cpu_per_gb: (!agent.is_empty()).then(|| median(&agent)),
+        }
+    }
+
+    /// What became of one setup.
+    #[derive(Debug)]
+    enum Outcome {
+        Measured { single: Vec<Run>, multi: Vec<Run> },
+        Unavailable(String),
+        Failed(String),
+    }
+
+    /// One row of the report.
+    #[derive(Debug)]
+    struct Row {
+        name: String,
+        stack: String,
+        pod_mtu: Option<u32>,
+        /// The encryption implementation the agent reports (`boringtun`, `userspace-esp`, ...).
+        backend: Option<String>,
+        /// Anything odd seen while setting up (printed under the table).
+        notes: Vec<String>,
+        outcome: Outcome,
+    }
+
+    impl Row {
+        fn single(&self) -> Option<Summary> {
+            match &self.outcome {
+                Outcome::Measured { single, .. } => Some(summarize(single)),
+                _ => None,
+            }
+        }
+        fn multi(&self) -> Option<Summary> {
+            match &self.outcome {
+                Outcome::Measured { multi, .. } => Some(summarize(multi)),
+                _ => None,
+            }
+        }
+    }
+
+    /// The whole run.
+    struct Report {
+        date: String,
+        kernel: String,
+        cpus: usize,
+        iperf: String,
+        command: String,
+        load_start: String,
+        load_end: String,
+        total: Duration,
+        rows: Vec<Row>,
+    }
+
+    /// Runs the benchmark and prints the report; fails (after printing) if a setup failed.
+    pub fn run(args: &OverlayArgs) -> anyhow::Result<()> {
+        require_root()?;
+        ensure!(args.time >= 1, "--time must be at least 1 second");
+        ensure!(args.rounds >= 1, "--rounds must be at least 1");
+        ensure!(args.streams >= 2, "--streams must be at least 2");
+        let iperf = sys::run(&["iperf3", "--version"])
+            .context("iperf3 is needed (apt-get install iperf3)")?;
+        let iperf = String::from_utf8_lossy(&iperf.stdout)
+            .lines()
+            .next()
+            .unwrap_or("iperf3")
+            .trim()
+            .to_owned();
+        install_signal_handlers();
+        let started = Instant::now();
+        let date = sys::run(&["date", "-u", "+%Y-%m-%d %H:%M UTC"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|_| "unknown date".into());
+        let load_start = load_average();
+        let prefix = format!("encb{}", std::process::id() % 100_000);
+
+        let geneve = geneve_available(&prefix)?;
+        let mut setups = vec![Setup::Veth, Setup::KernelVxlan];
+        for tunnel in TUNNELS {
+            for encryption in ENCRYPTIONS {
+                setups.push(Setup::Enc { tunnel, encryption });
+            }
+        }
+        let wanted = |s: &Setup| {
+            args.only.is_empty() || args.only.iter().any(|w| s.name().contains(w.as_str()))
+        };
+        let mut rows = Vec::new();
+        let mut geneve_listed = false;
+        for setup in setups.into_iter().filter(wanted) {
+            check_stop()?;
+            if let (
+                Setup::Enc {
+                    tunnel: "geneve", ..
+                },
+                Err(why),
+            ) = (setup, &geneve)
+            {
+                if !geneve_listed {
+                    eprintln!("==> enc-geneve-*: skipped, the kernel has no Geneve ({why})");
+                    rows.push(Row {
+                        name: "enc-geneve-{none,wireguard,ipsec}".into(),
+                        stack: "geneve(pod), wireguard(geneve(pod)), ipsec(geneve(pod))".into(),
+                        pod_mtu: None,
+                        backend: None,
+                        notes: vec![],
+                        outcome: Outcome::Unavailable(NO_GENEVE.into()),
+                    });
+                    geneve_listed = true;
+                }
+                continue;
+            }
+            eprintln!("==> {} (load average {})", setup.name(), load_average());
+            let row = measure_setup(args, &prefix, setup);
+            if let Outcome::Failed(e) = &row.outcome {
+                eprintln!("    {} FAILED: {e}", row.name);
+            }
+            // A Ctrl-C makes the running step fail; do not go on with the next setup.
+            check_stop()?;
+            rows.push(row);
+        }
+        let report = Report {
+            date,
+            kernel: kernel_release(),
+            cpus: std::thread::available_parallelism().map_or(0, usize::from),
+            iperf,
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            load_start,
+            load_end: load_average(),
+            total: started.elapsed(),
+            rows,
+        };
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report.to_json(args))?);
+        } else {
+            print!("{}", report.to_markdown(args));
+        }
+        let failed: Vec<&str> = report
+            .rows
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Failed(_)))
+            .map(|r| r.name.as_str())
+            .collect();
+        ensure!(failed.is_empty(), "setups failed: {}", failed.join(", "));
+        Ok(())
+    }
+
+    /// Builds one setup, measures it and tears it down (before returning, on every path).
+    fn measure_setup(args: &OverlayArgs, prefix: &str, setup: Setup) -> Row {
+        let mut row = Row {
+            name: setup.name(),
+            stack: setup.stack(),
+            pod_mtu: None,
+            backend: None,
+            notes: vec![],
+            outcome: Outcome::Failed(String::new()),
+        };
+        let result = match setup {
+            Setup::Veth => measure_veth(args, prefix, &mut row),
+            Setup::KernelVxlan => measure_kernel_vxlan(args, prefix, &mut row),
+            Setup::Enc { tunnel, encryption } => measure_enc(args, tunnel, encryption, &mut row),
+        };
+        row.outcome = match result {
+            Ok((single, multi)) => Outcome::Measured { single, multi },
+            Err(e) => Outcome::Failed(format!("{e:#}")),
+        };
+        if let Some(left) = leftover_namespaces(prefix) {
+            row.notes.push(format!("namespaces left behind: {left}"));
+        }
+        row
+    }
+
+    /// Namespaces of this run that still exist (none should, between setups).
+    fn leftover_namespaces(prefix: &str) -> Option<String> {
+        let out = sys::output(&["ip", "netns", "list"]).ok()?;
+        let ours: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(prefix))
+            .map(str::to_owned)
+            .collect();
+        (!ours.is_empty()).then(|| ours.join(", "))
+    }
+
+    /// Whether the kernel can make a Geneve device (tried in a scratch namespace).
+    fn geneve_available(prefix: &str) -> anyhow::Result<Result<(), String>> {
+        let ns =
+            Netns::new(&format!("{prefix}-gp")).context("create the Geneve probe namespace")?;
+        let out = sys::output_in(
+            ns.name(),
+            &[
+                "ip",
+                "link",
+                "add",
+                "gnv0",
+                "type",
+                "geneve",
+                "id",
+                "1",
+                "remote",
+                "127.0.0.2",
+            ],
+        )?;
+        Ok(if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        })
+    }
+
+    /// Two namespaces joined by one veth pair: 10.79.0.1 (client) to 10.79.0.2 (server).
+    fn measure_veth(
+        args: &OverlayArgs,
+        prefix: &str,
+        row: &mut Row,
+    ) -> anyhow::Result<(Vec<Run>, Vec<Run>)> {
+        let a = Netns::new(&format!("{prefix}-va"))?;
+        let b = Netns::new(&format!("{prefix}-vb"))?;
+        a.run(&[
+            "ip",
+            "link",
+            "add",
+            "veth-a",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth-b",
+            "netns",
+            b.name(),
+        ])?;
+        for (ns, dev, addr) in [
+            (&a, "veth-a", "10.79.0.1/24"),
+            (&b, "veth-b", "10.79.0.2/24"),
+        ] {
+            ns.run(&["ip", "addr", "add", addr, "dev", dev])?;
+            ns.run(&["ip", "link", "set", dev, "up"])?;
+        }
+        row.pod_mtu = Some(link_mtu(&a, "veth-a")?);
+        measure(args, a.name(), b.name(), Ipv4Addr::new(10, 79, 0, 2), &[])
+    }
+
+    /// A plain kernel VXLAN between two "nodes" on a bridge, as the baseline for an overlay.
+    struct VxlanLab {
+        /// The two node namespaces (dropped first).
+        nodes: Vec<Netns>,
+        /// The underlay namespace with bridge br0.
+        _underlay: Netns,
+    }
+
+    impl VxlanLab {
+        fn new(prefix: &str) -> anyhow::Result<Self> {
+            let underlay = Netns::new(&format!("{prefix}-xul"))?;
+            underlay.run(&["ip", "link", "add", "br0", "type", "bridge"])?;
+            underlay.run(&["ip", "link", "set", "br0", "up"])?;
+            let mut nodes = Vec::new();
+            for i in 1..=2u8 {
+                let ns = Netns::new(&format!("{prefix}-x{i}"))?;
+                let uplink = format!("x{i}");
+                underlay.run(&[
+                    "ip",
+                    "link",
+                    "add",
+                    &uplink,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    ns.name(),
+                ])?;
+                underlay.run(&["ip", "link", "set", &uplink, "master", "br0", "up"])?;
+                let local = format!("10.77.0.{i}");
+                let remote = format!("10.77.0.{}", 3 - i);
+                ns.run(&["ip", "addr", "add", &format!("{local}/24"), "dev", "eth0"])?;
+                ns.run(&["ip", "link", "set", "eth0", "up"])?;
+                ns.run(&[
+                    "ip", "link", "add", "vx0", "type", "vxlan", "id", "42", "dstport", "4789",
+                    "remote", &remote, "local", &local, "dev", "eth0",
+                ])?;
+                ns.run(&[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("10.79.1.{i}/24"),
+                    "dev",
+                    "vx0",
+                ])?;
+                ns.run(&["ip", "link", "set", "vx0", "up"])?;
+                nodes.push(ns);
+            }
+            Ok(Self {
+                nodes,
+                _underlay: underlay,
+            })
+        }
+    }
+
+    /// iperf3 over vx0 from node 1 (10.79.1.1) to node 2 (10.79.1.2).
+    fn measure_kernel_vxlan(
+        args: &OverlayArgs,
+        prefix: &str,
+        row: &mut Row,
+    ) -> anyhow::Result<(Vec<Run>, Vec<Run>)> {
+        let lab = VxlanLab::new(prefix)?;
+        row.pod_mtu = Some(link_mtu(&lab.nodes[0], "vx0")?);
+        measure(
+            args,
+            lab.nodes[0].name(),
+            lab.nodes[1].name(),
+            Ipv4Addr::new(10, 79, 1, 2),
+            &[],
+        )
+    }
+
+    /// A lab of two real agents (one pod each): pod n1p1 to pod n2p1. On failure the agents'
+    /// log tails go to stderr. The lab is dropped (agents stopped, namespaces deleted) here.
+    fn measure_enc(
+        args: &OverlayArgs,
+        tunnel: &'static str,
+        encryption: &'static str,
+        row: &mut Row,
+    ) -> anyhow::Result<(Vec<Run>, Vec<Run>)> {
+        let tag = format!("b{}{}", &tunnel[..1], &encryption[..1]);
+        let opts = LabOptions {
+            pods: 1,
+            encryption,
+            tunnel,
+            strict: encryption != "none",
+            ..LabOptions::new(&tag, 2)
+        };
+        let mut lab = Lab::build(&opts).with_context(|| format!("build the lab {}", row.name))?;
+        let result = run_enc(args, &mut lab, tunnel, encryption, row);
+        if result.is_err() {
+            for n in &lab.nodes {
+                eprintln!(
+                    "----- {} agent log (last 30 lines) -----\n{}",
+                    n.name,
+                    lab.log_tail(n.index, 30)
+                );
+            }
+        }
+        drop(lab);
+        result
+    }
+
+    fn run_enc(
+        args: &OverlayArgs,
+        lab: &mut Lab,
+        tunnel: &str,
+        encryption: &str,
+        row: &mut Row,
+    ) -> anyhow::Result<(Vec<Run>, Vec<Run>)> {
+        lab.start_all().context("start the agents")?;
+        let timeout = Duration::from_secs(args.auth_timeout);
+        lab.wait_authenticated(1, &["node-2"], timeout)?;
+        lab.wait_authenticated(2, &["node-1"], timeout)?;
+        let status = lab.status(1)?;
+        row.stack = status.network.stack.clone();
+        row.pod_mtu = Some(status.network.pod_mtu);
+        if encryption != "none" {
+            row.backend = Some(status.encryption.backend.clone());
+        }
+        let want_mtu = expected_pod_mtu(encryption, tunnel);
+        if status.network.pod_mtu != want_mtu {
+            row.notes.push(format!(
+                "the agent reports pod MTU {}, expected_pod_mtu says {want_mtu}",
+                status.network.pod_mtu
+            ));
+        }
+        let dst = lab.node(2).pods[0].addr;
+        sys::wait_for(
+            &format!("pod n1p1 to ping {dst}"),
+            Duration::from_secs(20),
+            || Ok(lab.ping(1, 1, dst, 1, "00")?.then_some(())),
+        )?;
+        let agents = [lab.node(1).ns.name(), lab.node(2).ns.name()];
+        measure(
+            args,
+            lab.node(1).pods[0].ns.name(),
+            lab.node(2).pods[0].ns.name(),
+            dst,
+            &agents,
+        )
+    }
+
+    /// The MTU of `dev` in `ns`.
+    fn link_mtu(ns: &Netns, dev: &str) -> anyhow::Result<u32> {
+        let path = format!("/sys/class/net/{dev}/mtu");
+        let out = ns.run(&["cat", &path])?;
+        let s = String::from_utf8_lossy(&out.stdout);
+        s.trim()
+            .parse()
+            .with_context(|| format!("parse {path} in {}: {s:?}", ns.name()))
+    }
+
+    /// Runs `rounds` x (1 stream, `streams` streams) iperf3 from `client` to an iperf3 server
+    /// in `server` at `dst`. `agents` are namespaces whose processes' CPU time is counted.
+    fn measure(
+        args: &OverlayArgs,
+        client: &str,
+        server: &str,
+        dst: Ipv4Addr,
+        agents: &[&str],
+    ) -> anyhow::Result<(Vec<Run>, Vec<Run>)> {
+        let _server = IperfServer::start(server)?;
+        let (mut single, mut multi) = (Vec::new(), Vec::new());
+        for _ in 0..args.rounds {
+            for streams in [1, args.streams] {
+                check_stop()?;
+                let r = iperf_run(client, dst, args.time, streams, agents)?;
+                eprintln!(
+                    "    -P {streams}: {:.3} Gbit/s, {:.2} GB, {:.1} CPU s ({:.1} s/GB){}",
+                    r.gbps(),
+                    r.gb(),
+                    r.cpu_s,
+                    r.cpu_per_gb(),
+                    r.agent_cpu_s
+                        .map(|a| format!(", agents {a:.1} CPU s"))
+                        .unwrap_or_default()
+                );
+                if streams == 1 {
+                    single.push(r);
+                } else {
+                    multi.push(r);
+                }
+            }
+        }
+        Ok((single, multi))
+    }
+
+    /// A child process that is killed (and reaped) on drop.
+    struct ChildGuard(Option<Child>);
+
+    impl Drop for ChildGuard {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.0.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// `iperf3 -s` in a namespace; killed on drop.
+    struct IperfServer {
+        /// The `ip netns exec ... iperf3 -s` process (exec'd, so iperf3 itself).
+        _child: ChildGuard,
+    }
+
+    impl IperfServer {
+        /// Starts the server in `ns` and returns once it listens.
+        fn start(ns: &str) -> anyhow::Result<Self> {
+            let child = Command::new("ip")
+                .args(["netns", "exec", ns, "iperf3", "-s", "-p", IPERF_PORT])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("start `iperf3 -s` in {ns}"))?;
+            let mut guard = ChildGuard(Some(child));
+            let filter = format!("sport = :{IPERF_PORT}");
+            sys::wait_for(
+                &format!("iperf3 -s to listen in {ns}"),
+                Duration::from_secs(10),
+                || {
+                    if let Some(c) = guard.0.as_mut()
+                        && let Some(st) = c.try_wait()?
+                    {
+                        bail!("iperf3 -s in {ns} exited ({st})");
+                    }
+                    let out = sys::run_in(ns, &["ss", "-Hltn", &filter])?;
+                    Ok((!out.stdout.is_empty()).then_some(()))
+                },
+            )?;
+            Ok(Self { _child: guard })
+        }
+    }
+
+    /// Reads a pipe to its end on a thread.
+    fn drain(r: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+
+    /// One iperf3 client run (`-J`) from `ns` to `dst` with `streams` streams for `secs`,
+    /// with the CPU time spent meanwhile.
+    fn iperf_run(
+        ns: &str,
+        dst: Ipv4Addr,
+        secs: u32,
+        streams: u32,
+        agents: &[&str],
+    ) -> anyhow::Result<Run> {
+        let what = format!("`iperf3 -c {dst} -t {secs} -P {streams} -J` in {ns}");
+        let agent_pids: Vec<u32> = agents
+            .iter()
+            .map(|a| namespace_pids(a))
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .concat();
+        let agent_before = process_ticks(&agent_pids);
+        let cpu_before = cpu_busy_ticks()?;
+        let start = Instant::now();
+        let (d, t, p) = (dst.to_string(), secs.to_string(), streams.to_string());
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "iperf3", "-c", &d, "-p", IPERF_PORT])
+            .args(["-t", &t, "-P", &p, "-J", "--connect-timeout", "5000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start {what}"))?;
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        let mut guard = ChildGuard(Some(child));
+        let deadline = start + Duration::from_secs(u64::from(secs) + 30);
+        let status = loop {
+            let c = guard.0.as_mut().context("iperf3 child")?;
+            if let Some(st) = c.try_wait().with_context(|| format!("wait for {what}"))? {
+                break st;
+            }
+            if STOP.load(Ordering::SeqCst) {
+                bail!("{what}: interrupted");
+            }
+            if Instant::now() > deadline {
+                bail!("{what} did not finish within {}s", u64::from(secs) + 30);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let wall = start.elapsed();
+        let cpu_s = (cpu_busy_ticks()?.saturating_sub(cpu_before)) as f64 / clk_tck();
+        let agent_cpu_s = (!agents.is_empty())
+            .then(|| process_ticks(&agent_pids).saturating_sub(agent_before) as f64 / clk_tck());
+        drop(guard);
+        let out = stdout.join().unwrap_or_default();
+        let err = stderr.join().unwrap_or_default();
+        let err = String::from_utf8_lossy(&err);
+        let v: Value = serde_json::from_slice(&out).with_context(|| {
+            format!(
+                "{what} ({status}): its output is not JSON: {}{}",
+                err.trim(),
+                String::from_utf8_lossy(&out).trim()
+            )
+        })?;
+        if let Some(e) = v.get("error").and_then(Value::as_str) {
+            bail!("{what} ({status}): {e}");
+        }
+        ensure!(status.success(), "{what} failed ({status}): {}", err.trim());
+        let received = &v["end"]["sum_received"];
+        let bits_per_second = received["bits_per_second"]
+            .as_f64()
+            .with_context(|| format!("{what}: no end.sum_received.bits_per_second"))?;
+        let bytes = received["bytes"]
+            .as_u64()
+            .with_context(|| format!("{what}: no end.sum_received.bytes"))?;
+        ensure!(bytes > 0, "{what}: nothing received");
+        Ok(Run {
+            bits_per_second,
+            bytes,
+            retransmits: v["end"]["sum_sent"]["retransmits"].as_u64(),
+            wall,
+            cpu_s,
+            agent_cpu_s,
+        })
+    }
+
+    /// Clock ticks per second of `/proc/stat` and `/proc/<pid>/stat`.
+    fn clk_tck() -> f64 {
+        // SAFETY: sysconf has no preconditions.
+        let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if t > 0 { t as f64 } else { 100.0 }
+    }
+
+    /// Busy ticks of all CPUs (user + nice + system + irq + softirq + steal) from `/proc/stat`.
+    fn cpu_busy_ticks() -> anyhow::Result<u64> {
+        let text = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .context("no `cpu` line in /proc/stat")?;
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        ensure!(f.len() >= 8, "short `cpu` line in /proc/stat: {line}");
+        // user nice system idle iowait irq softirq steal (guest is inside user already).
+        Ok(f[0] + f[1] + f[2] + f[5] + f[6] + f[7])
+    }
+
+    /// The processes in a network namespace (`ip netns pids`).
+    fn namespace_pids(ns: &str) -> anyhow::Result<Vec<u32>> {
+        let out = sys::run(&["ip", "netns", "pids", ns])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect())
+    }
+
+    /// utime + stime (all threads) of the processes that still exist, in ticks.
+    fn process_ticks(pids: &[u32]) -> u64 {
+        pids.iter()
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+            .filter_map(|s| {
+                // Fields after the command name: state is field 3, utime 14, stime 15.
+                let rest = &s[s.rfind(')')? + 1..];
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            })
+            .sum()
+    }
+
+    /// `/proc/loadavg`'s three load averages.
+    fn load_average() -> String {
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|_| "unknown".into())
+    }
+
+    /// `part` as a percentage of `whole`, for the table.
+    fn pct(part: Option<Summary>, whole: Option<Summary>) -> Option<f64> {
+        Some(part?.gbps / whole?.gbps * 100.0)
+    }
+
+    impl Report {
+        fn baseline(&self, name: &str) -> Option<Summary> {
+            self.rows.iter().find(|r| r.name == name)?.single()
+        }
+
+        fn to_markdown(&self, args: &OverlayArgs) -> String {
+            let mut m = String::new();
+            let _ = writeln!(
+                m,
+                "## enc-bench overlay\n\n{}, kernel {}, {} CPUs, load average {} at the start and \
+                 {} at the end, {:.0?} in all. Command: `{}`\n",
+                self.date,
+                self.kernel,
+                self.cpus,
+                self.load_start,
+                self.load_end,
+                self.total,
+                self.command
+            );
+            let _ = writeln!(
+                m,
+                "{} TCP, `-t {}` per run, 1 stream and `-P {}`, {} run(s) each (median); \
+                 Gbit/s = `end.sum_received.bits_per_second`. CPU s/GB = busy CPU time of the \
+                 whole machine during the run (`/proc/stat`) per 10^9 bytes received, 1 stream / \
+                 {} streams; agents = the part of it spent by the two enc-agent processes.\n",
+                self.iperf, args.time, args.streams, args.rounds, args.streams
+            );
+            let _ = writeln!(
+                m,
+                "| setup | stack on the wire | pod MTU | 1 stream Gbit/s | {s} streams Gbit/s | \
+                 % of veth (1 stream) | % of kernel VXLAN (1 stream) | CPU s/GB (1 / {s}) | \
+                 agents CPU s/GB (1 / {s}) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|",
+                s = args.streams
+            );
+            let (veth, vxlan) = (self.baseline("veth"), self.baseline("kernel-vxlan"));
+            let num = |v: Option<f64>, d: usize| v.map_or("-".to_owned(), |v| format!("{v:.d$}"));
+            for r in &self.rows {
+                let setup = match &r.backend {
+                    Some(b) => format!("{} ({b})", r.name),
+                    None => r.name.clone(),
+                };
+                let mtu = r.pod_mtu.map_or("-".to_owned(), |v| v.to_string());
+                let cells = match &r.outcome {
+                    Outcome::Measured { .. } => {
+                        let (s, p) = (r.single(), r.multi());
+                        let agents = match (
+                            s.and_then(|s| s.agent_cpu_per_gb),
+                            p.and_then(|p| p.agent_cpu_per_gb),
+                        ) {
+                            (None, None) => "-".to_owned(),
+                            (a, b) => format!("{} / {}", num(a, 1), num(b, 1)),
+                        };
+                        format!(
+                            "{} | {} | {} | {} | {} / {} | {agents}",
+                            num(s.map(|s| s.gbps), 3),
+                            num(p.map(|p| p.gbps), 3),
+                            num(pct(s, veth), 0),
+                            num(pct(s, vxlan), 0),
+                            num(s.map(|s| s.cpu_per_gb), 1),
+                            num(p.map(|p| p.cpu_per_gb), 1),
+                        )
+                    }
+                    Outcome::Unavailable(why) => format!("{why} | - | - | - | - | -"),
+                    Outcome::Failed(e) => {
+                        format!("failed: {} | - | - | - | - | -", e.replace('|', "\\|"))
+                    }
+                };
+                let _ = writeln!(m, "| {setup} | {} | {mtu} | {cells} |", r.stack);
+            }
+            let notes: Vec<String> = self
+                .rows
+                .iter()
+                .flat_map(|r| r.notes.iter().map(move |n| format!("- {}: {n}", r.name)))
+                .collect();
+            if !notes.is_empty() {
+                let _ = writeln!(m, "\nNotes:\n{}", notes.join("\n"));
+            }
+            m
+        }
+
+        fn to_json(&self, args: &OverlayArgs) -> Value {
+            let (veth, vxlan) = (self.baseline("veth"), self.baseline("kernel-vxlan"));
+            let series = |runs: &[Run]| {
+                let s = summarize(runs);
+                json!({
+                    "gbps_median": s.gbps,
+                    "cpu_s_per_gb_median": s.cpu_per_gb,
+                    "agent_cpu_s_per_gb_median": s.agent_cpu_per_gb,
+                    "runs": runs.iter().map(Run::to_json).collect::<Vec<_>>(),
+                })
+            };
+            let results: Vec<Value> = self
+                .rows
+                .iter()
+                .map(|r| {
+                    let mut v = json!({
+                        "setup": r.name,
+                        "stack": r.stack,
+                        "pod_mtu": r.pod_mtu,
+                        "backend": r.backend,
+                        "notes": r.notes,
+                    });
+                    let extra = match &r.outcome {
+                        Outcome::Measured { single, multi } => json!({
+                            "status": "measured",
+                            "single_stream": series(single),
+                            "multi_stream": series(multi),
+                            "pct_of_veth_single": pct(r.single(), veth),
+                            "pct_of_kernel_vxlan_single": pct(r.single(), vxlan),
+                        }),
+                        Outcome::Unavailable(why) => {
+                            json!({"status": "unavailable", "reason": why})
+                        }
+                        Outcome::Failed(e) => json!({"status": "failed", "reason": e}),
+                    };
+                    if let (Some(o), Value::Object(e)) = (v.as_object_mut(), extra) {
+                        o.extend(e);
+                    }
+                    v
+                })
+                .collect();
+            json!({
+                "benchmark": "overlay",
+                "date": self.date,
+                "kernel": self.kernel,
+                "cpus": self.cpus,
+                "iperf3": self.iperf,
+                "command": self.command,
+                "load_average_start": self.load_start,
+                "load_average_end": self.load_end,
+                "total_s": self.total.as_secs_f64(),
+                "config": {
+                    "time_s": args.time,
+                    "streams": args.streams,
+                    "rounds": args.rounds,
+                    "only": args.only,
+                },
+                "results": results,
+            })
+        }
     }
 }
 
