@@ -484,8 +484,12 @@ pub enum EventKind {
     RevocationRefused,
     /// A peer's certificate was found revoked and its keys torn down.
     PeerRevoked,
-    /// This node's certificate was renewed.
+    /// This node's certificate was renewed (new files loaded without a restart).
     Renewal,
+    /// The trusted CA bundle changed (CA rollover).
+    TrustChanged,
+    /// Changed identity files could not be used; the current identity stays.
+    IdentityReloadFailed,
     /// A certificate is close to expiry (20% of its lifetime left).
     ExpiryWarning,
 }

@@ -39,11 +39,13 @@ impl fmt::Debug for NodeIdentity {
 }
 
 impl NodeIdentity {
-    /// Loads the certificate (PEM; extra certificates are intermediates), key (PEM) and CA
-    /// bundle (PEM, one or more CAs).
+    /// Loads the certificate (PEM; extra certificates are sent along, but peers do not use
+    /// them), key (PEM) and CA bundle (PEM, one or more CAs).
     ///
-    /// Fails, naming the file, if the certificate does not chain to the bundle, is outside
-    /// its validity, or the key does not match it.
+    /// Fails, naming the file, if the certificate is not signed directly by a CA of the bundle
+    /// (peers use no intermediates, see [`AuthFailure::UnknownCa`]), is outside its validity,
+    /// does not allow both TLS client and server authentication and handshake signatures
+    /// ([`AuthFailure::WrongKeyUsage`]), or the key does not match it.
     pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Self> {
         let read = |p: &Path| std::fs::read(p).map_err(|e| Error::io("read", p, e));
         let (cert_pem, key_pem, ca_pem) = (read(cert)?, read(key)?, read(ca)?);
@@ -119,15 +121,16 @@ impl NodeIdentity {
                 },
             })?;
 
-        // Chain, validity and both extended key usages, as peers will check them.
+        // Chain (without intermediates), validity, both extended key usages and the key
+        // usage, as peers will check them.
         let untrusted = |e: rustls::Error| Error::Untrusted {
             origin: o.cert.to_owned(),
             ca: o.ca.to_owned(),
-            reason: AuthFailure::from_tls_error(&e),
+            reason: AuthFailure::from_tls_error(&verify::self_signed_error(e, leaf)),
         };
         let now = UnixTime::now();
         verify::webpki_client_verifier(&roots, &[])?
-            .verify_client_cert(leaf, &chain[1..], now)
+            .verify_client_cert(leaf, verify::NO_INTERMEDIATES, now)
             .map_err(untrusted)?;
         let server_name =
             ServerName::try_from(name.clone()).map_err(|source| Error::ServerName {
@@ -135,8 +138,9 @@ impl NodeIdentity {
                 source,
             })?;
         verify::webpki_server_verifier(&roots, &[])?
-            .verify_server_cert(leaf, &chain[1..], &server_name, &[], now)
+            .verify_server_cert(leaf, verify::NO_INTERMEDIATES, &server_name, &[], now)
             .map_err(untrusted)?;
+        verify::check_key_usage(&x509).map_err(untrusted)?;
 
         CertifiedKey::from_der(chain.clone(), key.clone_key(), &verify::provider()).map_err(
             |source| Error::KeyMismatch {

@@ -11,11 +11,12 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
-    RootCertStore, ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, ExtendedKeyPurpose,
+    OtherError, RootCertStore, ServerConfig, SignatureScheme,
 };
 use serde::Serialize;
 use time::OffsetDateTime;
+use x509_parser::certificate::X509Certificate;
 
 use crate::info::{self, CertInfo};
 use crate::{Error, NodeIdentity, Result, RevocationList};
@@ -39,9 +40,15 @@ pub struct ExpectedPeer {
 )]
 #[non_exhaustive]
 pub enum AuthFailure {
-    /// The certificate does not chain to the cluster CA (or its signature is bad).
+    /// The certificate is not signed by a CA of the bundle (or its signature is bad). This
+    /// includes a certificate issued by an intermediate CA, whatever the intermediate chains
+    /// to: enc uses no intermediates (see [`client_config`]).
     #[error("certificate not issued by the cluster CA")]
     UnknownCa,
+    /// The certificate is its own issuer: its issuer name is its subject name and it is signed
+    /// with its own key, so no CA of the bundle vouches for it.
+    #[error("certificate is self-signed, not issued by the cluster CA")]
+    SelfSigned,
     /// The certificate has expired.
     #[error("certificate expired at {not_after}")]
     Expired {
@@ -53,6 +60,15 @@ pub enum AuthFailure {
     NotYetValid {
         /// Start of validity (RFC 3339), or "unknown time".
         not_before: String,
+    },
+    /// The certificate's extended key usage does not allow this end of the connection (TLS
+    /// client or server authentication), or its key usage does not allow the handshake
+    /// signature (digitalSignature).
+    #[error("certificate not valid for this use: {detail}")]
+    WrongKeyUsage {
+        /// What is missing and what the certificate presents, e.g. `lacks TLS client
+        /// authentication (extended key usage; presents: TLS server authentication)`.
+        detail: String,
     },
     /// No DNS SAN names the expected node.
     #[error(
@@ -124,6 +140,8 @@ impl AuthFailure {
         use CertificateError as C;
         match err {
             rustls::Error::InvalidCertificate(ce) => match ce {
+                // Our verifiers replace these by `SelfSigned` when the certificate is its
+                // own issuer (see `remap_error`).
                 C::UnknownIssuer | C::BadSignature => AuthFailure::UnknownCa,
                 C::Expired => AuthFailure::Expired {
                     not_after: UNKNOWN_TIME.to_owned(),
@@ -152,6 +170,22 @@ impl AuthFailure {
                 C::Revoked => AuthFailure::Revoked {
                     serial: UNKNOWN_SERIAL.to_owned(),
                 },
+                // Left as rustls made it (so that the peer gets `unsupported_certificate`):
+                // the error itself says which purpose was missing.
+                C::InvalidPurposeContext {
+                    required,
+                    presented,
+                } => AuthFailure::WrongKeyUsage {
+                    detail: format!(
+                        "lacks {} (extended key usage; presents: {})",
+                        purpose(required),
+                        list(&presented.iter().map(purpose).collect::<Vec<_>>())
+                    ),
+                },
+                C::InvalidPurpose => AuthFailure::WrongKeyUsage {
+                    detail: "lacks the TLS authentication purpose of its role (extended key usage)"
+                        .to_owned(),
+                },
                 C::Other(OtherError(inner)) => inner
                     .downcast_ref::<AuthFailure>()
                     .cloned()
@@ -177,6 +211,19 @@ impl AuthFailure {
 
     fn into_tls_error(self) -> rustls::Error {
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(self))))
+    }
+}
+
+/// An extended key usage, for [`AuthFailure::WrongKeyUsage`].
+fn purpose(p: &ExtendedKeyPurpose) -> String {
+    match p {
+        ExtendedKeyPurpose::ClientAuth => "TLS client authentication".to_owned(),
+        ExtendedKeyPurpose::ServerAuth => "TLS server authentication".to_owned(),
+        ExtendedKeyPurpose::Other(arcs) => arcs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("."),
     }
 }
 
@@ -222,13 +269,27 @@ pub fn server_name(expected: &ExpectedPeer) -> Result<ServerName<'static>> {
     })
 }
 
-/// Checks that the leaf certificate names `expected` by DNS SAN and by IP SAN.
-fn check_identity(
+/// The intermediates our verifiers hand to webpki: none, whatever the peer sends.
+///
+/// enc's CA issues node certificates itself and is constrained to path length 0, so a node
+/// certificate is signed directly by a CA of the bundle. An intermediate would not be held to
+/// that: webpki does not apply a trust anchor's path length constraint, and revocation is
+/// checked for the end entity only, so a revoked intermediate would still be honoured. A leaf
+/// issued by an intermediate is therefore refused ([`AuthFailure::UnknownCa`]) even when the
+/// peer sends an intermediate that chains to the cluster CA; extra certificates after a leaf
+/// the CA signed itself (such as the CA appended to a chain file) are ignored.
+/// [`NodeIdentity`] loads our own certificate under the same rule.
+pub(crate) const NO_INTERMEDIATES: &[CertificateDer<'static>] = &[];
+
+/// Checks the leaf certificate's key usage ([`check_key_usage`]) and that it names `expected`
+/// by DNS SAN and by IP SAN.
+fn check_leaf(
     end_entity: &CertificateDer<'_>,
     expected: &ExpectedPeer,
 ) -> std::result::Result<(), rustls::Error> {
     let cert = info::parse_x509(end_entity.as_ref(), "peer certificate")
         .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    check_key_usage(&cert)?;
     let (dns, ips) = info::sans(&cert);
     name_check(&dns, expected)?;
     let want = expected.addr.to_canonical();
@@ -240,6 +301,59 @@ fn check_identity(
         .into_tls_error());
     }
     Ok(())
+}
+
+/// Checks the key usage extension, which webpki does not look at for end entities: when
+/// present it must allow digitalSignature, since the peer signs the TLS 1.3 handshake
+/// (CertificateVerify) with this key (RFC 5280 4.2.1.3, RFC 8446 4.4.3). A certificate
+/// without the extension is not restricted. Refusals are [`AuthFailure::WrongKeyUsage`],
+/// carried as `CertificateError::Other` (the peer sees `certificate_unknown`).
+pub(crate) fn check_key_usage(
+    cert: &X509Certificate<'_>,
+) -> std::result::Result<(), rustls::Error> {
+    match cert.key_usage() {
+        Err(_) => Err(rustls::Error::InvalidCertificate(
+            CertificateError::BadEncoding,
+        )),
+        Ok(None) => Ok(()),
+        Ok(Some(ku)) if ku.value.digital_signature() => Ok(()),
+        Ok(Some(ku)) => {
+            let presented = ku.value.to_string().to_ascii_lowercase();
+            Err(AuthFailure::WrongKeyUsage {
+                detail: format!(
+                    "lacks digital signature (key usage; presents: {})",
+                    if presented.is_empty() {
+                        "none"
+                    } else {
+                        &presented
+                    }
+                ),
+            }
+            .into_tls_error())
+        }
+    }
+}
+
+/// Replaces webpki's unknown-issuer and bad-signature errors by [`AuthFailure::SelfSigned`]
+/// when `end_entity` is self-signed; other errors pass unchanged.
+pub(crate) fn self_signed_error(
+    err: rustls::Error,
+    end_entity: &CertificateDer<'_>,
+) -> rustls::Error {
+    match err {
+        rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) if is_self_signed(end_entity) => AuthFailure::SelfSigned.into_tls_error(),
+        other => other,
+    }
+}
+
+/// Whether the certificate is self-signed: issued under its own subject name and signed with
+/// its own key. A certificate merely issued under its own name by another key is not.
+fn is_self_signed(end_entity: &CertificateDer<'_>) -> bool {
+    info::parse_x509(end_entity.as_ref(), "peer certificate").is_ok_and(|cert| {
+        cert.issuer().as_raw() == cert.subject().as_raw() && cert.verify_signature(None).is_ok()
+    })
 }
 
 fn name_check(dns: &[String], expected: &ExpectedPeer) -> std::result::Result<(), rustls::Error> {
@@ -254,12 +368,17 @@ fn name_check(dns: &[String], expected: &ExpectedPeer) -> std::result::Result<()
     }
 }
 
-/// Replaces webpki's name error by our own, which lists the presented DNS names, and its
-/// revocation error by [`AuthFailure::Revoked`] naming the serial.
+/// Replaces webpki's name error by our own, which lists the presented DNS names, its
+/// revocation error by [`AuthFailure::Revoked`] naming the serial, and its unknown-issuer and
+/// bad-signature errors by [`AuthFailure::SelfSigned`] when the certificate is self-signed.
 ///
-/// Both travel as `CertificateError::Other`, which rustls answers with a
+/// These travel as `CertificateError::Other`, which rustls answers with a
 /// `certificate_unknown` alert: the peer learns that it was refused, not why (the local
-/// failure has the detail).
+/// failure has the detail). rustls' own variants cannot carry the detail, and the reason is
+/// worked out from the error alone (see [`AuthFailure::from_tls_error`]), so a self-signed
+/// certificate costs the peer the `unknown_ca` (or `decrypt_error`) alert it would otherwise
+/// get. Only refusals are reworded: the decision stays webpki's. Extended key usage errors
+/// are left alone, as they carry their detail (the peer gets `unsupported_certificate`).
 fn remap_error(
     err: rustls::Error,
     end_entity: &CertificateDer<'_>,
@@ -287,11 +406,12 @@ fn remap_error(
             }
             Err(_) => err,
         },
-        other => other,
+        other => self_signed_error(other, end_entity),
     }
 }
 
-/// Server verifier: standard WebPKI checks against the CA bundle, then the identity check.
+/// Server verifier: standard WebPKI checks against the CA bundle (without intermediates, see
+/// [`NO_INTERMEDIATES`]), then the key usage and identity checks.
 /// Handshake signatures are checked by `inner` (built with [`provider`]).
 #[derive(Debug)]
 struct PeerServerVerifier {
@@ -303,15 +423,21 @@ impl ServerCertVerifier for PeerServerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
+        _intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
         self.inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .verify_server_cert(
+                end_entity,
+                NO_INTERMEDIATES,
+                server_name,
+                ocsp_response,
+                now,
+            )
             .map_err(|e| remap_error(e, end_entity, &self.expected))?;
-        check_identity(end_entity, &self.expected)?;
+        check_leaf(end_entity, &self.expected)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -338,7 +464,8 @@ impl ServerCertVerifier for PeerServerVerifier {
     }
 }
 
-/// Client verifier: standard WebPKI checks against the CA bundle, then the identity check.
+/// Client verifier: standard WebPKI checks against the CA bundle (without intermediates, see
+/// [`NO_INTERMEDIATES`]), then the key usage and identity checks.
 /// Handshake signatures are checked by `inner` (built with [`provider`]).
 #[derive(Debug)]
 struct PeerClientVerifier {
@@ -362,13 +489,13 @@ impl ClientCertVerifier for PeerClientVerifier {
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
+        _intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> std::result::Result<ClientCertVerified, rustls::Error> {
         self.inner
-            .verify_client_cert(end_entity, intermediates, now)
+            .verify_client_cert(end_entity, NO_INTERMEDIATES, now)
             .map_err(|e| remap_error(e, end_entity, &self.expected))?;
-        check_identity(end_entity, &self.expected)?;
+        check_leaf(end_entity, &self.expected)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -433,9 +560,15 @@ pub(crate) fn webpki_client_verifier(
 }
 
 /// Client configuration: TLS 1.3 only, ring provider, presents our certificate and verifies
-/// the server against the CA bundle, its validity, and a DNS SAN equal to `expected.name`
-/// and an IP SAN equal to `expected.addr`. No revocation check: see
+/// the server against the CA bundle, its validity, its key usages, and a DNS SAN equal to
+/// `expected.name` and an IP SAN equal to `expected.addr`. No revocation check: see
 /// [`client_config_with_crls`].
+///
+/// The server's certificate must be signed directly by a CA of the bundle: intermediates
+/// it sends are not used (see [`AuthFailure::UnknownCa`]). Its extended key usage, if
+/// present, must include TLS server authentication; its key usage, if present, must include
+/// digitalSignature ([`AuthFailure::WrongKeyUsage`]). A self-signed certificate is refused as
+/// [`AuthFailure::SelfSigned`].
 pub fn client_config(id: &NodeIdentity, expected: &ExpectedPeer) -> Result<Arc<ClientConfig>> {
     client_config_with_crls(id, expected, &[])
 }
@@ -476,9 +609,9 @@ pub fn client_config_with_crls(
 }
 
 /// Server configuration: TLS 1.3 only, ring provider, requires a client certificate and
-/// verifies it like [`client_config`] does (the acceptor knows `expected` from the TCP
-/// source address before the handshake). No revocation check: see
-/// [`server_config_with_crls`].
+/// verifies it like [`client_config`] does, with TLS client authentication as the extended
+/// key usage it must allow (the acceptor knows `expected` from the TCP source address before
+/// the handshake). No revocation check: see [`server_config_with_crls`].
 pub fn server_config(id: &NodeIdentity, expected: &ExpectedPeer) -> Result<Arc<ServerConfig>> {
     server_config_with_crls(id, expected, &[])
 }
@@ -599,6 +732,150 @@ mod tests {
     }
 
     #[test]
+    fn new_reasons_display_and_classify() {
+        assert_eq!(
+            AuthFailure::SelfSigned.to_string(),
+            "certificate is self-signed, not issued by the cluster CA"
+        );
+        let purpose_error = |required, presented| {
+            AuthFailure::from_tls_error(&rustls::Error::InvalidCertificate(
+                CertificateError::InvalidPurposeContext {
+                    required,
+                    presented,
+                },
+            ))
+        };
+        let f = purpose_error(
+            ExtendedKeyPurpose::ClientAuth,
+            vec![ExtendedKeyPurpose::ServerAuth],
+        );
+        assert_eq!(
+            f,
+            AuthFailure::WrongKeyUsage {
+                detail: "lacks TLS client authentication (extended key usage; presents: TLS \
+                         server authentication)"
+                    .into()
+            }
+        );
+        assert_eq!(
+            f.to_string(),
+            "certificate not valid for this use: lacks TLS client authentication (extended key \
+             usage; presents: TLS server authentication)"
+        );
+        assert_eq!(
+            purpose_error(
+                ExtendedKeyPurpose::ServerAuth,
+                vec![
+                    ExtendedKeyPurpose::ClientAuth,
+                    ExtendedKeyPurpose::Other(vec![1, 3, 6, 1, 5, 5, 7, 3, 4])
+                ],
+            )
+            .to_string(),
+            "certificate not valid for this use: lacks TLS server authentication (extended key \
+             usage; presents: TLS client authentication, 1.3.6.1.5.5.7.3.4)"
+        );
+        assert!(matches!(
+            AuthFailure::from_tls_error(&rustls::Error::InvalidCertificate(
+                CertificateError::InvalidPurpose
+            )),
+            AuthFailure::WrongKeyUsage { .. }
+        ));
+        // What the refused peer sees for each of them.
+        for (alert, name) in [
+            (
+                rustls::AlertDescription::CertificateUnknown,
+                "certificate_unknown",
+            ),
+            (
+                rustls::AlertDescription::UnsupportedCertificate,
+                "unsupported_certificate",
+            ),
+            (rustls::AlertDescription::DecryptError, "decrypt_error"),
+        ] {
+            assert_eq!(
+                AuthFailure::from_tls_error(&rustls::Error::AlertReceived(alert)),
+                AuthFailure::RejectedByPeer { alert: name.into() }
+            );
+        }
+    }
+
+    fn leaf_params(cn: &str) -> rcgen::CertificateParams {
+        let mut params = rcgen::CertificateParams::new(vec!["node-2".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params
+    }
+
+    fn der(cert: &rcgen::Certificate) -> CertificateDer<'static> {
+        cert.der().clone()
+    }
+
+    #[test]
+    fn self_signed_means_own_name_and_own_key() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let own = leaf_params("node-2").self_signed(&key).unwrap();
+        assert!(is_self_signed(own.der()));
+        let unknown = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
+        assert_eq!(
+            AuthFailure::from_tls_error(&self_signed_error(unknown.clone(), own.der())),
+            AuthFailure::SelfSigned
+        );
+        // Other errors are left alone.
+        let expired = rustls::Error::InvalidCertificate(CertificateError::Expired);
+        assert_eq!(self_signed_error(expired.clone(), own.der()), expired);
+
+        // Issued under its own name, but by another key (a CA that happens to share it).
+        let mut ca_params = leaf_params("node-2");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        let same_name = der(&leaf_params("node-2")
+            .signed_by(&other_key, &issuer)
+            .unwrap());
+        assert!(!is_self_signed(&same_name));
+        assert_eq!(
+            AuthFailure::from_tls_error(&self_signed_error(unknown.clone(), &same_name)),
+            AuthFailure::UnknownCa
+        );
+        // Issued under another name.
+        let issued = der(&leaf_params("node-3")
+            .signed_by(&other_key, &issuer)
+            .unwrap());
+        assert!(!is_self_signed(&issued));
+    }
+
+    #[test]
+    fn key_usage_must_allow_signatures_when_present() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let check = |usages: Option<Vec<rcgen::KeyUsagePurpose>>| {
+            let mut params = leaf_params("node-2");
+            if let Some(u) = usages {
+                params.key_usages = u;
+            }
+            let cert = params.self_signed(&key).unwrap();
+            let x509 = info::parse_x509(cert.der().as_ref(), "test").unwrap();
+            check_key_usage(&x509).map_err(|e| AuthFailure::from_tls_error(&e))
+        };
+        use rcgen::KeyUsagePurpose as K;
+        assert_eq!(check(None), Ok(()));
+        assert_eq!(check(Some(vec![K::DigitalSignature])), Ok(()));
+        assert_eq!(
+            check(Some(vec![K::KeyEncipherment, K::DigitalSignature])),
+            Ok(())
+        );
+        assert_eq!(
+            check(Some(vec![K::KeyAgreement, K::KeyEncipherment])),
+            Err(AuthFailure::WrongKeyUsage {
+                detail: "lacks digital signature (key usage; presents: key encipherment, key \
+                         agreement)"
+                    .into()
+            })
+        );
+    }
+
+    #[test]
     fn serializes_tagged() {
         let json = serde_json::to_string(&AuthFailure::Expired {
             not_after: "2026-01-01T00:00:00Z".into(),
@@ -607,6 +884,14 @@ mod tests {
         assert_eq!(
             json,
             r#"{"reason":"expired","detail":{"notAfter":"2026-01-01T00:00:00Z"}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&AuthFailure::SelfSigned).unwrap(),
+            r#"{"reason":"selfSigned"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&AuthFailure::WrongKeyUsage { detail: "x".into() }).unwrap(),
+            r#"{"reason":"wrongKeyUsage","detail":{"detail":"x"}}"#
         );
     }
 }

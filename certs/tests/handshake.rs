@@ -6,9 +6,14 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use enc_certs::{
-    AuthFailure, CaOptions, CertificateAuthority, Error, ExpectedPeer, IssuedPem, NodeCertRequest,
-    NodeIdentity, RevocationList, RevokedEntry, client_config, client_config_with_crls,
-    issue_node_cert_pem, peer_info, server_config, server_config_with_crls, server_name, sign_crl,
+    AuthFailure, CA_KEY_FILE, CaOptions, CertificateAuthority, Error, ExpectedPeer, IssuedPem,
+    NodeCertRequest, NodeIdentity, RevocationList, RevokedEntry, client_config,
+    client_config_with_crls, init_ca, issue_node_cert_pem, peer_info, server_config,
+    server_config_with_crls, server_name, sign_crl,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -23,6 +28,8 @@ fn ip(s: &str) -> IpAddr {
 
 struct Cluster {
     ca: CertificateAuthority,
+    /// The cluster CA's key, for certificates enc itself would never issue.
+    ca_issuer: Issuer<'static, KeyPair>,
     foreign_ca: CertificateAuthority,
     other_ca: CertificateAuthority,
     node1: NodeIdentity,
@@ -60,7 +67,13 @@ fn identity(ca: &CertificateAuthority, issued: &IssuedPem) -> NodeIdentity {
 }
 
 fn cluster() -> Cluster {
-    let ca = CertificateAuthority::generate(&CaOptions::default()).unwrap();
+    // Made on disk (as `encctl ca init` does) so that the test can read the key.
+    let dir = tempfile::tempdir().unwrap();
+    init_ca(dir.path(), &CaOptions::default()).unwrap();
+    let ca = CertificateAuthority::load(dir.path()).unwrap();
+    let key = std::fs::read_to_string(dir.path().join(CA_KEY_FILE)).unwrap();
+    let ca_issuer =
+        Issuer::from_ca_cert_pem(ca.cert_pem(), KeyPair::from_pem(&key).unwrap()).unwrap();
     let foreign_ca = CertificateAuthority::generate(&CaOptions {
         common_name: "enc cluster CA".into(), // same name, different key
         days: 30,
@@ -75,6 +88,7 @@ fn cluster() -> Cluster {
     let node2 = identity(&ca, &issue(&ca, "node-2", "10.0.0.2"));
     Cluster {
         ca,
+        ca_issuer,
         foreign_ca,
         other_ca,
         node1,
@@ -263,6 +277,73 @@ struct Case {
     alert: &'static str,
 }
 
+/// Which end of the connection presents the bad certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Presented {
+    /// As the server's certificate, checked by the client (`client_config`).
+    AsServer,
+    /// As the client's certificate, checked by the server (`server_config`).
+    AsClient,
+}
+
+/// Parameters of a certificate shaped like enc's node certificates (CN and DNS SAN `node`,
+/// IP SAN `addr`, valid from 5 minutes ago for a day, digitalSignature, serverAuth and
+/// clientAuth), for tests to alter.
+fn node_params(node: &str, addr: &str) -> CertificateParams {
+    let mut params = CertificateParams::new(vec![node.to_owned()]).unwrap();
+    params.subject_alt_names.push(SanType::IpAddress(ip(addr)));
+    params.distinguished_name.push(DnType::CommonName, node);
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = now + Duration::days(1);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params
+}
+
+/// Signs `params` for a new key, by `issuer`, or by the new key itself when `None`.
+fn sign(params: &CertificateParams, issuer: Option<&Issuer<'_, KeyPair>>) -> IssuedPem {
+    let key = KeyPair::generate().unwrap();
+    let cert = match issuer {
+        Some(issuer) => params.signed_by(&key, issuer).unwrap(),
+        None => params.self_signed(&key).unwrap(),
+    };
+    IssuedPem {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// Parameters of a CA certificate named `name`.
+fn ca_params(name: &str, constraint: BasicConstraints) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = now + Duration::days(30);
+    params.is_ca = IsCa::Ca(constraint);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params
+}
+
+/// An intermediate CA named `name` signed by `parent`: its certificate (PEM) and issuer.
+fn intermediate(name: &str, parent: &Issuer<'_, KeyPair>) -> (String, Issuer<'static, KeyPair>) {
+    let params = ca_params(name, BasicConstraints::Constrained(0));
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, parent).unwrap();
+    (cert.pem(), Issuer::new(params, key))
+}
+
+/// `leaf` with `extra` certificates (PEM) after it in its chain.
+fn with_chain(mut leaf: IssuedPem, extra: &str) -> IssuedPem {
+    leaf.cert_pem.push_str(extra);
+    leaf
+}
+
 fn rfc3339(pem: &IssuedPem, not_after: bool) -> String {
     let info = enc_certs::inspect(pem.cert_pem.as_bytes()).unwrap();
     let t = if not_after {
@@ -273,8 +354,9 @@ fn rfc3339(pem: &IssuedPem, not_after: bool) -> String {
     t.format(&Rfc3339).unwrap()
 }
 
-/// Bad certificates for node-2 (expected at 10.0.0.2), and what node-1 must report.
-fn cases(c: &Cluster) -> Vec<Case> {
+/// Bad certificates for node-2 (expected at 10.0.0.2) presented at its end `presented`, and
+/// what node-1 must report (`want`) and node-2 then sees (`alert`).
+fn cases(c: &Cluster, presented: Presented) -> Vec<Case> {
     let now = OffsetDateTime::now_utc();
     let expired = issue_window(
         &c.ca,
@@ -339,14 +421,139 @@ fn cases(c: &Cluster) -> Vec<Case> {
             },
             alert: "certificate_unknown",
         },
+        // Issue 8: self-signed. webpki finds no issuer; enc says why (and, as for other
+        // enc-specific reasons, the peer gets certificate_unknown).
+        Case {
+            label: "self-signed",
+            bad: sign(&node_params("node-2", "10.0.0.2"), None),
+            want: AuthFailure::SelfSigned,
+            alert: "certificate_unknown",
+        },
+        // Self-signed under the cluster CA's name: webpki finds the CA by name and the
+        // signature check fails; still self-signed.
+        Case {
+            label: "self-signed with the cluster CA's name",
+            bad: {
+                let mut params = node_params("node-2", "10.0.0.2");
+                params.distinguished_name = rcgen::DistinguishedName::new();
+                params
+                    .distinguished_name
+                    .push(DnType::CommonName, "enc cluster CA");
+                sign(&params, None)
+            },
+            want: AuthFailure::SelfSigned,
+            alert: "certificate_unknown",
+        },
+        // Issue 8: wrong key usage. An extended key usage for the other end only; rustls'
+        // error says which purpose is missing, and the peer gets unsupported_certificate.
+        match presented {
+            Presented::AsClient => Case {
+                label: "extended key usage serverAuth only, as a client",
+                bad: {
+                    let mut params = node_params("node-2", "10.0.0.2");
+                    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+                    sign(&params, Some(&c.ca_issuer))
+                },
+                want: AuthFailure::WrongKeyUsage {
+                    detail: "lacks TLS client authentication (extended key usage; presents: \
+                             TLS server authentication)"
+                        .into(),
+                },
+                alert: "unsupported_certificate",
+            },
+            Presented::AsServer => Case {
+                label: "extended key usage clientAuth only, as a server",
+                bad: {
+                    let mut params = node_params("node-2", "10.0.0.2");
+                    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+                    sign(&params, Some(&c.ca_issuer))
+                },
+                want: AuthFailure::WrongKeyUsage {
+                    detail: "lacks TLS server authentication (extended key usage; presents: \
+                             TLS client authentication)"
+                        .into(),
+                },
+                alert: "unsupported_certificate",
+            },
+        },
+        // A key usage without digitalSignature: webpki ignores key usage for end entities;
+        // enc's own check refuses it (the key must sign the handshake).
+        Case {
+            label: "key usage without digitalSignature",
+            bad: {
+                let mut params = node_params("node-2", "10.0.0.2");
+                params.key_usages = vec![KeyUsagePurpose::KeyAgreement];
+                sign(&params, Some(&c.ca_issuer))
+            },
+            want: AuthFailure::WrongKeyUsage {
+                detail: "lacks digital signature (key usage; presents: key agreement)".into(),
+            },
+            alert: "certificate_unknown",
+        },
+        // Issue 8: chains that do not reach a trusted CA.
+        Case {
+            label: "issued by an intermediate of the cluster CA, sent without it",
+            bad: {
+                let (_, sub) = intermediate("enc intermediate CA", &c.ca_issuer);
+                sign(&node_params("node-2", "10.0.0.2"), Some(&sub))
+            },
+            want: AuthFailure::UnknownCa,
+            alert: "unknown_ca",
+        },
+        Case {
+            label: "issued by an intermediate of a foreign root, sent with it",
+            bad: {
+                let root = ca_params("foreign root CA", BasicConstraints::Unconstrained);
+                let root = Issuer::new(root, KeyPair::generate().unwrap());
+                let (sub_pem, sub) = intermediate("foreign intermediate CA", &root);
+                with_chain(
+                    sign(&node_params("node-2", "10.0.0.2"), Some(&sub)),
+                    &sub_pem,
+                )
+            },
+            want: AuthFailure::UnknownCa,
+            alert: "unknown_ca",
+        },
+        // enc uses no intermediates (the cluster CA has path length 0, which webpki does not
+        // enforce for a trust anchor, and CRLs are checked for the end entity only), so this
+        // one is refused too, although the chain it sends does reach the cluster CA.
+        Case {
+            label: "issued by an intermediate of the cluster CA, sent with it",
+            bad: {
+                let (sub_pem, sub) = intermediate("enc intermediate CA", &c.ca_issuer);
+                with_chain(
+                    sign(&node_params("node-2", "10.0.0.2"), Some(&sub)),
+                    &sub_pem,
+                )
+            },
+            want: AuthFailure::UnknownCa,
+            alert: "unknown_ca",
+        },
     ]
+}
+
+/// The handshake keys are not available on `conn`: it never completed its handshake.
+fn assert_no_keys<D>(conn: &rustls::ConnectionCommon<D>, label: &str, side: &str) {
+    assert!(
+        conn.is_handshaking(),
+        "{label}: {side} completed its handshake"
+    );
+    assert!(
+        conn.export_keying_material([0u8; 32], b"EXPORTER-enc-test", None)
+            .is_err(),
+        "{label}: {side} can export keying material"
+    );
+    assert!(
+        conn.peer_certificates().is_none(),
+        "{label}: {side} kept the peer's certificate"
+    );
 }
 
 #[test]
 fn client_side_verifier_rejects_bad_server_certificates() {
     let c = cluster();
     let expected = expect("node-2", "10.0.0.2");
-    for case in cases(&c) {
+    for case in cases(&c, Presented::AsServer) {
         let ccfg = client_config(&c.node1, &expected).unwrap();
         let scfg = raw_server(&case.bad, &c.ca);
         let out = handshake(ccfg, server_name(&expected).unwrap(), scfg);
@@ -373,6 +580,9 @@ fn client_side_verifier_rejects_bad_server_certificates() {
         // tokio-rustls hands these out wrapped in io::Error.
         let io = std::io::Error::new(std::io::ErrorKind::InvalidData, client_err);
         assert_eq!(AuthFailure::from_io_error(&io), Some(case.want.clone()));
+        assert_no_keys(&out.client, case.label, "client");
+        // The server waits for the client's Finished, which never comes.
+        assert!(out.server.is_handshaking(), "{}", case.label);
     }
 }
 
@@ -381,7 +591,7 @@ fn server_side_verifier_rejects_bad_client_certificates() {
     let c = cluster();
     // node-1 accepts a connection it expects to come from node-2 at 10.0.0.2.
     let expected = expect("node-2", "10.0.0.2");
-    for case in cases(&c) {
+    for case in cases(&c, Presented::AsClient) {
         let scfg = server_config(&c.node1, &expected).unwrap();
         let ccfg = raw_client(&case.bad, &c.ca);
         let out = handshake(
@@ -409,6 +619,9 @@ fn server_side_verifier_rejects_bad_client_certificates() {
             "{}: {client_err}",
             case.label
         );
+        // In TLS 1.3 the client has finished its handshake by then; the agent installs keys
+        // only once the server's hello arrives, and the alert comes first.
+        assert_no_keys(&out.server, case.label, "server");
     }
 }
 
@@ -689,4 +902,84 @@ fn crls_of_other_cas_can_never_be_installed() {
         .unwrap_err();
         assert!(err.is_untrusted_crl(), "{label}: {err}");
     }
+}
+
+#[test]
+fn extra_certificates_after_a_node_certificate_are_ignored() {
+    // A chain file with the CA appended (a common habit) still authenticates, both ways:
+    // the leaf is signed by the cluster CA itself, and the rest of the chain is not used.
+    let c = cluster();
+    let appended = |node: &str, addr: &str| {
+        let issued = with_chain(issue(&c.ca, node, addr), c.ca.cert_pem());
+        let id = identity(&c.ca, &issued);
+        assert_eq!(id.cert_chain().len(), 2);
+        id
+    };
+    let node1 = appended("node-1", "10.0.0.1");
+    let node2 = appended("node-2", "10.0.0.2");
+    for (dialer, dialer_exp, acceptor, acceptor_exp) in [
+        (
+            &node1,
+            expect("node-1", "10.0.0.1"),
+            &node2,
+            expect("node-2", "10.0.0.2"),
+        ),
+        (
+            &node2,
+            expect("node-2", "10.0.0.2"),
+            &node1,
+            expect("node-1", "10.0.0.1"),
+        ),
+    ] {
+        let ccfg = client_config(dialer, &acceptor_exp).unwrap();
+        let scfg = server_config(acceptor, &dialer_exp).unwrap();
+        let out = handshake(ccfg, server_name(&acceptor_exp).unwrap(), scfg);
+        assert!(out.client_err.is_none(), "{:?}", out.client_err);
+        assert!(out.server_err.is_none(), "{:?}", out.server_err);
+        assert!(!out.client.is_handshaking() && !out.server.is_handshaking());
+        let seen = peer_info(out.server.peer_certificates().unwrap()).unwrap();
+        assert_eq!(&seen, dialer.info());
+    }
+}
+
+#[test]
+fn identities_peers_would_refuse_do_not_load() {
+    let c = cluster();
+    let untrusted = |issued: &IssuedPem| match NodeIdentity::from_pem(
+        &issued.cert_pem,
+        &issued.key_pem,
+        c.ca.cert_pem(),
+    ) {
+        Err(Error::Untrusted { reason, .. }) => reason,
+        other => panic!("expected Untrusted, got {other:?}"),
+    };
+    let (sub_pem, sub) = intermediate("enc intermediate CA", &c.ca_issuer);
+    let via_intermediate = with_chain(
+        sign(&node_params("node-1", "10.0.0.1"), Some(&sub)),
+        &sub_pem,
+    );
+    assert_eq!(untrusted(&via_intermediate), AuthFailure::UnknownCa);
+    assert_eq!(
+        untrusted(&sign(&node_params("node-1", "10.0.0.1"), None)),
+        AuthFailure::SelfSigned
+    );
+    let mut server_only = node_params("node-1", "10.0.0.1");
+    server_only.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    assert!(matches!(
+        untrusted(&sign(&server_only, Some(&c.ca_issuer))),
+        AuthFailure::WrongKeyUsage { detail } if detail.contains("TLS client authentication")
+    ));
+    let mut no_signature = node_params("node-1", "10.0.0.1");
+    no_signature.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
+    assert_eq!(
+        untrusted(&sign(&no_signature, Some(&c.ca_issuer))),
+        AuthFailure::WrongKeyUsage {
+            detail: "lacks digital signature (key usage; presents: key encipherment)".into()
+        }
+    );
+    // The same shapes with enc's own parameters load.
+    identity(
+        &c.ca,
+        &sign(&node_params("node-1", "10.0.0.1"), Some(&c.ca_issuer)),
+    );
 }

@@ -37,8 +37,9 @@ const RECONCILE_PERIOD: Duration = Duration::from_secs(5);
 pub struct Shared {
     /// The validated configuration.
     pub config: Config,
-    /// This node's TLS identity.
-    pub identity: NodeIdentity,
+    /// This node's TLS identity; replaced when renewed files are loaded (see
+    /// [`Shared::identity`]).
+    identity: std::sync::RwLock<Arc<NodeIdentity>>,
     /// The encryption backend.
     pub crypto: Crypto,
     /// The device routes into table 229 point at.
@@ -80,6 +81,8 @@ pub struct Shared {
     /// its number for the sessions to watch.
     crl: Mutex<Option<enc_certs::RevocationList>>,
     crl_watch: tokio::sync::watch::Sender<u64>,
+    /// Bumped when a reloaded identity needs every control session to re-authenticate.
+    reauth_watch: tokio::sync::watch::Sender<(u64, String)>,
 }
 
 /// What became of a revocation list offered to [`Shared::offer_crl`].
@@ -147,6 +150,107 @@ pub struct PeerTx {
 }
 
 impl Shared {
+    /// This node's current identity (certificate, key, CA bundle).
+    pub fn identity(&self) -> Arc<NodeIdentity> {
+        self.identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Notified with a reason whenever the sessions must re-authenticate.
+    pub fn subscribe_reauth(&self) -> tokio::sync::watch::Receiver<(u64, String)> {
+        self.reauth_watch.subscribe()
+    }
+
+    /// Loads the identity files again and, if they changed and are valid for this node,
+    /// switches to them: a renewed certificate or a changed CA bundle takes effect for new
+    /// handshakes at once, and every session re-authenticates (keys stay through
+    /// `control.keyGracePeriod`, so traffic does not stop). Invalid files (half-written, a
+    /// key that does not match, a certificate for another node) leave the current identity
+    /// in use, with a warning and an event. Returns whether the identity changed.
+    pub fn reload_identity(&self) -> bool {
+        let c = &self.config.tls;
+        let loaded = match NodeIdentity::load(&c.cert, &c.key, &c.ca)
+            .map_err(|e| format_chain(&e))
+            .and_then(|id| {
+                check_identity(&self.config, &id)
+                    .map(|()| id)
+                    .map_err(|e| format_chain(&e))
+            }) {
+            Ok(id) => id,
+            Err(reason) => {
+                warn!(%reason, "reloading tls.cert / tls.key / tls.ca failed; the current identity stays in use");
+                self.events.record(
+                    enc_api::EventKind::IdentityReloadFailed,
+                    crate::events::Detail {
+                        detail: format!("{reason}; the current identity stays in use"),
+                        ..Default::default()
+                    },
+                );
+                return false;
+            }
+        };
+        let old = self.identity();
+        let cert_changed = old.info().sha256_fingerprint != loaded.info().sha256_fingerprint;
+        let ca_changed = old.ca_certs() != loaded.ca_certs();
+        if !cert_changed && !ca_changed {
+            return false;
+        }
+        let new = loaded.info().clone();
+        // A revocation list whose CA is no longer trusted cannot revoke anything any more.
+        {
+            let mut crl = self.crl.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(list) = crl.as_ref()
+                && list.check_issued_by(loaded.ca_certs()).is_err()
+            {
+                info!(number = list.number(), issuer = %list.issuer(), "dropping the revocation list: its CA is no longer in tls.ca");
+                *crl = None;
+            }
+        }
+        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
+        let mut what = Vec::new();
+        if cert_changed {
+            what.push(format!(
+                "certificate renewed: serial {} -> {}, issued by {}, valid until {}",
+                old.info().serial,
+                new.serial,
+                new.issuer,
+                new.not_after
+            ));
+            self.events.record(
+                enc_api::EventKind::Renewal,
+                crate::events::Detail {
+                    serial: Some(new.serial.clone()),
+                    detail: what[0].clone(),
+                    ..Default::default()
+                },
+            );
+        }
+        if ca_changed {
+            let d = format!(
+                "CA bundle {} now holds {} certificate(s)",
+                c.ca.display(),
+                self.identity().ca_certs().len()
+            );
+            self.events.record(
+                enc_api::EventKind::TrustChanged,
+                crate::events::Detail {
+                    detail: d.clone(),
+                    ..Default::default()
+                },
+            );
+            what.push(d);
+        }
+        let reason = what.join("; ");
+        info!(%reason, "identity reloaded; control sessions re-authenticate");
+        self.reauth_watch.send_modify(|(n, r)| {
+            *n += 1;
+            *r = reason.clone();
+        });
+        true
+    }
+
     /// Locks the peer table; a poisoned lock (a panicked task) is recovered, since the table
     /// is plain data that every transition leaves consistent.
     pub fn table(&self) -> MutexGuard<'_, PeerTable> {
@@ -452,7 +556,7 @@ impl Shared {
     /// peer's session closes and its keys go at once), then passed on to every peer. The
     /// error says why a list was refused.
     pub fn offer_crl(&self, pem: &str, source: &str) -> Result<Offer, String> {
-        let list = match enc_certs::RevocationList::from_pem(pem, self.identity.ca_certs()) {
+        let list = match enc_certs::RevocationList::from_pem(pem, self.identity().ca_certs()) {
             Ok(l) => l,
             Err(e) => {
                 let reason = format_chain(&e);
@@ -488,7 +592,8 @@ impl Shared {
         }
         let number = list.number();
         let entries = list.entries().len();
-        let own = &self.identity.info().serial;
+        let own = self.identity().info().serial.clone();
+        let own = &own;
         if list.is_revoked(own) {
             tracing::error!(serial = %own, number, "this node's own certificate is revoked: peers will refuse it");
         }
@@ -537,7 +642,8 @@ impl Shared {
     /// peer presented has 20% or less of its lifetime left.
     fn check_expiry(&self) {
         let now = time::OffsetDateTime::now_utc();
-        let own = self.identity.info();
+        let id = self.identity();
+        let own = id.info();
         let mut certs = vec![(self.config.node.name.clone(), own.clone())];
         certs.extend(
             self.table()
@@ -1094,7 +1200,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         table: Mutex::new(PeerTable::new(&config, Instant::now())),
         config,
-        identity,
+        identity: std::sync::RwLock::new(Arc::new(identity)),
         crypto,
         route_device,
         links,
@@ -1116,10 +1222,12 @@ pub async fn run(
         expiry_warned: Mutex::new(std::collections::HashSet::new()),
         crl: Mutex::new(crl),
         crl_watch: tokio::sync::watch::channel(0).0,
+        reauth_watch: tokio::sync::watch::channel((0, String::new())).0,
     });
 
     {
-        let c = shared.identity.info();
+        let id = shared.identity();
+        let c = id.info();
         shared.events.record(
             enc_api::EventKind::AgentStart,
             crate::events::Detail {
@@ -1153,6 +1261,9 @@ pub async fn run(
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(reconciler(shared.clone()));
+    if let Some(every) = shared.config.tls.reload_interval {
+        tasks.spawn(identity_reloader(shared.clone(), every));
+    }
     tasks.spawn(crate::control::net::listen(shared.clone(), listener));
     for peer in &shared.config.peers {
         if Role::of(&shared.config.node.name, &peer.name) == Role::Dial {
@@ -1286,6 +1397,33 @@ fn reconcile_once(shared: &Shared) {
         Ok(out) if out != Default::default() => info!(?out, "reconciled datapath"),
         Ok(_) => {}
         Err(e) => warn!(error = %format_chain(&e), "reconcile failed; will retry"),
+    }
+}
+
+/// What identifies a file's content cheaply: modification time and length.
+fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Polls `tls.cert`, `tls.key` and `tls.ca` and reloads the identity when one changes
+/// (renewal by an external issuer such as cert-manager or `encctl cert issue`, and CA
+/// rollover, without a restart). A change seen while files are still being written is
+/// retried at the next poll.
+async fn identity_reloader(shared: Arc<Shared>, every: Duration) {
+    let c = shared.config.tls.clone();
+    let stamps = || [file_stamp(&c.cert), file_stamp(&c.key), file_stamp(&c.ca)];
+    let mut seen = stamps();
+    loop {
+        tokio::time::sleep(every).await;
+        let now = stamps();
+        if now != seen {
+            // Give a writer replacing several files a moment to finish.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let settled = stamps();
+            shared.reload_identity();
+            seen = settled;
+        }
     }
 }
 

@@ -103,6 +103,7 @@ struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     ca: PathBuf,
+    reload_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -267,6 +268,10 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// Cluster CA bundle (PEM).
     pub ca: PathBuf,
+    /// How often the three files are checked for changes: a renewed certificate or a changed
+    /// CA bundle is loaded without a restart (`None`: never; `off` in the file).
+    #[serde(with = "humantime_opt")]
+    pub reload_interval: Option<Duration>,
 }
 
 /// Control channel settings.
@@ -817,6 +822,20 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         cert: check_file("tls.cert", base, &raw.tls.cert)?,
         key: check_file("tls.key", base, &raw.tls.key)?,
         ca: check_file("tls.ca", base, &raw.tls.ca)?,
+        reload_interval: match raw.tls.reload_interval.as_deref().map(str::trim) {
+            Some("off") => None,
+            other => {
+                let d = parse_duration("tls.reloadInterval", other, Duration::from_secs(10))?;
+                if d < Duration::from_millis(100) {
+                    return Err(invalid(
+                        "tls.reloadInterval",
+                        other.unwrap_or_default(),
+                        "must be at least 100ms, or off",
+                    ));
+                }
+                Some(d)
+            }
+        },
     };
 
     let control_port = check_port(

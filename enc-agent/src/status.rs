@@ -394,7 +394,7 @@ pub fn build_status(shared: &Shared) -> Status {
             listen: shared.config.control.listen.to_string(),
             dial_rule: "the node whose name sorts first dials".into(),
         },
-        certificate: summary(shared.identity.info()),
+        certificate: summary(shared.identity().info()),
         peers: counts,
         datapath: DatapathInfo {
             attach_mode: match (&shared.crypto, shared.dp.attach_mode()) {
@@ -431,7 +431,8 @@ pub fn near_expiry(
 
 fn expiry_info(shared: &Shared) -> enc_api::ExpiryInfo {
     let now = OffsetDateTime::now_utc();
-    let own = shared.identity.info();
+    let id = shared.identity();
+    let own = id.info();
     let mut certs: Vec<(String, OffsetDateTime, OffsetDateTime)> = vec![(
         shared.config.node.name.clone(),
         own.not_before,
@@ -668,7 +669,7 @@ async fn crl(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             );
         }
     };
-    let number = enc_certs::RevocationList::from_pem(&req.pem, shared.identity.ca_certs())
+    let number = enc_certs::RevocationList::from_pem(&req.pem, shared.identity().ca_certs())
         .map(|l| l.number())
         .unwrap_or(0);
     match shared.offer_crl(&req.pem, "an operator (encctl crl push)") {

@@ -371,7 +371,7 @@ impl Lab {
         for n in &nodes {
             let mut yaml = format!(
                 "node:\n  name: {}\n  underlayAddress: {}\n  podCidr: {}\n\
-                 tls:\n  cert: certs/{}.crt\n  key: certs/{}.key\n  ca: {}/ca.crt\n\
+                 tls:\n  cert: certs/{}.crt\n  key: certs/{}.key\n  ca: {}/ca.crt\n  reloadInterval: 1s\n\
                  control:\n  listenPort: {CONTROL_PORT}\n  connectTimeout: 3s\n  keyGracePeriod: 30s\n\
                  encryption:\n  type: {}\n  strictMode: {}\n  wireguard:\n    interface: enc-wg0\n    listenPort: {WG_PORT}\n\
                  underlay:\n  interface: eth0\n\

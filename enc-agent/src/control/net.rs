@@ -61,7 +61,7 @@ async fn handle_inbound(shared: Arc<Shared>, stream: TcpStream, src: SocketAddr)
         return;
     }
     let config = match enc_certs::server_config_with_crls(
-        &shared.identity,
+        &shared.identity(),
         &expected(&peer),
         &shared.crls(),
     ) {
@@ -137,7 +137,7 @@ async fn dial_once(shared: &Arc<Shared>, peer: &PeerConfig) -> bool {
     let _ = stream.set_nodelay(true);
     let exp = expected(peer);
     let (config, name) = match (
-        enc_certs::client_config_with_crls(&shared.identity, &exp, &shared.crls()),
+        enc_certs::client_config_with_crls(&shared.identity(), &exp, &shared.crls()),
         enc_certs::server_name(&exp),
     ) {
         (Ok(c), Ok(n)) => (c, n),
@@ -247,6 +247,8 @@ enum End {
     Rotation(String),
     /// The peer's certificate is on a revocation list this node accepted.
     Revoked(String),
+    /// This node's identity was reloaded: re-authenticate with it.
+    Reauth(String),
 }
 
 /// Key-rotation bookkeeping of one session: the state machine and the trigger baselines.
@@ -291,6 +293,7 @@ where
     let mut effects: Vec<Effect> = Vec::new();
     let mut keys: Option<KeyState> = None;
     let mut crl_rx = shared.subscribe_crl();
+    let mut reauth_rx = shared.subscribe_reauth();
     let serial = cert.as_ref().map(|c| c.serial.clone());
 
     let end = 'outer: loop {
@@ -442,6 +445,17 @@ where
                 Some(Err(e)) => break 'outer End::Read(e),
                 None => break 'outer End::Read(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())),
             },
+            changed = reauth_rx.changed() => {
+                if changed.is_ok() {
+                    let reason = reauth_rx.borrow_and_update().1.clone();
+                    let bye = Message::Goodbye(proto::Goodbye {
+                        reason: format!("re-authenticating: {reason}"),
+                    });
+                    let _ = wr.write_all(&proto::encode(&bye)).await;
+                    break 'outer End::Reauth(reason);
+                }
+                Ok(vec![])
+            },
             changed = crl_rx.changed() => {
                 if changed.is_ok() {
                     if let Some(r) = shared.revocations_message()
@@ -547,6 +561,7 @@ where
         End::Write(e) => format!("writing to peer: {e}"),
         End::Keys(e) => format!("key installation: {e}"),
         End::Rotation(e) => format!("key rotation out of step: {e}"),
+        End::Reauth(why) => format!("re-authenticating with the reloaded identity ({why})"),
     };
     if established {
         info!(peer = %peer.name, session = session_id, %reason, "control session ended");

@@ -219,8 +219,13 @@ mod tests {
     fn limits_and_garbage_are_refused() {
         assert_eq!(decode(&[0, 0, 0, 0]), Err(ProtoError::Empty));
         assert_eq!(
-            decode(&[0, 1, 0, 1]),
-            Err(ProtoError::TooLong { len: 65537 })
+            decode(&[0, 4, 0, 1]),
+            Err(ProtoError::TooLong { len: 262_145 })
+        );
+        // Exactly the limit is not refused for its length.
+        assert_ne!(
+            decode(&[0, 4, 0, 0]),
+            Err(ProtoError::TooLong { len: 262_144 })
         );
         assert!(matches!(
             decode(b"\0\0\0\x02{}"),
