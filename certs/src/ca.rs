@@ -293,36 +293,7 @@ pub fn issue_node_cert_pem(
     not_after: OffsetDateTime,
 ) -> Result<IssuedPem> {
     validate_request(req)?;
-    let not_before = trunc_secs(not_before);
-    let not_after = trunc_secs(not_after);
-    if not_after <= not_before {
-        return Err(Error::invalid(
-            "not_after",
-            info::rfc3339(not_after),
-            format!("must be after not_before {}", info::rfc3339(not_before)),
-        ));
-    }
-    let mut params = CertificateParams::default();
-    params.not_before = not_before;
-    params.not_after = not_after;
-    params.serial_number = Some(random_serial()?);
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, req.node.as_str());
-    params.distinguished_name = dn;
-    let dns = req.node.clone().try_into().map_err(|source| Error::Rcgen {
-        context: format!("node name {:?} as DNS SAN", req.node),
-        source,
-    })?;
-    params.subject_alt_names = std::iter::once(SanType::DnsName(dns))
-        .chain(req.ips.iter().copied().map(SanType::IpAddress))
-        .collect();
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.use_authority_key_identifier_extension = true;
+    let params = node_cert_params(&req.node, &req.ips, not_before, not_after)?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| Error::Rcgen {
         context: format!("generating key for node {}", req.node),
         source,
@@ -337,6 +308,49 @@ pub fn issue_node_cert_pem(
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
     })
+}
+
+/// The certificate profile of every node certificate, whoever made the key: CN and DNS SAN
+/// = node, IP SANs = `ips`, not a CA, key usage digitalSignature, extended key usages TLS
+/// server and client, authority key identifier, a random serial, validity
+/// `not_before..not_after` (truncated to seconds).
+pub(crate) fn node_cert_params(
+    node: &str,
+    ips: &[IpAddr],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams> {
+    let not_before = trunc_secs(not_before);
+    let not_after = trunc_secs(not_after);
+    if not_after <= not_before {
+        return Err(Error::invalid(
+            "not_after",
+            info::rfc3339(not_after),
+            format!("must be after not_before {}", info::rfc3339(not_before)),
+        ));
+    }
+    let mut params = CertificateParams::default();
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.serial_number = Some(random_serial()?);
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node);
+    params.distinguished_name = dn;
+    let dns = node.to_owned().try_into().map_err(|source| Error::Rcgen {
+        context: format!("node name {node:?} as DNS SAN"),
+        source,
+    })?;
+    params.subject_alt_names = std::iter::once(SanType::DnsName(dns))
+        .chain(ips.iter().copied().map(SanType::IpAddress))
+        .collect();
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
 }
 
 /// Checks that `name` is a lowercase RFC 1123 DNS name.
@@ -369,12 +383,17 @@ pub fn validate_node_name(name: &str) -> Result<()> {
 }
 
 fn validate_request(req: &NodeCertRequest) -> Result<()> {
-    validate_node_name(&req.node)?;
-    if req.ips.is_empty() {
+    validate_node_and_ips(&req.node, &req.ips)
+}
+
+/// Checks a node name and that it has at least one address.
+pub(crate) fn validate_node_and_ips(node: &str, ips: &[IpAddr]) -> Result<()> {
+    validate_node_name(node)?;
+    if ips.is_empty() {
         return Err(Error::invalid(
             "ips",
             "[]",
-            format!("node {} needs at least one IP address", req.node),
+            format!("node {node} needs at least one IP address"),
         ));
     }
     Ok(())
@@ -428,7 +447,7 @@ pub(crate) fn read_string(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))
 }
 
-fn refuse_existing(paths: &[&PathBuf]) -> Result<()> {
+pub(crate) fn refuse_existing(paths: &[&PathBuf]) -> Result<()> {
     for path in paths {
         match path.symlink_metadata() {
             Ok(_) => {
@@ -453,7 +472,12 @@ pub(crate) fn create_dir(dir: &Path) -> Result<()> {
 
 /// Writes the key (created 0600) and then the certificate (0644); removes the key again if
 /// the certificate cannot be written.
-fn write_pair(cert_path: &Path, cert_pem: &str, key_path: &Path, key_pem: &str) -> Result<()> {
+pub(crate) fn write_pair(
+    cert_path: &Path,
+    cert_pem: &str,
+    key_path: &Path,
+    key_pem: &str,
+) -> Result<()> {
     write_new(key_path, key_pem, 0o600)?;
     if let Err(e) = write_new(cert_path, cert_pem, 0o644) {
         if let Err(rm) = std::fs::remove_file(key_path) {
@@ -464,7 +488,7 @@ fn write_pair(cert_path: &Path, cert_pem: &str, key_path: &Path, key_pem: &str) 
     Ok(())
 }
 
-fn write_new(path: &Path, contents: &str, mode: u32) -> Result<()> {
+pub(crate) fn write_new(path: &Path, contents: &str, mode: u32) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)

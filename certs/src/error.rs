@@ -212,6 +212,114 @@ pub enum Error {
         /// Why verification failed.
         reason: String,
     },
+
+    /// A join token given to redeem or sign is not in the `enc1.` format; the message never
+    /// repeats the secret.
+    #[error("malformed join token: {reason}")]
+    TokenMalformed {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// A join token is not recorded in the CA's token file (not created by this CA).
+    #[error(
+        "unknown join token {id}: the CA in {ca_dir} never created it (see encctl token list)",
+        ca_dir = ca_dir.display()
+    )]
+    TokenUnknown {
+        /// The public id derived from the token presented.
+        id: String,
+        /// The CA directory whose token file was searched.
+        ca_dir: PathBuf,
+    },
+
+    /// A join token was redeemed before; tokens are single use.
+    #[error(
+        "join token {id} for node {node} was already used at {used_at}{serial}; create a new one with encctl token create",
+        serial = serial.as_deref().map(|s| format!(" (certificate serial {s})")).unwrap_or_default()
+    )]
+    TokenUsed {
+        /// The token's public id.
+        id: String,
+        /// The node the token was created for.
+        node: String,
+        /// When it was used (RFC 3339, UTC).
+        used_at: String,
+        /// The serial of the certificate it was used for, if it was used by a signing.
+        serial: Option<String>,
+    },
+
+    /// A join token is past its expiry.
+    #[error(
+        "join token {id} for node {node} expired at {expired_at}; create a new one with encctl token create"
+    )]
+    TokenExpired {
+        /// The token's public id.
+        id: String,
+        /// The node the token was created for.
+        node: String,
+        /// When it expired (RFC 3339, UTC).
+        expired_at: String,
+    },
+
+    /// A line of the join token file (`tokens.jsonl`) cannot be read.
+    #[error("{path}:{line}: bad join token entry: {reason}", path = path.display())]
+    TokenFile {
+        /// The token file.
+        path: PathBuf,
+        /// The line number, from 1.
+        line: usize,
+        /// What is wrong with the line.
+        reason: String,
+    },
+
+    /// A certificate signing request cannot be decoded or parsed, or asks for a key type
+    /// node certificates do not use.
+    #[error("{origin}: unusable certificate signing request: {reason}")]
+    BadCsr {
+        /// Where the request came from.
+        origin: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The self-signature of a certificate signing request does not verify: the request was
+    /// altered, or its signer does not hold the key it names.
+    #[error("{origin}: certificate signing request signature does not verify: {reason}")]
+    CsrSignature {
+        /// Where the request came from.
+        origin: String,
+        /// The verification error.
+        reason: String,
+    },
+
+    /// A certificate signing request asks for names or a key the join token does not allow.
+    #[error("certificate signing request refused: {problem}; join token {token} allows {allowed}")]
+    CsrRefused {
+        /// What the request asks for that is not allowed (names the SAN or key).
+        problem: String,
+        /// The join token's public id.
+        token: String,
+        /// What the token allows, e.g. `DNS:node-1, IP:10.0.0.1`.
+        allowed: String,
+    },
+
+    /// A certificate was issued (its join token is used up and it is in the issuance
+    /// ledger) but could not be written; the message carries the certificate, which is public.
+    #[error(
+        "certificate {serial} was issued (join token used, ledger updated) but writing {path} failed: {source}; the certificate follows, save it by hand:\n{cert_pem}",
+        path = path.display()
+    )]
+    IssuedNotWritten {
+        /// The certificate file that could not be written.
+        path: PathBuf,
+        /// The certificate's serial.
+        serial: String,
+        /// The certificate, PEM.
+        cert_pem: String,
+        /// Why writing failed.
+        source: Box<Error>,
+    },
 }
 
 impl Error {
@@ -226,6 +334,33 @@ impl Error {
         matches!(
             self,
             Error::CrlIssuerUnknown { .. } | Error::CrlSignature { .. }
+        )
+    }
+
+    /// True if a join token was refused because it was already used.
+    pub fn is_token_used(&self) -> bool {
+        matches!(self, Error::TokenUsed { .. })
+    }
+
+    /// True if a join token was refused because it expired.
+    pub fn is_token_expired(&self) -> bool {
+        matches!(self, Error::TokenExpired { .. })
+    }
+
+    /// True if a join token was refused because the CA does not know it (or it is malformed).
+    pub fn is_token_unknown(&self) -> bool {
+        matches!(
+            self,
+            Error::TokenUnknown { .. } | Error::TokenMalformed { .. }
+        )
+    }
+
+    /// True if a certificate signing request itself was refused (unparsable, bad signature,
+    /// or names or a key the token does not allow); its join token is then left unused.
+    pub fn is_csr_refused(&self) -> bool {
+        matches!(
+            self,
+            Error::BadCsr { .. } | Error::CsrSignature { .. } | Error::CsrRefused { .. }
         )
     }
 

@@ -112,31 +112,40 @@ pub fn read_ledger(ca_dir: &Path) -> Result<Vec<IssuedEntry>> {
 /// concurrent issuers do not interleave lines.
 pub(crate) fn append(ca_dir: &Path, entry: &IssuedEntry) -> Result<()> {
     let path = ledger_path(ca_dir);
-    let mut line = serde_json::to_string(entry)
+    let line = serde_json::to_string(entry)
         .map_err(|e| Error::io("encode entry for", &path, std::io::Error::other(e)))?;
+    append_line(&path, &line, 0o644)
+}
+
+/// Appends `line` and a newline to `path`, creating it with exactly `mode` if missing.
+///
+/// The line is written with one `write` on an `O_APPEND` descriptor and synced, so
+/// concurrent writers do not interleave lines.
+pub(crate) fn append_line(path: &Path, line: &str, mode: u32) -> Result<()> {
+    let mut line = line.to_owned();
     line.push('\n');
     let (mut file, created) = match OpenOptions::new()
         .append(true)
         .create_new(true)
-        .mode(0o644)
-        .open(&path)
+        .mode(mode)
+        .open(path)
     {
         Ok(f) => (f, true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (
             OpenOptions::new()
                 .append(true)
-                .open(&path)
-                .map_err(|e| Error::io("open", &path, e))?,
+                .open(path)
+                .map_err(|e| Error::io("open", path, e))?,
             false,
         ),
-        Err(e) => return Err(Error::io("create", &path, e)),
+        Err(e) => return Err(Error::io("create", path, e)),
     };
     if created {
         // The umask may have cleared bits of a public file; set them exactly.
-        file.set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| Error::io("set permissions on", &path, e))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io("set permissions on", path, e))?;
     }
     file.write_all(line.as_bytes())
         .and_then(|()| file.sync_all())
-        .map_err(|e| Error::io("append to", &path, e))
+        .map_err(|e| Error::io("append to", path, e))
 }

@@ -12,14 +12,21 @@
 //!   to the CA-signed list `<ca_dir>/crl.pem`; [`RevocationList`] is such a list with its
 //!   signature verified, and [`client_config_with_crls`] / [`server_config_with_crls`]
 //!   refuse peers it revokes ([`AuthFailure::Revoked`]).
+//! - Enrolment without the CA key on the node: the operator creates a one-time join token
+//!   ([`create_token`], recorded by hash in `<ca_dir>/tokens.jsonl`); the node makes its key
+//!   and a request ([`request_node_cert`] / [`generate_csr`]); the operator signs the request
+//!   with the token ([`sign_csr`] / [`sign_csr_to_dir`]), which checks its names against the
+//!   token and uses the token up ([`redeem_token`]).
 
 mod ca;
 mod crl;
+mod enrol;
 mod error;
 mod identity;
 mod info;
 mod ledger;
 mod revoke;
+mod token;
 mod verify;
 
 pub use ca::{
@@ -30,11 +37,19 @@ pub use crl::{
     CRL_PEM_LABEL, CrlInfo, RevocationList, RevokedEntry, inspect_crl, inspect_crl_file,
     parse_serial, sign_crl,
 };
+pub use enrol::{
+    CsrFiles, DEFAULT_CSR_LIFETIME, MIN_CERT_LIFETIME, NodeCsr, SignedNodeCert, generate_csr,
+    request_node_cert, sign_csr, sign_csr_to_dir,
+};
 pub use error::{Error, Result};
 pub use identity::NodeIdentity;
 pub use info::{CertInfo, inspect, inspect_file, read_pem_certs};
 pub use ledger::{IssuedEntry, LEDGER_FILE, ledger_path, read_ledger};
 pub use revoke::{CRL_FILE, CRL_VALIDITY, RevokeOutcome, RevokeRequest, crl_path, revoke};
+pub use token::{
+    MAX_TOKEN_TTL, MIN_TOKEN_TTL, NewToken, TOKEN_PREFIX, TOKENS_FILE, TokenInfo, TokenRequest,
+    TokenState, TokenStatus, create_token, list_tokens, redeem_token, tokens_path,
+};
 pub use verify::{
     AuthFailure, ExpectedPeer, client_config, client_config_with_crls, peer_info, server_config,
     server_config_with_crls, server_name,

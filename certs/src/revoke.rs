@@ -110,7 +110,7 @@ pub fn revoke(ca_dir: &Path, req: &RevokeRequest) -> Result<RevokeOutcome> {
         }
     }
 
-    let _lock = lock(ca_dir)?;
+    let _lock = lock(ca_dir, LOCK_FILE)?;
     let path = crl_path(ca_dir);
     let existing = match RevocationList::load(&path, std::slice::from_ref(ca.cert_der())) {
         Ok(crl) => Some(crl),
@@ -169,8 +169,10 @@ pub fn revoke(ca_dir: &Path, req: &RevokeRequest) -> Result<RevokeOutcome> {
     })
 }
 
-fn lock(ca_dir: &Path) -> Result<std::fs::File> {
-    let path = ca_dir.join(LOCK_FILE);
+/// Takes an exclusive lock on `ca_dir/name` (created if missing), held until the returned
+/// file is dropped. Separate opens contend, so this serialises threads as well as processes.
+pub(crate) fn lock(ca_dir: &Path, name: &str) -> Result<std::fs::File> {
+    let path = ca_dir.join(name);
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -1,9 +1,11 @@
 //! `encctl`: the enc command-line tool.
 //!
 //! A thin client: certificate commands call `enc-certs`, status commands read the agent's
-//! status API on its Unix socket. No command prints key material.
+//! status API on its Unix socket. No command prints key material; a join token is printed
+//! once, by `encctl token create`.
 
 mod client;
+mod enrol;
 mod output;
 mod revoke;
 mod rotate;
@@ -61,6 +63,10 @@ enum Command {
     /// Node certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// One-time join tokens: let a node enrol with its own key (`encctl cert request` on the
+    /// node, `encctl cert sign` here) without the CA key ever leaving this machine.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Revoke node certificates: add them to the CA-signed revocation list DIR/crl.pem.
     Revoke(RevokeArgs),
     /// Certificate revocation lists.
@@ -157,6 +163,53 @@ struct RotateArgs {
     agent: AgentOpts,
 }
 
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a single-use join token for one node and its addresses; prints the token once.
+    Create {
+        /// Directory holding ca.crt and ca.key; the token's hash goes to DIR/tokens.jsonl.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Node name the certificate will carry (lowercase DNS name).
+        #[arg(long)]
+        node: String,
+        /// Address the node may request (repeat for several).
+        #[arg(long = "ip", required = true)]
+        ips: Vec<IpAddr>,
+        /// How long the token can be used (1m to 30d, e.g. 15m, 2h, 7d).
+        #[arg(long, value_name = "D", default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+        /// Output format (json includes the token).
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// List the join tokens of a CA: id, node, IPs, created, expires, state (never the token).
+    List {
+        /// Directory holding the CA and DIR/tokens.jsonl.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_timeout(s)?;
+    if !(enc_certs::MIN_TOKEN_TTL..=enc_certs::MAX_TOKEN_TTL).contains(&d) {
+        return Err("must be between 1m and 30d".into());
+    }
+    Ok(d)
+}
+
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    let d = parse_timeout(s)?;
+    if d < enc_certs::MIN_CERT_LIFETIME {
+        return Err("must be at least 1m".into());
+    }
+    Ok(d)
+}
+
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{e} (expected a duration such as 30s, 2m or 1h)"))?;
@@ -212,6 +265,44 @@ enum CertCommand {
         #[arg(long, default_value_t = 365)]
         days: u32,
         /// Directory to write NODE.crt and NODE.key (mode 0600) to.
+        #[arg(long)]
+        out: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// On a node: create its private key NODE.key (mode 0600) and a certificate signing
+    /// request NODE.csr for the CA operator to sign with a join token (`encctl cert sign`).
+    Request {
+        /// Node name (lowercase DNS name), as the join token names it.
+        #[arg(long)]
+        node: String,
+        /// Node address (repeat for several; each must be allowed by the token).
+        #[arg(long = "ip", required = true)]
+        ips: Vec<IpAddr>,
+        /// Directory to write NODE.key and NODE.csr to (an existing key is never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// With the CA: sign a node's certificate signing request, using up its join token. The
+    /// request must name exactly the token's node and some of its addresses.
+    Sign {
+        /// Directory holding ca.crt, ca.key and tokens.jsonl.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The request file (NODE.csr from `encctl cert request`).
+        #[arg(long)]
+        csr: PathBuf,
+        /// The join token, or @FILE holding it (preferred: keeps it out of shell history).
+        #[arg(long, value_name = "TOKEN_OR_@FILE", env = "ENC_JOIN_TOKEN", hide_env_values = true, value_parser = enrol::parse_secret)]
+        token: enrol::Secret,
+        /// Certificate lifetime (e.g. 24h, 7d; capped at the CA's expiry).
+        #[arg(long, value_name = "D", default_value = "24h", value_parser = parse_lifetime)]
+        lifetime: Duration,
+        /// Directory to write NODE.crt to.
         #[arg(long)]
         out: PathBuf,
         /// Output format.
@@ -306,6 +397,74 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     output::cert(&info)
                 )
             })?;
+        }
+        Command::Cert(CertCommand::Request {
+            node,
+            ips,
+            out,
+            output,
+        }) => {
+            let files = enc_certs::request_node_cert(&node, &ips, &out)
+                .with_context(|| format!("create key and request for node {node:?}"))?;
+            let json = enrol::RequestedJson {
+                node: &node,
+                ips: &ips,
+                key: &files.key_path,
+                csr: &files.csr_path,
+            };
+            emit(output, &json, || enrol::requested_text(&node, &files))?;
+        }
+        Command::Cert(CertCommand::Sign {
+            ca,
+            csr,
+            token,
+            lifetime,
+            out,
+            output,
+        }) => {
+            let (path, signed) = enrol::sign(&enrol::SignArgs {
+                ca,
+                csr,
+                token,
+                lifetime,
+                out,
+            })?;
+            let json = enrol::SignedJson {
+                path: &path,
+                token: &signed.token,
+                cert: &signed.info,
+            };
+            emit(output, &json, || {
+                enrol::signed_text(&path, &signed.token, &signed.info)
+            })?;
+        }
+        Command::Token(TokenCommand::Create {
+            ca,
+            node,
+            ips,
+            ttl,
+            output,
+        }) => {
+            let new = enc_certs::create_token(
+                &ca,
+                &enc_certs::TokenRequest {
+                    node: node.clone(),
+                    ips,
+                    ttl,
+                },
+                time::OffsetDateTime::now_utc(),
+            )
+            .with_context(|| format!("create join token for node {node:?}"))?;
+            let json = enrol::CreatedJson {
+                token: &new.secret,
+                info: &new.info,
+            };
+            emit(output, &json, || enrol::created_text(&new, &ca))?;
+        }
+        Command::Token(TokenCommand::List { ca, output }) => {
+            let tokens = enc_certs::list_tokens(&ca, time::OffsetDateTime::now_utc())
+                .with_context(|| format!("list join tokens of the CA in {}", ca.display()))?;
+            emit(output, &tokens, || enrol::list_text(&tokens))?;
         }
         Command::Cert(CertCommand::Inspect { file, output }) => {
             let info = enc_certs::inspect_file(&file)

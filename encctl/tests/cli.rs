@@ -604,3 +604,351 @@ fn revoke_errors_name_the_bad_value() {
     let e = err(&["crl", "inspect", p(&d.path().join("none.pem"))]);
     assert!(e.contains("none.pem"), "{e}");
 }
+
+/// `encctl token create -o json` for node-1 at 10.0.0.1: the token and its details.
+fn create_token(ca: &Path, ttl: &str) -> (String, serde_json::Value) {
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "token",
+        "create",
+        "--ca",
+        p(ca),
+        "--node",
+        "node-1",
+        "--ip",
+        "10.0.0.1",
+        "--ttl",
+        ttl,
+        "-o",
+        "json",
+    ]))
+    .expect("token create -o json prints JSON");
+    let token = json["token"]
+        .as_str()
+        .expect("JSON has the token")
+        .to_owned();
+    (token, json)
+}
+
+#[test]
+fn enrol_with_a_join_token_end_to_end() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = d.path().join("ca");
+    let node_dir = d.path().join("node");
+    ok(&["ca", "init", "--out", p(&ca)]);
+
+    let text = ok(&[
+        "token",
+        "create",
+        "--ca",
+        p(&ca),
+        "--node",
+        "node-1",
+        "--ip",
+        "10.0.0.1",
+        "--ip",
+        "fd00::1",
+        "--ttl",
+        "2h",
+    ]);
+    let secret = text
+        .split_whitespace()
+        .find(|w| w.starts_with("enc1."))
+        .unwrap_or_else(|| panic!("no token printed:\n{text}"))
+        .to_owned();
+    for want in [
+        "node-1",
+        "10.0.0.1",
+        "fd00::1",
+        "expires",
+        "encctl cert request",
+        "encctl cert sign",
+    ] {
+        assert!(text.contains(want), "token create lacks {want}:\n{text}");
+    }
+    let id = text.split_whitespace().nth(3).unwrap().to_owned();
+    assert_eq!(id.len(), 8, "{text}");
+
+    // On the node: key and request, never overwritten.
+    let text = ok(&[
+        "cert",
+        "request",
+        "--node",
+        "node-1",
+        "--ip",
+        "10.0.0.1",
+        "--out",
+        p(&node_dir),
+    ]);
+    assert!(
+        text.contains("node-1.key") && text.contains("node-1.csr"),
+        "{text}"
+    );
+    let key = node_dir.join("node-1.key");
+    let csr = node_dir.join("node-1.csr");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |f: &Path| std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&key), 0o600);
+    assert_eq!(mode(&csr), 0o644);
+    let key_pem = std::fs::read_to_string(&key).unwrap();
+    let e = err(&[
+        "cert",
+        "request",
+        "--node",
+        "node-1",
+        "--ip",
+        "10.0.0.1",
+        "--out",
+        p(&node_dir),
+    ]);
+    assert!(e.contains("node-1.key") && e.contains("overwrite"), "{e}");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), key_pem);
+
+    // With the CA: sign, the token read from a file.
+    let token_file = d.path().join("token");
+    std::fs::write(&token_file, format!("{secret}\n")).unwrap();
+    let token_arg = format!("@{}", p(&token_file));
+    let signed = d.path().join("signed");
+    let text = ok(&[
+        "cert",
+        "sign",
+        "--ca",
+        p(&ca),
+        "--csr",
+        p(&csr),
+        "--token",
+        &token_arg,
+        "--out",
+        p(&signed),
+    ]);
+    assert!(text.contains(&id) && text.contains("node-1.crt"), "{text}");
+    let crt = signed.join("node-1.crt");
+    let inspect = ok(&["cert", "inspect", p(&crt)]);
+    for want in ["CN=node-1", "DNS:node-1", "IP:10.0.0.1", "enc cluster CA"] {
+        assert!(inspect.contains(want), "inspect lacks {want}:\n{inspect}");
+    }
+    assert!(!inspect.contains("fd00::1"), "{inspect}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["cert", "inspect", p(&crt), "-o", "json"])).unwrap();
+    let (nb, na) = (
+        time::OffsetDateTime::parse(
+            json["notBefore"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap(),
+        time::OffsetDateTime::parse(
+            json["notAfter"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        na - nb,
+        time::Duration::hours(24) + time::Duration::minutes(5),
+        "default lifetime 24h"
+    );
+    // The certificate is in the issuance ledger, so it can be revoked by node name.
+    let ledger = std::fs::read_to_string(ca.join("issued.jsonl")).unwrap();
+    assert!(
+        ledger.contains(json["serial"].as_str().unwrap()),
+        "{ledger}"
+    );
+
+    // The token is single use.
+    let e = err(&[
+        "cert",
+        "sign",
+        "--ca",
+        p(&ca),
+        "--csr",
+        p(&csr),
+        "--token",
+        &secret,
+        "--out",
+        p(&d.path().join("again")),
+    ]);
+    assert!(
+        e.contains("already used") && e.contains("node-1") && e.contains(&id),
+        "{e}"
+    );
+    assert!(!d.path().join("again").join("node-1.crt").exists());
+
+    // Listing shows it used, and the secret is nowhere but in what create printed.
+    let list = ok(&["token", "list", "--ca", p(&ca)]);
+    assert!(list.contains(&id) && list.contains("used"), "{list}");
+    let list_json = ok(&["token", "list", "--ca", p(&ca), "-o", "json"]);
+    let body = &secret["enc1.".len()..];
+    for (what, text) in [
+        ("token list", &list),
+        ("token list -o json", &list_json),
+        (
+            "tokens.jsonl",
+            &std::fs::read_to_string(ca.join("tokens.jsonl")).unwrap(),
+        ),
+        ("cert sign", &text),
+        ("reuse error", &e),
+    ] {
+        assert!(!text.contains(body), "{what} shows the secret:\n{text}");
+    }
+    assert!(
+        !text.contains(key_pem.lines().nth(1).unwrap()),
+        "sign printed key material"
+    );
+}
+
+#[test]
+fn enrol_refusals_are_clear_and_leave_the_token_usable() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = d.path().join("ca");
+    ok(&["ca", "init", "--out", p(&ca)]);
+    let (secret, json) = create_token(&ca, "1m");
+    let id = json["id"].as_str().unwrap().to_owned();
+    assert_eq!(json["node"], "node-1");
+
+    // A request for another node is refused, naming the SAN and what the token allows.
+    let node2 = d.path().join("n2");
+    ok(&[
+        "cert",
+        "request",
+        "--node",
+        "node-2",
+        "--ip",
+        "10.0.0.1",
+        "--out",
+        p(&node2),
+    ]);
+    let e = err(&[
+        "cert",
+        "sign",
+        "--ca",
+        p(&ca),
+        "--csr",
+        p(&node2.join("node-2.csr")),
+        "--token",
+        &secret,
+        "--out",
+        p(&node2),
+    ]);
+    assert!(
+        e.contains("DNS:node-2") && e.contains("allows DNS:node-1, IP:10.0.0.1"),
+        "{e}"
+    );
+    let list = ok(&["token", "list", "--ca", p(&ca)]);
+    assert!(
+        list.contains("unused"),
+        "refused request used the token:\n{list}"
+    );
+
+    // An unknown token and a missing token file are named.
+    let other = d.path().join("other");
+    ok(&["ca", "init", "--out", p(&other)]);
+    let (foreign, foreign_json) = create_token(&other, "1h");
+    let foreign_id = foreign_json["id"].as_str().unwrap().to_owned();
+    let node1 = d.path().join("n1");
+    ok(&[
+        "cert",
+        "request",
+        "--node",
+        "node-1",
+        "--ip",
+        "10.0.0.1",
+        "--out",
+        p(&node1),
+    ]);
+    let csr = node1.join("node-1.csr");
+    let e = err(&[
+        "cert",
+        "sign",
+        "--ca",
+        p(&ca),
+        "--csr",
+        p(&csr),
+        "--token",
+        &foreign,
+        "--out",
+        p(&node1),
+    ]);
+    assert!(e.contains("unknown join token"), "{e}");
+    let e = err(&[
+        "cert",
+        "sign",
+        "--ca",
+        p(&ca),
+        "--csr",
+        p(&csr),
+        "--token",
+        &format!("@{}", p(&d.path().join("missing-token"))),
+        "--out",
+        p(&node1),
+    ]);
+    assert!(e.contains("missing-token"), "{e}");
+
+    // Expiry, without waiting: the CLI has no clock to inject, so the token's recorded
+    // expiry is moved into the past.
+    let file = ca.join("tokens.jsonl");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let expires = json["expiresAt"].as_str().unwrap();
+    std::fs::write(&file, text.replace(expires, "2020-01-01T00:00:00Z")).unwrap();
+    let e = err(&[
+        "cert",
+        "sign",
+        "--ca",
+        p(&ca),
+        "--csr",
+        p(&csr),
+        "--token",
+        &secret,
+        "--out",
+        p(&node1),
+    ]);
+    assert!(
+        e.contains("expired at 2020-01-01T00:00:00Z") && e.contains(&id),
+        "{e}"
+    );
+    let list = ok(&["token", "list", "--ca", p(&ca)]);
+    assert!(list.contains("expired"), "{list}");
+    assert!(!node1.join("node-1.crt").exists());
+
+    // Bad arguments name the option.
+    let e = err(&[
+        "token",
+        "create",
+        "--ca",
+        p(&ca),
+        "--node",
+        "node-1",
+        "--ip",
+        "10.0.0.1",
+        "--ttl",
+        "30s",
+    ]);
+    assert!(e.contains("--ttl") && e.contains("30s"), "{e}");
+    let e = err(&[
+        "token",
+        "create",
+        "--ca",
+        p(&ca),
+        "--node",
+        "Node_1",
+        "--ip",
+        "10.0.0.1",
+    ]);
+    assert!(e.contains("Node_1"), "{e}");
+    let e = err(&[
+        "cert",
+        "sign",
+        "--ca",
+        p(&ca),
+        "--csr",
+        p(&csr),
+        "--token",
+        &secret,
+        "--lifetime",
+        "10s",
+        "--out",
+        p(&node1),
+    ]);
+    assert!(e.contains("--lifetime"), "{e}");
+    let e = err(&["token", "list", "--ca", p(&d.path().join("nothing"))]);
+    assert!(e.contains("nothing/ca.crt"), "{e}");
+    assert!(ok(&["token", "list", "--ca", p(&other)]).contains(&foreign_id));
+}
