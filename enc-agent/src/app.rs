@@ -556,20 +556,18 @@ impl Shared {
     /// peer's session closes and its keys go at once), then passed on to every peer. The
     /// error says why a list was refused.
     pub fn offer_crl(&self, pem: &str, source: &str) -> Result<Offer, String> {
-        let list = match enc_certs::RevocationList::from_pem(pem, self.identity().ca_certs()) {
-            Ok(l) => l,
-            Err(e) => {
-                let reason = format_chain(&e);
-                self.events.record(
-                    enc_api::EventKind::RevocationRefused,
-                    crate::events::Detail {
-                        detail: format!("from {source}: {reason}"),
-                        ..Default::default()
-                    },
-                );
-                return Err(reason);
-            }
+        let refused = |reason: String| {
+            self.events.record(
+                enc_api::EventKind::RevocationRefused,
+                crate::events::Detail {
+                    detail: format!("from {source}: {reason}"),
+                    ..Default::default()
+                },
+            );
+            reason
         };
+        let list = enc_certs::RevocationList::from_pem(pem, self.identity().ca_certs())
+            .map_err(|e| refused(format_chain(&e)))?;
         let mut held = self.crl.lock().unwrap_or_else(|p| p.into_inner());
         let have = held.as_ref().map_or(0, |l| l.number());
         if list.number() == have {
@@ -579,17 +577,8 @@ impl Shared {
             return Ok(Offer::Older);
         }
         let path = self.config.state_dir.join(CRL_STATE_FILE);
-        if let Err(e) = write_atomically(&path, list.pem().as_bytes()) {
-            let reason = format!("cannot persist it to {}: {e}", path.display());
-            self.events.record(
-                enc_api::EventKind::RevocationRefused,
-                crate::events::Detail {
-                    detail: format!("from {source}: {reason}"),
-                    ..Default::default()
-                },
-            );
-            return Err(reason);
-        }
+        write_atomically(&path, list.pem().as_bytes())
+            .map_err(|e| refused(format!("cannot persist it to {}: {e}", path.display())))?;
         let number = list.number();
         let entries = list.entries().len();
         let own = self.identity().info().serial.clone();

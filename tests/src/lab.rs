@@ -733,6 +733,20 @@ impl Lab {
         )
     }
 
+    /// Waits until each of the first `nodes` nodes reports every other authenticated (see
+    /// [`Lab::wait_authenticated`]), each within `timeout`.
+    pub fn wait_mesh(&self, nodes: usize, timeout: Duration) -> anyhow::Result<()> {
+        for i in 1..=nodes {
+            let others: Vec<String> = (1..=nodes)
+                .filter(|k| *k != i)
+                .map(|k| format!("node-{k}"))
+                .collect();
+            let refs: Vec<&str> = others.iter().map(String::as_str).collect();
+            self.wait_authenticated(i, &refs, timeout)?;
+        }
+        Ok(())
+    }
+
     /// Pings `to` from pod `j` of node `i` with a payload pattern (hex, up to 16 bytes).
     pub fn ping(
         &self,

@@ -307,13 +307,8 @@ pub fn overlay_matrix(
     const MARKER_HEX: &str = "656e632d706c61696e746578742d6d61";
     let marker: &[u8] = b"enc-plaintext-ma";
     let pod_mtu = expected_pod_mtu(encryption, tunnel);
+    lab.wait_mesh(nodes, Duration::from_secs(40))?;
     for i in 1..=nodes {
-        let others: Vec<String> = (1..=nodes)
-            .filter(|k| *k != i)
-            .map(|k| format!("node-{k}"))
-            .collect();
-        let refs: Vec<&str> = others.iter().map(String::as_str).collect();
-        lab.wait_authenticated(i, &refs, Duration::from_secs(40))?;
         let status = lab.status(i)?;
         let n = &status.network;
         ensure!(

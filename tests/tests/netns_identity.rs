@@ -10,15 +10,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 fn wait_mesh(lab: &Lab, nodes: usize) -> anyhow::Result<()> {
-    for i in 1..=nodes {
-        let others: Vec<String> = (1..=nodes)
-            .filter(|k| *k != i)
-            .map(|k| format!("node-{k}"))
-            .collect();
-        let refs: Vec<&str> = others.iter().map(String::as_str).collect();
-        lab.wait_authenticated(i, &refs, Duration::from_secs(30))?;
-    }
-    Ok(())
+    lab.wait_mesh(nodes, Duration::from_secs(30))
 }
 
 /// The failure reason node `i` shows for `peer`, if it shows it failed.

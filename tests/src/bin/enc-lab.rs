@@ -73,15 +73,8 @@ fn main() -> anyhow::Result<()> {
         lab.prefix()
     );
     lab.start_all()?;
-    for i in 1..=nodes {
-        let others: Vec<String> = (1..=nodes)
-            .filter(|k| *k != i)
-            .map(|k| format!("node-{k}"))
-            .collect();
-        let refs: Vec<&str> = others.iter().map(String::as_str).collect();
-        if let Err(e) = lab.wait_authenticated(i, &refs, Duration::from_secs(30)) {
-            lab.finish(Err(e));
-        }
+    if let Err(e) = lab.wait_mesh(nodes, Duration::from_secs(30)) {
+        lab.finish(Err(e));
     }
     println!("==> every node authenticated every other; pinging pod to pod across nodes");
     for i in 1..=nodes {
