@@ -333,16 +333,7 @@ pub(crate) fn node_cert_params(
     params.not_before = not_before;
     params.not_after = not_after;
     params.serial_number = Some(random_serial()?);
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, node);
-    params.distinguished_name = dn;
-    let dns = node.to_owned().try_into().map_err(|source| Error::Rcgen {
-        context: format!("node name {node:?} as DNS SAN"),
-        source,
-    })?;
-    params.subject_alt_names = std::iter::once(SanType::DnsName(dns))
-        .chain(ips.iter().copied().map(SanType::IpAddress))
-        .collect();
+    set_node_subject(&mut params, node, ips)?;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
@@ -511,4 +502,23 @@ pub(crate) fn write_new(path: &Path, contents: &str, mode: u32) -> Result<()> {
     file.write_all(contents.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| Error::io("write", path, e))
+}
+
+/// Sets the subject of a node certificate or request: CN and DNS SAN `node`, IP SANs `ips`.
+pub(crate) fn set_node_subject(
+    params: &mut CertificateParams,
+    node: &str,
+    ips: &[std::net::IpAddr],
+) -> Result<()> {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node);
+    params.distinguished_name = dn;
+    let dns = node.to_owned().try_into().map_err(|source| Error::Rcgen {
+        context: format!("node name {node:?} as DNS SAN"),
+        source,
+    })?;
+    params.subject_alt_names = std::iter::once(SanType::DnsName(dns))
+        .chain(ips.iter().copied().map(SanType::IpAddress))
+        .collect();
+    Ok(())
 }

@@ -3,14 +3,11 @@
 //! one-time join token ([`sign_csr`], [`sign_csr_to_dir`]).
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rcgen::{
-    CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
-    SubjectPublicKeyInfo,
-};
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SubjectPublicKeyInfo};
 use rustls_pki_types::CertificateSigningRequestDer;
 use rustls_pki_types::pem::PemObject;
 use time::OffsetDateTime;
@@ -74,16 +71,7 @@ pub struct SignedNodeCert {
 pub fn generate_csr(node: &str, ips: &[IpAddr]) -> Result<NodeCsr> {
     ca::validate_node_and_ips(node, ips)?;
     let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, node);
-    params.distinguished_name = dn;
-    let dns = node.to_owned().try_into().map_err(|source| Error::Rcgen {
-        context: format!("node name {node:?} as DNS SAN"),
-        source,
-    })?;
-    params.subject_alt_names = std::iter::once(SanType::DnsName(dns))
-        .chain(ips.iter().copied().map(SanType::IpAddress))
-        .collect();
+    ca::set_node_subject(&mut params, node, ips)?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| Error::Rcgen {
         context: format!("generating key for node {node}"),
         source,
@@ -296,7 +284,7 @@ fn parse_csr(pem: &str, origin: &str) -> Result<ParsedCsr> {
         for name in &san.general_names {
             match name {
                 GeneralName::DNSName(d) => dns.push((*d).to_owned()),
-                GeneralName::IPAddress(octets) => match ip_from_octets(octets) {
+                GeneralName::IPAddress(octets) => match crate::info::ip_from_octets(octets) {
                     Some(ip) => ips.push(ip),
                     None => others.push(format!("IP:<{} bytes>", octets.len())),
                 },
@@ -358,15 +346,5 @@ impl ParsedCsr {
             }
         }
         Ok(ips)
-    }
-}
-
-fn ip_from_octets(octets: &[u8]) -> Option<IpAddr> {
-    if let Ok(v4) = <[u8; 4]>::try_from(octets) {
-        Some(IpAddr::V4(Ipv4Addr::from(v4)))
-    } else if let Ok(v6) = <[u8; 16]>::try_from(octets) {
-        Some(IpAddr::V6(Ipv6Addr::from(v6)))
-    } else {
-        None
     }
 }

@@ -164,7 +164,8 @@ pub(crate) fn sans(cert: &X509Certificate<'_>) -> (Vec<String>, Vec<IpAddr>) {
     (dns, ips)
 }
 
-fn ip_from_octets(octets: &[u8]) -> Option<IpAddr> {
+/// An IP address from the 4 or 16 octets of an X.509 iPAddress name.
+pub(crate) fn ip_from_octets(octets: &[u8]) -> Option<IpAddr> {
     if let Ok(v4) = <[u8; 4]>::try_from(octets) {
         Some(IpAddr::V4(Ipv4Addr::from(v4)))
     } else if let Ok(v6) = <[u8; 16]>::try_from(octets) {

@@ -554,8 +554,8 @@ impl Shared {
     /// against the cluster CA bundle and adopts it if its number is higher than the one
     /// held: persisted to `stateDir/crl.pem` first, then applied to every session (a revoked
     /// peer's session closes and its keys go at once), then passed on to every peer. The
-    /// error says why a list was refused.
-    pub fn offer_crl(&self, pem: &str, source: &str) -> Result<Offer, String> {
+    /// error says why a list was refused; the answer carries the offered list's number.
+    pub fn offer_crl(&self, pem: &str, source: &str) -> Result<(Offer, u64), String> {
         let refused = |reason: String| {
             self.events.record(
                 enc_api::EventKind::RevocationRefused,
@@ -571,10 +571,10 @@ impl Shared {
         let mut held = self.crl.lock().unwrap_or_else(|p| p.into_inner());
         let have = held.as_ref().map_or(0, |l| l.number());
         if list.number() == have {
-            return Ok(Offer::Same);
+            return Ok((Offer::Same, have));
         }
         if list.number() < have {
-            return Ok(Offer::Older);
+            return Ok((Offer::Older, list.number()));
         }
         let path = self.config.state_dir.join(CRL_STATE_FILE);
         write_atomically(&path, list.pem().as_bytes())
@@ -624,7 +624,7 @@ impl Shared {
             let _ = self.apply_now();
         }
         self.crl_watch.send_replace(number);
-        Ok(Offer::Adopted)
+        Ok((Offer::Adopted, number))
     }
 
     /// Warns (log and event), once per certificate, when this node's certificate or one a

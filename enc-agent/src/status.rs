@@ -669,11 +669,8 @@ async fn crl(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             );
         }
     };
-    let number = enc_certs::RevocationList::from_pem(&req.pem, shared.identity().ca_certs())
-        .map(|l| l.number())
-        .unwrap_or(0);
     match shared.offer_crl(&req.pem, "an operator (encctl crl push)") {
-        Ok(offer) => {
+        Ok((offer, number)) => {
             let held = shared.revocations_message().map_or(0, |r| r.number);
             let revoked_peers = shared
                 .table()

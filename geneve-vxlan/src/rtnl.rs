@@ -90,6 +90,18 @@ impl RtnetlinkLinks {
     }
 
     fn get_link(&self, header_index: u32, ifname: Option<&str>) -> Result<Option<LinkSnapshot>> {
+        self.get_link_message(header_index, ifname)?
+            .map(|link| snapshot(&link))
+            .transpose()
+    }
+
+    /// The kernel's `RTM_NEWLINK` for the link with index `header_index` or name `ifname`;
+    /// `None` if there is none.
+    fn get_link_message(
+        &self,
+        header_index: u32,
+        ifname: Option<&str>,
+    ) -> Result<Option<LinkMessage>> {
         let mut message = LinkMessage::default();
         message.header.index = header_index;
         if let Some(ifname) = ifname {
@@ -120,7 +132,7 @@ impl RtnetlinkLinks {
         };
         for reply in replies {
             if let RouteNetlinkMessage::NewLink(link) = reply {
-                return snapshot(&link).map(Some);
+                return Ok(Some(link));
             }
         }
         Err(Error::Protocol {
@@ -783,37 +795,9 @@ impl LinkBackend for RtnetlinkLinks {
     }
 
     fn overlay(&self, ifname: &str) -> Result<Option<OverlaySnapshot>> {
-        let mut message = LinkMessage::default();
-        message
-            .attributes
-            .push(LinkAttribute::IfName(ifname.to_owned()));
-        message
-            .attributes
-            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
-        let replies = match self.conn.request(
-            RouteNetlinkMessage::GetLink(message),
-            NLM_F_REQUEST | NLM_F_ACK,
-            OP_GETLINK,
-        ) {
-            Ok(replies) => replies,
-            Err(failure) if failure.kernel_errno() == Some(libc::ENODEV) => return Ok(None),
-            Err(failure) => {
-                return Err(into_error(failure, |source| Error::Link {
-                    op: OP_GETLINK,
-                    ifname: ifname.to_owned(),
-                    source,
-                }));
-            }
-        };
-        for reply in replies {
-            if let RouteNetlinkMessage::NewLink(link) = reply {
-                return overlay_snapshot(&link).map(Some);
-            }
-        }
-        Err(Error::Protocol {
-            op: OP_GETLINK,
-            reason: format!("no RTM_NEWLINK in the reply for link {ifname}"),
-        })
+        self.get_link_message(0, Some(ifname))?
+            .map(|link| overlay_snapshot(&link))
+            .transpose()
     }
 
     fn upsert_overlay(&self, spec: &OverlaySpec) -> Result<()> {

@@ -404,9 +404,9 @@ where
                 Action::Revocations(r) => {
                     let number = r.number;
                     match shared.offer_crl(&r.pem, &format!("peer {}", peer.name)) {
-                        Ok(Offer::Adopted | Offer::Same) => {}
+                        Ok((Offer::Adopted | Offer::Same, _)) => {}
                         // The peer is behind: send it ours.
-                        Ok(Offer::Older) => {
+                        Ok((Offer::Older, _)) => {
                             if let Some(ours) = shared.revocations_message()
                                 && let Err(e) = wr
                                     .write_all(&proto::encode(&Message::Revocations(ours)))
