@@ -113,6 +113,12 @@ mount -t bpf bpf /sys/fs/bpf || echo "enc-vm: cannot mount bpffs"
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "enc-vm: cannot mount cgroup2"
 hostname enc-vm
 ip link set lo up
+# Under emulation a busy host stalls the guest's softirq work for a few hundred ms while the
+# traffic tools catch up on their schedule; with the default per-CPU input backlog of 1000
+# packets, the veth queues overflowed (rx/tx dropped on the pod veths, column 2 of
+# /proc/net/softnet_stat) and the rotation test counted those as lost. Room for 20 s of the
+# scenarios' traffic, so only the datapath can lose packets.
+echo 20000 > /proc/sys/net/core/netdev_max_backlog
 for m in $(cat /etc/enc-vm/modules); do
     modprobe "$m" || echo "ENC-VM-MODULE-FAILED: $m"
 done
