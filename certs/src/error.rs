@@ -317,14 +317,14 @@ pub enum Error {
     },
 
     /// Connecting to an issuer, or the TLS handshake with it, failed.
-    #[error("issuer {issuer}: {what}: {source}")]
+    #[error("issuer {issuer}: {what}: {reason}")]
     IssuerConnect {
         /// The issuer address as given (`HOST:PORT`).
         issuer: String,
         /// What was being done (`resolving`, `connecting`, `TLS handshake`).
         what: &'static str,
-        /// The I/O error (a TLS error is wrapped in one).
-        source: std::io::Error,
+        /// What went wrong (the I/O error, or why the issuer is not trusted).
+        reason: String,
     },
 
     /// A certificate was issued (its join token is used up and it is in the issuance

@@ -223,7 +223,7 @@ pub fn connect_issuer(
     let fail = |what: &'static str, source: std::io::Error| Error::IssuerConnect {
         issuer: issuer.to_owned(),
         what,
-        source,
+        reason: source.to_string(),
     };
     let (host, port) = split_host_port(issuer)
         .ok_or_else(|| fail("parsing", std::io::Error::other("expected HOST:PORT")))?;

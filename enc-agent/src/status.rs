@@ -329,7 +329,9 @@ fn add(total: &mut DatapathCounters, c: &DatapathCounters) {
 /// The renewal part of the status.
 pub fn renewal_info(r: &crate::app::RenewalState) -> enc_api::RenewalInfo {
     let rfc = |t: std::time::SystemTime| {
-        time::OffsetDateTime::from(t)
+        let t = time::OffsetDateTime::from(t);
+        t.replace_nanosecond(0)
+            .unwrap_or(t)
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default()
     };
