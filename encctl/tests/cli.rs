@@ -947,7 +947,10 @@ fn enrol_refusals_are_clear_and_leave_the_token_usable() {
         "--out",
         p(&node1),
     ]);
-    assert!(e.contains("--lifetime") && e.contains("at least 10s"), "{e}");
+    assert!(
+        e.contains("--lifetime") && e.contains("at least 10s"),
+        "{e}"
+    );
     let e = err(&["token", "list", "--ca", p(&d.path().join("nothing"))]);
     assert!(e.contains("nothing/ca.crt"), "{e}");
     assert!(ok(&["token", "list", "--ca", p(&other)]).contains(&foreign_id));
