@@ -4,6 +4,8 @@
 //! only data so that the CLI never links the agent. Nothing here carries key material: public
 //! keys and key ids are public by construction.
 
+pub mod issuer;
+
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
@@ -149,6 +151,50 @@ pub struct Status {
     /// The soonest certificate expiry on this node and across its peers.
     #[serde(default)]
     pub expiry: ExpiryInfo,
+    /// Automatic renewal of this node's certificate (`None`: not configured).
+    #[serde(default)]
+    pub renewal: Option<RenewalInfo>,
+    /// The issuer role of this node (`None`: not an issuer).
+    #[serde(default)]
+    pub issuer: Option<IssuerInfo>,
+}
+
+/// Automatic renewal of this node's certificate with an issuer.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RenewalInfo {
+    /// The issuer (`HOST:PORT`).
+    pub issuer: String,
+    /// When the next attempt is due (RFC 3339).
+    pub next_attempt: String,
+    /// Seconds until then (0 when due).
+    pub next_attempt_seconds: u64,
+    /// Renewals completed since the agent started.
+    pub renewals: u64,
+    /// When the last renewal completed (RFC 3339), if any since start.
+    #[serde(default)]
+    pub last_renewal: Option<String>,
+    /// Failed attempts since the last success.
+    pub failures: u32,
+    /// The reason of the last failed attempt since the last success, if any.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// The issuer role of a node.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerInfo {
+    /// Where it listens.
+    pub listen: String,
+    /// Lifetime of the certificates it issues, in seconds.
+    pub cert_lifetime_seconds: u64,
+    /// Enrolments signed since start.
+    pub enrolled: u64,
+    /// Renewals signed since start.
+    pub renewed: u64,
+    /// Requests refused since start.
+    pub refused: u64,
 }
 
 /// Which certificate expires first: this node's own, or one a peer presented.
@@ -492,6 +538,13 @@ pub enum EventKind {
     IdentityReloadFailed,
     /// A certificate is close to expiry (20% of its lifetime left).
     ExpiryWarning,
+    /// Automatic renewal with the issuer failed (the detail says why and when it retries);
+    /// the current certificate stays in use.
+    RenewalFailed,
+    /// The issuer role signed a certificate (enrolment or renewal) for a node.
+    Issued,
+    /// The issuer role refused a request (the detail says why).
+    IssueRefused,
 }
 
 /// One line of the append-only audit log (JSON lines); never carries key material.

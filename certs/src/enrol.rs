@@ -23,8 +23,9 @@ use crate::{Error, Result};
 
 /// Certificate lifetime `encctl cert sign` uses unless told otherwise.
 pub const DEFAULT_CSR_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-/// Shortest certificate lifetime [`sign_csr`] accepts.
-pub const MIN_CERT_LIFETIME: Duration = Duration::from_secs(60);
+/// Shortest certificate lifetime [`sign_csr`] and [`renew_csr`](crate::renew_csr) accept
+/// (short-lived certificates for tests and demos; production uses hours).
+pub const MIN_CERT_LIFETIME: Duration = Duration::from_secs(10);
 
 /// A node's new private key and its certificate signing request; `Debug` redacts the key.
 #[derive(Clone)]
@@ -119,7 +120,8 @@ pub fn request_node_cert(node: &str, ips: &[IpAddr], out: &Path) -> Result<CsrFi
 ///    what the token allows);
 /// 5. the certificate is signed with the profile of
 ///    [`issue_node_cert`](crate::issue_node_cert) (the request's other extensions are
-///    ignored), valid from `now` - 5 minutes for `lifetime` but not past the CA's expiry,
+///    ignored), valid from `now` - 5 minutes (or a tenth of `lifetime`, if less) for
+///    `lifetime` but not past the CA's expiry,
 ///    and recorded in the issuance ledger;
 /// 6. the token is marked used, naming the certificate's serial.
 ///
@@ -132,46 +134,20 @@ pub fn sign_csr(
     lifetime: Duration,
     now: OffsetDateTime,
 ) -> Result<SignedNodeCert> {
-    let max = Duration::from_secs(u64::from(MAX_DAYS) * 86_400);
-    if !(MIN_CERT_LIFETIME..=max).contains(&lifetime) {
-        return Err(Error::invalid(
-            "lifetime",
-            format!("{}s", lifetime.as_secs()),
-            format!("must be between 1 minute and {MAX_DAYS} days"),
-        ));
-    }
-    let lifetime = time::Duration::try_from(lifetime).map_err(|e| {
-        Error::invalid(
-            "lifetime",
-            format!("{}s", lifetime.as_secs()),
-            e.to_string(),
-        )
-    })?;
+    let lifetime = check_lifetime(lifetime)?;
     let csr = parse_csr(csr_pem, CSR_ORIGIN)?;
     let ca = CertificateAuthority::load(ca_dir)?;
     let now = ca::trunc_secs(now);
 
     let (token, (cert_pem, info)) = token::redeem_with(ca_dir, token_secret, now, |token| {
-        let ips = csr.check_against(token)?;
-        let mut not_after = now + lifetime;
-        if not_after > ca.info().not_after {
-            tracing::warn!(
-                node = %token.node,
-                ca_not_after = %info::rfc3339(ca.info().not_after),
-                "node certificate lifetime capped at the CA's expiry"
-            );
-            not_after = ca.info().not_after;
-        }
-        let params = ca::node_cert_params(&token.node, &ips, now - CLOCK_SKEW, not_after)?;
-        let cert = params
-            .signed_by(&csr.key, ca.issuer())
-            .map_err(|source| Error::Rcgen {
-                context: format!("signing certificate for node {}", token.node),
-                source,
+        let ips = csr
+            .check_names(&token.node, &token.ips)
+            .map_err(|problem| Error::CsrRefused {
+                problem,
+                token: token.id.clone(),
+                allowed: token.allowed_sans(),
             })?;
-        let cert_pem = cert.pem();
-        let info = info::inspect_from(cert_pem.as_bytes(), "issued certificate")?;
-        ledger::append(ca_dir, &IssuedEntry::new(&token.node, &info, now))?;
+        let (cert_pem, info) = sign_node(&ca, ca_dir, &token.node, &ips, &csr.key, lifetime, now)?;
         let serial = info.serial.clone();
         Ok(((cert_pem, info), Some(serial)))
     })?;
@@ -181,6 +157,69 @@ pub fn sign_csr(
         info,
         token,
     })
+}
+
+/// Checks a requested certificate lifetime: [`MIN_CERT_LIFETIME`] to [`MAX_DAYS`] days.
+pub(crate) fn check_lifetime(lifetime: Duration) -> Result<time::Duration> {
+    let max = Duration::from_secs(u64::from(MAX_DAYS) * 86_400);
+    let shown = || humantime_secs(lifetime);
+    if !(MIN_CERT_LIFETIME..=max).contains(&lifetime) {
+        return Err(Error::invalid(
+            "lifetime",
+            shown(),
+            format!(
+                "must be between {} and {MAX_DAYS} days",
+                humantime_secs(MIN_CERT_LIFETIME)
+            ),
+        ));
+    }
+    time::Duration::try_from(lifetime)
+        .map_err(|e| Error::invalid("lifetime", shown(), e.to_string()))
+}
+
+fn humantime_secs(d: Duration) -> String {
+    format!("{}s", d.as_secs())
+}
+
+/// How far `not_before` is backdated for a certificate of `lifetime`: [`CLOCK_SKEW`], but at
+/// most a tenth of the lifetime, so that a short-lived certificate's validity (and the
+/// renewal time derived from it) stays close to its issue time.
+pub(crate) fn backdate(lifetime: time::Duration) -> time::Duration {
+    CLOCK_SKEW.min(lifetime / 10)
+}
+
+/// Signs a node certificate for `key` with the node profile (see
+/// [`node_cert_params`](ca::node_cert_params)), valid from `now` minus [`backdate`] for
+/// `lifetime` but not past the CA's expiry, and records it in the issuance ledger.
+pub(crate) fn sign_node(
+    ca: &CertificateAuthority,
+    ca_dir: &Path,
+    node: &str,
+    ips: &[IpAddr],
+    key: &SubjectPublicKeyInfo,
+    lifetime: time::Duration,
+    now: OffsetDateTime,
+) -> Result<(String, CertInfo)> {
+    let mut not_after = now + lifetime;
+    if not_after > ca.info().not_after {
+        tracing::warn!(
+            node = %node,
+            ca_not_after = %info::rfc3339(ca.info().not_after),
+            "node certificate lifetime capped at the CA's expiry"
+        );
+        not_after = ca.info().not_after;
+    }
+    let params = ca::node_cert_params(node, ips, now - backdate(lifetime), not_after)?;
+    let cert = params
+        .signed_by(key, ca.issuer())
+        .map_err(|source| Error::Rcgen {
+            context: format!("signing certificate for node {node}"),
+            source,
+        })?;
+    let cert_pem = cert.pem();
+    let info = info::inspect_from(cert_pem.as_bytes(), "issued certificate")?;
+    ledger::append(ca_dir, &IssuedEntry::new(node, &info, now))?;
+    Ok((cert_pem, info))
 }
 
 /// [`sign_csr`], then writes the certificate to `out/<node>.crt` (0644, `out` created if
@@ -218,19 +257,21 @@ pub fn sign_csr_to_dir(
 }
 
 /// How errors name a request given as text.
-const CSR_ORIGIN: &str = "certificate signing request";
+pub(crate) const CSR_ORIGIN: &str = "certificate signing request";
 
 /// What a verified request asks for.
-struct ParsedCsr {
+pub(crate) struct ParsedCsr {
     cn: Option<String>,
     dns: Vec<String>,
     ips: Vec<IpAddr>,
     /// SANs that are neither DNS names nor IP addresses, as text.
     others: Vec<String>,
-    key: SubjectPublicKeyInfo,
+    pub(crate) key: SubjectPublicKeyInfo,
+    /// The DER SubjectPublicKeyInfo of the requested key.
+    pub(crate) spki_der: Vec<u8>,
 }
 
-fn parse_csr(pem: &str, origin: &str) -> Result<ParsedCsr> {
+pub(crate) fn parse_csr(pem: &str, origin: &str) -> Result<ParsedCsr> {
     let bad = |reason: String| Error::BadCsr {
         origin: origin.to_owned(),
         reason,
@@ -300,44 +341,40 @@ fn parse_csr(pem: &str, origin: &str) -> Result<ParsedCsr> {
         ips,
         others,
         key,
+        spki_der: info.subject_pki.raw.to_vec(),
     })
 }
 
 impl ParsedCsr {
-    /// Checks the request's names against what the token allows; returns the IP SANs to
-    /// issue (duplicates removed).
-    fn check_against(&self, token: &TokenInfo) -> Result<Vec<IpAddr>> {
-        let refuse = |problem: String| Error::CsrRefused {
-            problem,
-            token: token.id.clone(),
-            allowed: token.allowed_sans(),
-        };
+    /// Checks the request's names against what may be issued (`node` as the one DNS SAN and
+    /// common name, a non-empty subset of `ips` as IP SANs, nothing else); returns the IP
+    /// SANs to issue (duplicates removed), or the problem in words.
+    pub(crate) fn check_names(
+        &self,
+        node: &str,
+        allowed_ips: &[IpAddr],
+    ) -> std::result::Result<Vec<IpAddr>, String> {
         if let Some(other) = self.others.first() {
-            return Err(refuse(format!(
+            return Err(format!(
                 "it requests SAN {other}, which is neither a DNS name nor an IP address"
-            )));
+            ));
         }
-        if let Some(d) = self.dns.iter().find(|d| **d != token.node) {
-            return Err(refuse(format!("it requests DNS SAN DNS:{d}")));
+        if let Some(d) = self.dns.iter().find(|d| **d != node) {
+            return Err(format!("it requests DNS SAN DNS:{d}"));
         }
         match self.dns.len() {
-            0 => return Err(refuse("it has no DNS SAN".to_owned())),
+            0 => return Err("it has no DNS SAN".to_owned()),
             1 => {}
-            n => {
-                return Err(refuse(format!(
-                    "it requests DNS SAN DNS:{} {n} times",
-                    token.node
-                )));
-            }
+            n => return Err(format!("it requests DNS SAN DNS:{node} {n} times")),
         }
-        if let Some(ip) = self.ips.iter().find(|ip| !token.ips.contains(ip)) {
-            return Err(refuse(format!("it requests IP SAN IP:{ip}")));
+        if let Some(ip) = self.ips.iter().find(|ip| !allowed_ips.contains(ip)) {
+            return Err(format!("it requests IP SAN IP:{ip}"));
         }
         if self.ips.is_empty() {
-            return Err(refuse("it has no IP SAN".to_owned()));
+            return Err("it has no IP SAN".to_owned());
         }
-        if let Some(cn) = self.cn.as_ref().filter(|cn| **cn != token.node) {
-            return Err(refuse(format!("its subject common name is {cn:?}")));
+        if let Some(cn) = self.cn.as_ref().filter(|cn| **cn != node) {
+            return Err(format!("its subject common name is {cn:?}"));
         }
         let mut ips = Vec::new();
         for ip in &self.ips {

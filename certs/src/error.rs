@@ -304,6 +304,29 @@ pub enum Error {
         allowed: String,
     },
 
+    /// A renewal request was refused: the presented certificate is not this CA's, or the
+    /// request does not name exactly what it names, or reuses its key.
+    #[error("renewal refused: {problem}; the current certificate {serial} carries {current}")]
+    RenewRefused {
+        /// What is wrong, e.g. `it requests IP SAN IP:10.0.0.9`.
+        problem: String,
+        /// Serial of the certificate presented for renewal.
+        serial: String,
+        /// What that certificate names, e.g. `DNS:node-1, IP:10.0.0.1`.
+        current: String,
+    },
+
+    /// Connecting to an issuer, or the TLS handshake with it, failed.
+    #[error("issuer {issuer}: {what}: {reason}")]
+    IssuerConnect {
+        /// The issuer address as given (`HOST:PORT`).
+        issuer: String,
+        /// What was being done (`resolving`, `connecting`, `TLS handshake`).
+        what: &'static str,
+        /// What went wrong (the I/O error, or why the issuer is not trusted).
+        reason: String,
+    },
+
     /// A certificate was issued (its join token is used up and it is in the issuance
     /// ledger) but could not be written; the message carries the certificate, which is public.
     #[error(
@@ -361,6 +384,15 @@ impl Error {
         matches!(
             self,
             Error::BadCsr { .. } | Error::CsrSignature { .. } | Error::CsrRefused { .. }
+        )
+    }
+
+    /// True if a renewal request was refused ([`Error::RenewRefused`]) or its request was
+    /// unusable.
+    pub fn is_renew_refused(&self) -> bool {
+        matches!(
+            self,
+            Error::RenewRefused { .. } | Error::BadCsr { .. } | Error::CsrSignature { .. }
         )
     }
 

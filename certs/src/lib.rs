@@ -17,6 +17,9 @@
 //!   and a request ([`request_node_cert`] / [`generate_csr`]); the operator signs the request
 //!   with the token ([`sign_csr`] / [`sign_csr_to_dir`]), which checks its names against the
 //!   token and uses the token up ([`redeem_token`]).
+//! - Online issuance by an agent in the issuer role: the same [`sign_csr`] for enrolment, and
+//!   [`renew_csr`] for a node that authenticates with its current certificate; the TLS side
+//!   is [`issuer_server_config`] / [`issuer_client_config`] / [`connect_issuer`].
 
 mod ca;
 mod crl;
@@ -24,6 +27,7 @@ mod enrol;
 mod error;
 mod identity;
 mod info;
+mod issuer;
 mod ledger;
 mod revoke;
 mod token;
@@ -44,6 +48,10 @@ pub use enrol::{
 pub use error::{Error, Result};
 pub use identity::NodeIdentity;
 pub use info::{CertInfo, inspect, inspect_file, read_pem_certs};
+pub use issuer::{
+    IssuerStream, RenewedNodeCert, connect_issuer, issuer_client_config, issuer_server_config,
+    renew_csr,
+};
 pub use ledger::{IssuedEntry, LEDGER_FILE, ledger_path, read_ledger};
 pub use revoke::{CRL_FILE, CRL_VALIDITY, RevokeOutcome, RevokeRequest, crl_path, revoke};
 pub use token::{

@@ -83,6 +83,28 @@ pub struct Shared {
     crl_watch: tokio::sync::watch::Sender<u64>,
     /// Bumped when a reloaded identity needs every control session to re-authenticate.
     reauth_watch: tokio::sync::watch::Sender<(u64, String)>,
+    /// Held while `tls.cert` / `tls.key` are replaced and reloaded, so that the file poller
+    /// never loads a half-replaced pair.
+    identity_files: Mutex<()>,
+    /// Automatic renewal state (`tls.renewal`), for the renewer and status.
+    renewal: Mutex<Option<RenewalState>>,
+    /// What the issuer role did (`issuer`).
+    issuer_stats: crate::issuer::IssuerStats,
+}
+
+/// The automatic renewal of this node's certificate, as status shows it.
+#[derive(Clone, Debug)]
+pub struct RenewalState {
+    /// The issuer, `HOST:PORT`.
+    pub issuer: String,
+    /// The schedule of the certificate in use.
+    pub schedule: crate::renewal::Schedule,
+    /// Serial of the certificate the schedule is for.
+    pub serial: String,
+    /// Renewals completed since start.
+    pub renewals: u64,
+    /// When the last one completed.
+    pub last_renewal: Option<std::time::SystemTime>,
 }
 
 /// What became of a revocation list offered to [`Shared::offer_crl`].
@@ -170,6 +192,12 @@ impl Shared {
     /// key that does not match, a certificate for another node) leave the current identity
     /// in use, with a warning and an event. Returns whether the identity changed.
     pub fn reload_identity(&self) -> bool {
+        self.reload_identity_from(None)
+    }
+
+    /// [`Shared::reload_identity`], naming where a renewed certificate came from in the
+    /// `renewal` event (`None`: files changed on disk).
+    pub fn reload_identity_from(&self, source: Option<&str>) -> bool {
         let c = &self.config.tls;
         let loaded = match NodeIdentity::load(&c.cert, &c.key, &c.ca)
             .map_err(|e| format_chain(&e))
@@ -212,7 +240,8 @@ impl Shared {
         let mut what = Vec::new();
         if cert_changed {
             what.push(format!(
-                "certificate renewed: serial {} -> {}, issued by {}, valid until {}",
+                "certificate renewed{}: serial {} -> {}, issued by {}, valid until {}",
+                source.map(|s| format!(" ({s})")).unwrap_or_default(),
                 old.info().serial,
                 new.serial,
                 new.issuer,
@@ -249,6 +278,19 @@ impl Shared {
             *r = reason.clone();
         });
         true
+    }
+
+    /// What the issuer role did since start.
+    pub fn issuer_stats(&self) -> &crate::issuer::IssuerStats {
+        &self.issuer_stats
+    }
+
+    /// The automatic renewal state, if `tls.renewal` is configured and the renewer started.
+    pub fn renewal_state(&self) -> Option<RenewalState> {
+        self.renewal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Locks the peer table; a poisoned lock (a panicked task) is recovered, since the table
@@ -1067,6 +1109,17 @@ pub async fn run(
         Some(addr) => Some((addr, crate::metrics::bind(addr).await?)),
         None => None,
     };
+    let issuer = match &config.issuer {
+        Some(cfg) => {
+            // The CA must load (certificate and key match) before the role is offered.
+            enc_certs::CertificateAuthority::load(&cfg.ca_dir).map_err(Error::Certs)?;
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .map_err(Error::io(format!("bind issuer listener {}", cfg.listen)))?;
+            Some((cfg.clone(), listener))
+        }
+        None => None,
+    };
 
     let links: Arc<dyn LinkBackend> = Arc::new(RtnetlinkLinks::new().map_err(Error::Links)?);
     let plan = mtu_plan(&config)?;
@@ -1212,6 +1265,9 @@ pub async fn run(
         crl: Mutex::new(crl),
         crl_watch: tokio::sync::watch::channel(0).0,
         reauth_watch: tokio::sync::watch::channel((0, String::new())).0,
+        identity_files: Mutex::new(()),
+        renewal: Mutex::new(None),
+        issuer_stats: Default::default(),
     });
 
     {
@@ -1252,6 +1308,13 @@ pub async fn run(
     tasks.spawn(reconciler(shared.clone()));
     if let Some(every) = shared.config.tls.reload_interval {
         tasks.spawn(identity_reloader(shared.clone(), every));
+    }
+    if let Some(renewal) = shared.config.tls.renewal.clone() {
+        tasks.spawn(renewer(shared.clone(), renewal));
+    }
+    if let Some((cfg, listener)) = issuer {
+        info!(listen = %cfg.listen, ca_dir = %cfg.ca_dir.display(), lifetime = %humantime::format_duration(cfg.cert_lifetime), "issuer role up: online enrolment and renewal");
+        tasks.spawn(crate::issuer::serve(shared.clone(), cfg, listener));
     }
     tasks.spawn(crate::control::net::listen(shared.clone(), listener));
     for peer in &shared.config.peers {
@@ -1409,11 +1472,199 @@ async fn identity_reloader(shared: Arc<Shared>, every: Duration) {
         if now != seen {
             // Give a writer replacing several files a moment to finish.
             tokio::time::sleep(Duration::from_millis(200)).await;
+            let _files = shared
+                .identity_files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let settled = stamps();
             shared.reload_identity();
             seen = settled;
         }
     }
+}
+
+/// Timeout of each step (connect, handshake, request, answer) of a renewal attempt.
+const ISSUER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Renews this node's certificate with the issuer of `tls.renewal` on the schedule of
+/// [`crate::renewal`]: at the configured share of its lifetime, retried with capped,
+/// jittered backoff. A certificate replaced from outside restarts the schedule.
+async fn renewer(shared: Arc<Shared>, cfg: crate::config::RenewalConfig) {
+    let policy = crate::renewal::Policy::new(cfg.at_percent);
+    loop {
+        let id = shared.identity();
+        let info = id.info();
+        let wait = {
+            let mut st = shared.renewal.lock().unwrap_or_else(|p| p.into_inner());
+            let fresh = || {
+                crate::renewal::Schedule::new(policy, info.not_before.into(), info.not_after.into())
+            };
+            let st = st.get_or_insert_with(|| RenewalState {
+                issuer: cfg.issuer.clone(),
+                schedule: fresh(),
+                serial: info.serial.clone(),
+                renewals: 0,
+                last_renewal: None,
+            });
+            if st.serial != info.serial {
+                st.serial = info.serial.clone();
+                st.schedule = fresh();
+            }
+            st.schedule.until_due(std::time::SystemTime::now())
+        };
+        drop(id);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+            continue;
+        }
+        let s = shared.clone();
+        let issuer = cfg.issuer.clone();
+        let result = tokio::task::spawn_blocking(move || renew_once(&s, &issuer))
+            .await
+            .unwrap_or_else(|e| Err(format!("renewal task failed: {e}")));
+        let now = std::time::SystemTime::now();
+        let mut guard = shared.renewal.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(st) = guard.as_mut() else { continue };
+        match result {
+            Ok(new) => {
+                st.renewals += 1;
+                st.last_renewal = Some(now);
+                st.serial = new.serial.clone();
+                st.schedule
+                    .succeeded(new.not_before.into(), new.not_after.into());
+                info!(issuer = %cfg.issuer, serial = %new.serial, not_after = %new.not_after, "certificate renewed online");
+            }
+            Err(reason) => {
+                let delay = st.schedule.failed(now, reason.clone(), jitter());
+                let attempt = st.schedule.failures();
+                let (serial, expiry) = {
+                    let id = shared.identity();
+                    (id.info().serial.clone(), id.info().not_after)
+                };
+                let detail = format!(
+                    "renewal with issuer {} failed (attempt {attempt}): {reason}; retrying in {}; the current certificate {serial} (valid until {expiry}) stays in use",
+                    cfg.issuer,
+                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
+                );
+                warn!(issuer = %cfg.issuer, attempt, %reason, retry_in_ms = delay.as_millis() as u64, "certificate renewal failed; the current certificate stays in use");
+                shared.events.record(
+                    enc_api::EventKind::RenewalFailed,
+                    crate::events::Detail {
+                        serial: Some(serial),
+                        detail,
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// A number in `[0, 1)` for retry jitter (not for cryptography).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// One renewal attempt: a new key and request with the current certificate's names, sent
+/// over mutual TLS with the current identity; the answer is checked as a node identity for
+/// this node against `tls.ca`, written over `tls.key` and `tls.cert` (each through a
+/// temporary file and a rename, under the identity-files lock) and loaded at once, so that
+/// every session re-authenticates with it. The error says what failed.
+fn renew_once(shared: &Shared, issuer: &str) -> Result<enc_certs::CertInfo, String> {
+    use enc_api::issuer::{IssuerRequest, IssuerResponse};
+    let id = shared.identity();
+    let tls = &shared.config.tls;
+    let csr = enc_certs::generate_csr(&shared.config.node.name, &id.info().ips)
+        .map_err(|e| format_chain(&e))?;
+    let ca_pem =
+        std::fs::read_to_string(&tls.ca).map_err(|e| format!("read {}: {e}", tls.ca.display()))?;
+    let client = enc_certs::issuer_client_config(ca_pem.as_bytes(), Some(&id))
+        .map_err(|e| format_chain(&e))?;
+    let mut stream =
+        enc_certs::connect_issuer(issuer, client, ISSUER_TIMEOUT).map_err(|e| format_chain(&e))?;
+    let answer = enc_api::issuer::call(
+        &mut stream,
+        &IssuerRequest::Renew {
+            csr: csr.csr_pem.clone(),
+        },
+    )
+    .map_err(|e| format!("issuer {issuer}: {}", format_chain(&e)))?;
+    let issued = match answer {
+        IssuerResponse::Issued(i) => i,
+        IssuerResponse::Refused { reason } => {
+            return Err(format!("issuer {issuer} refused: {reason}"));
+        }
+    };
+    let new = NodeIdentity::from_pem(&issued.cert, &csr.key_pem, &ca_pem).map_err(|e| {
+        format!(
+            "the certificate from {issuer} is not usable: {}",
+            format_chain(&e)
+        )
+    })?;
+    check_identity(&shared.config, &new).map_err(|e| {
+        format!(
+            "the certificate from {issuer} is not usable: {}",
+            format_chain(&e)
+        )
+    })?;
+    let _files = shared
+        .identity_files
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let key_tmp = temp_beside(&tls.key);
+    let cert_tmp = temp_beside(&tls.cert);
+    let written = write_new_file(&key_tmp, csr.key_pem.as_bytes(), 0o600)
+        .and_then(|()| write_new_file(&cert_tmp, issued.cert.as_bytes(), 0o644))
+        .and_then(|()| std::fs::rename(&key_tmp, &tls.key))
+        .and_then(|()| std::fs::rename(&cert_tmp, &tls.cert));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&key_tmp);
+        let _ = std::fs::remove_file(&cert_tmp);
+        return Err(format!(
+            "writing {} / {}: {e}",
+            tls.key.display(),
+            tls.cert.display()
+        ));
+    }
+    if !shared.reload_identity_from(Some(&format!("online from issuer {issuer}"))) {
+        return Err(format!(
+            "{} and {} were written but not loaded (see the identity-reload-failed event)",
+            tls.cert.display(),
+            tls.key.display()
+        ));
+    }
+    Ok(new.info().clone())
+}
+
+/// `<path>.renew.tmp`, in the same directory (so that the rename is atomic).
+fn temp_beside(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".renew.tmp");
+    path.with_file_name(name)
+}
+
+/// Writes `bytes` to a new file with exactly `mode` (replacing a stale temporary file) and
+/// syncs it.
+fn write_new_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 async fn reconciler(shared: Arc<Shared>) {

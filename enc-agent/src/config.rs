@@ -85,8 +85,24 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     #[serde(default)]
     metrics: RawMetrics,
+    issuer: Option<RawIssuer>,
     #[serde(default)]
     peers: Vec<RawPeer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawIssuer {
+    listen: Option<String>,
+    ca_dir: PathBuf,
+    cert_lifetime: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawRenewal {
+    issuer: String,
+    at: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +120,7 @@ struct RawTls {
     key: PathBuf,
     ca: PathBuf,
     reload_interval: Option<String>,
+    renewal: Option<RawRenewal>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -222,6 +239,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Prometheus metrics endpoint.
     pub metrics: MetricsConfig,
+    /// The issuer role: online enrolment and renewal for other nodes (`None`: not an issuer).
+    pub issuer: Option<IssuerConfig>,
     /// The peers discovery expects (standalone mode: listed here).
     pub peers: Vec<PeerConfig>,
 }
@@ -272,6 +291,37 @@ pub struct TlsConfig {
     /// CA bundle is loaded without a restart (`None`: never; `off` in the file).
     #[serde(with = "humantime_opt")]
     pub reload_interval: Option<Duration>,
+    /// Automatic renewal of `cert` and `key` with an issuer (`None`: renewed externally).
+    pub renewal: Option<RenewalConfig>,
+}
+
+/// Automatic certificate renewal (`tls.renewal`).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RenewalConfig {
+    /// The issuer, `HOST:PORT` (HOST must be an IP SAN or DNS SAN of the issuer's certificate).
+    pub issuer: String,
+    /// Renew when this percentage of the certificate's lifetime has passed.
+    pub at_percent: u8,
+}
+
+/// Default `tls.renewal.at`: half the lifetime.
+pub const DEFAULT_RENEW_AT_PERCENT: u8 = 50;
+/// Default `issuer.certLifetime`.
+pub const DEFAULT_ISSUED_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The issuer role (`issuer`): holds the CA directory and signs enrolments and renewals.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerConfig {
+    /// TCP address the issuer listens on (default: the underlay address, port 7946).
+    pub listen: SocketAddr,
+    /// The CA directory as `encctl ca init` makes it (`ca.crt`, `ca.key`; `tokens.jsonl`,
+    /// `issued.jsonl`, `crl.pem` as `encctl` uses them). The key is read, never printed.
+    pub ca_dir: PathBuf,
+    /// Lifetime of the certificates it issues.
+    #[serde(with = "humantime_secs")]
+    pub cert_lifetime: Duration,
 }
 
 /// Control channel settings.
@@ -836,6 +886,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 Some(d)
             }
         },
+        renewal: raw.tls.renewal.as_ref().map(validate_renewal).transpose()?,
     };
 
     let control_port = check_port(
@@ -1009,6 +1060,11 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         return Err(invalid("statusSocket", "", "must not be empty"));
     }
     let metrics = validate_metrics(&raw.metrics, control.listen)?;
+    let issuer = raw
+        .issuer
+        .as_ref()
+        .map(|i| validate_issuer(i, base, underlay, &control, metrics.listen))
+        .transpose()?;
     let state_dir = match raw.state_dir {
         Some(d) if d.as_os_str().is_empty() => {
             return Err(invalid("stateDir", "", "must not be empty"));
@@ -1104,7 +1160,159 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         status_socket,
         state_dir,
         metrics,
+        issuer,
         peers,
+    })
+}
+
+fn validate_renewal(raw: &RawRenewal) -> Result<RenewalConfig, ConfigError> {
+    let issuer = raw.issuer.trim();
+    check_host_port("tls.renewal.issuer", issuer)?;
+    let at_percent = match raw.at.as_deref().map(str::trim) {
+        None => DEFAULT_RENEW_AT_PERCENT,
+        Some(v) => v
+            .strip_suffix('%')
+            .and_then(|n| n.trim().parse::<u8>().ok())
+            .filter(|n| (10..=90).contains(n))
+            .ok_or_else(|| {
+                invalid(
+                    "tls.renewal.at",
+                    v,
+                    "must be a percentage of the certificate lifetime from 10% to 90%, like 50%",
+                )
+            })?,
+    };
+    Ok(RenewalConfig {
+        issuer: issuer.to_owned(),
+        at_percent,
+    })
+}
+
+/// Checks `HOST:PORT` / `[V6]:PORT` with a non-zero port and a host that is an IP address
+/// or a DNS name.
+fn check_host_port(field: &str, value: &str) -> Result<(), ConfigError> {
+    let bad = |why: &str| invalid(field, value, why);
+    if value.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0) {
+        return Ok(());
+    }
+    let (host, port) = value
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected HOST:PORT, like 10.0.0.1:7946 or issuer.example:7946"))?;
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => {}
+        _ => return Err(bad("the port must be 1 to 65535")),
+    }
+    let dns_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if !dns_ok {
+        return Err(bad(
+            "the host must be an IP address ([..] for IPv6) or a DNS name",
+        ));
+    }
+    Ok(())
+}
+
+/// Shortest `issuer.certLifetime` (as `encctl cert sign --lifetime`).
+pub const MIN_ISSUED_LIFETIME: Duration = enc_certs::MIN_CERT_LIFETIME;
+
+fn validate_issuer(
+    raw: &RawIssuer,
+    base: &Path,
+    underlay: IpAddr,
+    control: &ControlConfig,
+    metrics: Option<SocketAddr>,
+) -> Result<IssuerConfig, ConfigError> {
+    let listen = match raw.listen.as_deref().map(str::trim) {
+        None => SocketAddr::new(underlay, enc_api::issuer::DEFAULT_ISSUER_PORT),
+        Some(v) => {
+            let a: SocketAddr = v.parse().map_err(|_| {
+                invalid(
+                    "issuer.listen",
+                    v,
+                    "not an address:port like 10.0.0.1:7946 or [fd00::1]:7946",
+                )
+            })?;
+            if a.port() == 0 {
+                return Err(invalid("issuer.listen", v, "the port must be 1 to 65535"));
+            }
+            a
+        }
+    };
+    let clash = |other: SocketAddr| {
+        other.port() == listen.port()
+            && (other.ip() == listen.ip()
+                || other.ip().is_unspecified()
+                || listen.ip().is_unspecified())
+    };
+    if clash(control.listen) {
+        return Err(invalid(
+            "issuer.listen",
+            listen,
+            format!("clashes with the control channel's {}", control.listen),
+        ));
+    }
+    if metrics.is_some_and(clash) {
+        return Err(invalid(
+            "issuer.listen",
+            listen,
+            "clashes with metrics.listen",
+        ));
+    }
+    if raw.ca_dir.as_os_str().is_empty() {
+        return Err(invalid("issuer.caDir", "", "must not be empty"));
+    }
+    let ca_dir = if raw.ca_dir.is_absolute() {
+        raw.ca_dir.clone()
+    } else {
+        base.join(&raw.ca_dir)
+    };
+    for file in [enc_certs::CA_CERT_FILE, enc_certs::CA_KEY_FILE] {
+        match std::fs::metadata(ca_dir.join(file)) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(invalid(
+                    "issuer.caDir",
+                    raw.ca_dir.display(),
+                    format!("{file} in it is not a regular file"),
+                ));
+            }
+            Err(e) => {
+                return Err(invalid(
+                    "issuer.caDir",
+                    raw.ca_dir.display(),
+                    format!("cannot open {file} in it ({e}); create the CA with encctl ca init"),
+                ));
+            }
+        }
+    }
+    let cert_lifetime = parse_duration(
+        "issuer.certLifetime",
+        raw.cert_lifetime.as_deref(),
+        DEFAULT_ISSUED_LIFETIME,
+    )?;
+    let max = Duration::from_secs(u64::from(enc_certs::MAX_DAYS) * 86_400);
+    if !(MIN_ISSUED_LIFETIME..=max).contains(&cert_lifetime) {
+        return Err(invalid(
+            "issuer.certLifetime",
+            raw.cert_lifetime.as_deref().unwrap_or_default(),
+            format!(
+                "must be between {} and {} days",
+                humantime::format_duration(MIN_ISSUED_LIFETIME),
+                enc_certs::MAX_DAYS
+            ),
+        ));
+    }
+    Ok(IssuerConfig {
+        listen,
+        ca_dir,
+        cert_lifetime,
     })
 }
 
@@ -1264,6 +1472,121 @@ peers:
             let msg = parse(&d, &text).unwrap_err().to_string();
             assert!(msg.contains(field) && msg.contains(value), "{msg}");
         }
+    }
+
+    #[test]
+    fn issuer_and_renewal_settings() {
+        let d = dir();
+        let ca = d.0.path().join("ca");
+        std::fs::create_dir(&ca).unwrap();
+        std::fs::write(ca.join("ca.crt"), "x").unwrap();
+        let with = |tls: &str, issuer: &str| {
+            GOOD.replacen("  ca: ca.crt\n", &format!("  ca: ca.crt\n{tls}"), 1)
+                .replacen("peers:\n", &format!("{issuer}peers:\n"), 1)
+        };
+        // Without ca.key the CA directory is refused, naming it.
+        let (f, v, r) = invalid_field(&d, &with("", "issuer:\n  caDir: ca\n"));
+        assert_eq!((f.as_str(), v.as_str()), ("issuer.caDir", "ca"), "{r}");
+        assert!(r.contains("ca.key"), "{r}");
+        std::fs::write(ca.join("ca.key"), "x").unwrap();
+
+        let c = parse(&d, &with("", "issuer:\n  caDir: ca\n")).unwrap();
+        let i = c.issuer.unwrap();
+        assert_eq!(i.listen, "10.0.0.1:7946".parse().unwrap());
+        assert_eq!(i.ca_dir, ca);
+        assert_eq!(i.cert_lifetime, DEFAULT_ISSUED_LIFETIME);
+        assert!(c.tls.renewal.is_none());
+
+        let c = parse(
+            &d,
+            &with(
+                "  renewal:\n    issuer: 10.0.0.2:7946\n",
+                "issuer:\n  listen: 0.0.0.0:8000\n  caDir: ca\n  certLifetime: 20s\n",
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            c.tls.renewal,
+            Some(RenewalConfig {
+                issuer: "10.0.0.2:7946".into(),
+                at_percent: 50
+            })
+        );
+        assert_eq!(c.issuer.unwrap().cert_lifetime, Duration::from_secs(20));
+        let c = parse(
+            &d,
+            &with("  renewal:\n    issuer: issuer.enc:7946\n    at: 75%\n", ""),
+        )
+        .unwrap();
+        assert_eq!(c.tls.renewal.unwrap().at_percent, 75);
+
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (
+                "  renewal:\n    issuer: 10.0.0.2\n",
+                "",
+                "tls.renewal.issuer",
+                "10.0.0.2",
+            ),
+            (
+                "  renewal:\n    issuer: 10.0.0.2:0\n",
+                "",
+                "tls.renewal.issuer",
+                "10.0.0.2:0",
+            ),
+            (
+                "  renewal:\n    issuer: bad_host:1\n",
+                "",
+                "tls.renewal.issuer",
+                "bad_host:1",
+            ),
+            (
+                "  renewal:\n    issuer: h:1\n    at: 95%\n",
+                "",
+                "tls.renewal.at",
+                "95%",
+            ),
+            (
+                "  renewal:\n    issuer: h:1\n    at: half\n",
+                "",
+                "tls.renewal.at",
+                "half",
+            ),
+            (
+                "",
+                "issuer:\n  caDir: ca\n  certLifetime: 5s\n",
+                "issuer.certLifetime",
+                "5s",
+            ),
+            (
+                "",
+                "issuer:\n  caDir: ca\n  certLifetime: 3651days\n",
+                "issuer.certLifetime",
+                "3651days",
+            ),
+            (
+                "",
+                "issuer:\n  caDir: ca\n  listen: nowhere\n",
+                "issuer.listen",
+                "nowhere",
+            ),
+            (
+                "",
+                "issuer:\n  caDir: ca\n  listen: 10.0.0.1:51871\n",
+                "issuer.listen",
+                "10.0.0.1:51871",
+            ),
+            ("", "issuer:\n  caDir: nope\n", "issuer.caDir", "nope"),
+        ];
+        for (tls, issuer, field, value) in cases {
+            let (f, v, reason) = invalid_field(&d, &with(tls, issuer));
+            assert_eq!(
+                (f.as_str(), v.as_str()),
+                (*field, *value),
+                "{tls}{issuer}: {reason}"
+            );
+        }
+        let e = parse(&d, &with("", "issuer:\n  caDir: ca\n  cadir: x\n")).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
     }
 
     #[test]

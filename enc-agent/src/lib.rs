@@ -8,16 +8,19 @@
 //! Layout: [`config`] (typed, validated configuration), [`control`] (control channel),
 //! [`peers`] (the peer table, plain data), [`reconcile`] (desired state to the backends),
 //! [`status`] (the Unix-socket API), [`metrics`] (Prometheus endpoint), [`events`] (the
-//! audit log), [`app`] (wiring).
+//! audit log), [`issuer`] (the issuer role: online enrolment and renewal), [`renewal`]
+//! (the renewal schedule, sans-IO), [`app`] (wiring).
 
 pub mod app;
 pub mod backend;
 pub mod config;
 pub mod control;
 pub mod events;
+pub mod issuer;
 pub mod metrics;
 pub mod peers;
 pub mod reconcile;
+pub mod renewal;
 pub mod status;
 
 /// Errors of the agent library.

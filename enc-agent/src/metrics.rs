@@ -152,6 +152,16 @@ families! {
         "Certificates (this node's and its peers') with 20% or less of their lifetime left.";
     CERT_EXPIRY = "enc_certificate_expiry_timestamp_seconds", Gauge, ["node"],
         "End of validity (Unix time) of this node's certificate and of the certificate each peer last presented.";
+    RENEWAL_NEXT = "enc_certificate_renewal_next_timestamp_seconds", Gauge, [],
+        "When (Unix time) the next automatic renewal attempt of this node's certificate is due (absent without tls.renewal).";
+    RENEWALS = "enc_certificate_renewals_total", Counter, [],
+        "Automatic renewals of this node's certificate completed since start.";
+    RENEWAL_FAILURES = "enc_certificate_renewal_failures", Gauge, [],
+        "Failed renewal attempts since the last success (0 when the last attempt succeeded).";
+    ISSUED = "enc_issuer_certificates_issued_total", Counter, ["operation"],
+        "Certificates the issuer role signed since start, by operation (enrol, renew).";
+    ISSUE_REFUSED = "enc_issuer_requests_refused_total", Counter, [],
+        "Requests the issuer role refused since start.";
     XFRM_ERRORS = "enc_xfrm_errors_total", Counter, ["counter"],
         "The kernel's XFRM error counters (/proc/net/xfrm_stat) of the node's network namespace.";
     PEER_AUTHENTICATED = "enc_peer_authenticated", Gauge, ["peer"],
@@ -325,6 +335,18 @@ pub fn render(status: &Status, peers: &Peers) -> String {
     if !status.expiry.node_not_after.is_empty() {
         x.add(&CERT_EXPIRING, &[], status.expiry.expiring.len() as u64);
     }
+    if let Some(r) = &status.renewal {
+        if let Some(t) = unix_time(&r.next_attempt) {
+            x.add(&RENEWAL_NEXT, &[], t);
+        }
+        x.add(&RENEWALS, &[], r.renewals);
+        x.add(&RENEWAL_FAILURES, &[], u64::from(r.failures));
+    }
+    if let Some(i) = &status.issuer {
+        x.add(&ISSUED, &["enrol"], i.enrolled);
+        x.add(&ISSUED, &["renew"], i.renewed);
+        x.add(&ISSUE_REFUSED, &[], i.refused);
+    }
     if let Some(ipsec) = &enc.ipsec {
         for (counter, n) in &ipsec.xfrm_stat {
             x.add(&XFRM_ERRORS, &[counter], *n);
@@ -494,6 +516,22 @@ mod tests {
                 soonest_seconds_left: 3600,
                 expiring: vec!["node-3".into()],
             },
+            renewal: Some(enc_api::RenewalInfo {
+                issuer: "10.0.0.1:7946".into(),
+                next_attempt: "2026-11-30T12:00:00Z".into(),
+                next_attempt_seconds: 60,
+                renewals: 3,
+                last_renewal: None,
+                failures: 2,
+                last_error: Some("issuer 10.0.0.1:7946: connecting: refused".into()),
+            }),
+            issuer: Some(enc_api::IssuerInfo {
+                listen: "10.0.0.1:7946".into(),
+                cert_lifetime_seconds: 86_400,
+                enrolled: 1,
+                renewed: 5,
+                refused: 2,
+            }),
         }
     }
 

@@ -326,6 +326,26 @@ fn add(total: &mut DatapathCounters, c: &DatapathCounters) {
     }
 }
 
+/// The renewal part of the status.
+pub fn renewal_info(r: &crate::app::RenewalState) -> enc_api::RenewalInfo {
+    let rfc = |t: std::time::SystemTime| {
+        let t = time::OffsetDateTime::from(t);
+        t.replace_nanosecond(0)
+            .unwrap_or(t)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    enc_api::RenewalInfo {
+        issuer: r.issuer.clone(),
+        next_attempt: rfc(r.schedule.next()),
+        next_attempt_seconds: r.schedule.until_due(std::time::SystemTime::now()).as_secs(),
+        renewals: r.renewals,
+        last_renewal: r.last_renewal.map(rfc),
+        failures: r.schedule.failures(),
+        last_error: r.schedule.last_error().map(str::to_owned),
+    }
+}
+
 /// Builds the status answer.
 pub fn build_status(shared: &Shared) -> Status {
     let mut totals = DatapathCounters::default();
@@ -415,6 +435,18 @@ pub fn build_status(shared: &Shared) -> Status {
         keys,
         network,
         expiry: expiry_info(shared),
+        renewal: shared.renewal_state().map(|r| renewal_info(&r)),
+        issuer: shared.config.issuer.as_ref().map(|c| {
+            use std::sync::atomic::Ordering::Relaxed;
+            let st = shared.issuer_stats();
+            enc_api::IssuerInfo {
+                listen: c.listen.to_string(),
+                cert_lifetime_seconds: c.cert_lifetime.as_secs(),
+                enrolled: st.enrolled.load(Relaxed),
+                renewed: st.renewed.load(Relaxed),
+                refused: st.refused.load(Relaxed),
+            }
+        }),
     }
 }
 

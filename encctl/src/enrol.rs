@@ -211,3 +211,138 @@ pub fn sign(args: &SignArgs) -> anyhow::Result<(PathBuf, enc_certs::SignedNodeCe
     )
     .with_context(|| format!("sign {}", args.csr.display()))
 }
+
+/// Arguments of `encctl cert enrol`.
+pub struct EnrolArgs {
+    /// The issuer, `HOST:PORT`.
+    pub issuer: String,
+    /// The join token.
+    pub token: Secret,
+    /// The node name.
+    pub node: String,
+    /// The addresses to request.
+    pub ips: Vec<IpAddr>,
+    /// The CA bundle to verify the issuer with.
+    pub ca_cert: PathBuf,
+    /// Timeout of each step.
+    pub timeout: std::time::Duration,
+    /// Where to write the files.
+    pub out: PathBuf,
+}
+
+/// What `encctl cert enrol` wrote.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Enrolled {
+    /// The issuer.
+    pub issuer: String,
+    /// The private key file (0600).
+    pub key: PathBuf,
+    /// The certificate file.
+    pub cert: PathBuf,
+    /// The CA bundle file.
+    pub ca: PathBuf,
+    /// The certificate's summary.
+    #[serde(flatten)]
+    pub info: CertInfo,
+}
+
+impl Enrolled {
+    /// `-o json`.
+    pub fn json(&self) -> &Self {
+        self
+    }
+
+    /// The text output.
+    pub fn text(&self) -> String {
+        format!(
+            "enrolled {} with issuer {} (join token now used)\n  private key: {} (mode 0600; made here, never sent)\n  certificate: {}\n  CA bundle:   {}\n{}point the agent's tls.cert, tls.key and tls.ca at these files; with tls.renewal.issuer set it renews the certificate itself\n",
+            self.info.dns_names.first().map_or("", String::as_str),
+            self.issuer,
+            self.key.display(),
+            self.cert.display(),
+            self.ca.display(),
+            output::cert(&self.info),
+        )
+    }
+}
+
+/// Runs `encctl cert enrol`: makes the key and request here, sends the request and the
+/// token to the issuer over TLS (verifying the issuer against `--ca-cert`), checks that the
+/// answer is a certificate of that CA for this key and these names, and writes the files.
+pub fn enrol_online(args: &EnrolArgs) -> anyhow::Result<Enrolled> {
+    use enc_api::issuer::{IssuerRequest, IssuerResponse};
+    enc_certs::validate_node_name(&args.node)?;
+    let key = args.out.join(format!("{}.key", args.node));
+    let cert = args.out.join(format!("{}.crt", args.node));
+    let ca = args.out.join("ca.crt");
+    for p in [&key, &cert, &ca] {
+        if p.symlink_metadata().is_ok() {
+            anyhow::bail!("refusing to overwrite existing file {}", p.display());
+        }
+    }
+    let ca_pem = std::fs::read_to_string(&args.ca_cert)
+        .with_context(|| format!("read --ca-cert {}", args.ca_cert.display()))?;
+    let token = args.token.resolve()?;
+    let csr = enc_certs::generate_csr(&args.node, &args.ips)?;
+    let config = enc_certs::issuer_client_config(ca_pem.as_bytes(), None)
+        .with_context(|| format!("--ca-cert {}", args.ca_cert.display()))?;
+    let mut stream = enc_certs::connect_issuer(&args.issuer, config, args.timeout)?;
+    let answer = enc_api::issuer::call(
+        &mut stream,
+        &IssuerRequest::Enrol {
+            token: token.trim().to_owned(),
+            csr: csr.csr_pem.clone(),
+        },
+    )
+    .with_context(|| format!("issuer {}", args.issuer))?;
+    let issued = match answer {
+        IssuerResponse::Issued(i) => i,
+        IssuerResponse::Refused { reason } => {
+            anyhow::bail!("issuer {} refused the enrolment: {reason}", args.issuer)
+        }
+    };
+    let bundle = if issued.ca.trim().is_empty() {
+        ca_pem.clone()
+    } else {
+        issued.ca.clone()
+    };
+    // The certificate must be for this key, signed by the CA we trust, with our names.
+    let id = enc_certs::NodeIdentity::from_pem(&issued.cert, &csr.key_pem, &ca_pem)
+        .context("the issuer's certificate does not verify against --ca-cert and the new key")?;
+    let info = id.info().clone();
+    if info.dns_names != [args.node.clone()] || args.ips.iter().any(|ip| !info.ips.contains(ip)) {
+        anyhow::bail!(
+            "the issuer's certificate names {:?} {:?}, not what was requested",
+            info.dns_names,
+            info.ips
+        );
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("create directory {}", args.out.display()))?;
+    write_new(&key, &csr.key_pem, 0o600)?;
+    write_new(&cert, &issued.cert, 0o644)?;
+    write_new(&ca, &bundle, 0o644)?;
+    Ok(Enrolled {
+        issuer: args.issuer.clone(),
+        key,
+        cert,
+        ca,
+        info,
+    })
+}
+
+fn write_new(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .and_then(|()| f.write_all(contents.as_bytes()))
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("write {}", path.display()))
+}

@@ -205,7 +205,10 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 fn parse_lifetime(s: &str) -> Result<Duration, String> {
     let d = parse_timeout(s)?;
     if d < enc_certs::MIN_CERT_LIFETIME {
-        return Err("must be at least 1m".into());
+        return Err(format!(
+            "must be at least {}",
+            humantime::format_duration(enc_certs::MIN_CERT_LIFETIME)
+        ));
     }
     Ok(d)
 }
@@ -303,6 +306,37 @@ enum CertCommand {
         #[arg(long, value_name = "D", default_value = "24h", value_parser = parse_lifetime)]
         lifetime: Duration,
         /// Directory to write NODE.crt to.
+        #[arg(long)]
+        out: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// On a new node: enrol online with an issuer (an agent in the issuer role) using a join
+    /// token. The key is made here and never sent; writes NODE.key (0600), NODE.crt and the
+    /// issuer's CA bundle ca.crt to OUT.
+    Enrol {
+        /// The issuer, HOST:PORT (HOST must be an IP SAN or DNS SAN of its certificate).
+        #[arg(long, value_name = "HOST:PORT")]
+        issuer: String,
+        /// The join token, or @FILE holding it (preferred: keeps it out of shell history).
+        #[arg(long, value_name = "TOKEN_OR_@FILE", env = "ENC_JOIN_TOKEN", hide_env_values = true, value_parser = enrol::parse_secret)]
+        token: enrol::Secret,
+        /// Node name (lowercase DNS name), as the join token names it.
+        #[arg(long)]
+        node: String,
+        /// Node address (repeat for several; each must be allowed by the token).
+        #[arg(long = "ip", required = true)]
+        ips: Vec<IpAddr>,
+        /// The cluster CA certificate, obtained out of band: the issuer must present a
+        /// certificate it signed.
+        #[arg(long, value_name = "FILE")]
+        ca_cert: PathBuf,
+        /// Timeout of each step (connect, handshake, answer).
+        #[arg(long, value_name = "D", default_value = "10s", value_parser = parse_timeout)]
+        timeout: Duration,
+        /// Directory to write NODE.key, NODE.crt and ca.crt to (existing files are never
+        /// overwritten).
         #[arg(long)]
         out: PathBuf,
         /// Output format.
@@ -413,6 +447,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 csr: &files.csr_path,
             };
             emit(output, &json, || enrol::requested_text(&node, &files))?;
+        }
+        Command::Cert(CertCommand::Enrol {
+            issuer,
+            token,
+            node,
+            ips,
+            ca_cert,
+            timeout,
+            out,
+            output,
+        }) => {
+            let done = enrol::enrol_online(&enrol::EnrolArgs {
+                issuer,
+                token,
+                node,
+                ips,
+                ca_cert,
+                timeout,
+                out,
+            })?;
+            emit(output, &done.json(), || done.text())?;
         }
         Command::Cert(CertCommand::Sign {
             ca,

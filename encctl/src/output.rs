@@ -206,6 +206,48 @@ pub fn status(s: &Status) -> String {
         s.datapath.totals.leak_packets,
         network(&s.network),
     ) + &expiry(&s.expiry)
+        + &renewal(s.renewal.as_ref(), s.issuer.as_ref())
+}
+
+/// The `renewal:` and `issuer:` lines of `encctl status` (when configured).
+pub fn renewal(r: Option<&enc_api::RenewalInfo>, i: Option<&enc_api::IssuerInfo>) -> String {
+    let mut out = String::new();
+    if let Some(r) = r {
+        let _ = write!(
+            out,
+            "renewal:     next attempt {} (in {}) with issuer {}; {} renewal(s) since start",
+            r.next_attempt,
+            age(r.next_attempt_seconds),
+            r.issuer,
+            r.renewals
+        );
+        if let Some(last) = &r.last_renewal {
+            let _ = write!(out, ", last at {last}");
+        }
+        match &r.last_error {
+            Some(e) => {
+                let _ = write!(
+                    out,
+                    "\n             failing: {} attempt(s), last error: {e}",
+                    r.failures
+                );
+            }
+            None => out.push_str("; no error"),
+        }
+        out.push('\n');
+    }
+    if let Some(i) = i {
+        let _ = writeln!(
+            out,
+            "issuer:      listening on {}, lifetime {}; {} enrolled, {} renewed, {} refused since start",
+            i.listen,
+            age(i.cert_lifetime_seconds),
+            i.enrolled,
+            i.renewed,
+            i.refused
+        );
+    }
+    out
 }
 
 /// The `expiry:` line of `encctl status`: the certificate that expires first.

@@ -943,11 +943,14 @@ fn enrol_refusals_are_clear_and_leave_the_token_usable() {
         "--token",
         &secret,
         "--lifetime",
-        "10s",
+        "9s",
         "--out",
         p(&node1),
     ]);
-    assert!(e.contains("--lifetime"), "{e}");
+    assert!(
+        e.contains("--lifetime") && e.contains("at least 10s"),
+        "{e}"
+    );
     let e = err(&["token", "list", "--ca", p(&d.path().join("nothing"))]);
     assert!(e.contains("nothing/ca.crt"), "{e}");
     assert!(ok(&["token", "list", "--ca", p(&other)]).contains(&foreign_id));

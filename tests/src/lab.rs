@@ -82,6 +82,10 @@ pub struct LabOptions {
     /// `encryption.<type>.implementation` per node (1-based index, `auto`, `kernel` or
     /// `userspace`), for mixed pairs; nodes not listed use the default (`auto`).
     pub implementations: Vec<(usize, &'static str)>,
+    /// Extra YAML lines under `tls:` per node (1-based index), e.g. `  renewal:` blocks.
+    pub tls_extra: Vec<(usize, String)>,
+    /// Extra top-level YAML per node (1-based index), e.g. an `issuer:` block.
+    pub extra: Vec<(usize, String)>,
 }
 
 impl LabOptions {
@@ -98,6 +102,8 @@ impl LabOptions {
             tunnel: "disabled",
             rotation: vec![],
             implementations: vec![],
+            tls_extra: vec![],
+            extra: vec![],
         }
     }
 }
@@ -412,6 +418,18 @@ impl Lab {
                     &format!("tunnel:\n  protocol: {}\ndatapath:\n", opts.tunnel),
                     1,
                 );
+            }
+            for (_, lines) in opts.tls_extra.iter().filter(|(i, _)| *i == n.index) {
+                yaml = yaml.replacen(
+                    "  reloadInterval: 1s\n",
+                    &format!("  reloadInterval: 1s\n{lines}"),
+                    1,
+                );
+            }
+            for (_, block) in opts.extra.iter().filter(|(i, _)| *i == n.index) {
+                yaml.truncate(yaml.len() - "peers:\n".len());
+                yaml.push_str(block);
+                yaml.push_str("peers:\n");
             }
             if !opts.rotation.is_empty() {
                 // Goes before the trailing `peers:` key.

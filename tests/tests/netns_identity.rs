@@ -361,3 +361,317 @@ fn privileged_ca_rollover_and_renewal_under_traffic() {
     })();
     lab.finish(r);
 }
+
+/// `encctl token create` for node `i` of the lab's CA: (token id, secret).
+fn create_token(lab: &Lab, encctl: &str, i: usize) -> anyhow::Result<(String, String)> {
+    let ca = lab.dir.path().join("ca");
+    let out = sys::run(&[
+        encctl,
+        "token",
+        "create",
+        "--ca",
+        ca.to_str().context("path")?,
+        "--node",
+        &format!("node-{i}"),
+        "--ip",
+        &lab.node(i).addr.to_string(),
+        "--ttl",
+        "10m",
+        "-o",
+        "json",
+    ])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok((
+        v["id"].as_str().context("token id")?.to_owned(),
+        v["token"].as_str().context("token")?.to_owned(),
+    ))
+}
+
+/// Runs `encctl cert enrol` in node `i`'s namespace against the issuer, writing to `out`.
+fn enrol(
+    lab: &Lab,
+    encctl: &str,
+    i: usize,
+    issuer: &str,
+    token_file: &std::path::Path,
+    out: &std::path::Path,
+) -> anyhow::Result<std::process::Output> {
+    let ca = lab.dir.path().join("ca/ca.crt");
+    sys::output_in(
+        lab.node(i).ns.name(),
+        &[
+            encctl,
+            "cert",
+            "enrol",
+            "--issuer",
+            issuer,
+            "--token",
+            &format!("@{}", token_file.to_str().context("path")?),
+            "--node",
+            &format!("node-{i}"),
+            "--ip",
+            &lab.node(i).addr.to_string(),
+            "--ca-cert",
+            ca.to_str().context("path")?,
+            "--out",
+            out.to_str().context("path")?,
+        ],
+    )
+}
+
+/// The renewal status of node `i`.
+fn renewal(lab: &Lab, i: usize) -> anyhow::Result<enc_api::RenewalInfo> {
+    lab.status(i)?
+        .renewal
+        .with_context(|| format!("node-{i} status has no renewal section"))
+}
+
+/// The serial node `i` shows for `peer`, if authenticated.
+fn peer_serial(lab: &Lab, i: usize, peer: &str) -> anyhow::Result<Option<String>> {
+    Ok(lab
+        .peers(i)?
+        .into_iter()
+        .find(|p| p.name == peer && p.auth == AuthState::Authenticated)
+        .and_then(|p| p.certificate)
+        .map(|c| c.serial))
+}
+
+/// Online enrolment and automatic renewal with an agent in the issuer role (node-3).
+/// node-1 and node-2 enrol over the network with join tokens (`encctl cert enrol`); a reused
+/// and an expired token are refused. Their certificates live 20 s and are renewed at half
+/// their lifetime by the agents themselves, at least twice each, under a sequence-numbered
+/// UDP stream and a TCP stream between their pods: no UDP packet is lost and the peer sees
+/// each new serial. Then the issuer stops: renewal fails, is retried with backoff and the
+/// old certificate stays in use; when the issuer is back the next retry succeeds.
+#[test]
+fn privileged_online_enrolment_and_automatic_renewal_under_traffic() {
+    use enc_tests::traffic::{TcpFlow, UdpStream};
+    if !require_root("privileged_online_enrolment_and_automatic_renewal_under_traffic") {
+        return;
+    }
+    const ISSUER: &str = "10.77.0.3:7946";
+    let mut opts = LabOptions::new("rn", 3);
+    opts.pods = 1;
+    opts.extra = vec![(
+        3,
+        format!("issuer:\n  listen: {ISSUER}\n  caDir: ca\n  certLifetime: 20s\n"),
+    )];
+    opts.tls_extra = (1..=3)
+        .map(|i| (i, format!("  renewal:\n    issuer: {ISSUER}\n")))
+        .collect();
+    let mut lab = Lab::build(&opts).expect("build lab");
+    let r = (|| -> anyhow::Result<()> {
+        let started = Instant::now();
+        let encctl = bin_dir()?.join("encctl");
+        let encctl = encctl.to_str().context("path")?.to_owned();
+        let dir = lab.dir.path().to_owned();
+        lab.start_agent(3)?;
+
+        // Online enrolment of node-1 and node-2.
+        let mut first_token = None;
+        for i in [1, 2] {
+            let (_, secret) = create_token(&lab, &encctl, i)?;
+            let file = dir.join(format!("token-{i}"));
+            std::fs::write(&file, &secret)?;
+            let out = dir.join(format!("enrol-{i}"));
+            let o = enrol(&lab, &encctl, i, ISSUER, &file, &out)?;
+            ensure!(
+                o.status.success(),
+                "enrol node-{i}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            ensure!(!text.contains("PRIVATE"), "enrol printed key material");
+            let key = out.join(format!("node-{i}.key"));
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&key)?.permissions().mode() & 0o777;
+                ensure!(mode == 0o600, "key mode {mode:o}");
+            }
+            replace(&key, &dir.join(format!("certs/node-{i}.key")))?;
+            replace(
+                &out.join(format!("node-{i}.crt")),
+                &dir.join(format!("certs/node-{i}.crt")),
+            )?;
+            if i == 1 {
+                first_token = Some(file);
+            }
+        }
+        // A reused token is refused.
+        let o = enrol(
+            &lab,
+            &encctl,
+            1,
+            ISSUER,
+            &first_token.context("token")?,
+            &dir.join("enrol-reused"),
+        )?;
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        ensure!(
+            !o.status.success() && err.contains("already used"),
+            "reused token: {err}"
+        );
+        eprintln!("reused token: {}", err.trim());
+        // An expired token is refused (its expiry moved into the past in tokens.jsonl).
+        let (id, secret) = create_token(&lab, &encctl, 1)?;
+        let tokens = dir.join("ca/tokens.jsonl");
+        let text = std::fs::read_to_string(&tokens)?;
+        let mut lines = Vec::new();
+        for l in text.lines() {
+            let mut v: serde_json::Value = serde_json::from_str(l)?;
+            if v["id"] == id.as_str() {
+                v["expiresAt"] = "2020-01-01T00:00:00Z".into();
+            }
+            lines.push(v.to_string());
+        }
+        std::fs::write(&tokens, lines.join("\n") + "\n")?;
+        let file = dir.join("token-expired");
+        std::fs::write(&file, &secret)?;
+        let o = enrol(&lab, &encctl, 1, ISSUER, &file, &dir.join("enrol-expired"))?;
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        ensure!(
+            !o.status.success() && err.contains("expired"),
+            "expired token: {err}"
+        );
+        ensure!(!err.contains(&secret), "the error repeats the token");
+        eprintln!("expired token: {}", err.trim());
+
+        lab.start_agent(1)?;
+        lab.start_agent(2)?;
+        wait_mesh(&lab, 3)?;
+        let enrolled = lab.status(1)?.certificate.serial;
+        ensure!(
+            lab.status(1)?.certificate.not_after < lab.status(3)?.certificate.not_after,
+            "node-1 does not run the short-lived enrolled certificate"
+        );
+
+        let (n1, n2) = (lab.node(1), lab.node(2));
+        let udp = UdpStream::start(&n1.pods[0].ns, &n2.pods[0].ns, n2.pods[0].addr, 500, 200)?;
+        let tcp = TcpFlow::start(&n2.pods[0].ns, &n1.pods[0].ns, n1.pods[0].addr, 100_000)?;
+
+        // Two automatic renewals on each node; node-2 sees node-1's new serials.
+        let mut seen = vec![enrolled.clone()];
+        sys::wait_for(
+            "two renewals on node-1 and node-2",
+            Duration::from_secs(40),
+            || {
+                if let Some(s) = peer_serial(&lab, 2, "node-1")?
+                    && !seen.contains(&s)
+                {
+                    seen.push(s);
+                }
+                let (r1, r2) = (renewal(&lab, 1)?, renewal(&lab, 2)?);
+                Ok((r1.renewals >= 2 && r2.renewals >= 2).then_some(()))
+            },
+        )?;
+        let current = lab.status(1)?.certificate.serial;
+        sys::wait_for(
+            "node-2 to authenticate node-1's newest certificate",
+            Duration::from_secs(10),
+            || Ok((peer_serial(&lab, 2, "node-1")? == Some(current.clone())).then_some(())),
+        )?;
+        if !seen.contains(&current) {
+            seen.push(current.clone());
+        }
+        ensure!(
+            seen.len() >= 3,
+            "node-2 saw node-1 with serials {seen:?} only"
+        );
+        eprintln!("node-2 saw node-1 under {} serials: {seen:?}", seen.len());
+
+        // The issuer goes away: renewal fails and is retried, the old certificate stays.
+        lab.stop_agent(3)?;
+        let before = lab.status(1)?.certificate.serial;
+        let failing = sys::wait_for(
+            "node-1 to fail renewing twice",
+            Duration::from_secs(20),
+            || {
+                let r = renewal(&lab, 1)?;
+                Ok((r.failures >= 2).then_some(r))
+            },
+        )?;
+        let err = failing.last_error.clone().unwrap_or_default();
+        ensure!(err.contains(ISSUER), "last error: {err}");
+        ensure!(
+            lab.status(1)?.certificate.serial == before,
+            "node-1 changed certificate without the issuer"
+        );
+        ensure!(
+            peer_serial(&lab, 2, "node-1")? == Some(before.clone()),
+            "node-2 lost node-1 while the issuer was down"
+        );
+        let status_text = lab.encctl(1, &["status"])?;
+        ensure!(
+            status_text.contains("renewal:") && status_text.contains("failing"),
+            "status: {status_text}"
+        );
+        eprintln!(
+            "{}",
+            status_text
+                .lines()
+                .filter(|l| l.contains("renewal") || l.contains("failing"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let failed_events = events(&lab, 1)?
+            .into_iter()
+            .filter(|e| e.kind == EventKind::RenewalFailed)
+            .count();
+        ensure!(failed_events >= 2, "{failed_events} renewal-failed events");
+
+        // The issuer is back: the next retry succeeds.
+        lab.start_agent(3)?;
+        let back = Instant::now();
+        sys::wait_for(
+            "node-1 to renew once the issuer is back",
+            Duration::from_secs(15),
+            || {
+                let r = renewal(&lab, 1)?;
+                Ok((r.failures == 0 && r.renewals > failing.renewals).then_some(()))
+            },
+        )?;
+        let after = lab.status(1)?.certificate.serial;
+        ensure!(after != before, "serial unchanged after recovery");
+        eprintln!(
+            "renewal recovered {} ms after the issuer restarted; {failed_events} failed attempts logged",
+            back.elapsed().as_millis()
+        );
+        sys::wait_for(
+            "node-2 to authenticate node-1's recovered certificate",
+            Duration::from_secs(10),
+            || Ok((peer_serial(&lab, 2, "node-1")? == Some(after.clone())).then_some(())),
+        )?;
+
+        let tcp = tcp.stop()?;
+        let udp = udp.stop(Duration::from_secs(1))?;
+        let r1 = renewal(&lab, 1)?;
+        let r2 = renewal(&lab, 2)?;
+        eprintln!(
+            "renewals: node-1 {}, node-2 {}; UDP {udp}; TCP {tcp}; wall time {} s",
+            r1.renewals,
+            r2.renewals,
+            started.elapsed().as_secs()
+        );
+        ensure!(udp.sent > 1000, "UDP stream too short: {udp}");
+        ensure!(udp.lost == 0, "UDP packets lost during renewals: {udp}");
+        ensure!(tcp.is_intact(), "TCP stream damaged: {tcp}");
+
+        let e1 = events(&lab, 1)?;
+        ensure!(
+            e1.iter()
+                .filter(|e| e.kind == EventKind::Renewal && e.detail.contains("online from issuer"))
+                .count()
+                >= 3,
+            "node-1 renewal events: {e1:?}"
+        );
+        let e3 = events(&lab, 3)?;
+        ensure!(
+            e3.iter().any(|e| e.kind == EventKind::Issued),
+            "issuer events: {e3:?}"
+        );
+        let ledger = std::fs::read_to_string(dir.join("ca/issued.jsonl"))?;
+        ensure!(ledger.contains(&after), "ledger lacks {after}");
+        Ok(())
+    })();
+    lab.finish(r);
+}
