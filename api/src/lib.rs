@@ -492,6 +492,8 @@ pub enum EventKind {
     IdentityReloadFailed,
     /// A certificate is close to expiry (20% of its lifetime left).
     ExpiryWarning,
+    /// Discovery added, removed or moved a peer (the detail says which).
+    PeerSetChanged,
 }
 
 /// One line of the append-only audit log (JSON lines); never carries key material.

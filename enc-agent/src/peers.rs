@@ -82,9 +82,13 @@ pub struct RotationView {
 /// Everything known about one peer.
 #[derive(Clone, Debug)]
 pub struct PeerEntry {
-    /// Datapath id of the peer (1-based, in name order); it forms bits 31..16 of the skb
-    /// mark and keys the eBPF maps. Local to this node: peers need not agree on ids.
+    /// Datapath id of the peer (1-based; in name order at start, then the smallest free id
+    /// for a peer discovered later); it forms bits 31..16 of the skb mark and keys the eBPF
+    /// maps. Stable while the peer exists. Local to this node: peers need not agree on ids.
     pub id: u16,
+    /// Changes whenever the peer is added or its address or control port changes: a control
+    /// session or dial loop started for an earlier incarnation can no longer touch the entry.
+    pub incarnation: u64,
     /// What discovery says about the peer.
     pub config: PeerConfig,
     /// Which side dials.
@@ -261,6 +265,65 @@ pub struct PeerTable {
     local_addr: std::net::IpAddr,
     local_cidr: IpNet,
     entries: BTreeMap<String, PeerEntry>,
+    /// Ids of removed peers that may still be installed in the datapath: not handed out again
+    /// until a reconcile without them succeeded ([`PeerTable::release_ids`]).
+    retired_ids: std::collections::BTreeSet<u16>,
+    next_incarnation: u64,
+}
+
+/// What [`PeerTable::set_peers`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerSetChange {
+    /// New peers.
+    pub added: Vec<String>,
+    /// Peers no longer expected: their keys, routes and datapath state go.
+    pub removed: Vec<String>,
+    /// Peers whose underlay address or control port changed: their keys were dropped at once
+    /// and they must authenticate again at the new address.
+    pub readdressed: Vec<String>,
+    /// Peers with another change (pod CIDR, advertised fingerprint): keys stay.
+    pub updated: Vec<String>,
+}
+
+impl PeerSetChange {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.readdressed.is_empty()
+            && self.updated.is_empty()
+    }
+}
+
+fn pending_detail(role: Role) -> &'static str {
+    match role {
+        Role::Dial => "connecting",
+        Role::Accept => "waiting for the peer to connect",
+    }
+}
+
+fn new_entry(local: &str, p: &PeerConfig, id: u16, incarnation: u64, now: Instant) -> PeerEntry {
+    let role = Role::of(local, &p.name);
+    PeerEntry {
+        id,
+        incarnation,
+        config: p.clone(),
+        role,
+        auth: Auth::Pending(pending_detail(role).into()),
+        since: now,
+        failures: 0,
+        last_success: None,
+        last_failure: None,
+        cert: None,
+        keys: None,
+        epochs: BTreeMap::new(),
+        outbound: None,
+        stale: BTreeMap::new(),
+        wg_keys: BTreeMap::new(),
+        switched_at: None,
+        rotation: None,
+        lost_at: None,
+    }
 }
 
 impl PeerTable {
@@ -268,36 +331,13 @@ impl PeerTable {
     pub fn new(config: &Config, now: Instant) -> Self {
         let mut sorted: Vec<&PeerConfig> = config.peers.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
-        let entries = sorted
+        let entries: BTreeMap<String, PeerEntry> = sorted
             .into_iter()
             .zip(1u16..)
             .map(|(p, id)| {
-                let role = Role::of(&config.node.name, &p.name);
-                let detail = match role {
-                    Role::Dial => "connecting",
-                    Role::Accept => "waiting for the peer to connect",
-                };
                 (
                     p.name.clone(),
-                    PeerEntry {
-                        id,
-                        config: p.clone(),
-                        role,
-                        auth: Auth::Pending(detail.into()),
-                        since: now,
-                        failures: 0,
-                        last_success: None,
-                        last_failure: None,
-                        cert: None,
-                        keys: None,
-                        epochs: BTreeMap::new(),
-                        outbound: None,
-                        stale: BTreeMap::new(),
-                        wg_keys: BTreeMap::new(),
-                        switched_at: None,
-                        rotation: None,
-                        lost_at: None,
-                    },
+                    new_entry(&config.node.name, p, id, u64::from(id), now),
                 )
             })
             .collect();
@@ -305,8 +345,124 @@ impl PeerTable {
             local: config.node.name.clone(),
             local_addr: config.node.underlay_address,
             local_cidr: config.node.pod_cidr,
+            next_incarnation: entries.len() as u64 + 1,
             entries,
+            retired_ids: Default::default(),
         }
+    }
+
+    /// Makes `peers` the expected peer set (discovery changed its mind). Existing peers keep
+    /// their ids; new peers get the smallest id neither in use nor retired; removed peers'
+    /// ids are retired until [`PeerTable::release_ids`]. A changed address or control port
+    /// drops the peer's keys at once: traffic to it stops (strict mode drops it) until it
+    /// authenticates at the new address, whose certificate must carry that address. Peers
+    /// beyond the id space are left out (and reported in `removed` if they were present).
+    pub fn set_peers(&mut self, peers: &[PeerConfig], now: Instant) -> PeerSetChange {
+        let mut change = PeerSetChange::default();
+        let wanted: BTreeMap<&str, &PeerConfig> =
+            peers.iter().map(|p| (p.name.as_str(), p)).collect();
+        let gone: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|n| !wanted.contains_key(n.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(e) = self.entries.remove(&name) {
+                self.retired_ids.insert(e.id);
+                change.removed.push(name);
+            }
+        }
+        for (name, p) in wanted {
+            if name == self.local {
+                continue;
+            }
+            match self.entries.get_mut(name) {
+                Some(e) if e.config == *p => {}
+                Some(e) => {
+                    let moved = e.config.underlay_address != p.underlay_address
+                        || e.config.control_port != p.control_port;
+                    e.config = p.clone();
+                    if moved {
+                        e.drop_keys();
+                        e.cert = None;
+                        e.incarnation = self.next_incarnation;
+                        self.next_incarnation += 1;
+                        e.set_auth(
+                            Auth::Pending(format!(
+                                "address changed to {}: authenticating again",
+                                p.underlay_address
+                            )),
+                            now,
+                        );
+                        change.readdressed.push(name.to_owned());
+                    } else {
+                        change.updated.push(name.to_owned());
+                    }
+                }
+                None => {
+                    let used: std::collections::BTreeSet<u16> =
+                        self.entries.values().map(|e| e.id).collect();
+                    let Some(id) = (1..=u16::MAX)
+                        .find(|id| !used.contains(id) && !self.retired_ids.contains(id))
+                    else {
+                        tracing::warn!(peer = %name, "no free datapath peer id (16 bits); peer left out");
+                        continue;
+                    };
+                    let incarnation = self.next_incarnation;
+                    self.next_incarnation += 1;
+                    self.entries.insert(
+                        name.to_owned(),
+                        new_entry(&self.local, p, id, incarnation, now),
+                    );
+                    change.added.push(name.to_owned());
+                }
+            }
+        }
+        change
+    }
+
+    /// Ids retired by [`PeerTable::set_peers`] that are not yet free again.
+    pub fn retired_ids(&self) -> Vec<u16> {
+        self.retired_ids.iter().copied().collect()
+    }
+
+    /// Frees retired ids once a reconcile computed after their removal succeeded.
+    pub fn release_ids(&mut self, ids: &[u16]) {
+        for id in ids {
+            self.retired_ids.remove(id);
+        }
+    }
+
+    /// The peer at this underlay address.
+    pub fn by_addr(&self, addr: std::net::IpAddr) -> Option<&PeerEntry> {
+        self.entries
+            .values()
+            .find(|e| e.config.underlay_address == addr)
+    }
+
+    /// Whether `name` is still the incarnation a session or dial loop was started for.
+    pub fn is_current(&self, name: &str, incarnation: u64) -> bool {
+        self.entries
+            .get(name)
+            .is_some_and(|e| e.incarnation == incarnation)
+    }
+
+    /// [`PeerTable::authenticated`], if the peer is still `incarnation` (the address the
+    /// session verified is still the peer's). Returns whether it was applied.
+    pub fn authenticated_if(
+        &mut self,
+        name: &str,
+        incarnation: u64,
+        now: Instant,
+        cert: Option<CertInfo>,
+        keys: SessionKeys,
+    ) -> bool {
+        if !self.is_current(name, incarnation) {
+            return false;
+        }
+        self.authenticated(name, now, cert, keys);
+        true
     }
 
     /// This node's name.
