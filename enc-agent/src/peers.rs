@@ -1115,4 +1115,89 @@ peers:
         );
         assert!(d.neighs.is_empty() && d.overlay.is_none());
     }
+
+    fn peer(name: &str, addr: &str, cidr: &str) -> PeerConfig {
+        PeerConfig {
+            name: name.into(),
+            underlay_address: addr.parse().unwrap(),
+            pod_cidr: cidr.parse().unwrap(),
+            control_port: 51871,
+            fingerprint: None,
+        }
+    }
+
+    fn ids(t: &PeerTable) -> Vec<(String, u16)> {
+        t.iter().map(|e| (e.config.name.clone(), e.id)).collect()
+    }
+
+    #[test]
+    fn peer_ids_stay_stable_and_retired_ids_wait_for_a_reconcile() {
+        let now = Instant::now();
+        let mut t = PeerTable::new(&config(), now);
+        let n1 = t.get("node-1").unwrap().config.clone();
+        let n3 = t.get("node-3").unwrap().config.clone();
+        // node-0 sorts first but must not renumber anyone: it gets the smallest free id.
+        let n0 = peer("node-0", "10.0.0.10", "10.244.10.0/24");
+        let c = t.set_peers(&[n0.clone(), n1.clone(), n3.clone()], now);
+        assert_eq!(c.added, ["node-0"]);
+        assert_eq!(
+            ids(&t),
+            [("node-0".into(), 3), ("node-1".into(), 1), ("node-3".into(), 2)]
+        );
+        // Removing node-1 retires id 1: a newcomer does not get it while it may be installed.
+        let n4 = peer("node-4", "10.0.0.4", "10.244.4.0/24");
+        let c = t.set_peers(&[n0.clone(), n3.clone(), n4.clone()], now);
+        assert_eq!((c.removed.as_slice(), c.added.as_slice()), (&["node-1".to_owned()][..], &["node-4".to_owned()][..]));
+        assert_eq!(t.get("node-4").unwrap().id, 4);
+        assert_eq!(t.retired_ids(), [1]);
+        let d = t.desired(&Layout::direct("wg0", 1440));
+        assert!(d.cidrs.iter().all(|(_, id)| *id != 1), "{:?}", d.cidrs);
+        assert!(d.routes.iter().all(|r| r.dst.to_string() != "10.244.1.0/24"));
+        // Once a reconcile without it succeeded, id 1 is free again.
+        t.release_ids(&[1]);
+        let n5 = peer("node-5", "10.0.0.5", "10.244.5.0/24");
+        t.set_peers(&[n0, n3, n4, n5], now);
+        assert_eq!(t.get("node-5").unwrap().id, 1);
+        assert!(t.retired_ids().is_empty());
+        // The same set again changes nothing.
+        let same: Vec<PeerConfig> = t.iter().map(|e| e.config.clone()).collect();
+        assert!(t.set_peers(&same, now).is_empty());
+    }
+
+    #[test]
+    fn a_moved_peer_loses_its_keys_at_once_and_old_sessions_cannot_touch_it() {
+        let now = Instant::now();
+        let mut t = PeerTable::new(&config(), now);
+        establish(&mut t, now, 1, 1);
+        let before = t.get("node-1").unwrap().incarnation;
+        assert_eq!(t.desired(&Layout::direct("wg0", 1440)).wg_peers.len(), 1);
+        let n3 = t.get("node-3").unwrap().config.clone();
+        // Discovery (perhaps a forged entry) now puts node-1 at another address.
+        let moved = peer("node-1", "10.0.0.66", "10.244.1.0/24");
+        let c = t.set_peers(&[moved, n3.clone()], now);
+        assert_eq!(c.readdressed, ["node-1"]);
+        let e = t.get("node-1").unwrap();
+        assert_ne!(e.incarnation, before);
+        assert_eq!(e.id, 1, "the id stays");
+        assert!(e.keys.is_none() && e.epochs.is_empty() && e.cert.is_none());
+        assert!(matches!(&e.auth, Auth::Pending(d) if d.contains("10.0.0.66")));
+        let d = t.desired(&Layout::direct("wg0", 1440));
+        assert!(d.wg_peers.is_empty(), "no key, no endpoint at the new address");
+        assert!(!d.peer_states[0].1.authenticated && !d.peer_states[0].1.has_key);
+        // The session that authenticated the old address cannot install anything now...
+        assert!(!t.install_inbound("node-1", 1, pair_keys(1, 2)));
+        // ...nor can a session begun for the old incarnation authenticate the new one.
+        assert!(!t.authenticated_if("node-1", before, now, None, session(2)));
+        assert!(t.get("node-1").unwrap().keys.is_none());
+        let current = t.get("node-1").unwrap().incarnation;
+        assert!(t.authenticated_if("node-1", current, now, None, session(3)));
+        // A pod CIDR change keeps keys and incarnation.
+        let c = t.set_peers(
+            &[peer("node-1", "10.0.0.66", "10.244.11.0/24"), n3],
+            now,
+        );
+        assert_eq!(c.updated, ["node-1"]);
+        assert_eq!(t.get("node-1").unwrap().incarnation, current);
+        assert!(t.get("node-1").unwrap().keys.is_some());
+    }
 }
