@@ -1419,7 +1419,7 @@ pub fn cleanup(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
-fn reconcile_once(shared: &Shared) {
+pub(crate) fn reconcile_once(shared: &Shared) {
     match attach_pods(
         shared.links.as_ref(),
         shared.dp.as_ref(),
@@ -1460,7 +1460,7 @@ fn reconcile_once(shared: &Shared) {
 /// Applies the peer sets discovery produces and runs a dial loop for every peer this node
 /// dials: for the peers present at start, for peers added later, and anew for peers that
 /// moved (the old loop ends by itself). Dial loops end with this task.
-async fn peer_supervisor(
+pub(crate) async fn peer_supervisor(
     shared: Arc<Shared>,
     mut peer_set: tokio::sync::watch::Receiver<Vec<crate::config::PeerConfig>>,
 ) {
@@ -1561,6 +1561,48 @@ pub fn format_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// A [`Shared`] over in-memory fakes (links, eBPF datapath) and the given encryption backend,
+/// for tests that run the real control channel in-process.
+#[cfg(test)]
+pub(crate) fn test_shared(
+    config: Config,
+    identity: NodeIdentity,
+    crypto: Crypto,
+    links: Arc<dyn LinkBackend>,
+    dp: Arc<dyn Datapath>,
+) -> Arc<Shared> {
+    let route_device = crypto.device().unwrap_or_default().to_owned();
+    let events = crate::events::EventLog::in_memory(&config.node.name);
+    Arc::new(Shared {
+        table: Mutex::new(PeerTable::new(&config, Instant::now())),
+        identity: std::sync::RwLock::new(Arc::new(identity)),
+        layout: Layout::direct(&route_device, 1420),
+        route_device,
+        crypto,
+        links,
+        dp,
+        pod_interfaces: Mutex::new(Vec::new()),
+        leaks_seen: Mutex::new(HashMap::new()),
+        backend_reason: "test".into(),
+        mtu: 1420,
+        mtu_plan: mtu_plan(&config).expect("an MTU plan"),
+        started: Instant::now(),
+        timing: Timing::default(),
+        events,
+        reconcile: Notify::new(),
+        reconcile_lock: Mutex::new(()),
+        next_session: AtomicU64::new(1),
+        rotators: Mutex::new(HashMap::new()),
+        wg_key_rolled: Mutex::new(Instant::now()),
+        expiry_warned: Mutex::new(std::collections::HashSet::new()),
+        crl: Mutex::new(None),
+        crl_watch: tokio::sync::watch::channel(0).0,
+        reauth_watch: tokio::sync::watch::channel((0, String::new())).0,
+        peers_watch: tokio::sync::watch::channel(0).0,
+        config,
+    })
 }
 
 #[cfg(test)]

@@ -1142,17 +1142,28 @@ peers:
         assert_eq!(c.added, ["node-0"]);
         assert_eq!(
             ids(&t),
-            [("node-0".into(), 3), ("node-1".into(), 1), ("node-3".into(), 2)]
+            [
+                ("node-0".into(), 3),
+                ("node-1".into(), 1),
+                ("node-3".into(), 2)
+            ]
         );
         // Removing node-1 retires id 1: a newcomer does not get it while it may be installed.
         let n4 = peer("node-4", "10.0.0.4", "10.244.4.0/24");
         let c = t.set_peers(&[n0.clone(), n3.clone(), n4.clone()], now);
-        assert_eq!((c.removed.as_slice(), c.added.as_slice()), (&["node-1".to_owned()][..], &["node-4".to_owned()][..]));
+        assert_eq!(
+            (c.removed.as_slice(), c.added.as_slice()),
+            (&["node-1".to_owned()][..], &["node-4".to_owned()][..])
+        );
         assert_eq!(t.get("node-4").unwrap().id, 4);
         assert_eq!(t.retired_ids(), [1]);
         let d = t.desired(&Layout::direct("wg0", 1440));
         assert!(d.cidrs.iter().all(|(_, id)| *id != 1), "{:?}", d.cidrs);
-        assert!(d.routes.iter().all(|r| r.dst.to_string() != "10.244.1.0/24"));
+        assert!(
+            d.routes
+                .iter()
+                .all(|r| r.dst.to_string() != "10.244.1.0/24")
+        );
         // Once a reconcile without it succeeded, id 1 is free again.
         t.release_ids(&[1]);
         let n5 = peer("node-5", "10.0.0.5", "10.244.5.0/24");
@@ -1182,7 +1193,10 @@ peers:
         assert!(e.keys.is_none() && e.epochs.is_empty() && e.cert.is_none());
         assert!(matches!(&e.auth, Auth::Pending(d) if d.contains("10.0.0.66")));
         let d = t.desired(&Layout::direct("wg0", 1440));
-        assert!(d.wg_peers.is_empty(), "no key, no endpoint at the new address");
+        assert!(
+            d.wg_peers.is_empty(),
+            "no key, no endpoint at the new address"
+        );
         assert!(!d.peer_states[0].1.authenticated && !d.peer_states[0].1.has_key);
         // The session that authenticated the old address cannot install anything now...
         assert!(!t.install_inbound("node-1", 1, pair_keys(1, 2)));
@@ -1192,10 +1206,7 @@ peers:
         let current = t.get("node-1").unwrap().incarnation;
         assert!(t.authenticated_if("node-1", current, now, None, session(3)));
         // A pod CIDR change keeps keys and incarnation.
-        let c = t.set_peers(
-            &[peer("node-1", "10.0.0.66", "10.244.11.0/24"), n3],
-            now,
-        );
+        let c = t.set_peers(&[peer("node-1", "10.0.0.66", "10.244.11.0/24"), n3], now);
         assert_eq!(c.updated, ["node-1"]);
         assert_eq!(t.get("node-1").unwrap().incarnation, current);
         assert!(t.get("node-1").unwrap().keys.is_some());

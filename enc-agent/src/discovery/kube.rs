@@ -385,7 +385,11 @@ mod tests {
             }
         })
         .await;
-        assert!(r.is_ok(), "peer set {:?}, want {want:?}", view(&rx.borrow()));
+        assert!(
+            r.is_ok(),
+            "peer set {:?}, want {want:?}",
+            view(&rx.borrow())
+        );
     }
 
     #[tokio::test]
@@ -434,7 +438,10 @@ mod tests {
         let q = query(&uri);
         assert_eq!(q.get("watch").map(String::as_str), Some("true"), "{uri}");
         assert_eq!(q.get("resourceVersion").map(String::as_str), Some("100"));
-        assert_eq!(q.get("allowWatchBookmarks").map(String::as_str), Some("true"));
+        assert_eq!(
+            q.get("allowWatchBookmarks").map(String::as_str),
+            Some("true")
+        );
         wait_for(
             &mut rx,
             &[
@@ -450,11 +457,18 @@ mod tests {
         let uri = serve(
             &mut handle,
             500,
-            serde_json::to_vec(&status(500, "InternalError", "etcdserver: request timed out"))
-                .unwrap(),
+            serde_json::to_vec(&status(
+                500,
+                "InternalError",
+                "etcdserver: request timed out",
+            ))
+            .unwrap(),
         )
         .await;
-        assert_eq!(query(&uri).get("resourceVersion").map(String::as_str), Some("105"));
+        assert_eq!(
+            query(&uri).get("resourceVersion").map(String::as_str),
+            Some("105")
+        );
         assert_eq!(rx.borrow().len(), 3);
         let uri = serve(
             &mut handle,
@@ -468,7 +482,10 @@ mod tests {
             ]),
         )
         .await;
-        assert_eq!(query(&uri).get("resourceVersion").map(String::as_str), Some("105"));
+        assert_eq!(
+            query(&uri).get("resourceVersion").map(String::as_str),
+            Some("105")
+        );
         wait_for(
             &mut rx,
             &[
@@ -491,7 +508,10 @@ mod tests {
             ),
         )
         .await;
-        assert!(!query(&uri).contains_key("watch"), "a relist, not a watch: {uri}");
+        assert!(
+            !query(&uri).contains_key("watch"),
+            "a relist, not a watch: {uri}"
+        );
         wait_for(
             &mut rx,
             &[
@@ -501,7 +521,10 @@ mod tests {
         )
         .await;
         let uri = serve(&mut handle, 200, Vec::new()).await;
-        assert_eq!(query(&uri).get("resourceVersion").map(String::as_str), Some("200"));
+        assert_eq!(
+            query(&uri).get("resourceVersion").map(String::as_str),
+            Some("200")
+        );
         task.abort();
     }
 
@@ -564,7 +587,10 @@ mod tests {
         let server = tokio::spawn(async move {
             let (req, send) = handle.next_request().await.expect("a request");
             let (parts, body) = req.into_parts();
-            let body = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+            let body = http_body_util::BodyExt::collect(body)
+                .await
+                .unwrap()
+                .to_bytes();
             let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
             let mut answer = obj("node-2", 300, "10.0.0.2", "10.244.2.0/24");
             answer["spec"] = sent["spec"].clone();
@@ -581,7 +607,10 @@ mod tests {
         assert_eq!(parts.method, http::Method::PATCH);
         assert_eq!(parts.uri.path(), "/apis/enc.dev/v1alpha1/encnodes/node-2");
         let q = query(&parts.uri.to_string());
-        assert_eq!(q.get("fieldManager").map(String::as_str), Some(FIELD_MANAGER));
+        assert_eq!(
+            q.get("fieldManager").map(String::as_str),
+            Some(FIELD_MANAGER)
+        );
         assert_eq!(q.get("force").map(String::as_str), Some("true"));
         assert_eq!(
             parts.headers.get("content-type").unwrap(),
@@ -607,7 +636,8 @@ mod tests {
                 "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.2"}]}
             });
             let uri = serve(&mut handle, 200, serde_json::to_vec(&node).unwrap()).await;
-            let missing = serde_json::to_vec(&status(404, "NotFound", "nodes \"node-9\" not found")).unwrap();
+            let missing =
+                serde_json::to_vec(&status(404, "NotFound", "nodes \"node-9\" not found")).unwrap();
             (uri, serve(&mut handle, 404, missing).await)
         });
         assert_eq!(
@@ -634,7 +664,10 @@ mod tests {
     #[test]
     #[ignore = "regenerates deploy/helm/enc/crds/encnodes.enc.dev.yaml"]
     fn the_chart_crd_regenerate() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/helm/enc/crds/encnodes.enc.dev.yaml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/helm/enc/crds/encnodes.enc.dev.yaml"
+        );
         let header = "# Generated from enc-agent's EncNodeSpec (enc-agent/src/discovery/kube.rs) by\n# `cargo test -p enc-agent the_chart_crd_regenerate -- --ignored`; a test keeps it in step.\n";
         std::fs::write(path, format!("{header}{}", crd_yaml())).unwrap();
     }

@@ -490,3 +490,6 @@ mod tests {
         assert_eq!(kubernetes_env("peers: []", path).unwrap(), None);
     }
 }
+
+#[cfg(test)]
+mod trust_tests;
