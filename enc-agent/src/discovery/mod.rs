@@ -452,6 +452,43 @@ mod tests {
         assert_eq!(rejected[0].value, "10.0.0.66:51871");
     }
 
+    /// The agent configurations the Helm chart renders (deploy/tests/fixtures, kept equal to
+    /// the chart's output by deploy/tests/test_chart.py) are accepted by the agent.
+    #[test]
+    fn the_chart_renders_configs_the_agent_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["tls.crt", "tls.key", "ca.crt"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tests/fixtures");
+        let facts = NodeFacts {
+            name: Some("node-1".into()),
+            underlay_address: Some("10.0.0.1".into()),
+            pod_cidrs: vec!["10.244.1.0/24".into()],
+        };
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir(&fixtures).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("/etc/enc/tls/", &format!("{}/", dir.path().display()));
+            let filled = fill_node(&text, &path, &facts).unwrap();
+            let c = config::Config::parse(&filled, &path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(matches!(c.discovery, DiscoveryConfig::Kubernetes(_)));
+            assert_eq!(c.node.name, "node-1");
+            let case = path.file_stem().unwrap().to_string_lossy().into_owned();
+            let want = match case.as_str() {
+                "agent-defaults" | "agent-hostpath-certs" | "agent-servicemonitor" => "none",
+                "agent-ipsec" => "ipsec",
+                _ => "wireguard",
+            };
+            assert_eq!(c.encryption_name(), want, "{case}");
+            seen.push(case);
+        }
+        assert!(seen.len() >= 7, "{seen:?}");
+    }
+
     #[test]
     fn node_fields_come_from_the_facts_only_where_the_file_is_silent() {
         let path = Path::new("/x/agent.yaml");
