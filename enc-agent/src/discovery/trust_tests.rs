@@ -126,9 +126,11 @@ fn endpoints(a: &Agent) -> Vec<SocketAddr> {
 }
 
 fn node1_keyed(a: &Agent) -> bool {
-    let t = a.shared.table();
-    let e = t.get("node-1").unwrap();
-    e.auth == Auth::Authenticated && e.outbound.is_some()
+    // Absent until the agent's supervisor applied its first peer set.
+    a.shared
+        .table()
+        .get("node-1")
+        .is_some_and(|e| e.auth == Auth::Authenticated && e.outbound.is_some())
 }
 
 /// Connects to `target` from the attacker's address and runs a TLS handshake with
