@@ -27,6 +27,15 @@ if ! python3 -c 'import scapy' 2>/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check scapy
 fi
 
+# The Helm chart tests (deploy/tests): Helm's Go SDK as a Python package (its shared library
+# is in the wheel: no helm binary, no download at run time), kubernetes-validate with the
+# Kubernetes schemas bundled, pytest and PyYAML.
+if ! python3 -c 'import helm_python, kubernetes_validate, pytest, yaml' 2>/dev/null; then
+    echo "setup: installing helm-python-sdk, kubernetes-validate, pytest, PyYAML (PyPI)"
+    python3 -m pip install --quiet --disable-pip-version-check \
+        'helm-python-sdk==0.2.2' 'kubernetes-validate==1.37.0' pytest PyYAML
+fi
+
 if ! command -v cargo >/dev/null; then
     echo "setup: cargo not found; install the Rust toolchain (rustup) first" >&2
     exit 1

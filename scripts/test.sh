@@ -23,6 +23,9 @@ cargo build --workspace --bins --locked --quiet
 step "fuzz smoke run (every parser of untrusted bytes)"
 scripts/fuzz.sh "${ENC_FUZZ_SECONDS:-15}"
 
+step "Helm chart: render, lint, schema, kubernetes-validate 1.33 strict (deploy/tests)"
+python3 -m pytest deploy/tests -q
+
 step "cargo test (unit, property, network-namespace integration)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -545,6 +545,8 @@ pub enum EventKind {
     Issued,
     /// The issuer role refused a request (the detail says why).
     IssueRefused,
+    /// Discovery added, removed or moved a peer (the detail says which).
+    PeerSetChanged,
 }
 
 /// One line of the append-only audit log (JSON lines); never carries key material.

@@ -90,6 +90,8 @@ pub struct Shared {
     renewal: Mutex<Option<RenewalState>>,
     /// What the issuer role did (`issuer`).
     issuer_stats: crate::issuer::IssuerStats,
+    /// Bumped whenever discovery changes the expected peer set.
+    peers_watch: tokio::sync::watch::Sender<u64>,
 }
 
 /// The automatic renewal of this node's certificate, as status shows it.
@@ -291,6 +293,67 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Notified whenever discovery changes the expected peer set.
+    pub fn subscribe_peers(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.peers_watch.subscribe()
+    }
+
+    /// The expected peer at this underlay address, and its incarnation.
+    pub fn peer_by_addr(&self, addr: std::net::IpAddr) -> Option<(crate::config::PeerConfig, u64)> {
+        self.table()
+            .by_addr(addr)
+            .map(|e| (e.config.clone(), e.incarnation))
+    }
+
+    /// Whether peer `name` is still the incarnation a session or dial loop started for.
+    pub fn is_current(&self, name: &str, incarnation: u64) -> bool {
+        self.table().is_current(name, incarnation)
+    }
+
+    /// Makes `peers` the expected peer set: new peers are pending, removed peers' keys,
+    /// routes and datapath state go at the next reconcile (requested here), moved peers lose
+    /// their keys at once and must authenticate at the new address. Sessions and dial loops
+    /// of removed or moved peers end by themselves (they watch [`Shared::subscribe_peers`]).
+    pub fn set_peers(&self, peers: &[crate::config::PeerConfig]) -> crate::peers::PeerSetChange {
+        let change = self.table().set_peers(peers, Instant::now());
+        if change.is_empty() {
+            return change;
+        }
+        info!(
+            added = ?change.added,
+            removed = ?change.removed,
+            readdressed = ?change.readdressed,
+            updated = ?change.updated,
+            "expected peer set changed"
+        );
+        for (names, what) in [
+            (&change.added, "peer added by discovery"),
+            (
+                &change.removed,
+                "peer removed by discovery; keys and routes removed",
+            ),
+            (
+                &change.readdressed,
+                "peer address changed in discovery; keys removed until it authenticates at the new address",
+            ),
+        ] {
+            for name in names {
+                let addr = self
+                    .table()
+                    .get(name)
+                    .map(|e| format!(" ({})", e.config.underlay_address))
+                    .unwrap_or_default();
+                self.events.record(
+                    enc_api::EventKind::PeerSetChanged,
+                    crate::events::Detail::peer(name, format!("{what}{addr}")),
+                );
+            }
+        }
+        self.peers_watch.send_modify(|n| *n += 1);
+        self.request_reconcile();
+        change
     }
 
     /// Locks the peer table; a poisoned lock (a panicked task) is recovered, since the table
@@ -1268,6 +1331,7 @@ pub async fn run(
         identity_files: Mutex::new(()),
         renewal: Mutex::new(None),
         issuer_stats: Default::default(),
+        peers_watch: tokio::sync::watch::channel(0).0,
     });
 
     {
@@ -1317,11 +1381,8 @@ pub async fn run(
         tasks.spawn(crate::issuer::serve(shared.clone(), cfg, listener));
     }
     tasks.spawn(crate::control::net::listen(shared.clone(), listener));
-    for peer in &shared.config.peers {
-        if Role::of(&shared.config.node.name, &peer.name) == Role::Dial {
-            tasks.spawn(crate::control::net::dial_loop(shared.clone(), peer.clone()));
-        }
-    }
+    let peer_set = crate::discovery::start(&shared, &mut tasks).await?;
+    tasks.spawn(peer_supervisor(shared.clone(), peer_set));
     tasks.spawn(crate::status::serve(shared.clone(), status));
     if let Some((addr, listener)) = metrics {
         info!(listen = %addr, path = crate::metrics::PATH, "metrics endpoint up");
@@ -1421,7 +1482,7 @@ pub fn cleanup(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
-fn reconcile_once(shared: &Shared) {
+pub(crate) fn reconcile_once(shared: &Shared) {
     match attach_pods(
         shared.links.as_ref(),
         shared.dp.as_ref(),
@@ -1439,6 +1500,9 @@ fn reconcile_once(shared: &Shared) {
         .reconcile_lock
         .lock()
         .unwrap_or_else(|p| p.into_inner());
+    // Ids of removed peers, taken before the desired state that leaves them out: once it is
+    // applied, nothing of them is installed and the ids may be handed out again.
+    let retired = shared.table().retired_ids();
     let desired = shared.desired();
     match reconcile(
         &desired,
@@ -1446,9 +1510,54 @@ fn reconcile_once(shared: &Shared) {
         shared.links.as_ref(),
         shared.dp.as_ref(),
     ) {
-        Ok(out) if out != Default::default() => info!(?out, "reconciled datapath"),
-        Ok(_) => {}
+        Ok(out) => {
+            shared.table().release_ids(&retired);
+            if out != Default::default() {
+                info!(?out, "reconciled datapath");
+            }
+        }
         Err(e) => warn!(error = %format_chain(&e), "reconcile failed; will retry"),
+    }
+}
+
+/// Applies the peer sets discovery produces and runs a dial loop for every peer this node
+/// dials: for the peers present at start, for peers added later, and anew for peers that
+/// moved (the old loop ends by itself). Dial loops end with this task.
+pub(crate) async fn peer_supervisor(
+    shared: Arc<Shared>,
+    mut peer_set: tokio::sync::watch::Receiver<Vec<crate::config::PeerConfig>>,
+) {
+    let mut loops = tokio::task::JoinSet::new();
+    let spawn = |loops: &mut tokio::task::JoinSet<()>, names: &[String]| {
+        let t = shared.table();
+        for name in names {
+            if let Some(e) = t.get(name)
+                && e.role == Role::Dial
+            {
+                loops.spawn(crate::control::net::dial_loop(
+                    shared.clone(),
+                    e.config.clone(),
+                    e.incarnation,
+                ));
+            }
+        }
+    };
+    let initial: Vec<String> = shared
+        .table()
+        .iter()
+        .map(|e| e.config.name.clone())
+        .collect();
+    spawn(&mut loops, &initial);
+    loop {
+        let peers = peer_set.borrow_and_update().clone();
+        let change = shared.set_peers(&peers);
+        spawn(&mut loops, &change.added);
+        spawn(&mut loops, &change.readdressed);
+        while loops.try_join_next().is_some() {}
+        if peer_set.changed().await.is_err() {
+            // Discovery ended (static discovery never changes): keep the dial loops.
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -1703,6 +1812,51 @@ pub fn format_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// A [`Shared`] over in-memory fakes (links, eBPF datapath) and the given encryption backend,
+/// for tests that run the real control channel in-process.
+#[cfg(test)]
+pub(crate) fn test_shared(
+    config: Config,
+    identity: NodeIdentity,
+    crypto: Crypto,
+    links: Arc<dyn LinkBackend>,
+    dp: Arc<dyn Datapath>,
+) -> Arc<Shared> {
+    let route_device = crypto.device().unwrap_or_default().to_owned();
+    let events = crate::events::EventLog::in_memory(&config.node.name);
+    Arc::new(Shared {
+        table: Mutex::new(PeerTable::new(&config, Instant::now())),
+        identity: std::sync::RwLock::new(Arc::new(identity)),
+        layout: Layout::direct(&route_device, 1420),
+        route_device,
+        crypto,
+        links,
+        dp,
+        pod_interfaces: Mutex::new(Vec::new()),
+        leaks_seen: Mutex::new(HashMap::new()),
+        backend_reason: "test".into(),
+        mtu: 1420,
+        mtu_plan: mtu_plan(&config).expect("an MTU plan"),
+        started: Instant::now(),
+        timing: Timing::default(),
+        events,
+        reconcile: Notify::new(),
+        reconcile_lock: Mutex::new(()),
+        next_session: AtomicU64::new(1),
+        rotators: Mutex::new(HashMap::new()),
+        wg_key_rolled: Mutex::new(Instant::now()),
+        expiry_warned: Mutex::new(std::collections::HashSet::new()),
+        crl: Mutex::new(None),
+        crl_watch: tokio::sync::watch::channel(0).0,
+        reauth_watch: tokio::sync::watch::channel((0, String::new())).0,
+        peers_watch: tokio::sync::watch::channel(0).0,
+        identity_files: Mutex::new(()),
+        renewal: Mutex::new(None),
+        issuer_stats: Default::default(),
+        config,
+    })
 }
 
 #[cfg(test)]

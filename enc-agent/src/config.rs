@@ -88,6 +88,8 @@ struct RawConfig {
     issuer: Option<RawIssuer>,
     #[serde(default)]
     peers: Vec<RawPeer>,
+    #[serde(default)]
+    discovery: RawDiscovery,
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,6 +200,15 @@ struct RawMetrics {
     listen: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawDiscovery {
+    kind: Option<String>,
+    node_name_env: Option<String>,
+    underlay_address_env: Option<String>,
+    publish_interval: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawPeer {
@@ -243,6 +254,113 @@ pub struct Config {
     pub issuer: Option<IssuerConfig>,
     /// The peers discovery expects (standalone mode: listed here).
     pub peers: Vec<PeerConfig>,
+    /// Where the expected peers come from: `peers` above, or the Kubernetes API.
+    pub discovery: DiscoveryConfig,
+}
+
+/// Where the agent learns which peers should exist (never their keys: those come only over
+/// the mutual-TLS control channel).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum DiscoveryConfig {
+    /// The `peers` list of this file.
+    #[default]
+    Static,
+    /// `EncNode` objects in the Kubernetes API (see `docs/kubernetes.md`).
+    Kubernetes(KubernetesDiscovery),
+}
+
+/// Settings of Kubernetes discovery.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesDiscovery {
+    /// Environment variable holding this node's name when `node.name` is not set (the
+    /// downward API's `spec.nodeName`).
+    pub node_name_env: String,
+    /// Environment variable holding this node's underlay address when
+    /// `node.underlayAddress` is not set (the downward API's `status.hostIP`).
+    pub underlay_address_env: String,
+    /// How often this node's own `EncNode` is checked and, if it changed, published.
+    #[serde(with = "humantime_secs")]
+    pub publish_interval: Duration,
+}
+
+/// Default of `discovery.nodeNameEnv`.
+pub const DEFAULT_NODE_NAME_ENV: &str = "NODE_NAME";
+/// Default of `discovery.underlayAddressEnv`.
+pub const DEFAULT_UNDERLAY_ADDRESS_ENV: &str = "NODE_IP";
+
+fn validate_discovery(raw: &RawDiscovery, peers: usize) -> Result<DiscoveryConfig, ConfigError> {
+    let kube_only = [
+        ("discovery.nodeNameEnv", raw.node_name_env.as_deref()),
+        (
+            "discovery.underlayAddressEnv",
+            raw.underlay_address_env.as_deref(),
+        ),
+        ("discovery.publishInterval", raw.publish_interval.as_deref()),
+    ];
+    match raw.kind.as_deref() {
+        None | Some("static") => {
+            if let Some((field, Some(v))) = kube_only.iter().find(|(_, v)| v.is_some()) {
+                return Err(invalid(
+                    *field,
+                    v,
+                    "applies to discovery.kind kubernetes only",
+                ));
+            }
+            Ok(DiscoveryConfig::Static)
+        }
+        Some("kubernetes") => {
+            if peers > 0 {
+                return Err(invalid(
+                    "peers",
+                    format!("{peers} entries"),
+                    "with discovery.kind kubernetes the peers come from EncNode objects; remove the list",
+                ));
+            }
+            let env = |field: &str, v: Option<&str>, default: &str| {
+                let v = v.unwrap_or(default);
+                if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    return Err(invalid(
+                        field,
+                        v,
+                        "must be an environment variable name (letters, digits, '_')",
+                    ));
+                }
+                Ok(v.to_owned())
+            };
+            let publish_interval = parse_duration(
+                "discovery.publishInterval",
+                raw.publish_interval.as_deref(),
+                Duration::from_secs(30),
+            )?;
+            if publish_interval < Duration::from_secs(1) {
+                return Err(invalid(
+                    "discovery.publishInterval",
+                    raw.publish_interval.as_deref().unwrap_or_default(),
+                    "must be at least 1s",
+                ));
+            }
+            Ok(DiscoveryConfig::Kubernetes(KubernetesDiscovery {
+                node_name_env: env(
+                    "discovery.nodeNameEnv",
+                    raw.node_name_env.as_deref(),
+                    DEFAULT_NODE_NAME_ENV,
+                )?,
+                underlay_address_env: env(
+                    "discovery.underlayAddressEnv",
+                    raw.underlay_address_env.as_deref(),
+                    DEFAULT_UNDERLAY_ADDRESS_ENV,
+                )?,
+                publish_interval,
+            }))
+        }
+        Some(other) => Err(invalid(
+            "discovery.kind",
+            other,
+            "unknown kind (supported: static, kubernetes)",
+        )),
+    }
 }
 
 /// Prometheus metrics (`GET /metrics`, text exposition format 0.0.4).
@@ -523,6 +641,10 @@ pub struct PeerConfig {
     pub pod_cidr: IpNet,
     /// The peer's control port.
     pub control_port: u16,
+    /// SHA-256 of the certificate the peer says it holds (Kubernetes discovery only). Never
+    /// trusted: the CA and SAN checks of the handshake decide; a mismatch is only logged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 impl Config {
@@ -576,7 +698,7 @@ pub fn check_node_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn parse_ip(field: &str, value: &str) -> Result<IpAddr, ConfigError> {
+pub(crate) fn parse_ip(field: &str, value: &str) -> Result<IpAddr, ConfigError> {
     let ip: IpAddr = value
         .trim()
         .parse()
@@ -591,7 +713,7 @@ fn parse_ip(field: &str, value: &str) -> Result<IpAddr, ConfigError> {
     Ok(ip)
 }
 
-fn parse_cidr(field: &str, value: &str) -> Result<IpNet, ConfigError> {
+pub(crate) fn parse_cidr(field: &str, value: &str) -> Result<IpNet, ConfigError> {
     let net: IpNet = value
         .trim()
         .parse()
@@ -1136,6 +1258,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             underlay_address: addr,
             pod_cidr: cidr,
             control_port: check_port(&f("controlPort"), p.control_port, DEFAULT_CONTROL_PORT)?,
+            fingerprint: None,
         });
     }
 
@@ -1161,6 +1284,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         state_dir,
         metrics,
         issuer,
+        discovery: validate_discovery(&raw.discovery, peers.len())?,
         peers,
     })
 }

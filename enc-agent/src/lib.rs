@@ -5,7 +5,8 @@
 //! over the mutual-TLS control channel, derives per-pair keys from each session, reconciles
 //! the datapath with the peer table, and serves the status API.
 //!
-//! Layout: [`config`] (typed, validated configuration), [`control`] (control channel),
+//! Layout: [`config`] (typed, validated configuration), [`discovery`] (which peers should
+//! exist: the static list or Kubernetes `EncNode` objects), [`control`] (control channel),
 //! [`peers`] (the peer table, plain data), [`reconcile`] (desired state to the backends),
 //! [`status`] (the Unix-socket API), [`metrics`] (Prometheus endpoint), [`events`] (the
 //! audit log), [`issuer`] (the issuer role: online enrolment and renewal), [`renewal`]
@@ -15,6 +16,7 @@ pub mod app;
 pub mod backend;
 pub mod config;
 pub mod control;
+pub mod discovery;
 pub mod events;
 pub mod issuer;
 pub mod metrics;
@@ -51,6 +53,14 @@ pub enum Error {
     /// Key derivation failed.
     #[error("key derivation")]
     Keys(#[source] enc_key_manager::Error),
+    /// A Kubernetes API call failed; `context` names it and its object.
+    #[error("{context}")]
+    Kube {
+        /// What was being done.
+        context: String,
+        /// kube's error.
+        source: kube::Error,
+    },
     /// An I/O operation failed; `context` names it and its target.
     #[error("{context}")]
     Io {

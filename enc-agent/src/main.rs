@@ -60,7 +60,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         LogFormat::Json => builder.json().init(),
     }
 
-    let config = Config::load(&args.config)?;
+    // Kubernetes discovery fills the node's name, address and pod CIDR from the downward API
+    // and its Node object; a static configuration is read as it is.
+    let config: Config = enc_agent::discovery::load_config(&args.config)?;
     if args.print_config {
         print!("{}", config.to_yaml());
         return Ok(());

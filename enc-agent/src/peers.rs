@@ -82,9 +82,13 @@ pub struct RotationView {
 /// Everything known about one peer.
 #[derive(Clone, Debug)]
 pub struct PeerEntry {
-    /// Datapath id of the peer (1-based, in name order); it forms bits 31..16 of the skb
-    /// mark and keys the eBPF maps. Local to this node: peers need not agree on ids.
+    /// Datapath id of the peer (1-based; in name order at start, then the smallest free id
+    /// for a peer discovered later); it forms bits 31..16 of the skb mark and keys the eBPF
+    /// maps. Stable while the peer exists. Local to this node: peers need not agree on ids.
     pub id: u16,
+    /// Changes whenever the peer is added or its address or control port changes: a control
+    /// session or dial loop started for an earlier incarnation can no longer touch the entry.
+    pub incarnation: u64,
     /// What discovery says about the peer.
     pub config: PeerConfig,
     /// Which side dials.
@@ -261,6 +265,65 @@ pub struct PeerTable {
     local_addr: std::net::IpAddr,
     local_cidr: IpNet,
     entries: BTreeMap<String, PeerEntry>,
+    /// Ids of removed peers that may still be installed in the datapath: not handed out again
+    /// until a reconcile without them succeeded ([`PeerTable::release_ids`]).
+    retired_ids: std::collections::BTreeSet<u16>,
+    next_incarnation: u64,
+}
+
+/// What [`PeerTable::set_peers`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerSetChange {
+    /// New peers.
+    pub added: Vec<String>,
+    /// Peers no longer expected: their keys, routes and datapath state go.
+    pub removed: Vec<String>,
+    /// Peers whose underlay address or control port changed: their keys were dropped at once
+    /// and they must authenticate again at the new address.
+    pub readdressed: Vec<String>,
+    /// Peers with another change (pod CIDR, advertised fingerprint): keys stay.
+    pub updated: Vec<String>,
+}
+
+impl PeerSetChange {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.readdressed.is_empty()
+            && self.updated.is_empty()
+    }
+}
+
+fn pending_detail(role: Role) -> &'static str {
+    match role {
+        Role::Dial => "connecting",
+        Role::Accept => "waiting for the peer to connect",
+    }
+}
+
+fn new_entry(local: &str, p: &PeerConfig, id: u16, incarnation: u64, now: Instant) -> PeerEntry {
+    let role = Role::of(local, &p.name);
+    PeerEntry {
+        id,
+        incarnation,
+        config: p.clone(),
+        role,
+        auth: Auth::Pending(pending_detail(role).into()),
+        since: now,
+        failures: 0,
+        last_success: None,
+        last_failure: None,
+        cert: None,
+        keys: None,
+        epochs: BTreeMap::new(),
+        outbound: None,
+        stale: BTreeMap::new(),
+        wg_keys: BTreeMap::new(),
+        switched_at: None,
+        rotation: None,
+        lost_at: None,
+    }
 }
 
 impl PeerTable {
@@ -268,36 +331,13 @@ impl PeerTable {
     pub fn new(config: &Config, now: Instant) -> Self {
         let mut sorted: Vec<&PeerConfig> = config.peers.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
-        let entries = sorted
+        let entries: BTreeMap<String, PeerEntry> = sorted
             .into_iter()
             .zip(1u16..)
             .map(|(p, id)| {
-                let role = Role::of(&config.node.name, &p.name);
-                let detail = match role {
-                    Role::Dial => "connecting",
-                    Role::Accept => "waiting for the peer to connect",
-                };
                 (
                     p.name.clone(),
-                    PeerEntry {
-                        id,
-                        config: p.clone(),
-                        role,
-                        auth: Auth::Pending(detail.into()),
-                        since: now,
-                        failures: 0,
-                        last_success: None,
-                        last_failure: None,
-                        cert: None,
-                        keys: None,
-                        epochs: BTreeMap::new(),
-                        outbound: None,
-                        stale: BTreeMap::new(),
-                        wg_keys: BTreeMap::new(),
-                        switched_at: None,
-                        rotation: None,
-                        lost_at: None,
-                    },
+                    new_entry(&config.node.name, p, id, u64::from(id), now),
                 )
             })
             .collect();
@@ -305,8 +345,124 @@ impl PeerTable {
             local: config.node.name.clone(),
             local_addr: config.node.underlay_address,
             local_cidr: config.node.pod_cidr,
+            next_incarnation: entries.len() as u64 + 1,
             entries,
+            retired_ids: Default::default(),
         }
+    }
+
+    /// Makes `peers` the expected peer set (discovery changed its mind). Existing peers keep
+    /// their ids; new peers get the smallest id neither in use nor retired; removed peers'
+    /// ids are retired until [`PeerTable::release_ids`]. A changed address or control port
+    /// drops the peer's keys at once: traffic to it stops (strict mode drops it) until it
+    /// authenticates at the new address, whose certificate must carry that address. Peers
+    /// beyond the id space are left out (and reported in `removed` if they were present).
+    pub fn set_peers(&mut self, peers: &[PeerConfig], now: Instant) -> PeerSetChange {
+        let mut change = PeerSetChange::default();
+        let wanted: BTreeMap<&str, &PeerConfig> =
+            peers.iter().map(|p| (p.name.as_str(), p)).collect();
+        let gone: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|n| !wanted.contains_key(n.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(e) = self.entries.remove(&name) {
+                self.retired_ids.insert(e.id);
+                change.removed.push(name);
+            }
+        }
+        for (name, p) in wanted {
+            if name == self.local {
+                continue;
+            }
+            match self.entries.get_mut(name) {
+                Some(e) if e.config == *p => {}
+                Some(e) => {
+                    let moved = e.config.underlay_address != p.underlay_address
+                        || e.config.control_port != p.control_port;
+                    e.config = p.clone();
+                    if moved {
+                        e.drop_keys();
+                        e.cert = None;
+                        e.incarnation = self.next_incarnation;
+                        self.next_incarnation += 1;
+                        e.set_auth(
+                            Auth::Pending(format!(
+                                "address changed to {}: authenticating again",
+                                p.underlay_address
+                            )),
+                            now,
+                        );
+                        change.readdressed.push(name.to_owned());
+                    } else {
+                        change.updated.push(name.to_owned());
+                    }
+                }
+                None => {
+                    let used: std::collections::BTreeSet<u16> =
+                        self.entries.values().map(|e| e.id).collect();
+                    let Some(id) = (1..=u16::MAX)
+                        .find(|id| !used.contains(id) && !self.retired_ids.contains(id))
+                    else {
+                        tracing::warn!(peer = %name, "no free datapath peer id (16 bits); peer left out");
+                        continue;
+                    };
+                    let incarnation = self.next_incarnation;
+                    self.next_incarnation += 1;
+                    self.entries.insert(
+                        name.to_owned(),
+                        new_entry(&self.local, p, id, incarnation, now),
+                    );
+                    change.added.push(name.to_owned());
+                }
+            }
+        }
+        change
+    }
+
+    /// Ids retired by [`PeerTable::set_peers`] that are not yet free again.
+    pub fn retired_ids(&self) -> Vec<u16> {
+        self.retired_ids.iter().copied().collect()
+    }
+
+    /// Frees retired ids once a reconcile computed after their removal succeeded.
+    pub fn release_ids(&mut self, ids: &[u16]) {
+        for id in ids {
+            self.retired_ids.remove(id);
+        }
+    }
+
+    /// The peer at this underlay address.
+    pub fn by_addr(&self, addr: std::net::IpAddr) -> Option<&PeerEntry> {
+        self.entries
+            .values()
+            .find(|e| e.config.underlay_address == addr)
+    }
+
+    /// Whether `name` is still the incarnation a session or dial loop was started for.
+    pub fn is_current(&self, name: &str, incarnation: u64) -> bool {
+        self.entries
+            .get(name)
+            .is_some_and(|e| e.incarnation == incarnation)
+    }
+
+    /// [`PeerTable::authenticated`], if the peer is still `incarnation` (the address the
+    /// session verified is still the peer's). Returns whether it was applied.
+    pub fn authenticated_if(
+        &mut self,
+        name: &str,
+        incarnation: u64,
+        now: Instant,
+        cert: Option<CertInfo>,
+        keys: SessionKeys,
+    ) -> bool {
+        if !self.is_current(name, incarnation) {
+            return false;
+        }
+        self.authenticated(name, now, cert, keys);
+        true
     }
 
     /// This node's name.
@@ -958,5 +1114,101 @@ peers:
             )
         );
         assert!(d.neighs.is_empty() && d.overlay.is_none());
+    }
+
+    fn peer(name: &str, addr: &str, cidr: &str) -> PeerConfig {
+        PeerConfig {
+            name: name.into(),
+            underlay_address: addr.parse().unwrap(),
+            pod_cidr: cidr.parse().unwrap(),
+            control_port: 51871,
+            fingerprint: None,
+        }
+    }
+
+    fn ids(t: &PeerTable) -> Vec<(String, u16)> {
+        t.iter().map(|e| (e.config.name.clone(), e.id)).collect()
+    }
+
+    #[test]
+    fn peer_ids_stay_stable_and_retired_ids_wait_for_a_reconcile() {
+        let now = Instant::now();
+        let mut t = PeerTable::new(&config(), now);
+        let n1 = t.get("node-1").unwrap().config.clone();
+        let n3 = t.get("node-3").unwrap().config.clone();
+        // node-0 sorts first but must not renumber anyone: it gets the smallest free id.
+        let n0 = peer("node-0", "10.0.0.10", "10.244.10.0/24");
+        let c = t.set_peers(&[n0.clone(), n1.clone(), n3.clone()], now);
+        assert_eq!(c.added, ["node-0"]);
+        assert_eq!(
+            ids(&t),
+            [
+                ("node-0".into(), 3),
+                ("node-1".into(), 1),
+                ("node-3".into(), 2)
+            ]
+        );
+        // Removing node-1 retires id 1: a newcomer does not get it while it may be installed.
+        let n4 = peer("node-4", "10.0.0.4", "10.244.4.0/24");
+        let c = t.set_peers(&[n0.clone(), n3.clone(), n4.clone()], now);
+        assert_eq!(
+            (c.removed.as_slice(), c.added.as_slice()),
+            (&["node-1".to_owned()][..], &["node-4".to_owned()][..])
+        );
+        assert_eq!(t.get("node-4").unwrap().id, 4);
+        assert_eq!(t.retired_ids(), [1]);
+        let d = t.desired(&Layout::direct("wg0", 1440));
+        assert!(d.cidrs.iter().all(|(_, id)| *id != 1), "{:?}", d.cidrs);
+        assert!(
+            d.routes
+                .iter()
+                .all(|r| r.dst.to_string() != "10.244.1.0/24")
+        );
+        // Once a reconcile without it succeeded, id 1 is free again.
+        t.release_ids(&[1]);
+        let n5 = peer("node-5", "10.0.0.5", "10.244.5.0/24");
+        t.set_peers(&[n0, n3, n4, n5], now);
+        assert_eq!(t.get("node-5").unwrap().id, 1);
+        assert!(t.retired_ids().is_empty());
+        // The same set again changes nothing.
+        let same: Vec<PeerConfig> = t.iter().map(|e| e.config.clone()).collect();
+        assert!(t.set_peers(&same, now).is_empty());
+    }
+
+    #[test]
+    fn a_moved_peer_loses_its_keys_at_once_and_old_sessions_cannot_touch_it() {
+        let now = Instant::now();
+        let mut t = PeerTable::new(&config(), now);
+        establish(&mut t, now, 1, 1);
+        let before = t.get("node-1").unwrap().incarnation;
+        assert_eq!(t.desired(&Layout::direct("wg0", 1440)).wg_peers.len(), 1);
+        let n3 = t.get("node-3").unwrap().config.clone();
+        // Discovery (perhaps a forged entry) now puts node-1 at another address.
+        let moved = peer("node-1", "10.0.0.66", "10.244.1.0/24");
+        let c = t.set_peers(&[moved, n3.clone()], now);
+        assert_eq!(c.readdressed, ["node-1"]);
+        let e = t.get("node-1").unwrap();
+        assert_ne!(e.incarnation, before);
+        assert_eq!(e.id, 1, "the id stays");
+        assert!(e.keys.is_none() && e.epochs.is_empty() && e.cert.is_none());
+        assert!(matches!(&e.auth, Auth::Pending(d) if d.contains("10.0.0.66")));
+        let d = t.desired(&Layout::direct("wg0", 1440));
+        assert!(
+            d.wg_peers.is_empty(),
+            "no key, no endpoint at the new address"
+        );
+        assert!(!d.peer_states[0].1.authenticated && !d.peer_states[0].1.has_key);
+        // The session that authenticated the old address cannot install anything now...
+        assert!(!t.install_inbound("node-1", 1, pair_keys(1, 2)));
+        // ...nor can a session begun for the old incarnation authenticate the new one.
+        assert!(!t.authenticated_if("node-1", before, now, None, session(2)));
+        assert!(t.get("node-1").unwrap().keys.is_none());
+        let current = t.get("node-1").unwrap().incarnation;
+        assert!(t.authenticated_if("node-1", current, now, None, session(3)));
+        // A pod CIDR change keeps keys and incarnation.
+        let c = t.set_peers(&[peer("node-1", "10.0.0.66", "10.244.11.0/24"), n3], now);
+        assert_eq!(c.updated, ["node-1"]);
+        assert_eq!(t.get("node-1").unwrap().incarnation, current);
+        assert!(t.get("node-1").unwrap().keys.is_some());
     }
 }

@@ -52,7 +52,7 @@ pub async fn listen(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 async fn handle_inbound(shared: Arc<Shared>, stream: TcpStream, src: SocketAddr) {
-    let Some(peer) = shared.config.peer_by_addr(src.ip()).cloned() else {
+    let Some((peer, incarnation)) = shared.peer_by_addr(src.ip()) else {
         warn!(%src, "control connection from an address no expected peer has; closed");
         return;
     };
@@ -81,7 +81,7 @@ async fn handle_inbound(shared: Arc<Shared>, stream: TcpStream, src: SocketAddr)
             let cert = conn.peer_certificates().and_then(enc_certs::peer_info);
             match export(conn.export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, None)) {
                 Ok(secret) => {
-                    let _ = run_session(&shared, &peer, tls, secret, cert).await;
+                    let _ = run_session(&shared, &peer, incarnation, tls, secret, cert).await;
                 }
                 Err(e) => not_connected(&shared, &peer, e),
             }
@@ -94,23 +94,33 @@ fn export(r: Result<[u8; EXPORTER_LEN], rustls::Error>) -> Result<SessionSecret,
         .map_err(|e| format!("TLS exporter failed: {e}"))
 }
 
-/// Dials one peer, keeps a session up, and redials with capped backoff when it ends.
-pub async fn dial_loop(shared: Arc<Shared>, peer: PeerConfig) {
+/// Dials one peer, keeps a session up, and redials with capped backoff when it ends. Returns
+/// when discovery removes the peer or moves it to another address (`incarnation` is the
+/// peer-table incarnation the loop dials for; a new loop dials the new address).
+pub async fn dial_loop(shared: Arc<Shared>, peer: PeerConfig, incarnation: u64) {
     let mut backoff = BACKOFF_MIN;
+    let mut peers_rx = shared.subscribe_peers();
     loop {
-        let established = dial_once(&shared, &peer).await;
+        if !shared.is_current(&peer.name, incarnation) {
+            debug!(peer = %peer.name, addr = %peer.underlay_address, "peer removed or moved; dial loop ends");
+            return;
+        }
+        let established = dial_once(&shared, &peer, incarnation).await;
         if established {
             backoff = BACKOFF_MIN;
         } else {
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = peers_rx.changed() => {}
+        }
     }
 }
 
 /// One connection attempt and, if it authenticates, the whole session. Returns whether the
 /// session got established.
-async fn dial_once(shared: &Arc<Shared>, peer: &PeerConfig) -> bool {
+async fn dial_once(shared: &Arc<Shared>, peer: &PeerConfig, incarnation: u64) -> bool {
     let target = SocketAddr::new(peer.underlay_address, peer.control_port);
     let timeout = shared.config.control.connect_timeout;
     let connect = async {
@@ -166,7 +176,7 @@ async fn dial_once(shared: &Arc<Shared>, peer: &PeerConfig) -> bool {
     let (_, conn) = tls.get_ref();
     let cert = conn.peer_certificates().and_then(enc_certs::peer_info);
     match export(conn.export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, None)) {
-        Ok(secret) => run_session(shared, peer, tls, secret, cert).await,
+        Ok(secret) => run_session(shared, peer, incarnation, tls, secret, cert).await,
         Err(e) => {
             not_connected(shared, peer, e);
             false
@@ -249,6 +259,8 @@ enum End {
     Revoked(String),
     /// This node's identity was reloaded: re-authenticate with it.
     Reauth(String),
+    /// Discovery removed the peer or moved it to another address.
+    PeerChanged,
 }
 
 /// Key-rotation bookkeeping of one session: the state machine and the trigger baselines.
@@ -267,11 +279,13 @@ struct KeyState {
 /// How often the automatic triggers (ESP sequence number, bytes) are evaluated.
 const TRIGGER_CHECK: Duration = Duration::from_secs(1);
 
-/// Runs the control protocol over an authenticated stream until it ends. Returns whether the
-/// peer's hello was accepted (keys were installed).
+/// Runs the control protocol over an authenticated stream until it ends, or until discovery
+/// removes the peer or moves it away from the address this session verified (`incarnation`).
+/// Returns whether the peer's hello was accepted (keys were installed).
 async fn run_session<S>(
     shared: &Arc<Shared>,
     peer: &PeerConfig,
+    incarnation: u64,
     stream: S,
     secret: SessionSecret,
     cert: Option<CertInfo>,
@@ -294,6 +308,7 @@ where
     let mut keys: Option<KeyState> = None;
     let mut crl_rx = shared.subscribe_crl();
     let mut reauth_rx = shared.subscribe_reauth();
+    let mut peers_rx = shared.subscribe_peers();
     let serial = cert.as_ref().map(|c| c.serial.clone());
 
     let end = 'outer: loop {
@@ -333,16 +348,22 @@ where
                     if let Some(c) = &cert {
                         d = d.serial(c.serial.clone());
                     }
-                    shared.events.record(EventKind::AuthSuccess, d);
-                    shared.table().authenticated(
+                    // Only if discovery still puts the peer at the address this session
+                    // verified; a moved or removed peer gets nothing from it.
+                    if !shared.table().authenticated_if(
                         &peer.name,
+                        incarnation,
                         Instant::now(),
                         cert.clone(),
                         SessionKeys {
                             session_id,
                             wg: hello.wireguard,
                         },
-                    );
+                    ) {
+                        break 'outer End::PeerChanged;
+                    }
+                    shared.events.record(EventKind::AuthSuccess, d);
+                    check_fingerprint(peer, cert.as_ref());
                     shared.register_rotator(&peer.name, session_id, cmd_tx.clone());
                     // Our newest revocation list, so that lists spread to every node.
                     if let Some(r) = shared.revocations_message()
@@ -456,6 +477,16 @@ where
                 }
                 Ok(vec![])
             },
+            changed = peers_rx.changed() => {
+                if changed.is_ok() && !shared.is_current(&peer.name, incarnation) {
+                    let bye = Message::Goodbye(proto::Goodbye {
+                        reason: "discovery no longer expects this node at this address".into(),
+                    });
+                    let _ = wr.write_all(&proto::encode(&bye)).await;
+                    break 'outer End::PeerChanged;
+                }
+                Ok(vec![])
+            },
             changed = crl_rx.changed() => {
                 if changed.is_ok() {
                     if let Some(r) = shared.revocations_message()
@@ -562,6 +593,10 @@ where
         End::Keys(e) => format!("key installation: {e}"),
         End::Rotation(e) => format!("key rotation out of step: {e}"),
         End::Reauth(why) => format!("re-authenticating with the reloaded identity ({why})"),
+        End::PeerChanged => {
+            info!(peer = %peer.name, addr = %peer.underlay_address, session = session_id, "discovery removed the peer or moved it to another address; session closed");
+            return established;
+        }
     };
     if established {
         info!(peer = %peer.name, session = session_id, %reason, "control session ended");
@@ -583,6 +618,22 @@ where
         not_connected(shared, peer, reason);
     }
     established
+}
+
+/// Compares the certificate fingerprint discovery advertised for `peer` with the certificate
+/// the peer presented. The handshake's CA and SAN checks already decided; a mismatch (a stale
+/// entry after a renewal, or a forged one) changes nothing and is only logged.
+fn check_fingerprint(peer: &PeerConfig, cert: Option<&CertInfo>) {
+    if let (Some(claimed), Some(cert)) = (&peer.fingerprint, cert)
+        && !claimed.eq_ignore_ascii_case(&cert.sha256_fingerprint)
+    {
+        warn!(
+            peer = %peer.name,
+            advertised = %claimed,
+            presented = %cert.sha256_fingerprint,
+            "the certificate fingerprint in the peer's discovery entry differs from the certificate it presented (stale entry after a renewal, or a forged one); the CA and SAN checks are authoritative"
+        );
+    }
 }
 
 /// Carries out one rotation effect. Keys are in the datapath before the message that
