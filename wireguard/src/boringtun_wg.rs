@@ -680,7 +680,7 @@ impl GsoBatch {
             .as_ref()
             .is_some_and(|(t, p)| *t == to && Arc::ptr_eq(p, peer))
             && datagram.len() <= self.segment
-            && self.len % self.segment.max(1) == 0
+            && self.len.is_multiple_of(self.segment.max(1))
             && self.count < enc_sys::udp::MAX_SEGMENTS
             && self.len + datagram.len() <= self.buf.len();
         if !joins {

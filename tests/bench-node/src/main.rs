@@ -39,7 +39,10 @@ enum Side {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "enc-bench-node", about = "One end of enc-bench's datapath benchmark")]
+#[command(
+    name = "enc-bench-node",
+    about = "One end of enc-bench's datapath benchmark"
+)]
 struct Cli {
     /// The datapath.
     kind: Kind,
@@ -193,7 +196,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     ip(&["link", "set", &cli.ifname, "mtu", &mtu, "up"])?;
     ip(&["addr", "add", &cli.inner.to_string(), "dev", &cli.ifname])?;
     if !cli.inner.contains(&cli.peer_inner.addr()) {
-        ip(&["route", "add", &cli.peer_inner.to_string(), "dev", &cli.ifname])?;
+        ip(&[
+            "route",
+            "add",
+            &cli.peer_inner.to_string(),
+            "dev",
+            &cli.ifname,
+        ])?;
     }
     println!("ready");
     std::io::stdout().flush()?;

@@ -1825,7 +1825,13 @@ mod overlay {
             .map(|a| namespace_pids(a))
             .collect::<anyhow::Result<Vec<_>>>()?
             .concat();
-        iperf_run_pids(ns, dst, secs, streams, (!agents.is_empty()).then_some(&agent_pids))
+        iperf_run_pids(
+            ns,
+            dst,
+            secs,
+            streams,
+            (!agents.is_empty()).then_some(&agent_pids),
+        )
     }
 
     /// [`iperf_run`] counting the CPU time of the processes `pids` (if given) as the agents'.

@@ -104,9 +104,7 @@ impl Row {
         match self {
             Self::Veth => "TCP",
             Self::KernelVxlan => "VXLAN (UDP 4789)",
-            Self::EncWireguard | Self::BoringtunCli | Self::WireguardGo => {
-                "WireGuard (UDP 51820)"
-            }
+            Self::EncWireguard | Self::BoringtunCli | Self::WireguardGo => "WireGuard (UDP 51820)",
             Self::EncEsp => "ESP AES-256-GCM (IP proto 50)",
             Self::Libipsec => "ESP AES-256-GCM in UDP 4500 (libipsec needs UDP encapsulation)",
         }
@@ -201,8 +199,8 @@ pub fn run(args: &DatapathArgs) -> anyhow::Result<()> {
     ensure!(args.rounds >= 1, "--rounds must be at least 1");
     ensure!(args.streams >= 2, "--streams must be at least 2");
     ensure!(args.rr_time >= 1, "--rr-time must be at least 1 second");
-    let iperf = sys::run(&["iperf3", "--version"])
-        .context("iperf3 is needed (apt-get install iperf3)")?;
+    let iperf =
+        sys::run(&["iperf3", "--version"]).context("iperf3 is needed (apt-get install iperf3)")?;
     let iperf = String::from_utf8_lossy(&iperf.stdout)
         .lines()
         .next()
@@ -398,7 +396,17 @@ impl Ends {
         let a = Netns::new(&format!("{prefix}-a"))?;
         let b = Netns::new(&format!("{prefix}-b"))?;
         a.run(&[
-            "ip", "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", b.name(),
+            "ip",
+            "link",
+            "add",
+            "ul0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0",
+            "netns",
+            b.name(),
         ])?;
         for (ns, addr) in [(&a, UNDERLAY[0]), (&b, UNDERLAY[1])] {
             ns.run(&["ip", "addr", "add", &format!("{addr}/24"), "dev", "ul0"])?;
@@ -460,10 +468,31 @@ impl Ends {
     fn vxlan(&self) -> anyhow::Result<Tunnel> {
         for (ns, i) in self.both() {
             ns.run(&[
-                "ip", "link", "add", "vx0", "type", "vxlan", "id", "42", "dstport", "4789",
-                "remote", UNDERLAY[1 - i], "local", UNDERLAY[i], "dev", "ul0",
+                "ip",
+                "link",
+                "add",
+                "vx0",
+                "type",
+                "vxlan",
+                "id",
+                "42",
+                "dstport",
+                "4789",
+                "remote",
+                UNDERLAY[1 - i],
+                "local",
+                UNDERLAY[i],
+                "dev",
+                "ul0",
             ])?;
-            ns.run(&["ip", "addr", "add", &format!("{}/24", INNER[i]), "dev", "vx0"])?;
+            ns.run(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", INNER[i]),
+                "dev",
+                "vx0",
+            ])?;
             ns.run(&["ip", "link", "set", "vx0", "up"])?;
         }
         Ok(Tunnel {
@@ -536,7 +565,10 @@ impl Ends {
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()?;
-            c.stdin.take().context("wg stdin")?.write_all(k.as_bytes())?;
+            c.stdin
+                .take()
+                .context("wg stdin")?
+                .write_all(k.as_bytes())?;
             let out = c.wait_with_output()?;
             ensure!(out.status.success(), "wg pubkey failed");
             pubs.push(String::from_utf8(out.stdout)?.trim().to_owned());
@@ -564,8 +596,23 @@ impl Ends {
                 "allowed-ips",
                 &allowed,
             ])?;
-            ns.run(&["ip", "link", "set", names[i], "mtu", &TUNNEL_MTU.to_string(), "up"])?;
-            ns.run(&["ip", "addr", "add", &format!("{}/24", INNER[i]), "dev", names[i]])?;
+            ns.run(&[
+                "ip",
+                "link",
+                "set",
+                names[i],
+                "mtu",
+                &TUNNEL_MTU.to_string(),
+                "up",
+            ])?;
+            ns.run(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", INNER[i]),
+                "dev",
+                names[i],
+            ])?;
         }
         Ok(())
     }
@@ -692,7 +739,14 @@ impl Ends {
         // B (the responder) first: A initiates as soon as its configuration is loaded, and
         // gives up if B answers before it has its own.
         for (ns, i) in [(&self.b, 1), (&self.a, 0)] {
-            ns.run(&["ip", "addr", "add", &format!("{}/32", INNER[i]), "dev", "lo"])?;
+            ns.run(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/32", INNER[i]),
+                "dev",
+                "lo",
+            ])?;
             let side = dir.path().join(["a", "b"][i]);
             std::fs::create_dir(&side)?;
             let conf = side.join("strongswan.conf");
@@ -711,7 +765,16 @@ impl Ends {
                 loaded = loaded.display(),
             );
             let child = Command::new("ip")
-                .args(["netns", "exec", ns.name(), "unshare", "-m", "sh", "-c", &script])
+                .args([
+                    "netns",
+                    "exec",
+                    ns.name(),
+                    "unshare",
+                    "-m",
+                    "sh",
+                    "-c",
+                    &script,
+                ])
                 .env("STRONGSWAN_CONF", &conf)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -722,7 +785,10 @@ impl Ends {
             // The shell and charon, its child: wait for the TUN device and the loaded
             // configuration.
             sys::wait_for(
-                &format!("charon in {} to create ipsec0 and load its configuration", ns.name()),
+                &format!(
+                    "charon in {} to create ipsec0 and load its configuration",
+                    ns.name()
+                ),
                 Duration::from_secs(15),
                 || {
                     let dev = ns.run(&["test", "-e", "/sys/class/net/ipsec0"]).is_ok();
@@ -730,7 +796,14 @@ impl Ends {
                 },
             )?;
             pids.extend(namespace_pids(ns.name())?);
-            ns.run(&["ip", "link", "set", "ipsec0", "mtu", &TUNNEL_MTU.to_string()])?;
+            ns.run(&[
+                "ip",
+                "link",
+                "set",
+                "ipsec0",
+                "mtu",
+                &TUNNEL_MTU.to_string(),
+            ])?;
         }
         Ok(Tunnel {
             dst: INNER[1].parse()?,
