@@ -4,6 +4,8 @@
 //! depend on each other, yet need the same small pieces of kernel plumbing. Those live here, once:
 //!
 //! - [`tun`]: interface-name validation and opening a TUN device;
+//! - [`offload`]: the TUN `virtio_net_hdr`, TCP segmentation and GRO coalescing;
+//! - [`udp`]: UDP GSO sends and GRO receives;
 //! - [`poll`]: waiting for a descriptor to become readable;
 //! - [`lpm`]: a longest-prefix-match table from IP prefixes to values;
 //! - [`netlink`]: a synchronous netlink connection (request, ack, dump) generic over the message
@@ -17,8 +19,10 @@
 pub mod error;
 pub mod lpm;
 pub mod netlink;
+pub mod offload;
 pub mod poll;
 pub mod sockbuf;
 pub mod tun;
+pub mod udp;
 
 pub use error::{Error, Result};

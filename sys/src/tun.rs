@@ -1,4 +1,5 @@
-//! TUN devices: interface-name validation and opening a layer-3 TUN interface.
+//! TUN devices: interface-name validation and opening a layer-3 TUN interface, plain or with
+//! the virtio-net header and TSO offloads.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -52,6 +53,34 @@ pub fn validate_ifname(ifname: &str) -> Result<()> {
 /// The name is validated first ([`Error::InvalidIfname`]); a failed call is an
 /// [`Error::Syscall`] naming it.
 pub fn open(ifname: &str) -> Result<File> {
+    open_flags(ifname, 0)
+}
+
+/// Like [`open`], with `IFF_VNET_HDR` and the offloads `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`:
+/// every read and write then starts with a `virtio_net_hdr` ([`crate::offload`]), reads may be
+/// TCP super-packets of up to 64 KiB with a partial checksum, and writes may be too.
+pub fn open_with_offloads(ifname: &str) -> Result<File> {
+    let file = open_flags(ifname, libc::IFF_VNET_HDR)?;
+    let offloads = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+    // SAFETY: `file` is a TUN fd set up by TUNSETIFF; TUNSETOFFLOAD takes its argument by value
+    // (an unsigned long of TUN_F_* bits) and touches no memory of ours.
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            libc::c_ulong::from(offloads),
+        )
+    };
+    if rc < 0 {
+        return Err(Error::Syscall {
+            call: "ioctl(TUNSETOFFLOAD)",
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(file)
+}
+
+fn open_flags(ifname: &str, extra: libc::c_int) -> Result<File> {
     validate_ifname(ifname)?;
     let file = OpenOptions::new()
         .read(true)
@@ -64,8 +93,8 @@ pub fn open(ifname: &str) -> Result<File> {
         })?;
     let mut req = IfReqFlags {
         name: [0; 16],
-        // IFF_TUN | IFF_NO_PI (0x0001 | 0x1000) fits in a c_short.
-        flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
+        // IFF_TUN | IFF_NO_PI | IFF_VNET_HDR (0x0001 | 0x1000 | 0x4000) fits in a c_short.
+        flags: (libc::IFF_TUN | libc::IFF_NO_PI | extra) as libc::c_short,
         _pad: [0; 22],
     };
     req.name[..ifname.len()].copy_from_slice(ifname.as_bytes());

@@ -1,6 +1,12 @@
 //! Userspace WireGuard: boringtun's noise core on a TUN device and a UDP socket, run by our own
 //! threads.
 //!
+//! The TUN device runs with `IFF_VNET_HDR` and TSO ([`enc_sys::offload`]): the TUN thread reads
+//! TCP super-packets of up to 64 KiB, splits them into segments, seals each and sends the
+//! sealed segments of one super-packet to their peer in one `sendmsg` with UDP GSO. The UDP
+//! thread receives with UDP GRO (several datagrams per `recvmsg`), opens each, and coalesces
+//! consecutive TCP segments of one flow into one super-packet per TUN write.
+//!
 //! Three threads share one `RwLock<Peers>`; each peer's noise state sits in its own `Mutex`. Lock
 //! order is always the peers lock first, then one peer lock. Every thread owns its packet buffers,
 //! so the hot path does not allocate, and drops are counted (see [`DropCounters`]) instead of
@@ -29,6 +35,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::Tunn;
+use enc_sys::offload::{self, Coalescer, VNET_HDR_LEN};
 use ipnet::IpNet;
 use ring::rand::{SecureRandom as _, SystemRandom};
 use serde::Serialize;
@@ -44,6 +51,8 @@ use crate::keys::{PrivateKey, PublicKey};
 const TICK: Duration = Duration::from_millis(250);
 /// Largest IP packet read from the TUN device, and largest UDP datagram.
 const MAX_PACKET: usize = 65535;
+/// Largest sealed segment batch sent with one UDP GSO `sendmsg` (64 KiB of UDP payload).
+const GSO_BYTES: usize = 65000;
 /// Buffers that hold an encapsulated packet: payload + WireGuard data overhead (32 bytes).
 const BUF_LEN: usize = MAX_PACKET + 32;
 /// Handshakes per second and device key before cookies are demanded. Every handshake message
@@ -309,12 +318,14 @@ impl BoringtunWg {
             addr: listen,
             io_error,
         })?;
-        udp.set_read_timeout(Some(TICK))
-            .map_err(|e| syscall("setsockopt(SO_RCVTIMEO)", e))?;
+        udp.set_nonblocking(true)
+            .map_err(|e| syscall("fcntl(O_NONBLOCK)", e))?;
+        enc_sys::udp::enable_gro(udp.as_fd()).map_err(|e| syscall("setsockopt(UDP_GRO)", e))?;
         enc_sys::sockbuf::set_buffers(udp.as_fd(), enc_sys::sockbuf::DATAPATH_SOCKET_BUFFER)
             .map_err(|e| Error::from_sys(&ifname, e))?;
         let local_addr = udp.local_addr().map_err(|e| syscall("getsockname", e))?;
-        let tun = enc_sys::tun::open(&ifname).map_err(|e| Error::from_sys(&ifname, e))?;
+        let tun =
+            enc_sys::tun::open_with_offloads(&ifname).map_err(|e| Error::from_sys(&ifname, e))?;
 
         let keys = KeyRing::new(&private_key, HANDSHAKE_RATE_LIMIT);
         drop(private_key);
@@ -546,6 +557,8 @@ impl WgBackend for BoringtunWg {
                     peers,
                     peer: &peer,
                     to: st.endpoint,
+                    gso: None,
+                    gro: None,
                 };
                 let dropped = st.noise.change(tunn, index, keys, Instant::now(), &mut out);
                 let after: Vec<PublicKey> = st.noise.remotes().collect();
@@ -639,10 +652,75 @@ impl WgBackend for BoringtunWg {
     }
 }
 
-/// TUN -> UDP: encrypt outbound packets for the peer that owns their destination.
+/// Sealed datagrams of one peer waiting to go out in one UDP GSO send: equal sizes, the last
+/// one possibly shorter.
+struct GsoBatch {
+    buf: Vec<u8>,
+    len: usize,
+    segment: usize,
+    count: usize,
+    to: Option<(SocketAddr, Arc<Peer>)>,
+}
+
+impl GsoBatch {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; GSO_BYTES],
+            len: 0,
+            segment: 0,
+            count: 0,
+            to: None,
+        }
+    }
+
+    /// Queues `datagram` for `to`, sending what is queued first when it cannot join it.
+    fn push(&mut self, sh: &Shared, peer: &Arc<Peer>, datagram: &[u8], to: SocketAddr) {
+        let joins = self
+            .to
+            .as_ref()
+            .is_some_and(|(t, p)| *t == to && Arc::ptr_eq(p, peer))
+            && datagram.len() <= self.segment
+            && self.len.is_multiple_of(self.segment.max(1))
+            && self.count < enc_sys::udp::MAX_SEGMENTS
+            && self.len + datagram.len() <= self.buf.len();
+        if !joins {
+            self.flush(sh);
+            if datagram.len() > self.buf.len() {
+                sh.send(peer, datagram, to);
+                return;
+            }
+            self.to = Some((to, Arc::clone(peer)));
+            self.segment = datagram.len();
+        }
+        self.buf[self.len..self.len + datagram.len()].copy_from_slice(datagram);
+        self.len += datagram.len();
+        self.count += 1;
+    }
+
+    fn flush(&mut self, sh: &Shared) {
+        let Some((to, peer)) = self.to.take() else {
+            return;
+        };
+        let (len, segment) = (self.len, self.segment);
+        self.len = 0;
+        self.count = 0;
+        let seg = u16::try_from(segment).unwrap_or(u16::MAX);
+        match enc_sys::udp::send_segments(sh.udp.as_fd(), &self.buf[..len], seg, to) {
+            Ok(n) => {
+                peer.tx_bytes.fetch_add(n as u64, Relaxed);
+            }
+            Err(_) => bump(&sh.counters.send_errors),
+        }
+    }
+}
+
+/// TUN -> UDP: split TSO super-packets, encrypt each segment for the peer that owns its
+/// destination, send each super-packet's datagrams with one UDP GSO send.
 fn tun_loop(sh: &Shared) {
-    let mut src = vec![0u8; MAX_PACKET];
+    let mut src = vec![0u8; VNET_HDR_LEN + MAX_PACKET];
+    let mut seg = vec![0u8; MAX_PACKET];
     let mut dst = vec![0u8; BUF_LEN];
+    let mut batch = GsoBatch::new();
     let mut tun = &sh.tun;
     while !sh.stopped() {
         match enc_sys::poll::wait_readable(sh.tun.as_fd(), TICK) {
@@ -665,12 +743,18 @@ fn tun_loop(sh: &Shared) {
                     break;
                 }
             };
-            encapsulate_one(sh, &src[..n], &mut dst);
+            let split = offload::split(&mut src[..n], &mut seg, |packet| {
+                encapsulate_one(sh, packet, &mut dst, &mut batch);
+            });
+            if split.is_err() {
+                bump(&sh.counters.tun_errors);
+            }
+            batch.flush(sh);
         }
     }
 }
 
-fn encapsulate_one(sh: &Shared, packet: &[u8], dst: &mut [u8]) {
+fn encapsulate_one(sh: &Shared, packet: &[u8], dst: &mut [u8], batch: &mut GsoBatch) {
     let Some(dst_ip) = Tunn::dst_address(packet) else {
         bump(&sh.counters.no_route);
         return;
@@ -690,39 +774,63 @@ fn encapsulate_one(sh: &Shared, packet: &[u8], dst: &mut [u8]) {
         peers: &peers,
         peer,
         to: Some(endpoint),
+        gso: Some(batch),
+        gro: None,
     };
     st.noise.send(packet, dst, &mut out);
 }
 
-/// UDP -> TUN: handshakes, cookies and data from peers.
+/// UDP -> TUN: handshakes, cookies and data from peers. Datagrams come several per receive
+/// (UDP GRO); the opened TCP segments are coalesced into super-packets until the socket runs
+/// dry.
 fn udp_loop(sh: &Shared) {
     let mut src = vec![0u8; MAX_PACKET];
     let mut dst = vec![0u8; BUF_LEN];
+    let mut gro = Coalescer::new();
     while !sh.stopped() {
-        let (n, from) = match sh.udp.recv_from(&mut src) {
-            Ok(r) => r,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
+        match enc_sys::poll::wait_readable(sh.udp.as_fd(), TICK) {
+            Ok(true) => {}
+            Ok(false) => continue,
             Err(_) => {
-                // Errors queued on the socket (e.g. ICMP unreachable); don't spin on them.
                 bump(&sh.counters.send_errors);
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(TICK);
                 continue;
             }
-        };
-        decapsulate_one(sh, &src[..n], from, &mut dst);
+        }
+        for _ in 0..1024 {
+            let (n, from, segment) = match enc_sys::udp::recv_segments(sh.udp.as_fd(), &mut src) {
+                Ok((n, Some(from), segment)) => (n, from, segment),
+                Ok((_, None, _)) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    // Errors queued on the socket (e.g. ICMP unreachable); reading cleared it.
+                    bump(&sh.counters.send_errors);
+                    continue;
+                }
+            };
+            for datagram in src[..n].chunks(segment) {
+                decapsulate_one(sh, datagram, from, &mut dst, &mut gro);
+            }
+        }
+        gro.flush(&mut |b: &[u8]| tun_write(sh, b));
     }
 }
 
-fn decapsulate_one(sh: &Shared, datagram: &[u8], from: SocketAddr, dst: &mut [u8]) {
+/// One write of a `virtio_net_hdr` and a packet into the TUN device.
+fn tun_write(sh: &Shared, buf: &[u8]) {
+    if (&sh.tun).write(buf).is_err() {
+        bump(&sh.counters.tun_errors);
+    }
+}
+
+fn decapsulate_one(
+    sh: &Shared,
+    datagram: &[u8],
+    from: SocketAddr,
+    dst: &mut [u8],
+    gro: &mut Coalescer,
+) {
     let peers = sh.read();
     // MAC and load check first, so that an unauthenticated flood costs no Diffie-Hellman.
     let target = match peers.keys.verify(from.ip(), datagram, dst) {
@@ -752,6 +860,8 @@ fn decapsulate_one(sh: &Shared, datagram: &[u8], from: SocketAddr, dst: &mut [u8
         peers: &peers,
         peer,
         to: Some(from),
+        gso: None,
+        gro: Some(gro),
     };
     if !st
         .noise
@@ -773,18 +883,36 @@ struct DeviceOutput<'a> {
     peers: &'a Peers,
     peer: &'a Arc<Peer>,
     to: Option<SocketAddr>,
+    /// Where the TUN thread batches sealed data for one UDP GSO send.
+    gso: Option<&'a mut GsoBatch>,
+    /// Where the UDP thread coalesces opened packets for the TUN device.
+    gro: Option<&'a mut Coalescer>,
 }
 
 impl Output for DeviceOutput<'_> {
     fn network(&mut self, datagram: &[u8]) {
-        match self.to {
-            Some(to) => self.sh.send(self.peer, datagram, to),
-            None => bump(&self.sh.counters.no_endpoint),
+        match (self.to, self.gso.as_deref_mut()) {
+            (Some(to), Some(batch)) => batch.push(self.sh, self.peer, datagram, to),
+            (Some(to), None) => self.sh.send(self.peer, datagram, to),
+            (None, _) => bump(&self.sh.counters.no_endpoint),
         }
     }
 
     fn tunnel(&mut self, packet: &[u8], src: IpAddr) {
-        write_tun(self.sh, self.peers, self.peer, packet, src);
+        if packet.is_empty() {
+            return;
+        }
+        // Cryptokey routing: the inner source must be one the sending peer owns.
+        if !self.peers.is_source_allowed(self.peer, src) {
+            bump(&self.sh.counters.bad_source);
+            return;
+        }
+        let sh = self.sh;
+        match self.gro.as_deref_mut() {
+            Some(gro) => gro.push(packet, &mut |b: &[u8]| tun_write(sh, b)),
+            // Not on the UDP thread (no path delivers packets elsewhere): write it alone.
+            None => Coalescer::new().push(packet, &mut |b: &[u8]| tun_write(sh, b)),
+        }
     }
 
     fn discard(&mut self, why: Discard) {
@@ -794,20 +922,6 @@ impl Output for DeviceOutput<'_> {
             Discard::Invalid => &c.invalid,
             Discard::Noise => &c.noise_errors,
         });
-    }
-}
-
-fn write_tun(sh: &Shared, peers: &Peers, peer: &Arc<Peer>, packet: &[u8], src: IpAddr) {
-    if packet.is_empty() {
-        return;
-    }
-    // Cryptokey routing: the inner source must be one the sending peer owns.
-    if !peers.is_source_allowed(peer, src) {
-        bump(&sh.counters.bad_source);
-        return;
-    }
-    if (&sh.tun).write(packet).is_err() {
-        bump(&sh.counters.tun_errors);
     }
 }
 
@@ -832,6 +946,8 @@ fn timer_loop(sh: &Shared) {
                     peers: &peers,
                     peer,
                     to: st.endpoint,
+                    gso: None,
+                    gro: None,
                 };
                 if let Some((index, keys)) = st.noise.tick(&mut dst, now, &mut out) {
                     retired.push((Arc::clone(peer), index, keys));

@@ -16,6 +16,11 @@
 //! instead of logging it; a summary of the device counters is logged at debug level at most every
 //! ten seconds.
 //!
+//! The TUN interface runs with `IFF_VNET_HDR` and TSO ([`enc_sys::offload`]): the TUN thread
+//! reads TCP super-packets of up to 64 KiB and seals each of their segments; the raw thread
+//! coalesces the TCP segments it opens into super-packets, one TUN write each, until the
+//! socket runs dry. ESP on the wire is unchanged: one ESP packet per segment.
+//!
 //! The device never configures the interface: MTU, addresses, link state and routes are the
 //! agent's job (over rtnetlink).
 
@@ -44,6 +49,7 @@ use crate::{
     EspDrop, InboundSaSnapshot, IpsecBackend, IpsecKind, IpsecPeerSnapshot, IpsecPeerSpec, SaKeys,
 };
 use enc_sys::lpm::PrefixTable;
+use enc_sys::offload::{self, Coalescer, VNET_HDR_LEN};
 use sys::RawEsp;
 
 /// The longest a thread waits before it checks whether the device is shutting down.
@@ -716,7 +722,8 @@ impl UserspaceEsp {
         }
         let sa_log = sa_log.as_deref().map(SaLog::open).transpose()?;
         let raw = RawEsp::bind(local)?;
-        let tun = enc_sys::tun::open(&ifname).map_err(|e| Error::from_sys(&ifname, e))?;
+        let tun =
+            enc_sys::tun::open_with_offloads(&ifname).map_err(|e| Error::from_sys(&ifname, e))?;
         let shared = Arc::new(Shared {
             ifname,
             state: State::new(local, replay_window, sa_log),
@@ -824,7 +831,8 @@ fn is_transient(e: &io::Error) -> bool {
 /// TUN -> raw socket: seal what the kernel routed into the interface.
 fn tun_loop(sh: &Shared) {
     let st = &sh.state;
-    let mut inner = vec![0u8; MAX_PACKET];
+    let mut read = vec![0u8; VNET_HDR_LEN + MAX_PACKET];
+    let mut seg = vec![0u8; MAX_PACKET];
     let mut out = Vec::with_capacity(MAX_PACKET + esp::overhead() + 16);
     let mut tun = &sh.tun;
     while !sh.stopped() {
@@ -838,7 +846,7 @@ fn tun_loop(sh: &Shared) {
             }
         }
         for _ in 0..BATCH {
-            let n = match tun.read(&mut inner) {
+            let n = match tun.read(&mut read) {
                 Ok(n) => n,
                 Err(e) if is_transient(&e) => break,
                 Err(_) => {
@@ -846,10 +854,15 @@ fn tun_loop(sh: &Shared) {
                     break;
                 }
             };
-            if let Some(to) = st.seal(&inner[..n], &mut out)
-                && sh.raw.send_to(&out, to).is_err()
-            {
-                bump(&st.stats.send_errors);
+            let split = offload::split(&mut read[..n], &mut seg, |inner| {
+                if let Some(to) = st.seal(inner, &mut out)
+                    && sh.raw.send_to(&out, to).is_err()
+                {
+                    bump(&st.stats.send_errors);
+                }
+            });
+            if split.is_err() {
+                bump(&st.stats.tun_errors);
             }
         }
     }
@@ -860,7 +873,13 @@ fn tun_loop(sh: &Shared) {
 fn raw_loop(sh: &Shared) {
     let st = &sh.state;
     let mut buf = vec![0u8; MAX_PACKET];
+    let mut gro = Coalescer::new();
     let mut tun = &sh.tun;
+    let mut write = |b: &[u8]| {
+        if tun.write(b).is_err() {
+            bump(&st.stats.tun_errors);
+        }
+    };
     let mut last_log = Instant::now();
     let mut logged = (DeviceCounters::default(), st.device_drops.snapshot());
     while !sh.stopped() {
@@ -915,12 +934,11 @@ fn raw_loop(sh: &Shared) {
                 },
             };
             let esp = &mut buf[esp];
-            if let Some(inner) = st.open(src, esp)
-                && tun.write(&esp[inner]).is_err()
-            {
-                bump(&st.stats.tun_errors);
+            if let Some(inner) = st.open(src, esp) {
+                gro.push(&esp[inner], &mut write);
             }
         }
+        gro.flush(&mut write);
     }
 }
 

@@ -30,6 +30,10 @@
 //! spent per GB received (`/proc/stat` deltas over each iperf3 run) and the part of it spent
 //! by the agents (their `/proc/<pid>/stat`). Each setup's namespaces are deleted before the
 //! next one is built, also on error and on Ctrl-C.
+//!
+//! `enc-bench datapaths` compares enc's userspace WireGuard and ESP datapaths with plain veth,
+//! kernel VXLAN, boringtun-cli, wireguard-go and strongSwan's kernel-libipsec on one veth pair
+//! between two namespaces (see `enc-bench/datapaths.rs`).
 
 use anyhow::{Context, bail, ensure};
 use clap::{Args, Parser, Subcommand};
@@ -46,6 +50,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+#[path = "enc-bench/datapaths.rs"]
+mod datapaths;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -65,6 +72,10 @@ enum Cmd {
     /// iperf3 TCP throughput pod to pod across two nodes: plain veth, plain kernel VXLAN and
     /// every enc tunnel x encryption combination, side by side in one run.
     Overlay(overlay::OverlayArgs),
+    /// The userspace encrypted datapaths (enc WireGuard, enc ESP) beside plain veth, kernel
+    /// VXLAN, boringtun-cli, wireguard-go and strongSwan libipsec on one veth pair: iperf3 1
+    /// and N streams, TCP_RR p50/p99 and CPU s/GB, with ratios to boringtun-cli and veth.
+    Datapaths(datapaths::DatapathArgs),
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +152,7 @@ fn main() {
     let result = match Cli::parse().command {
         Cmd::Marking(args) => run(&args),
         Cmd::Overlay(args) => overlay::run(&args),
+        Cmd::Datapaths(args) => datapaths::run(&args),
     };
     if let Err(e) = result {
         eprintln!("enc-bench: error: {e:#}");
@@ -1255,35 +1267,35 @@ mod overlay {
 
     /// One iperf3 client run.
     #[derive(Clone, Debug)]
-    struct Run {
+    pub(super) struct Run {
         /// `end.sum_received.bits_per_second`.
-        bits_per_second: f64,
+        pub(super) bits_per_second: f64,
         /// `end.sum_received.bytes`.
-        bytes: u64,
+        pub(super) bytes: u64,
         /// `end.sum_sent.retransmits`.
-        retransmits: Option<u64>,
+        pub(super) retransmits: Option<u64>,
         /// Wall time of the client process.
-        wall: Duration,
+        pub(super) wall: Duration,
         /// Busy CPU time of the whole machine during the run (`/proc/stat`).
-        cpu_s: f64,
+        pub(super) cpu_s: f64,
         /// CPU time of the agents' processes during the run (enc setups only).
-        agent_cpu_s: Option<f64>,
+        pub(super) agent_cpu_s: Option<f64>,
     }
 
     impl Run {
-        fn gbps(&self) -> f64 {
+        pub(super) fn gbps(&self) -> f64 {
             self.bits_per_second / 1e9
         }
-        fn gb(&self) -> f64 {
+        pub(super) fn gb(&self) -> f64 {
             self.bytes as f64 / 1e9
         }
-        fn cpu_per_gb(&self) -> f64 {
+        pub(super) fn cpu_per_gb(&self) -> f64 {
             self.cpu_s / self.gb()
         }
-        fn agent_cpu_per_gb(&self) -> Option<f64> {
+        pub(super) fn agent_cpu_per_gb(&self) -> Option<f64> {
             self.agent_cpu_s.map(|c| c / self.gb())
         }
-        fn to_json(&self) -> Value {
+        pub(super) fn to_json(&self) -> Value {
             json!({
                 "bits_per_second": self.bits_per_second,
                 "bytes": self.bytes,
@@ -1742,7 +1754,7 @@ mod overlay {
     }
 
     /// A child process that is killed (and reaped) on drop.
-    struct ChildGuard(Option<Child>);
+    pub(super) struct ChildGuard(pub(super) Option<Child>);
 
     impl Drop for ChildGuard {
         fn drop(&mut self) {
@@ -1754,14 +1766,14 @@ mod overlay {
     }
 
     /// `iperf3 -s` in a namespace; killed on drop.
-    struct IperfServer {
+    pub(super) struct IperfServer {
         /// The `ip netns exec ... iperf3 -s` process (exec'd, so iperf3 itself).
         _child: ChildGuard,
     }
 
     impl IperfServer {
         /// Starts the server in `ns` and returns once it listens.
-        fn start(ns: &str) -> anyhow::Result<Self> {
+        pub(super) fn start(ns: &str) -> anyhow::Result<Self> {
             let child = Command::new("ip")
                 .args(["netns", "exec", ns, "iperf3", "-s", "-p", IPERF_PORT])
                 .stdin(Stdio::null())
@@ -1808,13 +1820,31 @@ mod overlay {
         streams: u32,
         agents: &[&str],
     ) -> anyhow::Result<Run> {
-        let what = format!("`iperf3 -c {dst} -t {secs} -P {streams} -J` in {ns}");
         let agent_pids: Vec<u32> = agents
             .iter()
             .map(|a| namespace_pids(a))
             .collect::<anyhow::Result<Vec<_>>>()?
             .concat();
-        let agent_before = process_ticks(&agent_pids);
+        iperf_run_pids(
+            ns,
+            dst,
+            secs,
+            streams,
+            (!agents.is_empty()).then_some(&agent_pids),
+        )
+    }
+
+    /// [`iperf_run`] counting the CPU time of the processes `pids` (if given) as the agents'.
+    pub(super) fn iperf_run_pids(
+        ns: &str,
+        dst: Ipv4Addr,
+        secs: u32,
+        streams: u32,
+        pids: Option<&[u32]>,
+    ) -> anyhow::Result<Run> {
+        let what = format!("`iperf3 -c {dst} -t {secs} -P {streams} -J` in {ns}");
+        let agent_pids = pids.unwrap_or_default();
+        let agent_before = process_ticks(agent_pids);
         let cpu_before = cpu_busy_ticks()?;
         let start = Instant::now();
         let (d, t, p) = (dst.to_string(), secs.to_string(), streams.to_string());
@@ -1845,8 +1875,9 @@ mod overlay {
         };
         let wall = start.elapsed();
         let cpu_s = (cpu_busy_ticks()?.saturating_sub(cpu_before)) as f64 / clk_tck();
-        let agent_cpu_s = (!agents.is_empty())
-            .then(|| process_ticks(&agent_pids).saturating_sub(agent_before) as f64 / clk_tck());
+        let agent_cpu_s = pids
+            .is_some()
+            .then(|| process_ticks(agent_pids).saturating_sub(agent_before) as f64 / clk_tck());
         drop(guard);
         let out = stdout.join().unwrap_or_default();
         let err = stderr.join().unwrap_or_default();
@@ -1881,14 +1912,14 @@ mod overlay {
     }
 
     /// Clock ticks per second of `/proc/stat` and `/proc/<pid>/stat`.
-    fn clk_tck() -> f64 {
+    pub(super) fn clk_tck() -> f64 {
         // SAFETY: sysconf has no preconditions.
         let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         if t > 0 { t as f64 } else { 100.0 }
     }
 
     /// Busy ticks of all CPUs (user + nice + system + irq + softirq + steal) from `/proc/stat`.
-    fn cpu_busy_ticks() -> anyhow::Result<u64> {
+    pub(super) fn cpu_busy_ticks() -> anyhow::Result<u64> {
         let text = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
         let line = text
             .lines()
@@ -1905,7 +1936,7 @@ mod overlay {
     }
 
     /// The processes in a network namespace (`ip netns pids`).
-    fn namespace_pids(ns: &str) -> anyhow::Result<Vec<u32>> {
+    pub(super) fn namespace_pids(ns: &str) -> anyhow::Result<Vec<u32>> {
         let out = sys::run(&["ip", "netns", "pids", ns])?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
@@ -1914,7 +1945,7 @@ mod overlay {
     }
 
     /// utime + stime (all threads) of the processes that still exist, in ticks.
-    fn process_ticks(pids: &[u32]) -> u64 {
+    pub(super) fn process_ticks(pids: &[u32]) -> u64 {
         pids.iter()
             .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
             .filter_map(|s| {
@@ -1927,7 +1958,7 @@ mod overlay {
     }
 
     /// `/proc/loadavg`'s three load averages.
-    fn load_average() -> String {
+    pub(super) fn load_average() -> String {
         std::fs::read_to_string("/proc/loadavg")
             .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
             .unwrap_or_else(|_| "unknown".into())
