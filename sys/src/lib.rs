@@ -6,6 +6,7 @@
 //! - [`tun`]: interface-name validation and opening a TUN device;
 //! - [`offload`]: the TUN `virtio_net_hdr`, TCP segmentation and GRO coalescing;
 //! - [`udp`]: UDP GSO sends and GRO receives;
+//! - [`mmsg`]: batched sends and receives (`sendmmsg`, `recvmmsg`), with UDP GSO and GRO;
 //! - [`poll`]: waiting for a descriptor to become readable;
 //! - [`lpm`]: a longest-prefix-match table from IP prefixes to values;
 //! - [`netlink`]: a synchronous netlink connection (request, ack, dump) generic over the message
@@ -18,6 +19,7 @@
 
 pub mod error;
 pub mod lpm;
+pub mod mmsg;
 pub mod netlink;
 pub mod offload;
 pub mod poll;

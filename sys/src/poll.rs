@@ -29,6 +29,28 @@ pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> 
     Ok(rc > 0 && pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
 }
 
+/// Waits until `fd` is writable (or in error, or hung up) or `timeout` passes: for a socket,
+/// until its send buffer has room. Same conventions as [`wait_readable`].
+pub fn wait_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: as in `wait_readable`.
+    let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(rc > 0 && pfd.revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,6 +64,12 @@ mod tests {
         assert!(!wait_readable(b.as_fd(), Duration::from_millis(10)).unwrap());
         a.write_all(b"x").unwrap();
         assert!(wait_readable(b.as_fd(), Duration::from_secs(5)).unwrap());
+    }
+
+    #[test]
+    fn a_fresh_socket_is_writable() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(wait_writable(a.as_fd(), Duration::from_secs(5)).unwrap());
     }
 
     #[test]

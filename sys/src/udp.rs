@@ -36,7 +36,8 @@ pub fn enable_gro(fd: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
-fn to_sockaddr(to: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+/// `to` in the C layout, with its length.
+pub(crate) fn to_sockaddr(to: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
     let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
     let len = match to {
@@ -71,7 +72,8 @@ fn to_sockaddr(to: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (ss, len as libc::socklen_t)
 }
 
-fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+/// The IPv4 or IPv6 address the kernel wrote into `ss`, if it is one.
+pub(crate) fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match libc::c_int::from(ss.ss_family) {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in.
