@@ -2,7 +2,7 @@
 
 use crate::Error;
 use crate::backend::Crypto;
-use crate::config::{Config, EncryptionConfig, Implementation};
+use crate::config::{Config, EncryptionConfig, EspEncapsulation, Implementation};
 use crate::control::proto::{Hello, PROTOCOL_VERSION, WireguardAnnounce};
 use crate::control::session::Timing;
 use crate::peers::{Auth, CryptoLayout, Desired, ENC_TABLE, Layout, PeerTable, Role};
@@ -10,7 +10,7 @@ use crate::reconcile::{attach_pods, reconcile};
 use enc_certs::NodeIdentity;
 use enc_geneve_vxlan::{LinkBackend, OverlaySpec, RT_TABLE_MAIN, RtnetlinkLinks, mtu};
 use enc_ipsec::IpsecBackend;
-use enc_ipsec::userspace::{UserspaceConfig, UserspaceEsp};
+use enc_ipsec::userspace::{ESP_IN_UDP_PORT, Encapsulation, UserspaceConfig, UserspaceEsp};
 use enc_ipsec::xfrm::{KernelIpsec, NetlinkXfrm, probe_esp_gcm};
 use enc_key_manager::Epoch;
 use enc_key_manager::rotation::{Rotation, RotationTiming};
@@ -1015,6 +1015,12 @@ fn start_crypto(
                 local: config.node.underlay_address,
                 replay_window: ipsec_cfg.replay_window,
                 sa_log: opts.esp_sa_log.clone(),
+                encapsulation: match ipsec_cfg.encapsulation {
+                    EspEncapsulation::None => Encapsulation::None,
+                    EspEncapsulation::Udp => Encapsulation::Udp {
+                        port: ESP_IN_UDP_PORT,
+                    },
+                },
             })
             .map_err(Error::Ipsec)?;
             let index = device_up(links, &ipsec_cfg.interface, mtu)?;
@@ -1044,6 +1050,9 @@ fn mtu_plan(config: &Config) -> Result<mtu::MtuPlan, Error> {
     let encryption = match config.encryption {
         EncryptionConfig::None => mtu::Encryption::None,
         EncryptionConfig::Wireguard(_) => mtu::Encryption::Wireguard,
+        EncryptionConfig::Ipsec(ref c) if c.encapsulation == EspEncapsulation::Udp => {
+            mtu::Encryption::EspInUdp
+        }
         EncryptionConfig::Ipsec(_) => mtu::Encryption::Esp,
     };
     mtu::plan(

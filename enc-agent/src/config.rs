@@ -151,6 +151,7 @@ struct RawIpsec {
     interface: Option<String>,
     replay_window: Option<u32>,
     implementation: Option<String>,
+    encapsulation: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -569,6 +570,21 @@ pub struct IpsecConfig {
     pub replay_window: u32,
     /// Kernel XFRM or the userspace ESP engine.
     pub implementation: Implementation,
+    /// Raw ESP or ESP in UDP on the underlay.
+    pub encapsulation: EspEncapsulation,
+}
+
+/// How ESP travels between nodes (`encryption.ipsec.encapsulation`). Every node of a cluster
+/// must use the same.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum EspEncapsulation {
+    /// Raw ESP, IP protocol 50: what kernel XFRM speaks, so kernel and userspace nodes mix.
+    #[default]
+    None,
+    /// ESP in UDP port 4500 (RFC 3948). Only the userspace ESP engine does it in enc, so it
+    /// requires `implementation: userspace`; it lets the engine use UDP GSO and GRO.
+    Udp,
 }
 
 /// Default userspace ESP interface name.
@@ -1084,10 +1100,38 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                 "encryption.ipsec.implementation",
                 raw.encryption.ipsec.implementation.as_deref(),
             )?;
+            let encapsulation = match raw.encryption.ipsec.encapsulation.as_deref() {
+                None | Some("none") => EspEncapsulation::None,
+                Some("udp") => EspEncapsulation::Udp,
+                Some(other) => {
+                    return Err(invalid(
+                        "encryption.ipsec.encapsulation",
+                        other,
+                        "unknown encapsulation (supported: none, udp)",
+                    ));
+                }
+            };
+            if encapsulation == EspEncapsulation::Udp && implementation != Implementation::Userspace
+            {
+                let which = match implementation {
+                    Implementation::Kernel => "implementation kernel selects",
+                    _ => "implementation auto may select",
+                };
+                return Err(invalid(
+                    "encryption.ipsec.encapsulation",
+                    "udp",
+                    format!(
+                        "the kernel XFRM backend does not support ESP in UDP in enc, and \
+                         encryption.ipsec.{which} it; set encryption.ipsec.implementation: \
+                         userspace (the userspace ESP engine does it), or encapsulation: none"
+                    ),
+                ));
+            }
             EncryptionConfig::Ipsec(IpsecConfig {
                 interface,
                 replay_window,
                 implementation,
+                encapsulation,
             })
         }
         other => {
@@ -1814,7 +1858,54 @@ peers:
                 interface: "enc-esp0".into(),
                 replay_window: 2048,
                 implementation: Implementation::Auto,
+                encapsulation: EspEncapsulation::None,
             })
+        );
+        let text = GOOD.replacen(
+            "type: wireguard",
+            "type: ipsec\n  ipsec:\n    implementation: userspace\n    encapsulation: udp",
+            1,
+        );
+        let c = parse(&d, &text).unwrap();
+        assert!(matches!(
+            c.encryption,
+            EncryptionConfig::Ipsec(IpsecConfig {
+                implementation: Implementation::Userspace,
+                encapsulation: EspEncapsulation::Udp,
+                ..
+            })
+        ));
+        assert!(
+            c.to_yaml().contains("encapsulation: udp"),
+            "{}",
+            c.to_yaml()
+        );
+        // The kernel backend (chosen, or possibly chosen by auto) cannot: refused at load.
+        for implementation in ["kernel", "auto"] {
+            let text = GOOD.replacen(
+                "type: wireguard",
+                &format!(
+                    "type: ipsec\n  ipsec:\n    implementation: {implementation}\n    encapsulation: udp"
+                ),
+                1,
+            );
+            let (f, v, reason) = invalid_field(&d, &text);
+            assert_eq!(
+                (f.as_str(), v.as_str()),
+                ("encryption.ipsec.encapsulation", "udp")
+            );
+            assert!(reason.contains("kernel XFRM backend"), "{reason}");
+            assert!(reason.contains(implementation), "{reason}");
+        }
+        let text = GOOD.replacen(
+            "type: wireguard",
+            "type: ipsec\n  ipsec:\n    encapsulation: tcp",
+            1,
+        );
+        let (f, v, _) = invalid_field(&d, &text);
+        assert_eq!(
+            (f.as_str(), v.as_str()),
+            ("encryption.ipsec.encapsulation", "tcp")
         );
         let text = GOOD.replacen(
             "type: wireguard",

@@ -153,6 +153,8 @@ pub enum Encryption {
     Wireguard,
     /// ESP tunnel mode with AES-GCM ([`esp_device_mtu`]).
     Esp,
+    /// ESP as [`Encryption::Esp`], in UDP (RFC 3948): 8 bytes more per packet.
+    EspInUdp,
 }
 
 /// The MTUs of one node's stack.
@@ -202,6 +204,10 @@ pub fn plan(
         Encryption::Esp => {
             Some(esp_device_mtu(underlay_mtu, underlay, Inner::V4).map_err(|_| too_small(0))?)
         }
+        Encryption::EspInUdp => Some(
+            esp_device_mtu(underlay_mtu.saturating_sub(UDP_HEADER), underlay, Inner::V4)
+                .map_err(|_| too_small(0))?,
+        ),
     };
     let carrier = encryption.unwrap_or(underlay_mtu);
     let pod = match overlay {
@@ -238,6 +244,7 @@ mod tests {
         );
         assert_eq!(p(Encryption::Esp, None).pod, 1446);
         assert_eq!(p(Encryption::Esp, Some(Geneve)).pod, 1396);
+        assert_eq!(p(Encryption::EspInUdp, None).pod, 1438);
         let v6 = plan(
             1500,
             Underlay::V6,
@@ -264,9 +271,9 @@ mod tests {
         /// at most the underlay MTU, and the plan is maximal for the overlay layer.
         #[test]
         fn pod_packets_fit(underlay_mtu in 1280u32..9001, v6 in proptest::bool::ANY,
-                           enc in 0u8..3, ov in 0u8..3) {
+                           enc in 0u8..4, ov in 0u8..3) {
             let underlay = if v6 { Underlay::V6 } else { Underlay::V4 };
-            let encryption = [Encryption::None, Encryption::Wireguard, Encryption::Esp][enc as usize];
+            let encryption = [Encryption::None, Encryption::Wireguard, Encryption::Esp, Encryption::EspInUdp][enc as usize];
             let overlay = [None, Some(crate::OverlayKind::Vxlan), Some(crate::OverlayKind::Geneve)][ov as usize];
             if let Ok(p) = plan(underlay_mtu, underlay, Inner::V4, encryption, overlay) {
                 let mut size = p.pod;
@@ -277,6 +284,7 @@ mod tests {
                     Encryption::None => size,
                     Encryption::Wireguard => size + underlay.ip_header_len() + UDP_HEADER + WIREGUARD_OVERHEAD,
                     Encryption::Esp => underlay.ip_header_len() + ESP_HEADER + ESP_IV + (size + ESP_TRAILER).div_ceil(4) * 4 + ESP_ICV,
+                    Encryption::EspInUdp => underlay.ip_header_len() + UDP_HEADER + ESP_HEADER + ESP_IV + (size + ESP_TRAILER).div_ceil(4) * 4 + ESP_ICV,
                 };
                 proptest::prop_assert!(size <= underlay_mtu, "{size} > {underlay_mtu}");
             }

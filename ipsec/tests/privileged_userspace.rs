@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use enc_ipsec::userspace::{UserspaceConfig, UserspaceEsp};
+use enc_ipsec::userspace::{Encapsulation, UserspaceConfig, UserspaceEsp};
 use enc_ipsec::{EspDrop, IpsecBackend as _, IpsecKind, IpsecPeerSnapshot, IpsecPeerSpec, SaKeys};
 use enc_tests::lab::Capture;
 use enc_tests::netns::Netns;
@@ -184,6 +184,7 @@ fn start(ns: Netns, ifname: &'static str, local: IpAddr, spec: &IpsecPeerSpec) -
             local,
             replay_window: 128,
             sa_log: None,
+            encapsulation: Encapsulation::None,
         })
     })??;
     assert_eq!(esp.kind(), IpsecKind::Userspace);

@@ -1,7 +1,8 @@
-//! Privileged test of the userspace ESP engine's offload paths (TUN TSO split, GRO coalescing
-//! on write): large TCP transfers through the tunnel, over IPv4 and IPv6 inner addresses, with
-//! writes of mixed sizes, checked end to end with SHA-256. Needs root; under `CI` it fails
-//! instead of skipping.
+//! Privileged test of the userspace ESP engine's offload and batching paths (TUN TSO split, GRO
+//! coalescing on write, `sendmmsg`/`recvmmsg` on the raw socket; with ESP in UDP also UDP GSO
+//! and GRO): large TCP transfers through the tunnel, over IPv4 and IPv6 inner addresses, with
+//! writes of mixed sizes, checked end to end with SHA-256, once with raw ESP and once with ESP
+//! in UDP. Needs root; under `CI` it fails instead of skipping.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,7 +10,7 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use enc_ipsec::userspace::{UserspaceConfig, UserspaceEsp};
+use enc_ipsec::userspace::{ESP_IN_UDP_PORT, Encapsulation, UserspaceConfig, UserspaceEsp};
 use enc_ipsec::{IpsecBackend, IpsecPeerSpec, SaKeys};
 use enc_tests::netns::Netns;
 use ring::digest::{Context, SHA256};
@@ -81,18 +82,42 @@ fn keys(spi: u32, fill: u8) -> SaKeys {
     }
 }
 
-#[test]
-fn privileged_userspace_esp_offload_large_tcp_transfers_ipv4_ipv6() {
+fn needs_root() -> bool {
     if !is_root() {
         assert!(
             std::env::var_os("CI").is_none(),
             "privileged test needs root under CI"
         );
         eprintln!("skipped: needs root");
-        return;
+        return false;
     }
-    let a = Netns::new(&format!("espoff-a-{}", std::process::id())).unwrap();
-    let b = Netns::new(&format!("espoff-b-{}", std::process::id())).unwrap();
+    true
+}
+
+#[test]
+fn privileged_userspace_esp_offload_large_tcp_transfers_ipv4_ipv6() {
+    if needs_root() {
+        large_transfers("espoff", Encapsulation::None);
+    }
+}
+
+#[test]
+fn privileged_userspace_esp_in_udp_large_tcp_transfers_ipv4_ipv6() {
+    if needs_root() {
+        large_transfers(
+            "espudp",
+            Encapsulation::Udp {
+                port: ESP_IN_UDP_PORT,
+            },
+        );
+    }
+}
+
+/// Two namespaces on a veth, a device in each with `encapsulation`, then 48 MiB each way over
+/// IPv4 and IPv6 inner addresses; also checks that the wire carries what `encapsulation` says.
+fn large_transfers(prefix: &str, encapsulation: Encapsulation) {
+    let a = Netns::new(&format!("{prefix}-a-{}", std::process::id())).unwrap();
+    let b = Netns::new(&format!("{prefix}-b-{}", std::process::id())).unwrap();
     a.run(&[
         "ip",
         "link",
@@ -125,6 +150,7 @@ fn privileged_userspace_esp_offload_large_tcp_transfers_ipv4_ipv6() {
                     local,
                     replay_window: 1024,
                     sa_log: None,
+                    encapsulation,
                 })
             })
             .unwrap()
@@ -205,5 +231,33 @@ fn privileged_userspace_esp_offload_large_tcp_transfers_ipv4_ipv6() {
     for d in &devs {
         let c = d.device_counters();
         assert_eq!((c.tun_errors, c.seal_errors), (0, 0), "{c:?}");
+        assert_eq!(
+            (c.bad_source_port, c.non_esp_marker, c.nat_keepalives),
+            (0, 0, 0),
+            "{c:?}"
+        );
+        assert_eq!(d.encapsulation(), encapsulation);
+        let p = &d.peers().unwrap()[0];
+        assert!(p.rx_packets > (TOTAL as u64) / 1400, "{p:?}");
+        assert!(p.drops.iter().all(|(_, n)| *n == 0), "{p:?}");
+    }
+    // What went over the veth: ESP packets (raw) or UDP to port 4500, nothing else in bulk.
+    // /proc/net/snmp counts per namespace, one per receive call (a GRO message counts once):
+    // 4 x 48 MiB is at least 3072 full 64 KiB messages.
+    let udp_in = |ns: &Netns| -> u64 {
+        let out = ns.run(&["cat", "/proc/net/snmp"]).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = text.lines().filter(|l| l.starts_with("Udp: "));
+        let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+        let at = names
+            .split_whitespace()
+            .position(|n| n == "InDatagrams")
+            .unwrap();
+        values.split_whitespace().nth(at).unwrap().parse().unwrap()
+    };
+    let datagrams = udp_in(&a) + udp_in(&b);
+    match encapsulation {
+        Encapsulation::None => assert!(datagrams < 100, "{datagrams} UDP datagrams"),
+        Encapsulation::Udp { .. } => assert!(datagrams > 1000, "{datagrams} UDP datagrams"),
     }
 }

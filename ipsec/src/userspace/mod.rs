@@ -1,14 +1,16 @@
-//! The userspace ESP device: the sans-IO ESP core ([`crate::esp`]) on a TUN interface and a raw
-//! IP-protocol-50 socket, run by two threads of our own.
+//! The userspace ESP device: the sans-IO ESP core ([`crate::esp`]) on a TUN interface and an
+//! underlay socket, run by two threads of our own. The underlay socket is a raw
+//! IP-protocol-50 socket ([`Encapsulation::None`], what kernel XFRM peers speak) or a UDP socket
+//! on port 4500 carrying ESP in UDP (RFC 3948, [`Encapsulation::Udp`]).
 //!
 //! - The TUN thread reads inner packets the kernel routed into the interface, picks the peer by
 //!   longest-prefix match of the inner destination over every peer's `remote_cidrs`, seals the
 //!   packet with that peer's outbound SA and sends the ESP bytes to the peer's underlay address
-//!   (the kernel adds the outer IP header, protocol 50).
-//! - The raw thread reads ESP addressed to our underlay address, finds the inbound SA by SPI,
-//!   checks that the outer source is the peer owning that SA, opens the packet (ICV, anti-replay),
-//!   checks that the inner source lies in the peer's `remote_cidrs`, and writes the inner packet
-//!   into the TUN interface.
+//!   (the kernel adds the outer IP header, protocol 50, or the IP and UDP headers).
+//! - The network thread reads ESP addressed to our underlay address, finds the inbound SA by
+//!   SPI, checks that the outer source (address, and with UDP the port) is the peer owning that
+//!   SA, opens the packet (ICV, anti-replay), checks that the inner source lies in the peer's
+//!   `remote_cidrs`, and writes the inner packet into the TUN interface.
 //!
 //! The configuration lives in one `RwLock<Table>`, replaced wholesale on every change (changes are
 //! rare, packets are not); each SA sits in its own `Mutex`. Lock order: the table, then one SA.
@@ -17,9 +19,16 @@
 //! ten seconds.
 //!
 //! The TUN interface runs with `IFF_VNET_HDR` and TSO ([`enc_sys::offload`]): the TUN thread
-//! reads TCP super-packets of up to 64 KiB and seals each of their segments; the raw thread
+//! reads TCP super-packets of up to 64 KiB and seals each of their segments; the network thread
 //! coalesces the TCP segments it opens into super-packets, one TUN write each, until the
 //! socket runs dry. ESP on the wire is unchanged: one ESP packet per segment.
+//!
+//! The underlay socket is batched ([`enc_sys::mmsg`]): the TUN thread seals straight into a
+//! send batch, across TUN reads, and sends it with one `sendmmsg` when the TUN interface runs
+//! dry or the batch is full; the network thread receives with `recvmmsg`. With UDP the sealed
+//! segments of one super-packet (equal sizes, the last one possibly shorter) share one message
+//! with `UDP_SEGMENT` (UDP GSO), and the socket has `UDP_GRO`, so one received message holds many
+//! ESP packets. No system call is made while a table or SA lock is held.
 //!
 //! The device never configures the interface: MTU, addresses, link state and routes are the
 //! agent's job (over rtnetlink).
@@ -30,9 +39,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::ops::Range;
-use std::os::fd::AsFd as _;
+use std::os::fd::{AsFd as _, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -49,6 +58,7 @@ use crate::{
     EspDrop, InboundSaSnapshot, IpsecBackend, IpsecKind, IpsecPeerSnapshot, IpsecPeerSpec, SaKeys,
 };
 use enc_sys::lpm::PrefixTable;
+use enc_sys::mmsg::{RecvBatch, SendBatch};
 use enc_sys::offload::{self, Coalescer, VNET_HDR_LEN};
 use sys::RawEsp;
 
@@ -64,6 +74,70 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 const MIN_SPI: u32 = 256;
 /// Protocol number of ESP.
 const PROTO_ESP: u8 = 50;
+/// Most messages in one `sendmmsg`: several TSO super-packets' worth of raw ESP packets.
+const SEND_MSGS: usize = 256;
+/// Bytes of sealed ESP the TUN thread batches before it sends (four full UDP GSO messages).
+const SEND_BYTES: usize = 256 << 10;
+/// What sealing adds to an inner packet at most: the ESP overhead and 3 bytes of padding.
+const SEAL_SLACK: usize = esp::overhead() + 3;
+/// Messages per `recvmmsg` on the raw socket (one packet each).
+const RECV_MSGS_RAW: usize = 64;
+/// Messages per `recvmmsg` on the UDP socket (each up to 64 KiB of GRO-coalesced datagrams).
+const RECV_MSGS_UDP: usize = 16;
+
+/// The UDP port of ESP in UDP (RFC 3948 section 2.1, the IKE NAT-traversal port).
+pub const ESP_IN_UDP_PORT: u16 = 4500;
+
+/// How the userspace engine carries ESP on the underlay. Every node of a cluster must use the
+/// same.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Encapsulation {
+    /// Raw ESP, IP protocol 50 (RFC 4303): what kernel XFRM peers speak.
+    #[default]
+    None,
+    /// ESP in UDP (RFC 3948): every ESP packet is the payload of a UDP datagram from `port` to
+    /// `port` ([`ESP_IN_UDP_PORT`] in a cluster). The socket binds the underlay address and
+    /// `port`, which lets the engine use UDP GSO and GRO; inbound datagrams must come from a
+    /// peer's address and from `port`.
+    Udp {
+        /// The UDP port at both ends.
+        port: u16,
+    },
+}
+
+impl fmt::Display for Encapsulation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("none (raw ESP, IP protocol 50)"),
+            Self::Udp { port } => write!(f, "udp (ESP in UDP port {port})"),
+        }
+    }
+}
+
+/// What one UDP datagram received on the ESP-in-UDP port holds (RFC 3948 section 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UdpPayload {
+    /// An ESP packet (a non-zero SPI and at least the ESP header): open it.
+    Esp,
+    /// A NAT-keepalive (the single byte 0xFF, section 2.3): nothing to do.
+    NatKeepalive,
+    /// The non-ESP marker (four zero bytes, section 2.2), i.e. IKE. enc runs no IKE: drop it.
+    NonEsp,
+    /// Too short to be any of the above.
+    Malformed,
+}
+
+/// Classifies one ESP-in-UDP datagram (its UDP payload) without trusting any of its bytes.
+pub fn udp_payload(datagram: &[u8]) -> UdpPayload {
+    match datagram {
+        [0xff] => UdpPayload::NatKeepalive,
+        [0, 0, 0, 0, ..] => UdpPayload::NonEsp,
+        d if d.len() >= esp::ESP_HDR_LEN => UdpPayload::Esp,
+        _ => UdpPayload::Malformed,
+    }
+}
 
 /// Configuration of a [`UserspaceEsp`] device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,6 +151,8 @@ pub struct UserspaceConfig {
     pub replay_window: u32,
     /// If set, every new SA is appended to this file (for decrypting captures).
     pub sa_log: Option<PathBuf>,
+    /// Raw ESP or ESP in UDP on the underlay.
+    pub encapsulation: Encapsulation,
 }
 
 /// Device-wide counters of the packet path (monotonic).
@@ -94,6 +170,14 @@ pub struct DeviceCounters {
     pub recv_errors: u64,
     /// Failed reads from or writes to the TUN interface.
     pub tun_errors: u64,
+    /// ESP-in-UDP datagrams carrying the non-ESP marker (SPI 0: IKE, which enc does not run),
+    /// dropped.
+    pub non_esp_marker: u64,
+    /// ESP-in-UDP NAT-keepalives (one 0xFF byte), dropped.
+    pub nat_keepalives: u64,
+    /// ESP-in-UDP datagrams from a source port other than the encapsulation port, dropped
+    /// before any SA lookup.
+    pub bad_source_port: u64,
 }
 
 #[derive(Default)]
@@ -103,6 +187,9 @@ struct DeviceStats {
     send_errors: AtomicU64,
     recv_errors: AtomicU64,
     tun_errors: AtomicU64,
+    non_esp_marker: AtomicU64,
+    nat_keepalives: AtomicU64,
+    bad_source_port: AtomicU64,
 }
 
 impl DeviceStats {
@@ -113,6 +200,9 @@ impl DeviceStats {
             send_errors: self.send_errors.load(Relaxed),
             recv_errors: self.recv_errors.load(Relaxed),
             tun_errors: self.tun_errors.load(Relaxed),
+            non_esp_marker: self.non_esp_marker.load(Relaxed),
+            nat_keepalives: self.nat_keepalives.load(Relaxed),
+            bad_source_port: self.bad_source_port.load(Relaxed),
         }
     }
 }
@@ -505,7 +595,16 @@ impl State {
 
     /// Seals an inner packet read from the TUN interface into `out` (ESP from the SPI on) and
     /// returns where to send it, or `None` if it was dropped (and counted).
+    #[cfg(test)]
     fn seal(&self, inner: &[u8], out: &mut Vec<u8>) -> Option<IpAddr> {
+        out.clear();
+        self.seal_append(inner, out)
+    }
+
+    /// Appends the ESP packet (from the SPI on) carrying `inner`, a packet read from the TUN
+    /// interface, to `out` and returns where to send it, or `None` if it was dropped (and
+    /// counted; `out` is then unchanged).
+    fn seal_append(&self, inner: &[u8], out: &mut Vec<u8>) -> Option<IpAddr> {
         let Some(dst) = inner_addr(inner, Field::Destination) else {
             bump(&self.stats.no_route);
             return None;
@@ -515,7 +614,6 @@ impl State {
             bump(&self.stats.no_route);
             return None;
         };
-        out.clear();
         if lock(&peer.outbound).seal(inner, out).is_err() {
             bump(&self.stats.seal_errors);
             return None;
@@ -566,6 +664,56 @@ impl State {
         bump(&peer.stats.rx_packets);
         add(&peer.stats.rx_bytes, inner.len());
         Some(opened.inner)
+    }
+
+    /// Opens what a raw ESP socket delivered: for IPv4 the whole packet with its outer header,
+    /// for IPv6 the ESP bytes from `from`. Returns the range of `packet` holding the inner
+    /// packet, or `None` if it was dropped (and counted) or is not ours.
+    fn open_raw(&self, packet: &mut [u8], from: Option<IpAddr>) -> Option<Range<usize>> {
+        let (src, esp) = match self.local {
+            IpAddr::V4(local) => match outer_v4(packet, local) {
+                Outer::Esp { src, esp } => (src, esp),
+                Outer::NotOurs => return None,
+                Outer::Malformed => {
+                    self.device_drops.bump(EspDrop::Malformed);
+                    return None;
+                }
+            },
+            // IPv6 raw sockets deliver the payload only; binding filtered the destination.
+            IpAddr::V6(_) => match from {
+                Some(src) => (src, 0..packet.len()),
+                None => {
+                    self.device_drops.bump(EspDrop::Malformed);
+                    return None;
+                }
+            },
+        };
+        let at = esp.start;
+        let inner = self.open(src, &mut packet[esp])?;
+        Some(at + inner.start..at + inner.end)
+    }
+
+    /// Opens one ESP-in-UDP datagram (its UDP payload) from `from`, which must be a peer's
+    /// address and `port`. Returns the range of `datagram` holding the inner packet, or `None`
+    /// if it was dropped (and counted: NAT-keepalives, the non-ESP marker and a wrong source
+    /// port on the device, everything else as [`State::open`] does).
+    fn open_udp(&self, from: SocketAddr, port: u16, datagram: &mut [u8]) -> Option<Range<usize>> {
+        if from.port() != port {
+            bump(&self.stats.bad_source_port);
+            return None;
+        }
+        match udp_payload(datagram) {
+            UdpPayload::NatKeepalive => {
+                bump(&self.stats.nat_keepalives);
+                None
+            }
+            UdpPayload::NonEsp => {
+                bump(&self.stats.non_esp_marker);
+                None
+            }
+            // `open` charges a short packet as malformed to the peer or the device.
+            UdpPayload::Esp | UdpPayload::Malformed => self.open(from.ip(), datagram),
+        }
     }
 }
 
@@ -637,12 +785,64 @@ fn outer_v4(packet: &[u8], local: Ipv4Addr) -> Outer {
     }
 }
 
+/// The underlay socket.
+enum Net {
+    /// Raw ESP, IP protocol 50.
+    Raw(RawEsp),
+    /// ESP in UDP, bound to the underlay address and `port`, with UDP GRO.
+    Udp { sock: UdpSocket, port: u16 },
+}
+
+impl Net {
+    fn open(local: IpAddr, encapsulation: Encapsulation) -> Result<Self> {
+        match encapsulation {
+            Encapsulation::None => Ok(Self::Raw(RawEsp::bind(local)?)),
+            Encapsulation::Udp { port } => {
+                let at = SocketAddr::new(local, port);
+                let syscall = |call: &'static str, source: io::Error| Error::Syscall {
+                    call,
+                    target: at.to_string(),
+                    source,
+                };
+                let sock = UdpSocket::bind(at).map_err(|e| syscall("bind (ESP in UDP)", e))?;
+                sock.set_nonblocking(true)
+                    .map_err(|e| syscall("fcntl(O_NONBLOCK)", e))?;
+                enc_sys::udp::enable_gro(sock.as_fd())
+                    .map_err(|e| syscall("setsockopt(UDP_GRO)", e))?;
+                enc_sys::sockbuf::set_buffers(
+                    sock.as_fd(),
+                    enc_sys::sockbuf::DATAPATH_SOCKET_BUFFER,
+                )
+                .map_err(|e| Error::from_sys(&at.to_string(), e))?;
+                Ok(Self::Udp { sock, port })
+            }
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Raw(raw) => raw.as_fd(),
+            Self::Udp { sock, .. } => sock.as_fd(),
+        }
+    }
+
+    /// Where ESP for the peer at `ip` goes (raw sockets take port 0: for IPv6 it means the
+    /// socket's protocol).
+    fn dest(&self, ip: IpAddr) -> SocketAddr {
+        match self {
+            Self::Raw(_) => SocketAddr::new(ip, 0),
+            Self::Udp { port, .. } => SocketAddr::new(ip, *port),
+        }
+    }
+}
+
 /// Everything the threads share.
 struct Shared {
     ifname: String,
     state: State,
     tun: File,
-    raw: RawEsp,
+    net: Net,
+    encapsulation: Encapsulation,
     stop: AtomicBool,
 }
 
@@ -652,11 +852,12 @@ impl Shared {
     }
 }
 
-/// Userspace ESP (RFC 4303, AES-256-GCM per RFC 4106) on a TUN interface and a raw ESP socket.
+/// Userspace ESP (RFC 4303, AES-256-GCM per RFC 4106) on a TUN interface and a raw ESP socket
+/// or (RFC 3948) a UDP socket.
 ///
 /// `start` creates the TUN interface (no addresses, MTU, link state or routes: the caller sets
-/// those) and a raw socket bound to the underlay address, in the calling thread's network
-/// namespace. Dropping the device, or [`UserspaceEsp::shutdown`], stops its threads within about
+/// those) and a raw socket bound to the underlay address (or a UDP socket bound to it and the
+/// encapsulation port), in the calling thread's network namespace. Dropping the device, or [`UserspaceEsp::shutdown`], stops its threads within about
 /// 250 ms and closes the TUN fd, which removes the interface.
 ///
 /// [`IpsecBackend::upsert_peer`] rules:
@@ -691,6 +892,7 @@ impl fmt::Debug for UserspaceEsp {
         f.debug_struct("UserspaceEsp")
             .field("ifname", &self.shared.ifname)
             .field("local", &self.shared.state.local)
+            .field("encapsulation", &self.shared.encapsulation)
             .finish_non_exhaustive()
     }
 }
@@ -704,6 +906,7 @@ impl UserspaceEsp {
             local,
             replay_window,
             sa_log,
+            encapsulation,
         } = cfg;
         enc_sys::tun::validate_ifname(&ifname).map_err(|e| Error::from_sys(&ifname, e))?;
         if local.is_unspecified() || local.is_multicast() {
@@ -720,15 +923,23 @@ impl UserspaceEsp {
                 format!("must be {MIN_WINDOW}..={MAX_WINDOW} packets"),
             ));
         }
+        if encapsulation == (Encapsulation::Udp { port: 0 }) {
+            return Err(invalid(
+                "encapsulation",
+                "udp port 0",
+                "ESP in UDP needs a fixed port at both ends (4500)",
+            ));
+        }
         let sa_log = sa_log.as_deref().map(SaLog::open).transpose()?;
-        let raw = RawEsp::bind(local)?;
+        let net = Net::open(local, encapsulation)?;
         let tun =
             enc_sys::tun::open_with_offloads(&ifname).map_err(|e| Error::from_sys(&ifname, e))?;
         let shared = Arc::new(Shared {
             ifname,
             state: State::new(local, replay_window, sa_log),
             tun,
-            raw,
+            net,
+            encapsulation,
             stop: AtomicBool::new(false),
         });
         let mut dev = Self {
@@ -737,11 +948,12 @@ impl UserspaceEsp {
         };
         // On failure `dev` is dropped, which stops a thread already running.
         dev.spawn("tun", tun_loop)?;
-        dev.spawn("raw", raw_loop)?;
+        dev.spawn("net", net_loop)?;
         tracing::info!(
             ifname = %dev.shared.ifname,
             local = %local,
             replay_window,
+            encapsulation = %encapsulation,
             "userspace ESP device started"
         );
         Ok(dev)
@@ -770,6 +982,11 @@ impl UserspaceEsp {
     /// The underlay address the raw socket is bound to.
     pub fn local(&self) -> IpAddr {
         self.shared.state.local
+    }
+
+    /// How ESP travels on the underlay.
+    pub fn encapsulation(&self) -> Encapsulation {
+        self.shared.encapsulation
     }
 
     /// Input drops not attributable to a peer (ESP from senders that are no peer's `remote`),
@@ -828,12 +1045,23 @@ fn is_transient(e: &io::Error) -> bool {
     )
 }
 
-/// TUN -> raw socket: seal what the kernel routed into the interface.
+/// Sends what the batch holds (no lock is held here) and counts what the kernel refused.
+fn flush(sh: &Shared, batch: &mut SendBatch) {
+    if batch.is_empty() {
+        return;
+    }
+    let sent = batch.flush(sh.net.fd());
+    add(&sh.state.stats.send_errors, sent.failed);
+}
+
+/// TUN -> underlay socket: seal what the kernel routed into the interface, straight into the
+/// send batch, and send the batch when the interface runs dry or the batch is full.
 fn tun_loop(sh: &Shared) {
     let st = &sh.state;
     let mut read = vec![0u8; VNET_HDR_LEN + MAX_PACKET];
     let mut seg = vec![0u8; MAX_PACKET];
-    let mut out = Vec::with_capacity(MAX_PACKET + esp::overhead() + 16);
+    let gso = matches!(sh.net, Net::Udp { .. });
+    let mut batch = SendBatch::new(SEND_MSGS, SEND_BYTES, gso);
     let mut tun = &sh.tun;
     while !sh.stopped() {
         match enc_sys::poll::wait_readable(sh.tun.as_fd(), TICK) {
@@ -855,24 +1083,27 @@ fn tun_loop(sh: &Shared) {
                 }
             };
             let split = offload::split(&mut read[..n], &mut seg, |inner| {
-                if let Some(to) = st.seal(inner, &mut out)
-                    && sh.raw.send_to(&out, to).is_err()
-                {
-                    bump(&st.stats.send_errors);
+                if !batch.has_room(inner.len() + SEAL_SLACK) {
+                    flush(sh, &mut batch);
                 }
+                batch.push(|out| st.seal_append(inner, out).map(|ip| sh.net.dest(ip)));
             });
             if split.is_err() {
                 bump(&st.stats.tun_errors);
             }
         }
+        flush(sh, &mut batch);
     }
 }
 
-/// Raw socket -> TUN: open ESP sent to our underlay address. Also logs the device counters now
-/// and then.
-fn raw_loop(sh: &Shared) {
+/// Underlay socket -> TUN: open ESP sent to our underlay address, received in batches, and
+/// coalesce what it carries into TUN writes. Also logs the device counters now and then.
+fn net_loop(sh: &Shared) {
     let st = &sh.state;
-    let mut buf = vec![0u8; MAX_PACKET];
+    let mut rx = match sh.net {
+        Net::Raw(_) => RecvBatch::new(RECV_MSGS_RAW, MAX_PACKET),
+        Net::Udp { .. } => RecvBatch::new(RECV_MSGS_UDP, MAX_PACKET),
+    };
     let mut gro = Coalescer::new();
     let mut tun = &sh.tun;
     let mut write = |b: &[u8]| {
@@ -896,7 +1127,7 @@ fn raw_loop(sh: &Shared) {
                 logged = now;
             }
         }
-        match enc_sys::poll::wait_readable(sh.raw.as_fd(), TICK) {
+        match enc_sys::poll::wait_readable(sh.net.fd(), TICK) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(_) => {
@@ -905,9 +1136,9 @@ fn raw_loop(sh: &Shared) {
                 continue;
             }
         }
-        for _ in 0..BATCH {
-            let (n, from) = match sh.raw.recv_from(&mut buf) {
-                Ok(r) => r,
+        for _ in 0..BATCH / 16 {
+            let n = match rx.recv(sh.net.fd()) {
+                Ok(n) => n,
                 Err(e) if is_transient(&e) => break,
                 Err(_) => {
                     // Usually an ICMP error queued on the socket; reading it cleared it.
@@ -915,27 +1146,33 @@ fn raw_loop(sh: &Shared) {
                     continue;
                 }
             };
-            let (src, esp) = match st.local {
-                IpAddr::V4(local) => match outer_v4(&buf[..n], local) {
-                    Outer::Esp { src, esp } => (src, esp),
-                    Outer::NotOurs => continue,
-                    Outer::Malformed => {
-                        st.device_drops.bump(EspDrop::Malformed);
-                        continue;
+            for i in 0..n {
+                let Some(m) = rx.message(i) else { break };
+                if m.truncated {
+                    st.device_drops.bump(EspDrop::Malformed);
+                    continue;
+                }
+                match &sh.net {
+                    Net::Raw(_) => {
+                        let from = m.from.map(|a| a.ip());
+                        if let Some(inner) = st.open_raw(m.data, from) {
+                            gro.push(&m.data[inner], &mut write);
+                        }
                     }
-                },
-                // IPv6 raw sockets deliver the payload only; binding filtered the destination.
-                IpAddr::V6(_) => match from {
-                    Some(src) => (src, 0..n),
-                    None => {
-                        st.device_drops.bump(EspDrop::Malformed);
-                        continue;
+                    Net::Udp { port, .. } => {
+                        let Some(from) = m.from else {
+                            st.device_drops.bump(EspDrop::Malformed);
+                            continue;
+                        };
+                        // One GRO message holds datagrams of one flow (one source address
+                        // and port), `segment` bytes each but the last.
+                        for datagram in m.data.chunks_mut(m.segment) {
+                            if let Some(inner) = st.open_udp(from, *port, datagram) {
+                                gro.push(&datagram[inner], &mut write);
+                            }
+                        }
                     }
-                },
-            };
-            let esp = &mut buf[esp];
-            if let Some(inner) = st.open(src, esp) {
-                gro.push(&esp[inner], &mut write);
+                }
             }
         }
         gro.flush(&mut write);

@@ -1,10 +1,9 @@
-//! The raw IP-protocol-50 socket of the userspace ESP device. The TUN interface and waiting on
-//! either descriptor come from [`enc_sys`]; nothing else in the device touches a file descriptor
-//! directly.
+//! The raw IP-protocol-50 socket of the userspace ESP device. The TUN interface, waiting on a
+//! descriptor and the batched sends and receives ([`enc_sys::mmsg`]) come from [`enc_sys`].
 
 use std::io;
 use std::mem;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 
 use crate::error::{Error, Result};
@@ -35,31 +34,6 @@ impl SockAddr {
             }
         }
     }
-
-    fn zeroed() -> Self {
-        // SAFETY: both members are plain old data; all-zero is a valid value of either.
-        unsafe { mem::zeroed() }
-    }
-
-    /// The address the kernel filled in, if it is one of ours.
-    fn ip(&self) -> Option<IpAddr> {
-        // SAFETY: every member starts with the family field, so reading it through `v4` is valid
-        // whatever the kernel wrote; the member read afterwards is the one the family names.
-        let family = i32::from(unsafe { self.v4.sin_family });
-        match family {
-            libc::AF_INET => {
-                // SAFETY: the family says the kernel wrote a sockaddr_in.
-                let s_addr = unsafe { self.v4.sin_addr.s_addr };
-                Some(IpAddr::V4(Ipv4Addr::from(s_addr.to_ne_bytes())))
-            }
-            libc::AF_INET6 => {
-                // SAFETY: the family says the kernel wrote a sockaddr_in6.
-                let octets = unsafe { self.v6.sin6_addr.s6_addr };
-                Some(IpAddr::V6(Ipv6Addr::from(octets)))
-            }
-            _ => None,
-        }
-    }
 }
 
 fn socklen_of<T>() -> libc::socklen_t {
@@ -69,8 +43,8 @@ fn socklen_of<T>() -> libc::socklen_t {
 
 /// A raw `IPPROTO_ESP` socket bound to one underlay address.
 ///
-/// Sending hands the kernel the ESP bytes (SPI onwards) and it adds the outer IP header with
-/// protocol 50. Receiving yields, for IPv4, the whole packet including the outer IP header, and
+/// The device sends and receives on it with [`enc_sys::mmsg`]. Sending hands the kernel the ESP
+/// bytes (SPI onwards) and it adds the outer IP header with protocol 50. Receiving yields, for IPv4, the whole packet including the outer IP header, and
 /// for IPv6 the ESP bytes only (the outer source comes back as the peer address). Binding makes
 /// the kernel deliver only packets addressed to the bound address.
 #[derive(Debug)]
@@ -113,63 +87,10 @@ impl RawEsp {
             .map_err(|e| crate::Error::from_sys(&local.to_string(), e))?;
         Ok(Self { fd })
     }
-
-    /// Sends `esp` to `to` without blocking.
-    pub(crate) fn send_to(&self, esp: &[u8], to: IpAddr) -> io::Result<usize> {
-        let (addr, len) = SockAddr::new(to);
-        // SAFETY: `esp` is a valid buffer of `esp.len()` bytes and `addr` a valid sockaddr of
-        // `len` bytes, both borrowed for the whole call.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                esp.as_ptr().cast(),
-                esp.len(),
-                libc::MSG_DONTWAIT,
-                (&raw const addr).cast(),
-                len,
-            )
-        };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
-    }
-
-    /// Receives one packet without blocking; returns its length and the sender's address.
-    pub(crate) fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, Option<IpAddr>)> {
-        let mut addr = SockAddr::zeroed();
-        let mut len = socklen_of::<SockAddr>();
-        // SAFETY: `buf` is writable for `buf.len()` bytes and `addr` for `len` bytes; both are
-        // borrowed for the whole call, and the kernel writes at most those lengths.
-        let n = unsafe {
-            libc::recvfrom(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-                (&raw mut addr).cast(),
-                &raw mut len,
-            )
-        };
-        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-        Ok((n, addr.ip()))
-    }
 }
 
 impl AsFd for RawEsp {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sockaddr_round_trip() {
-        for ip in ["192.0.2.7", "2001:db8::7"] {
-            let ip: IpAddr = ip.parse().unwrap();
-            let (addr, _) = SockAddr::new(ip);
-            assert_eq!(addr.ip(), Some(ip));
-        }
-        assert_eq!(SockAddr::zeroed().ip(), None);
     }
 }

@@ -459,6 +459,7 @@ fn start_validates_before_touching_the_kernel() {
         local: ip(A),
         replay_window: window,
         sa_log: None,
+        encapsulation: Encapsulation::None,
     };
     let err = UserspaceEsp::start(cfg("a-name-that-is-too-long", 2048)).unwrap_err();
     assert!(
@@ -489,6 +490,177 @@ fn start_validates_before_touching_the_kernel() {
         matches!(err, Error::Invalid { field: "local", .. }),
         "{err}"
     );
+    let mut c = cfg("esp0", 2048);
+    c.encapsulation = Encapsulation::Udp { port: 0 };
+    let err = UserspaceEsp::start(c).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Invalid {
+                field: "encapsulation",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn udp_payloads_are_classified_per_rfc_3948() {
+    assert_eq!(udp_payload(&[0xff]), UdpPayload::NatKeepalive);
+    assert_eq!(udp_payload(&[0, 0, 0, 0]), UdpPayload::NonEsp);
+    assert_eq!(
+        udp_payload(&[0, 0, 0, 0, 0x25, 1, 2, 3, 4]),
+        UdpPayload::NonEsp
+    );
+    assert_eq!(udp_payload(&[]), UdpPayload::Malformed);
+    assert_eq!(udp_payload(&[0xff, 0xff]), UdpPayload::Malformed);
+    assert_eq!(udp_payload(&[0, 0, 1, 0, 0, 0, 0]), UdpPayload::Malformed);
+    assert_eq!(udp_payload(&[0, 0, 1, 0, 0, 0, 0, 1]), UdpPayload::Esp);
+}
+
+fn udp_from(s: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip(s), port)
+}
+
+#[test]
+fn esp_in_udp_checks_the_source_port_the_marker_and_the_sender() {
+    let (a, b) = pair();
+    let inner = ipv4("10.99.1.1", "10.99.2.9", 300);
+    let (esp, _) = seal(&a, &inner);
+
+    // A wrong source port is dropped before any SA is touched: the same packet from the right
+    // port then opens (its sequence number was not consumed).
+    assert!(
+        b.open_udp(udp_from(A, 4501), 4500, &mut esp.clone())
+            .is_none()
+    );
+    assert_eq!(b.stats.snapshot().bad_source_port, 1);
+    let mut ok = esp.clone();
+    let range = b
+        .open_udp(udp_from(A, 4500), 4500, &mut ok)
+        .expect("opened");
+    assert_eq!(&ok[range], &inner[..]);
+
+    // The non-ESP marker (IKE) and a NAT-keepalive are counted and never reach an SA.
+    let mut ike = vec![0u8; 40];
+    ike[4] = 0x25;
+    assert!(b.open_udp(udp_from(A, 4500), 4500, &mut ike).is_none());
+    assert!(b.open_udp(udp_from(A, 4500), 4500, &mut [0xff]).is_none());
+    let c = b.stats.snapshot();
+    assert_eq!((c.non_esp_marker, c.nat_keepalives), (1, 1), "{c:?}");
+
+    // Right port, wrong address: not a peer's SA.
+    let (esp2, _) = seal(&a, &inner);
+    assert!(
+        b.open_udp(udp_from("192.0.2.77", 4500), 4500, &mut esp2.clone())
+            .is_none()
+    );
+    assert_eq!(drops(&b.device_drops.snapshot(), EspDrop::BadSpi), 1);
+    // A short datagram from the peer is charged to it as malformed.
+    assert!(
+        b.open_udp(udp_from(A, 4500), 4500, &mut [1, 2, 3])
+            .is_none()
+    );
+    assert_eq!(peer_drops(&b, 1, EspDrop::Malformed), 1);
+    // Nothing above was charged to the peer as bad SPI, replay or ICV failure.
+    for r in [EspDrop::BadSpi, EspDrop::Replay, EspDrop::IcvFailure] {
+        assert_eq!(peer_drops(&b, 1, r), 0, "{r:?}");
+    }
+    assert!(
+        b.open_udp(udp_from(A, 4500), 4500, &mut esp2.clone())
+            .is_some()
+    );
+}
+
+/// An IPv4 header (protocol 50) from `src` to `dst` in front of `esp`.
+fn outer(src: &str, dst: &str, esp: &[u8]) -> Vec<u8> {
+    let mut p = ipv4(src, dst, 20 + esp.len());
+    p[9] = PROTO_ESP;
+    p[20..].copy_from_slice(esp);
+    p
+}
+
+#[test]
+fn raw_ipv4_packets_open_in_place_behind_their_header() {
+    let (a, b) = pair();
+    let inner = ipv4("10.99.1.1", "10.99.2.9", 120);
+    let (esp, _) = seal(&a, &inner);
+    let mut pkt = outer(A, B, &esp);
+    let range = b.open_raw(&mut pkt, None).expect("opened");
+    assert!(range.start > 20);
+    assert_eq!(&pkt[range], &inner[..]);
+    // Addressed to another of our addresses: ignored, not counted.
+    let (esp, _) = seal(&a, &inner);
+    assert!(
+        b.open_raw(&mut outer(A, "192.0.2.99", &esp), None)
+            .is_none()
+    );
+    assert!(b.open_raw(&mut [0x45, 0, 0], None).is_none());
+    assert_eq!(drops(&b.device_drops.snapshot(), EspDrop::Malformed), 1);
+    assert_eq!(peer_drops(&b, 1, EspDrop::BadSpi), 0);
+}
+
+#[test]
+fn sealed_segments_of_a_super_packet_share_one_gso_message() {
+    let (a, _) = pair();
+    // What splitting one TSO super-packet yields: equal segments, the last one shorter.
+    let segments: Vec<Vec<u8>> = (0..10)
+        .map(|_| ipv4("10.99.1.1", "10.99.2.9", 1400))
+        .chain([ipv4("10.99.1.1", "10.99.2.9", 333)])
+        .collect();
+    for (gso, messages) in [(true, 1), (false, segments.len())] {
+        let mut batch = SendBatch::new(SEND_MSGS, SEND_BYTES, gso);
+        for s in &segments {
+            assert!(batch.has_room(s.len() + SEAL_SLACK));
+            assert!(batch.push(|out| a.seal_append(s, out).map(|ip| SocketAddr::new(ip, 4500))));
+        }
+        // A packet no peer routes queues nothing.
+        assert!(!batch.push(|out| {
+            a.seal_append(&ipv4("10.99.1.1", "172.16.0.1", 100), out)
+                .map(|ip| SocketAddr::new(ip, 4500))
+        }));
+        assert_eq!(
+            (batch.messages(), batch.datagrams()),
+            (messages, segments.len()),
+            "gso {gso}"
+        );
+    }
+}
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever arrives on the ESP-in-UDP port, classifying and opening it never panics,
+        /// never opens without the SA's key, and lands in exactly one counter.
+        #[test]
+        fn arbitrary_udp_datagrams_never_open(
+            bytes in proptest::collection::vec(any::<u8>(), 0..200),
+            spi_of_peer in any::<bool>(),
+            port in prop_oneof![Just(4500u16), any::<u16>()],
+        ) {
+            let (_, b) = pair();
+            let mut d = bytes.clone();
+            if spi_of_peer && d.len() >= 4 {
+                d[..4].copy_from_slice(&0x1001u32.to_be_bytes());
+            }
+            let kind = udp_payload(&d);
+            match kind {
+                UdpPayload::NatKeepalive => prop_assert_eq!(&d[..], &[0xff][..]),
+                UdpPayload::NonEsp => prop_assert_eq!(&d[..4], &[0u8; 4][..]),
+                UdpPayload::Esp => prop_assert!(d.len() >= 8 && d[..4] != [0; 4]),
+                UdpPayload::Malformed => prop_assert!(d.len() < 8 && d != [0xff]),
+            }
+            prop_assert!(b.open_udp(udp_from(A, port), 4500, &mut d).is_none());
+            let c = b.stats.snapshot();
+            let peer: u64 = b.peers()[0].drops.iter().map(|(_, n)| n).sum();
+            let device: u64 = b.device_drops.snapshot().iter().map(|(_, n)| n).sum();
+            let counted = c.bad_source_port + c.non_esp_marker + c.nat_keepalives + peer + device;
+            prop_assert_eq!(counted, 1, "{:?} {:?}", kind, c);
+        }
+    }
 }
 
 /// A step of the rotation from epoch `e` to `e + 1`.

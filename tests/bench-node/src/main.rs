@@ -10,7 +10,7 @@
 
 use anyhow::{Context, bail, ensure};
 use clap::{Parser, ValueEnum};
-use enc_ipsec::userspace::{UserspaceConfig, UserspaceEsp};
+use enc_ipsec::userspace::{ESP_IN_UDP_PORT, Encapsulation, UserspaceConfig, UserspaceEsp};
 use enc_ipsec::{IpsecBackend, IpsecPeerSpec, SaKeys};
 use enc_wireguard::{BoringtunConfig, BoringtunWg, PeerSpec, PresharedKey, PrivateKey, WgBackend};
 use ipnet::IpNet;
@@ -27,6 +27,15 @@ enum Kind {
     Wireguard,
     /// enc's userspace ESP engine (AES-256-GCM, raw IP protocol 50).
     Esp,
+}
+
+/// How the ESP datapath carries ESP on the veth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Encap {
+    /// Raw ESP, IP protocol 50.
+    None,
+    /// ESP in UDP port 4500 (RFC 3948), with UDP GSO and GRO.
+    Udp,
 }
 
 /// Which end of the pair this is; picks the keys and SPIs.
@@ -67,6 +76,9 @@ struct Cli {
     /// MTU of the TUN interface.
     #[arg(long, default_value_t = 1420)]
     mtu: u32,
+    /// ESP only: raw ESP or ESP in UDP.
+    #[arg(long, value_enum, default_value_t = Encap::None)]
+    encap: Encap,
 }
 
 /// UDP port of the WireGuard device.
@@ -158,6 +170,12 @@ fn start(cli: &Cli) -> anyhow::Result<Device> {
                 local: cli.local,
                 replay_window: 1024,
                 sa_log: None,
+                encapsulation: match cli.encap {
+                    Encap::None => Encapsulation::None,
+                    Encap::Udp => Encapsulation::Udp {
+                        port: ESP_IN_UDP_PORT,
+                    },
+                },
             })?;
             esp.upsert_peer(&IpsecPeerSpec {
                 peer_id: 1,
@@ -178,6 +196,9 @@ fn start(cli: &Cli) -> anyhow::Result<Device> {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
+    if cli.kind == Kind::Wireguard && cli.encap != Encap::None {
+        bail!("--encap is for the esp datapath only");
+    }
     if cli.inner.addr().is_ipv4() != cli.peer_inner.addr().is_ipv4() {
         bail!("--inner and --peer-inner must be of one address family");
     }

@@ -55,11 +55,12 @@ pub struct DatapathArgs {
 }
 
 /// The rows, in table order.
-const ROWS: [Row; 7] = [
+const ROWS: [Row; 8] = [
     Row::Veth,
     Row::KernelVxlan,
     Row::EncWireguard,
     Row::EncEsp,
+    Row::EncEspUdp,
     Row::BoringtunCli,
     Row::WireguardGo,
     Row::Libipsec,
@@ -81,6 +82,7 @@ enum Row {
     KernelVxlan,
     EncWireguard,
     EncEsp,
+    EncEspUdp,
     BoringtunCli,
     WireguardGo,
     Libipsec,
@@ -93,6 +95,7 @@ impl Row {
             Self::KernelVxlan => "kernel-vxlan",
             Self::EncWireguard => "enc-wireguard",
             Self::EncEsp => "enc-esp",
+            Self::EncEspUdp => "enc-esp-udp",
             Self::BoringtunCli => "boringtun-cli",
             Self::WireguardGo => "wireguard-go",
             Self::Libipsec => "strongswan-libipsec",
@@ -106,6 +109,7 @@ impl Row {
             Self::KernelVxlan => "VXLAN (UDP 4789)",
             Self::EncWireguard | Self::BoringtunCli | Self::WireguardGo => "WireGuard (UDP 51820)",
             Self::EncEsp => "ESP AES-256-GCM (IP proto 50)",
+            Self::EncEspUdp => "ESP AES-256-GCM in UDP 4500",
             Self::Libipsec => "ESP AES-256-GCM in UDP 4500 (libipsec needs UDP encapsulation)",
         }
     }
@@ -444,8 +448,9 @@ impl Ends {
                 _files: None,
             },
             Row::KernelVxlan => self.vxlan()?,
-            Row::EncWireguard => self.enc("wireguard")?,
-            Row::EncEsp => self.enc("esp")?,
+            Row::EncWireguard => self.enc("wireguard", &[])?,
+            Row::EncEsp => self.enc("esp", &[])?,
+            Row::EncEspUdp => self.enc("esp", &["--encap", "udp"])?,
             Row::BoringtunCli => self.boringtun_cli(args)?,
             Row::WireguardGo => self.wireguard_go()?,
             Row::Libipsec => self.libipsec()?,
@@ -505,7 +510,7 @@ impl Ends {
         })
     }
 
-    fn enc(&self, kind: &str) -> anyhow::Result<Tunnel> {
+    fn enc(&self, kind: &str, extra: &[&str]) -> anyhow::Result<Tunnel> {
         let bin = bench_node()?;
         let mut children = Vec::new();
         let mut pids = Vec::new();
@@ -518,6 +523,7 @@ impl Ends {
                 .args(["--inner", &format!("{}/24", INNER[i])])
                 .args(["--peer-inner", &format!("{}/32", INNER[1 - i])])
                 .args(["--mtu", &TUNNEL_MTU.to_string()])
+                .args(extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
