@@ -2,13 +2,16 @@
 //! ESN), driven by `tests/scapy/interop.py`.
 //!
 //! enc seals packets (across the 2^32 boundary) and scapy decrypts them; scapy encrypts
-//! packets with given 64-bit sequence numbers (one above 2^32) and enc opens them.
+//! packets with given 64-bit sequence numbers (one above 2^32) and enc opens them. Once with
+//! raw ESP, once with ESP in UDP (RFC 3948: scapy's `nat_t_header`, port 4500), where enc
+//! classifies scapy's UDP payloads with `udp_payload` before opening them.
 //!
 //! Needs python3 with scapy (and `cryptography`). If scapy is missing, the test tries
 //! `pip install --quiet scapy`; if that fails it FAILS under `CI=true` and is reported as
 //! skipped elsewhere.
 
 use enc_ipsec::esp::{InboundSa, NEXT_HEADER_IPV4, OutboundSa};
+use enc_ipsec::userspace::{UdpPayload, udp_payload};
 use enc_ipsec::{EspDrop, SaKeys};
 use std::path::PathBuf;
 use std::process::Command;
@@ -106,9 +109,19 @@ impl Drop for TempFile {
 
 #[test]
 fn scapy_interop_both_directions() {
-    if !require_scapy() {
-        return;
+    if require_scapy() {
+        interop(false);
     }
+}
+
+#[test]
+fn scapy_interop_esp_in_udp_both_directions() {
+    if require_scapy() {
+        interop(true);
+    }
+}
+
+fn interop(nat_t: bool) {
     let keys = SaKeys {
         spi: 0xc0ff_ee01,
         key: std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(11)),
@@ -157,7 +170,7 @@ fn scapy_interop_both_directions() {
         })
         .collect();
     let case = format!(
-        r#"{{"spi": {}, "key": "{}", "salt": "{}", "src": "192.0.2.1", "dst": "192.0.2.2", "decrypt": [{}], "encrypt": [{}]}}"#,
+        r#"{{"spi": {}, "key": "{}", "salt": "{}", "src": "192.0.2.1", "dst": "192.0.2.2", "nat_t": {nat_t}, "decrypt": [{}], "encrypt": [{}]}}"#,
         keys.spi,
         hex(&keys.key),
         hex(&keys.salt),
@@ -165,7 +178,7 @@ fn scapy_interop_both_directions() {
         encrypt.join(", ")
     );
     let file = TempFile(std::env::temp_dir().join(format!(
-        "enc-scapy-interop-{}-{}.json",
+        "enc-scapy-interop-{}-{nat_t}-{}.json",
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -210,6 +223,8 @@ fn scapy_interop_both_directions() {
     assert_eq!(encrypted.len(), to_enc.len());
     let mut rx = InboundSa::new(&keys, 2048).unwrap();
     for (seq, inner, esp) in &encrypted {
+        // What came out of scapy's UDP datagram (or after the IP header) is ESP: a non-zero SPI.
+        assert_eq!(udp_payload(esp), UdpPayload::Esp, "nat_t {nat_t}");
         let mut buf = esp.clone();
         let opened = rx
             .open(&mut buf)

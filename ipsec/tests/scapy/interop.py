@@ -10,6 +10,10 @@ and two lists:
   "encrypt": sequence numbers (64-bit) and inner payloads; scapy builds inner IPv4/UDP
              packets and encrypts them.
 
+With "nat_t": true the SA is ESP in UDP (RFC 3948, scapy's nat_t_header, ports 4500 at both
+ends): enc's packets are decrypted from IP/UDP 4500/ESP, and scapy's are printed as the UDP
+payload after checking the UDP header.
+
 Output, one line per packet, on stdout:
   decrypted <index> <inner packet hex>
   encrypted <seq> <inner packet hex> <ESP packet hex, without outer IP header>
@@ -33,6 +37,8 @@ def main():
     key = bytes.fromhex(case["key"])
     salt = bytes.fromhex(case["salt"])
     src, dst = case["src"], case["dst"]
+    nat_t = case.get("nat_t", False)
+    nat_t_header = UDP(sport=4500, dport=4500) if nat_t else None
 
     def sa():
         return SecurityAssociation(
@@ -44,11 +50,16 @@ def main():
             esn_en=True,
             esn=0,
             tunnel_header=IP(src=src, dst=dst),
+            nat_t_header=nat_t_header,
         )
 
     rx = sa()
     for i, item in enumerate(case["decrypt"]):
-        outer = IP(raw(IP(src=src, dst=dst, proto=50) / Raw(bytes.fromhex(item["esp"]))))
+        esp = Raw(bytes.fromhex(item["esp"]))
+        if nat_t:
+            outer = IP(raw(IP(src=src, dst=dst) / UDP(sport=4500, dport=4500, chksum=0) / esp))
+        else:
+            outer = IP(raw(IP(src=src, dst=dst, proto=50) / esp))
         assert ESP in outer, "not parsed as ESP"
         inner = rx.decrypt(outer, esn=item["hi"])
         print("decrypted", i, raw(inner).hex(), flush=True)
@@ -64,7 +75,15 @@ def main():
         ) / Raw(item["payload"].encode())
         inner = IP(raw(inner))
         outer = tx.encrypt(inner, seq_num=lo, esn=hi)
-        print("encrypted", seq, raw(inner).hex(), raw(outer[ESP]).hex(), flush=True)
+        if nat_t:
+            outer = IP(raw(outer))
+            udp = outer[UDP]
+            assert outer.proto == 17 and (udp.sport, udp.dport) == (4500, 4500), outer.summary()
+            assert udp.len == 8 + len(udp.payload), "UDP length"
+            wire = raw(udp.payload)
+        else:
+            wire = raw(outer[ESP])
+        print("encrypted", seq, raw(inner).hex(), wire.hex(), flush=True)
 
 
 if __name__ == "__main__":
