@@ -54,6 +54,10 @@ pub struct Flushed {
     /// Datagrams dropped because their message failed (full send buffer after waiting, no
     /// route, message too long, ...).
     pub failed: usize,
+    /// The kernel refused UDP GSO (`EIO`: the egress device cannot checksum for us, or an
+    /// IPsec policy covers the flow), so the batch stopped joining datagrams: from now on it
+    /// sends one datagram per message. Set by the flush that found out.
+    pub gso_disabled: bool,
 }
 
 /// Datagrams waiting to go out with one `sendmmsg`.
@@ -113,6 +117,12 @@ impl SendBatch {
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.msgs.is_empty()
+    }
+
+    /// Whether equal-sized datagrams still join one UDP GSO message (see
+    /// [`Flushed::gso_disabled`]).
+    pub fn gso(&self) -> bool {
+        self.gso
     }
 
     /// Messages queued (with GSO one message may hold many datagrams).
@@ -220,6 +230,10 @@ impl SendBatch {
                     break;
                 }
                 _ => {
+                    if self.gso && self.msgs[i].count > 1 && e.raw_os_error() == Some(libc::EIO) {
+                        self.gso = false;
+                        out.gso_disabled = true;
+                    }
                     out.failed += self.msgs[i].count;
                     i += 1;
                 }
@@ -495,7 +509,7 @@ mod tests {
             batch.flush(tx.as_fd()),
             Flushed {
                 sent: sizes.len(),
-                failed: 0
+                ..Flushed::default()
             }
         );
         assert!(batch.is_empty());
@@ -534,9 +548,10 @@ mod tests {
             sent,
             Flushed {
                 sent: 10,
-                failed: 0
+                ..Flushed::default()
             }
         );
+        assert!(batch.gso());
         let mut rb = RecvBatch::new(4, 65536);
         let got = drain(&rx, &mut rb, 8);
         let want: Vec<Vec<u8>> = plan
@@ -602,7 +617,14 @@ mod tests {
                 Some(dst)
             });
         }
-        assert_eq!(batch.flush(tx.as_fd()), Flushed { sent: 1, failed: 1 });
+        assert_eq!(
+            batch.flush(tx.as_fd()),
+            Flushed {
+                sent: 1,
+                failed: 1,
+                gso_disabled: false
+            }
+        );
         let mut rb = RecvBatch::new(4, 64);
         assert_eq!(drain(&rx, &mut rb, 3).len(), 3);
     }

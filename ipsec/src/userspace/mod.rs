@@ -1052,6 +1052,13 @@ fn flush(sh: &Shared, batch: &mut SendBatch) {
     }
     let sent = batch.flush(sh.net.fd());
     add(&sh.state.stats.send_errors, sent.failed);
+    if sent.gso_disabled {
+        tracing::warn!(
+            ifname = %sh.ifname,
+            "the kernel refused UDP GSO on the ESP-in-UDP socket (EIO); sending one datagram \
+             per message from now on"
+        );
+    }
 }
 
 /// TUN -> underlay socket: seal what the kernel routed into the interface, straight into the
