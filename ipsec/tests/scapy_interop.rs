@@ -10,6 +10,8 @@
 //! `pip install --quiet scapy`; if that fails it FAILS under `CI=true` and is reported as
 //! skipped elsewhere.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use enc_ipsec::esp::{InboundSa, NEXT_HEADER_IPV4, OutboundSa};
 use enc_ipsec::userspace::{UdpPayload, udp_payload};
 use enc_ipsec::{EspDrop, SaKeys};
