@@ -25,6 +25,8 @@ CASES = {
     "defaults": {},
     "wireguard": {"encryption": {"enabled": True}},
     "ipsec": {"encryption": {"enabled": True, "type": "ipsec", "strictMode": False}},
+    "ipsec-udp": {"encryption": {"enabled": True, "type": "ipsec", "strictMode": False,
+                                 "ipsec": {"implementation": "userspace", "encapsulation": "udp"}}},
     "geneve": {"encryption": {"enabled": True}, "tunnel": {"protocol": "geneve"}},
     "direct": {"encryption": {"enabled": True, "rotation": {"interval": "1h"}}, "tunnel": {"protocol": "disabled"}},
     "hostpath-certs": {"certs": {"mode": "hostPath", "hostPath": {"dir": "/etc/enc/tls"}}},
@@ -94,6 +96,19 @@ def test_encryption_flag_switches_the_agent_config():
     assert cfg(on)["encryption"]["type"] == "wireguard"
     assert cfg(on)["encryption"]["strictMode"] is True
     assert cfg(on)["discovery"]["kind"] == "kubernetes"
+
+
+def test_esp_in_udp_needs_the_userspace_engine():
+    docs, _ = render(CASES["ipsec-udp"])
+    cfg = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["agent.yaml"])
+    assert cfg["encryption"]["ipsec"] == {"implementation": "userspace", "encapsulation": "udp"}
+    chart = helm.Chart.load(str(CHART))
+    for implementation in ["auto", "kernel"]:
+        values = {"encryption": {"enabled": True, "type": "ipsec",
+                                 "ipsec": {"implementation": implementation, "encapsulation": "udp"}}}
+        with pytest.raises(helm.HelmError) as e:
+            chart.render(values, name="enc", namespace="kube-system", is_install=True)
+        assert "implementation userspace" in str(e.value)
 
 
 def test_daemonset_is_host_network_with_only_the_capabilities_it_needs():

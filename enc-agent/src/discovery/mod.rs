@@ -480,7 +480,7 @@ mod tests {
             let case = path.file_stem().unwrap().to_string_lossy().into_owned();
             let want = match case.as_str() {
                 "agent-defaults" | "agent-hostpath-certs" | "agent-servicemonitor" => "none",
-                "agent-ipsec" => "ipsec",
+                "agent-ipsec" | "agent-ipsec-udp" => "ipsec",
                 _ => "wireguard",
             };
             assert_eq!(c.encryption_name(), want, "{case}");
