@@ -82,6 +82,9 @@ pub struct LabOptions {
     /// `encryption.<type>.implementation` per node (1-based index, `auto`, `kernel` or
     /// `userspace`), for mixed pairs; nodes not listed use the default (`auto`).
     pub implementations: Vec<(usize, &'static str)>,
+    /// `encryption.ipsec.encapsulation` (`none` or `udp`) of the nodes listed in
+    /// `implementations`, if set.
+    pub ipsec_encapsulation: Option<&'static str>,
     /// Extra YAML lines under `tls:` per node (1-based index), e.g. `  renewal:` blocks.
     pub tls_extra: Vec<(usize, String)>,
     /// Extra top-level YAML per node (1-based index), e.g. an `issuer:` block.
@@ -102,6 +105,7 @@ impl LabOptions {
             tunnel: "disabled",
             rotation: vec![],
             implementations: vec![],
+            ipsec_encapsulation: None,
             tls_extra: vec![],
             extra: vec![],
         }
@@ -408,7 +412,13 @@ impl Lab {
                 let section = section.replace("{WG_PORT}", &WG_PORT.to_string());
                 let line = match opts.encryption {
                     "wireguard" => format!("{section}    implementation: {imp}\n"),
-                    other => format!("  {other}:\n    implementation: {imp}\n{rest}"),
+                    other => {
+                        let encap = opts
+                            .ipsec_encapsulation
+                            .map(|e| format!("    encapsulation: {e}\n"))
+                            .unwrap_or_default();
+                        format!("  {other}:\n    implementation: {imp}\n{encap}{rest}")
+                    }
                 };
                 yaml = yaml.replacen(&section, &line, 1);
             }

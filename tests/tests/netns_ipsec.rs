@@ -5,7 +5,7 @@
 use anyhow::{Context, ensure};
 use enc_tests::lab::{CONTROL_PORT, Lab, LabOptions};
 use enc_tests::netns::Netns;
-use enc_tests::pcap::{self, TCP};
+use enc_tests::pcap::{self, TCP, UDP};
 use enc_tests::{require_root, sys};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -183,6 +183,104 @@ fn privileged_ipsec_userspace_three_nodes() {
         ensure!(
             text.contains("esp replay") && text.contains("esp icv-failure"),
             "{text}"
+        );
+        Ok(())
+    })();
+    lab.finish(r);
+}
+
+/// `encryption.ipsec.encapsulation: udp` end to end through the agent: the userspace engine
+/// runs ESP in UDP 4500 (MTU 8 bytes smaller), pods reach each other, and the underlay carries
+/// only UDP 4500 <-> 4500 and the control channel, never protocol 50 and never the plaintext.
+#[test]
+fn privileged_ipsec_userspace_esp_in_udp_two_nodes() {
+    if !require_root("privileged_ipsec_userspace_esp_in_udp_two_nodes") {
+        return;
+    }
+    let mut opts = LabOptions::new("u", 2);
+    opts.pods = 1;
+    opts.encryption = "ipsec";
+    opts.implementations = vec![(1, "userspace"), (2, "userspace")];
+    opts.ipsec_encapsulation = Some("udp");
+    let mut lab = Lab::build(&opts).expect("build lab");
+    let r = (|| -> anyhow::Result<()> {
+        lab.start_all()?;
+        for (i, other) in [(1, "node-2"), (2, "node-1")] {
+            sys::wait_for(&format!("node-{i} to authenticate"), AUTH_TIMEOUT, || {
+                let peers = lab.peers(i)?;
+                let ok = peers.iter().any(|p| {
+                    p.name == other
+                        && p.auth == enc_api::AuthState::Authenticated
+                        && p.ipsec.is_some()
+                });
+                Ok(ok.then_some(()))
+            })?;
+        }
+        let st = lab.status(1)?;
+        ensure!(
+            st.encryption.backend == "userspace-esp",
+            "{:?}",
+            st.encryption
+        );
+        ensure!(
+            st.encryption.mtu == 1438,
+            "ESP-in-UDP MTU {}",
+            st.encryption.mtu
+        );
+
+        let capture = lab.capture("esp-in-udp")?;
+        for (i, k) in [(1, 2), (2, 1)] {
+            let to = lab.node(k).pods[0].addr;
+            ensure!(
+                lab.ping(i, 1, to, 2, MARKER_HEX)?,
+                "node-{i} pod -> node-{k} pod failed"
+            );
+        }
+        let payload: Vec<u8> = MARKER.iter().copied().cycle().take(200_000).collect();
+        lab.tcp_transfer((1, 1), (2, 1), &payload)?;
+        lab.tcp_transfer((2, 1), (1, 1), &payload)?;
+        let frames = capture.stop()?;
+
+        let leaks = frames
+            .iter()
+            .filter(|f| pcap::contains(&f.data, MARKER))
+            .count();
+        ensure!(leaks == 0, "{leaks} frames carry the plaintext marker");
+        let nodes: Vec<IpAddr> = lab.nodes.iter().map(|n| IpAddr::V4(n.addr)).collect();
+        let (mut esp_in_udp, mut other) = (0, vec![]);
+        for f in &frames {
+            let Some(ip) = &f.ip else { continue };
+            if !(nodes.contains(&ip.src) && nodes.contains(&ip.dst)) {
+                continue;
+            }
+            match ip.proto {
+                UDP if ip.sport == Some(4500) && ip.dport == Some(4500) => esp_in_udp += 1,
+                TCP if ip.has_port(CONTROL_PORT) => {}
+                _ => other.push(format!("{ip:?}")),
+            }
+        }
+        ensure!(
+            other.is_empty(),
+            "unexpected packets between the nodes: {:?}",
+            &other[..other.len().min(5)]
+        );
+        // The bridge sees UDP GSO trains as one frame each, so count frames, not packets.
+        ensure!(
+            esp_in_udp >= 10,
+            "only {esp_in_udp} ESP-in-UDP frames captured"
+        );
+        for i in 1..=2 {
+            for reason in ["bad-spi", "replay", "icv-failure", "malformed"] {
+                let peer = if i == 1 { "node-2" } else { "node-1" };
+                ensure!(
+                    esp_drops(&lab, i, peer, reason)? == 0,
+                    "node-{i}: {reason} drops"
+                );
+            }
+        }
+        eprintln!(
+            "capture: {} frames, {esp_in_udp} ESP in UDP 4500, 0 with the marker, no protocol 50",
+            frames.len()
         );
         Ok(())
     })();
