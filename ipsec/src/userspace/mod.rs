@@ -66,7 +66,8 @@ use sys::RawEsp;
 const TICK: Duration = Duration::from_millis(250);
 /// Largest IP packet read from the TUN interface or the raw socket.
 const MAX_PACKET: usize = 65535;
-/// Packets handled per wake-up before the stop flag is checked again.
+/// TUN reads per wake-up (and 1/16 as many batched receives) before the stop flag is checked
+/// again.
 const BATCH: usize = 1024;
 /// How often the device counters may be logged.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
