@@ -94,6 +94,62 @@ pub struct Shared {
     peers_watch: tokio::sync::watch::Sender<u64>,
 }
 
+/// What [`Shared::new`] takes: the state `run` works out at start-up (or a test makes up). The
+/// rest of [`Shared`] starts empty.
+pub(crate) struct SharedParts {
+    pub(crate) config: Config,
+    pub(crate) identity: NodeIdentity,
+    pub(crate) crypto: Crypto,
+    pub(crate) route_device: String,
+    pub(crate) links: Arc<dyn LinkBackend>,
+    pub(crate) dp: Arc<dyn Datapath>,
+    pub(crate) pod_interfaces: Vec<String>,
+    pub(crate) backend_reason: String,
+    pub(crate) mtu: u32,
+    pub(crate) mtu_plan: mtu::MtuPlan,
+    pub(crate) layout: Layout,
+    pub(crate) events: crate::events::EventLog,
+    pub(crate) crl: Option<enc_certs::RevocationList>,
+}
+
+impl Shared {
+    /// The agent's shared state, built in one place for `run` and the tests, so that a new
+    /// field is initialised once.
+    pub(crate) fn new(p: SharedParts) -> Arc<Self> {
+        Arc::new(Shared {
+            table: Mutex::new(PeerTable::new(&p.config, Instant::now())),
+            identity: std::sync::RwLock::new(Arc::new(p.identity)),
+            crypto: p.crypto,
+            route_device: p.route_device,
+            links: p.links,
+            dp: p.dp,
+            pod_interfaces: Mutex::new(p.pod_interfaces),
+            leaks_seen: Mutex::new(HashMap::new()),
+            backend_reason: p.backend_reason,
+            mtu: p.mtu,
+            mtu_plan: p.mtu_plan,
+            layout: p.layout,
+            started: Instant::now(),
+            timing: Timing::default(),
+            events: p.events,
+            reconcile: Notify::new(),
+            reconcile_lock: Mutex::new(()),
+            next_session: AtomicU64::new(1),
+            rotators: Mutex::new(HashMap::new()),
+            wg_key_rolled: Mutex::new(Instant::now()),
+            expiry_warned: Mutex::new(std::collections::HashSet::new()),
+            crl: Mutex::new(p.crl),
+            crl_watch: tokio::sync::watch::channel(0).0,
+            reauth_watch: tokio::sync::watch::channel((0, String::new())).0,
+            peers_watch: tokio::sync::watch::channel(0).0,
+            identity_files: Mutex::new(()),
+            renewal: Mutex::new(None),
+            issuer_stats: Default::default(),
+            config: p.config,
+        })
+    }
+}
+
 /// The automatic renewal of this node's certificate, as status shows it.
 #[derive(Clone, Debug)]
 pub struct RenewalState {
@@ -1302,36 +1358,20 @@ pub async fn run(
         "encryption datapath up"
     );
 
-    let shared = Arc::new(Shared {
-        table: Mutex::new(PeerTable::new(&config, Instant::now())),
+    let shared = Shared::new(SharedParts {
         config,
-        identity: std::sync::RwLock::new(Arc::new(identity)),
+        identity,
         crypto,
         route_device,
         links,
         dp,
-        pod_interfaces: Mutex::new(pods),
-        leaks_seen: Mutex::new(HashMap::new()),
+        pod_interfaces: pods,
         backend_reason,
         mtu,
         mtu_plan: plan,
         layout,
-        started: Instant::now(),
-        timing: Timing::default(),
         events,
-        reconcile: Notify::new(),
-        reconcile_lock: Mutex::new(()),
-        next_session: AtomicU64::new(1),
-        rotators: Mutex::new(HashMap::new()),
-        wg_key_rolled: Mutex::new(Instant::now()),
-        expiry_warned: Mutex::new(std::collections::HashSet::new()),
-        crl: Mutex::new(crl),
-        crl_watch: tokio::sync::watch::channel(0).0,
-        reauth_watch: tokio::sync::watch::channel((0, String::new())).0,
-        identity_files: Mutex::new(()),
-        renewal: Mutex::new(None),
-        issuer_stats: Default::default(),
-        peers_watch: tokio::sync::watch::channel(0).0,
+        crl,
     });
 
     {
@@ -1826,35 +1866,19 @@ pub(crate) fn test_shared(
 ) -> Arc<Shared> {
     let route_device = crypto.device().unwrap_or_default().to_owned();
     let events = crate::events::EventLog::in_memory(&config.node.name);
-    Arc::new(Shared {
-        table: Mutex::new(PeerTable::new(&config, Instant::now())),
-        identity: std::sync::RwLock::new(Arc::new(identity)),
+    Shared::new(SharedParts {
         layout: Layout::direct(&route_device, 1420),
         route_device,
+        identity,
         crypto,
         links,
         dp,
-        pod_interfaces: Mutex::new(Vec::new()),
-        leaks_seen: Mutex::new(HashMap::new()),
+        pod_interfaces: Vec::new(),
         backend_reason: "test".into(),
         mtu: 1420,
         mtu_plan: mtu_plan(&config).expect("an MTU plan"),
-        started: Instant::now(),
-        timing: Timing::default(),
         events,
-        reconcile: Notify::new(),
-        reconcile_lock: Mutex::new(()),
-        next_session: AtomicU64::new(1),
-        rotators: Mutex::new(HashMap::new()),
-        wg_key_rolled: Mutex::new(Instant::now()),
-        expiry_warned: Mutex::new(std::collections::HashSet::new()),
-        crl: Mutex::new(None),
-        crl_watch: tokio::sync::watch::channel(0).0,
-        reauth_watch: tokio::sync::watch::channel((0, String::new())).0,
-        peers_watch: tokio::sync::watch::channel(0).0,
-        identity_files: Mutex::new(()),
-        renewal: Mutex::new(None),
-        issuer_stats: Default::default(),
+        crl: None,
         config,
     })
 }
