@@ -1116,7 +1116,7 @@ fn start_overlay(links: &dyn LinkBackend, spec: &OverlaySpec) -> Result<u32, Err
 }
 
 /// Checks that the certificate names this node as configured.
-fn check_identity(config: &Config, identity: &NodeIdentity) -> Result<(), Error> {
+pub(crate) fn check_identity(config: &Config, identity: &NodeIdentity) -> Result<(), Error> {
     let info = identity.info();
     if !info.dns_names.contains(&config.node.name) {
         return Err(Error::IdentityMismatch(format!(
@@ -1144,6 +1144,19 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     enc_certs::install_crypto_provider();
+    let mut shutdown = std::pin::pin!(shutdown);
+    if let Some(enrolment) = &config.tls.enrolment
+        && !(config.tls.cert.exists() && config.tls.key.exists())
+    {
+        // No certificate yet: enrol with the ServiceAccount token, retrying until it works
+        // (the issuer may start after the agents) or the agent is stopped.
+        tokio::select! {
+            r = crate::enrolment::enrol_until_done(&config, enrolment) => {
+                r?;
+            }
+            () = &mut shutdown => return Ok(()),
+        }
+    }
     let identity = NodeIdentity::load(&config.tls.cert, &config.tls.key, &config.tls.ca)
         .map_err(Error::Certs)?;
     check_identity(&config, &identity)?;
@@ -1176,10 +1189,21 @@ pub async fn run(
         Some(cfg) => {
             // The CA must load (certificate and key match) before the role is offered.
             enc_certs::CertificateAuthority::load(&cfg.ca_dir).map_err(Error::Certs)?;
+            let reviewer: Option<Arc<dyn crate::attest::TokenReviewer>> = match &cfg.kubernetes {
+                None => None,
+                Some(_) => Some(Arc::new(crate::attest::KubeTokenReviewer::new(
+                    kube::Client::try_default()
+                        .await
+                        .map_err(|source| Error::Kube {
+                            context: "connecting to the Kubernetes API for TokenReviews (issuer.kubernetes)".to_owned(),
+                            source,
+                        })?,
+                ))),
+            };
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .map_err(Error::io(format!("bind issuer listener {}", cfg.listen)))?;
-            Some((cfg.clone(), listener))
+            Some((cfg.clone(), reviewer, listener))
         }
         None => None,
     };
@@ -1376,9 +1400,14 @@ pub async fn run(
     if let Some(renewal) = shared.config.tls.renewal.clone() {
         tasks.spawn(renewer(shared.clone(), renewal));
     }
-    if let Some((cfg, listener)) = issuer {
-        info!(listen = %cfg.listen, ca_dir = %cfg.ca_dir.display(), lifetime = %humantime::format_duration(cfg.cert_lifetime), "issuer role up: online enrolment and renewal");
-        tasks.spawn(crate::issuer::serve(shared.clone(), cfg, listener));
+    if let Some((cfg, reviewer, listener)) = issuer {
+        info!(listen = %cfg.listen, ca_dir = %cfg.ca_dir.display(), lifetime = %humantime::format_duration(cfg.cert_lifetime), kubernetes = cfg.kubernetes.is_some(), "issuer role up: online enrolment and renewal");
+        tasks.spawn(crate::issuer::serve(
+            shared.clone(),
+            cfg,
+            reviewer,
+            listener,
+        ));
     }
     tasks.spawn(crate::control::net::listen(shared.clone(), listener));
     let peer_set = crate::discovery::start(&shared, &mut tasks).await?;
@@ -1754,7 +1783,7 @@ fn renew_once(shared: &Shared, issuer: &str) -> Result<enc_certs::CertInfo, Stri
 }
 
 /// `<path>.renew.tmp`, in the same directory (so that the rename is atomic).
-fn temp_beside(path: &Path) -> PathBuf {
+pub(crate) fn temp_beside(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_owned();
     name.push(".renew.tmp");
     path.with_file_name(name)
@@ -1762,7 +1791,7 @@ fn temp_beside(path: &Path) -> PathBuf {
 
 /// Writes `bytes` to a new file with exactly `mode` (replacing a stale temporary file) and
 /// syncs it.
-fn write_new_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+pub(crate) fn write_new_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let _ = std::fs::remove_file(path);
