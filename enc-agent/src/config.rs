@@ -1622,6 +1622,23 @@ struct RawStandaloneIssuer {
     server_address_env: Option<String>,
 }
 
+/// An address for the serving certificate: any unicast, specified address (loopback too,
+/// for an issuer reached on the same host).
+fn parse_server_ip(field: &str, value: &str) -> Result<IpAddr, ConfigError> {
+    let ip: IpAddr = value
+        .trim()
+        .parse()
+        .map_err(|_| invalid(field, value, "not an IP address"))?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(invalid(
+            field,
+            value,
+            "must be a unicast, specified address",
+        ));
+    }
+    Ok(ip)
+}
+
 /// Default `serverAddressEnv` of a standalone issuer (the pod IP from the downward API).
 pub const DEFAULT_SERVER_ADDRESS_ENV: &str = "POD_IP";
 
@@ -1666,7 +1683,7 @@ impl StandaloneIssuerConfig {
         check_node_name(raw.server_name.trim())
             .map_err(|r| invalid("serverName", &raw.server_name, r))?;
         let server_address = match (&raw.server_address, &raw.server_address_env) {
-            (Some(a), None) => parse_ip("serverAddress", a)?,
+            (Some(a), None) => parse_server_ip("serverAddress", a)?,
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     "serverAddressEnv",
@@ -1683,7 +1700,7 @@ impl StandaloneIssuerConfig {
                         "the environment variable is not set (the chart sets it from status.podIP)",
                     )
                 })?;
-                parse_ip(&format!("serverAddressEnv ({var})"), &value)?
+                parse_server_ip(&format!("serverAddressEnv ({var})"), &value)?
             }
         };
         Ok(Self {
@@ -1855,6 +1872,179 @@ peers:
             let msg = parse(&d, &text).unwrap_err().to_string();
             assert!(msg.contains(field) && msg.contains(value), "{msg}");
         }
+    }
+
+    #[test]
+    fn kubernetes_attestation_and_enrolment_settings() {
+        let d = dir();
+        let ca = d.0.path().join("ca");
+        std::fs::create_dir(&ca).unwrap();
+        std::fs::write(ca.join("ca.crt"), "x").unwrap();
+        std::fs::write(ca.join("ca.key"), "x").unwrap();
+        std::fs::write(d.0.path().join("token"), "secret-jwt").unwrap();
+        std::fs::create_dir(d.0.path().join("new")).unwrap();
+        let with = |tls: &str, issuer: &str| {
+            GOOD.replacen("  ca: ca.crt\n", &format!("  ca: ca.crt\n{tls}"), 1)
+                .replacen("peers:\n", &format!("{issuer}peers:\n"), 1)
+        };
+        let c = parse(
+            &d,
+            &with(
+                "",
+                "issuer:\n  caDir: ca\n  kubernetes:\n    serviceAccount: kube-system/enc-agent\n",
+            ),
+        )
+        .unwrap();
+        let k = c.issuer.unwrap().kubernetes.unwrap();
+        assert_eq!(k.audience, DEFAULT_ISSUER_AUDIENCE);
+        assert_eq!(k.username(), "system:serviceaccount:kube-system:enc-agent");
+
+        let enrol = "  enrolment:\n    issuer: enc-issuer.kube-system.svc:7946\n    serviceAccountTokenFile: token\n";
+        // With enrolment, the certificate and key may be missing if their directory exists.
+        let text = with(enrol, "")
+            .replace("cert: n1.crt", "cert: new/tls.crt")
+            .replace("key: n1.key", "key: new/tls.key");
+        let c = parse(&d, &text).unwrap();
+        let e = c.tls.enrolment.clone().unwrap();
+        assert_eq!(e.issuer, "enc-issuer.kube-system.svc:7946");
+        assert_eq!(e.service_account_token_file, d.0.path().join("token"));
+        assert_eq!(c.tls.cert, d.0.path().join("new/tls.crt"));
+        // Printable: the token file's path, never the token.
+        let y = c.to_yaml();
+        assert!(
+            y.contains("serviceAccountTokenFile") && !y.contains("secret-jwt"),
+            "{y}"
+        );
+        // Without enrolment they must exist.
+        let (f, _, _) = invalid_field(
+            &d,
+            &with("", "")
+                .replace("cert: n1.crt", "cert: new/tls.crt")
+                .replace("key: n1.key", "key: new/tls.key"),
+        );
+        assert_eq!(f, "tls.cert");
+
+        let cases = [
+            (
+                with(enrol, "").replace("cert: n1.crt", "cert: nodir/tls.crt"),
+                "tls.cert",
+                "nodir/tls.crt",
+            ),
+            (
+                with(
+                    "  enrolment:\n    issuer: 10.0.0.9\n    serviceAccountTokenFile: token\n",
+                    "",
+                ),
+                "tls.enrolment.issuer",
+                "10.0.0.9",
+            ),
+            (
+                with(
+                    "  enrolment:\n    issuer: h:1\n    serviceAccountTokenFile: nope\n",
+                    "",
+                ),
+                "tls.enrolment.serviceAccountTokenFile",
+                "nope",
+            ),
+            (
+                with(
+                    "",
+                    "issuer:\n  caDir: ca\n  kubernetes:\n    serviceAccount: enc-agent\n",
+                ),
+                "issuer.kubernetes.serviceAccount",
+                "enc-agent",
+            ),
+            (
+                with(
+                    "",
+                    "issuer:\n  caDir: ca\n  kubernetes:\n    serviceAccount: Kube_System/enc-agent\n",
+                ),
+                "issuer.kubernetes.serviceAccount",
+                "Kube_System/enc-agent",
+            ),
+            (
+                with(
+                    "",
+                    "issuer:\n  caDir: ca\n  kubernetes:\n    serviceAccount: kube-system/\n",
+                ),
+                "issuer.kubernetes.serviceAccount",
+                "kube-system/",
+            ),
+            (
+                with(
+                    "",
+                    "issuer:\n  caDir: ca\n  kubernetes:\n    audience: \"a b\"\n    serviceAccount: ns/sa\n",
+                ),
+                "issuer.kubernetes.audience",
+                "a b",
+            ),
+        ];
+        for (text, field, value) in cases {
+            let (f, v, r) = invalid_field(&d, &text);
+            assert_eq!((f.as_str(), v.as_str()), (field, value), "{r}");
+        }
+        let e = parse(
+            &d,
+            &with(
+                "",
+                "issuer:\n  caDir: ca\n  kubernetes:\n    serviceAccount: a/b\n    audiance: x\n",
+            ),
+        )
+        .unwrap_err();
+        assert!(format!("{:?}", e).contains("audiance"), "{e:?}");
+    }
+
+    #[test]
+    fn standalone_issuer_settings() {
+        let d = dir();
+        let ca = d.0.path().join("ca");
+        std::fs::create_dir(&ca).unwrap();
+        std::fs::write(ca.join("ca.crt"), "x").unwrap();
+        std::fs::write(ca.join("ca.key"), "x").unwrap();
+        let path = d.0.path().join("issuer.yaml");
+        let env = |k: &str| (k == "POD_IP").then(|| "10.96.3.4".to_owned());
+        let text = "issuer:\n  listen: 0.0.0.0:7946\n  caDir: ca\n  kubernetes:\n    serviceAccount: kube-system/enc-agent\nserverName: enc-issuer.kube-system.svc\n";
+        let c = StandaloneIssuerConfig::parse_with_env(text, &path, env).unwrap();
+        assert_eq!(c.server_address, "10.96.3.4".parse::<IpAddr>().unwrap());
+        assert_eq!(c.server_name, "enc-issuer.kube-system.svc");
+        assert_eq!(
+            c.issuer.listen,
+            "0.0.0.0:7946".parse::<SocketAddr>().unwrap()
+        );
+        assert!(c.issuer.kubernetes.is_some());
+        assert!(c.to_yaml().contains("caDir"));
+        let bad = |text: &str| match StandaloneIssuerConfig::parse_with_env(text, &path, env) {
+            Err(ConfigError::Invalid { field, value, .. }) => (field, value),
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        assert_eq!(
+            bad("issuer:\n  caDir: ca\nserverName: x\n"),
+            ("issuer.listen".into(), "".into())
+        );
+        assert_eq!(
+            bad("issuer:\n  listen: 0.0.0.0:7946\n  caDir: ca\nserverName: Bad_Name\n"),
+            ("serverName".into(), "Bad_Name".into())
+        );
+        assert_eq!(
+            bad(
+                "issuer:\n  listen: 0.0.0.0:7946\n  caDir: ca\nserverName: x\nserverAddressEnv: NOPE\n"
+            ),
+            ("serverAddressEnv".into(), "NOPE".into())
+        );
+        assert_eq!(
+            bad(
+                "issuer:\n  listen: 0.0.0.0:7946\n  caDir: ca\nserverName: x\nserverAddress: 0.0.0.0\n"
+            ),
+            ("serverAddress".into(), "0.0.0.0".into())
+        );
+        assert!(matches!(
+            StandaloneIssuerConfig::parse_with_env(
+                "issuer:\n  listen: 0.0.0.0:1\n  caDir: ca\nserverName: x\nport: 1\n",
+                &path,
+                env
+            ),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]
