@@ -1151,9 +1151,7 @@ pub async fn run(
         // No certificate yet: enrol with the ServiceAccount token, retrying until it works
         // (the issuer may start after the agents) or the agent is stopped.
         tokio::select! {
-            r = crate::enrolment::enrol_until_done(&config, enrolment) => {
-                r?;
-            }
+            _ = crate::enrolment::enrol_until_done(&config, enrolment) => {}
             () = &mut shutdown => return Ok(()),
         }
     }

@@ -9,7 +9,6 @@
 //! exponential backoff: the issuer may come up after the agents. Renewal then works as for
 //! any node (`tls.renewal`).
 
-use crate::Error;
 use crate::app::{check_identity, format_chain, temp_beside, write_new_file};
 use crate::config::{Config, EnrolmentConfig};
 use enc_api::issuer::{IssuerRequest, IssuerResponse};
@@ -22,14 +21,15 @@ pub const ENROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait between two attempts.
 pub const ENROL_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Enrols until it succeeds; returns the new certificate's summary. Only configuration
-/// problems that a retry cannot fix (none at present) would end it with an error.
-pub async fn enrol_until_done(
-    config: &Config,
-    enrolment: &EnrolmentConfig,
-) -> Result<CertInfo, Error> {
+/// Enrols until it succeeds and returns the new certificate's summary. Every failure (the
+/// issuer not reachable yet, a refusal) is logged with its reason and retried, from 1 s
+/// doubling to [`ENROL_BACKOFF_MAX`]; the token file is read again at each attempt, since
+/// the kubelet refreshes it.
+pub async fn enrol_until_done(config: &Config, enrolment: &EnrolmentConfig) -> CertInfo {
     let mut delay = Duration::from_secs(1);
-    for attempt in 1u32.. {
+    let mut attempt: u32 = 0;
+    loop {
+        attempt = attempt.saturating_add(1);
         let (c, e) = (config.clone(), enrolment.clone());
         let result = tokio::task::spawn_blocking(move || enrol_once(&c, &e))
             .await
@@ -37,7 +37,7 @@ pub async fn enrol_until_done(
         match result {
             Ok(info) => {
                 info!(issuer = %enrolment.issuer, serial = %info.serial, not_after = %info.not_after, "enrolled with the ServiceAccount token");
-                return Ok(info);
+                return info;
             }
             Err(reason) => {
                 warn!(issuer = %enrolment.issuer, attempt, %reason, retry_in_s = delay.as_secs(), "enrolment failed; retrying");
@@ -46,7 +46,6 @@ pub async fn enrol_until_done(
             }
         }
     }
-    unreachable!("the attempt counter does not run out")
 }
 
 /// One enrolment attempt. The error says what failed; the token never appears in it.

@@ -98,15 +98,16 @@ impl StandaloneIssuer {
             current: Mutex::new(None),
             stats: IssuerStats::default(),
         };
-        me.server_identity()
-            .map_err(crate::Error::IdentityMismatch)?;
+        let first = me.mint().map_err(crate::Error::Certs)?;
+        *me.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(first);
         Ok(me)
     }
 
-    fn mint(&self) -> Result<Arc<NodeIdentity>, String> {
+    fn mint(&self) -> Result<Arc<NodeIdentity>, enc_certs::Error> {
         let now = time::OffsetDateTime::now_utc();
+        // Validated to 10 s .. 3650 days on load, so this conversion holds.
         let life =
-            time::Duration::try_from(self.cfg.issuer.cert_lifetime).map_err(|e| e.to_string())?;
+            time::Duration::try_from(self.cfg.issuer.cert_lifetime).unwrap_or(time::Duration::DAY);
         let req = enc_certs::NodeCertRequest {
             node: self.cfg.server_name.clone(),
             ips: vec![self.cfg.server_address],
@@ -117,10 +118,8 @@ impl StandaloneIssuer {
             &req,
             now - enc_certs::CLOCK_SKEW.min(life / 10),
             (now + life).min(self.ca.info().not_after),
-        )
-        .map_err(|e| format_chain(&e))?;
-        let id = NodeIdentity::from_pem(&pem.cert_pem, &pem.key_pem, self.ca.cert_pem())
-            .map_err(|e| format_chain(&e))?;
+        )?;
+        let id = NodeIdentity::from_pem(&pem.cert_pem, &pem.key_pem, self.ca.cert_pem())?;
         info!(name = %self.cfg.server_name, address = %self.cfg.server_address, serial = %id.info().serial, "issuer serving certificate signed");
         Ok(Arc::new(id))
     }
@@ -137,7 +136,7 @@ impl IssuerHost for StandaloneIssuer {
         if let Some(id) = fresh {
             return Ok(id.clone());
         }
-        let id = self.mint()?;
+        let id = self.mint().map_err(|e| format_chain(&e))?;
         *cur = Some(id.clone());
         Ok(id)
     }

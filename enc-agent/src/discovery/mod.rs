@@ -474,7 +474,12 @@ mod tests {
         for entry in std::fs::read_dir(&fixtures).unwrap() {
             let path = entry.unwrap().path();
             let raw = std::fs::read_to_string(&path).unwrap();
-            if path.file_stem().unwrap().to_string_lossy().starts_with("issuer-") {
+            if path
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("issuer-")
+            {
                 // The issuer Deployment's configuration, with its CA copy in place.
                 let ca = dir.path().join("issuer-ca");
                 if !ca.exists() {
@@ -490,11 +495,18 @@ mod tests {
                 continue;
             }
             let issuer_mode = raw.contains("enrolment:");
-            let tls_dir = if issuer_mode { &empty } else { &dir.path().to_owned() };
+            let tls_dir = if issuer_mode {
+                &empty
+            } else {
+                &dir.path().to_owned()
+            };
             let text = raw
                 .replace("/etc/enc/tls/", &format!("{}/", tls_dir.display()))
                 .replace("/etc/enc/ca/", &format!("{}/", dir.path().display()))
-                .replace("/var/run/secrets/enc/", &format!("{}/", dir.path().display()));
+                .replace(
+                    "/var/run/secrets/enc/",
+                    &format!("{}/", dir.path().display()),
+                );
             let filled = fill_node(&text, &path, &facts).unwrap();
             let c = config::Config::parse(&filled, &path)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
