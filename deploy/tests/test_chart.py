@@ -230,6 +230,18 @@ def test_the_issuer_deployment_alone_mounts_the_ca_secret():
     cfg = yaml.safe_load(text)
     assert cfg["issuer"]["kubernetes"] == {"audience": "enc-issuer", "serviceAccount": "kube-system/enc-agent"}
     assert cfg["serverName"] == "enc-issuer.kube-system.svc"
+    # The name and port the agents dial are the issuer's certificate name, Service and port.
+    agent = yaml.safe_load(next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"] == "enc-agent")["data"]["agent.yaml"])
+    host, port = agent["tls"]["enrolment"]["issuer"].rsplit(":", 1)
+    assert host == cfg["serverName"] == f'{svc["metadata"]["name"]}.{svc["metadata"]["namespace"]}.svc'
+    assert int(port) == svc["spec"]["ports"][0]["port"] == issuer["ports"][0]["containerPort"]
+    assert cfg["issuer"]["listen"].endswith(f":{port}")
+    # The token's audience is the one the issuer asks the TokenReview for.
+    (ds,) = by_kind(docs, "DaemonSet")
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert vols["issuer-token"]["projected"]["sources"][0]["serviceAccountToken"]["audience"] == cfg["issuer"]["kubernetes"]["audience"]
+    # And the ServiceAccount it accepts is the DaemonSet's.
+    assert cfg["issuer"]["kubernetes"]["serviceAccount"] == f'kube-system/{ds["spec"]["template"]["spec"]["serviceAccountName"]}'
 
 
 def test_issuer_values_reach_the_manifests():

@@ -210,3 +210,52 @@ async fn an_issuer_without_kubernetes_attestation_refuses_service_account_tokens
     assert_eq!(host.stats().refused.load(Ordering::Relaxed), 1);
     assert!(!cfg.tls.cert.exists());
 }
+
+#[tokio::test]
+async fn start_up_enrolment_waits_for_an_issuer_that_comes_up_later() {
+    enc_certs::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    enc_certs::init_ca(&dir.path().join("ca"), &enc_certs::CaOptions::default()).unwrap();
+    // A free port, with nothing listening on it yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let issuer = format!("127.0.0.1:{port}");
+    let cfg = agent_config(dir.path(), "node-1", "10.0.0.1", &issuer, "tok-node-1");
+    let enrolling = {
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            enc_agent::enrolment::enrol_until_done(&cfg, cfg.tls.enrolment.as_ref().unwrap()).await
+        })
+    };
+    // Two attempts fail (1 s apart), then the issuer starts on that port.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!enrolling.is_finished());
+    assert!(!cfg.tls.cert.exists());
+    let text = "issuer:\n  listen: 127.0.0.1:7946\n  caDir: ca\n  kubernetes:\n    serviceAccount: kube-system/enc-agent\nserverName: enc-issuer.test\nserverAddress: 127.0.0.1\n";
+    let scfg =
+        StandaloneIssuerConfig::parse_with_env(text, &dir.path().join("issuer.yaml"), |_| None)
+            .unwrap();
+    let host = Arc::new(StandaloneIssuer::new(scfg.clone()).unwrap());
+    let reviewer: Arc<dyn TokenReviewer> = Arc::new(
+        FakeTokenReviewer::new()
+            .with_bound_token("tok-node-1", "enc-issuer", SA, "node-1", "enc-agent-a1")
+            .with_node("node-1", &[ip("10.0.0.1")]),
+    );
+    let listener = tokio::net::TcpListener::bind(&issuer).await.unwrap();
+    tokio::spawn(enc_agent::issuer::serve(
+        host.clone(),
+        scfg.issuer,
+        Some(reviewer),
+        listener,
+    ));
+    let info = tokio::time::timeout(Duration::from_secs(10), enrolling)
+        .await
+        .expect("enrolled within the backoff")
+        .unwrap();
+    assert_eq!(info.dns_names, ["node-1"]);
+    enc_certs::NodeIdentity::load(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.ca).unwrap();
+    assert_eq!(host.stats().enrolled.load(Ordering::Relaxed), 1);
+}
