@@ -1146,10 +1146,11 @@ pub async fn run(
     enc_certs::install_crypto_provider();
     let mut shutdown = std::pin::pin!(shutdown);
     if let Some(enrolment) = &config.tls.enrolment
-        && !(config.tls.cert.exists() && config.tls.key.exists())
+        && let Some(why) = crate::enrolment::needs_enrolment(&config)
     {
-        // No certificate yet: enrol with the ServiceAccount token, retrying until it works
-        // (the issuer may start after the agents) or the agent is stopped.
+        // No usable certificate: enrol with the ServiceAccount token, retrying until it
+        // works (the issuer may start after the agents) or the agent is stopped.
+        info!(reason = %why, issuer = %enrolment.issuer, "enrolling with the ServiceAccount token");
         tokio::select! {
             _ = crate::enrolment::enrol_until_done(&config, enrolment) => {}
             () = &mut shutdown => return Ok(()),
@@ -1655,9 +1656,17 @@ async fn renewer(shared: Arc<Shared>, cfg: crate::config::RenewalConfig) {
         }
         let s = shared.clone();
         let issuer = cfg.issuer.clone();
-        let result = tokio::task::spawn_blocking(move || renew_once(&s, &issuer))
-            .await
-            .unwrap_or_else(|e| Err(format!("renewal task failed: {e}")));
+        let result = tokio::task::spawn_blocking(move || {
+            // An expired certificate cannot be renewed (the issuer refuses it); with
+            // tls.enrolment the node enrols again with its ServiceAccount token.
+            let expired = time::OffsetDateTime::now_utc() >= s.identity().info().not_after;
+            match &s.config.tls.enrolment {
+                Some(e) if expired => re_enrol(&s, e),
+                _ => renew_once(&s, &issuer),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("renewal task failed: {e}")));
         let now = std::time::SystemTime::now();
         let mut guard = shared.renewal.lock().unwrap_or_else(|p| p.into_inner());
         let Some(st) = guard.as_mut() else { continue };
@@ -1778,6 +1787,32 @@ fn renew_once(shared: &Shared, issuer: &str) -> Result<enc_certs::CertInfo, Stri
         ));
     }
     Ok(new.info().clone())
+}
+
+/// Enrols again with the ServiceAccount token (`tls.enrolment`) after the certificate
+/// expired, writing under the identity-files lock, and loads the new identity at once.
+fn re_enrol(
+    shared: &Shared,
+    enrolment: &crate::config::EnrolmentConfig,
+) -> Result<enc_certs::CertInfo, String> {
+    let _files = shared
+        .identity_files
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let info = crate::enrolment::enrol_once(&shared.config, enrolment)
+        .map_err(|e| format!("the certificate expired; enrolling again failed: {e}"))?;
+    let from = format!(
+        "enrolled again with the ServiceAccount token at issuer {}",
+        enrolment.issuer
+    );
+    if !shared.reload_identity_from(Some(&from)) {
+        return Err(format!(
+            "{} and {} were written but not loaded (see the identity-reload-failed event)",
+            shared.config.tls.cert.display(),
+            shared.config.tls.key.display()
+        ));
+    }
+    Ok(info)
 }
 
 /// `<path>.renew.tmp`, in the same directory (so that the rename is atomic).

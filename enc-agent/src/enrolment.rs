@@ -21,6 +21,40 @@ pub const ENROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait between two attempts.
 pub const ENROL_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// Why this node must enrol before it can start (`None`: its certificate is usable): the
+/// certificate or key is missing, does not load under `tls.ca`, does not name this node and
+/// its address, or has expired. An expired certificate cannot be renewed, and a certificate
+/// for an old address (the host's IP changed) is of no use, so both are replaced.
+pub fn needs_enrolment(config: &Config) -> Option<String> {
+    let tls = &config.tls;
+    if !tls.cert.exists() || !tls.key.exists() {
+        return Some(format!(
+            "no certificate yet ({} / {})",
+            tls.cert.display(),
+            tls.key.display()
+        ));
+    }
+    let id = match NodeIdentity::load(&tls.cert, &tls.key, &tls.ca) {
+        Ok(id) => id,
+        Err(e) => {
+            return Some(format!(
+                "the certificate does not load: {}",
+                format_chain(&e)
+            ));
+        }
+    };
+    if let Err(e) = check_identity(config, &id) {
+        return Some(format_chain(&e));
+    }
+    let not_after = id.info().not_after;
+    (time::OffsetDateTime::now_utc() >= not_after).then(|| {
+        format!(
+            "the certificate {} expired at {not_after}",
+            id.info().serial
+        )
+    })
+}
+
 /// Enrols until it succeeds and returns the new certificate's summary. Every failure (the
 /// issuer not reachable yet, a refusal) is logged with its reason and retried, from 1 s
 /// doubling to [`ENROL_BACKOFF_MAX`]; the token file is read again at each attempt, since

@@ -259,3 +259,62 @@ async fn start_up_enrolment_waits_for_an_issuer_that_comes_up_later() {
     enc_certs::NodeIdentity::load(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.ca).unwrap();
     assert_eq!(host.stats().enrolled.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test]
+async fn a_missing_expired_foreign_or_mismatched_certificate_needs_enrolment() {
+    use enc_agent::enrolment::needs_enrolment;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    enc_certs::init_ca(&ca_dir, &enc_certs::CaOptions::default()).unwrap();
+    let cfg = agent_config(dir.path(), "node-1", "10.0.0.1", "127.0.0.1:1", "eyJ-unused");
+    let why = needs_enrolment(&cfg).unwrap();
+    assert!(why.contains("no certificate yet"), "{why}");
+    let ca = enc_certs::CertificateAuthority::load(&ca_dir).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let write = |node: &str, ip: &str, from: time::OffsetDateTime, to: time::OffsetDateTime| {
+        let pem = enc_certs::issue_node_cert_pem(
+            &ca,
+            &enc_certs::NodeCertRequest {
+                node: node.into(),
+                ips: vec![ip.parse().unwrap()],
+                days: 1,
+            },
+            from,
+            to,
+        )
+        .unwrap();
+        std::fs::write(&cfg.tls.cert, pem.cert_pem).unwrap();
+        std::fs::write(&cfg.tls.key, pem.key_pem).unwrap();
+    };
+    let hour = time::Duration::hours(1);
+    write("node-1", "10.0.0.1", now - hour, now + hour);
+    assert_eq!(needs_enrolment(&cfg), None);
+    write("node-1", "10.0.0.1", now - hour * 2, now - hour);
+    let why = needs_enrolment(&cfg).unwrap();
+    assert!(why.contains("expired at"), "{why}");
+    write("node-1", "10.0.0.7", now - hour, now + hour);
+    let why = needs_enrolment(&cfg).unwrap();
+    assert!(why.contains("10.0.0.1"), "{why}");
+    write("node-2", "10.0.0.1", now - hour, now + hour);
+    let why = needs_enrolment(&cfg).unwrap();
+    assert!(why.contains("node-1"), "{why}");
+    // A certificate of another CA does not load under tls.ca.
+    let other = tempfile::tempdir().unwrap();
+    enc_certs::init_ca(other.path(), &enc_certs::CaOptions::default()).unwrap();
+    let other_ca = enc_certs::CertificateAuthority::load(other.path()).unwrap();
+    let pem = enc_certs::issue_node_cert_pem(
+        &other_ca,
+        &enc_certs::NodeCertRequest {
+            node: "node-1".into(),
+            ips: vec![ip("10.0.0.1")],
+            days: 1,
+        },
+        now - hour,
+        now + hour,
+    )
+    .unwrap();
+    std::fs::write(&cfg.tls.cert, pem.cert_pem).unwrap();
+    std::fs::write(&cfg.tls.key, pem.key_pem).unwrap();
+    let why = needs_enrolment(&cfg).unwrap();
+    assert!(why.contains("does not load"), "{why}");
+}
