@@ -9,9 +9,11 @@
 //! [`enc_certs::sign_attested_csr`] for the node the token names and that Node's addresses.
 //!
 //! The role runs inside an agent ([`IssuerHost`] for the agent's shared state) or on its own
-//! ([`StandaloneIssuer`], `enc-agent --issuer-only`, the chart's issuer Deployment). At most [`MAX_CONNECTIONS`] requests are served at once, each
-//! within [`REQUEST_TIMEOUT`]; a request frame above [`enc_api::issuer::MAX_REQUEST`] bytes is
-//! refused before it is read.
+//! ([`StandaloneIssuer`], `enc-agent --issuer-only`, the chart's issuer Deployment).
+//!
+//! At most [`MAX_CONNECTIONS`] requests are served at once, each within [`REQUEST_TIMEOUT`]
+//! (the TokenReview included); a request frame above [`enc_api::issuer::MAX_REQUEST`] bytes
+//! is refused before it is read.
 
 use crate::app::{Shared, format_chain};
 use crate::attest::{AttestedNode, Refusal, TokenReviewer};
