@@ -216,6 +216,11 @@ def test_the_issuer_deployment_alone_mounts_the_ca_secret():
         assert sc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}, c["name"]
     (issuer,) = spec["containers"]
     assert issuer["args"] == ["--issuer-only", "--config", "/etc/enc/issuer.yaml"]
+    assert spec["priorityClassName"] == "system-cluster-critical"
+    # Agents wait for the issuer before serving metrics: a startup probe covers that wait.
+    (ds,) = by_kind(docs, "DaemonSet")
+    (agent,) = ds["spec"]["template"]["spec"]["containers"]
+    assert agent["startupProbe"]["periodSeconds"] * agent["startupProbe"]["failureThreshold"] >= 600
     # Its Service points at it.
     svc = next(s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "enc-issuer")
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
