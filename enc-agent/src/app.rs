@@ -1965,3 +1965,116 @@ mod tests {
         assert!(Trigger::EspSeq(7).to_string().contains("7"));
     }
 }
+
+#[cfg(test)]
+mod reenrol_tests {
+    use super::*;
+    use crate::attest::{FakeTokenReviewer, TokenReviewer};
+    use crate::config::StandaloneIssuerConfig;
+    use crate::issuer::StandaloneIssuer;
+
+    /// The renewer of a node whose certificate expired (the issuer was away too long) enrols
+    /// again with its ServiceAccount token, and the new identity is loaded at once.
+    #[tokio::test]
+    async fn renewer_enrols_again_with_the_token_once_the_certificate_expired() {
+        enc_certs::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        enc_certs::init_ca(&ca_dir, &enc_certs::CaOptions::default()).unwrap();
+        let ca = enc_certs::CertificateAuthority::load(&ca_dir).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let short = enc_certs::issue_node_cert_pem(
+            &ca,
+            &enc_certs::NodeCertRequest {
+                node: "node-1".into(),
+                ips: vec!["10.0.0.1".parse().unwrap()],
+                days: 1,
+            },
+            now - time::Duration::seconds(1),
+            now + time::Duration::seconds(3),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("c"), &short.cert_pem).unwrap();
+        std::fs::write(dir.path().join("k"), &short.key_pem).unwrap();
+        // Renewal goes to an issuer that is down, so the certificate expires.
+        let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let down_addr = format!("127.0.0.1:{}", down.local_addr().unwrap().port());
+        drop(down);
+        std::fs::copy(ca_dir.join("ca.crt"), dir.path().join("ca.crt")).unwrap();
+        std::fs::write(dir.path().join("token"), "tok-node-1\n").unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let scfg = StandaloneIssuerConfig::parse_with_env(
+            "issuer:\n  listen: 127.0.0.1:7946\n  caDir: ca\n  kubernetes:\n    serviceAccount: kube-system/enc-agent\nserverName: enc-issuer.test\nserverAddress: 127.0.0.1\n",
+            &dir.path().join("issuer.yaml"),
+            |_| None,
+        )
+        .unwrap();
+        let host = Arc::new(StandaloneIssuer::new(scfg.clone()).unwrap());
+        let reviewer: Arc<dyn TokenReviewer> = Arc::new(
+            FakeTokenReviewer::new()
+                .with_bound_token(
+                    "tok-node-1",
+                    "enc-issuer",
+                    "system:serviceaccount:kube-system:enc-agent",
+                    "node-1",
+                    "enc-agent-a1",
+                )
+                .with_node("node-1", &["10.0.0.1".parse().unwrap()]),
+        );
+        tokio::spawn(crate::issuer::serve(
+            host,
+            scfg.issuer,
+            Some(reviewer),
+            listener,
+        ));
+
+        let text = format!(
+            "node: {{ name: node-1, underlayAddress: 10.0.0.1, podCidr: 10.244.1.0/24 }}\n\
+             tls:\n  cert: c\n  key: k\n  ca: ca.crt\n  reloadInterval: 'off'\n  \
+             enrolment: {{ issuer: '{issuer}', serviceAccountTokenFile: token }}\n  \
+             renewal: {{ issuer: '{down_addr}' }}\n\
+             encryption: {{ type: none }}\n\
+             metrics: {{ listen: 'off' }}\n\
+             statusSocket: /nonexistent/enc-node-1.sock\n"
+        );
+        let config = Config::parse(&text, &dir.path().join("agent.yaml")).unwrap();
+        let renewal = config.tls.renewal.clone().unwrap();
+        let identity =
+            NodeIdentity::load(&config.tls.cert, &config.tls.key, &config.tls.ca).unwrap();
+        let old = identity.info().serial.clone();
+        let shared = test_shared(
+            config,
+            identity,
+            Crypto::None,
+            Arc::new(enc_geneve_vxlan::FakeLinks::new()),
+            Arc::new(enc_tunnel_ebpf::FakeDatapath::new(
+                enc_tunnel_ebpf::AttachMode::Tcx,
+            )),
+        );
+        tokio::spawn(renewer(shared.clone(), renewal));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while shared.identity().info().serial == old {
+            assert!(Instant::now() < deadline, "not enrolled again within 15 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let info = shared.identity().info().clone();
+        assert!(info.not_after > time::OffsetDateTime::now_utc());
+        assert_eq!(info.dns_names, ["node-1"]);
+        let events = shared.events.since(0, 100);
+        // First the renewals failed, while the certificate was valid.
+        assert!(
+            events
+                .iter()
+                .any(|e| e.kind == enc_api::EventKind::RenewalFailed),
+            "{events:?}"
+        );
+        assert!(
+            events.iter().any(|e| e.kind == enc_api::EventKind::Renewal
+                && e.detail
+                    .contains("enrolled again with the ServiceAccount token")),
+            "{events:?}"
+        );
+    }
+}

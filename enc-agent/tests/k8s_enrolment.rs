@@ -266,7 +266,13 @@ async fn a_missing_expired_foreign_or_mismatched_certificate_needs_enrolment() {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");
     enc_certs::init_ca(&ca_dir, &enc_certs::CaOptions::default()).unwrap();
-    let cfg = agent_config(dir.path(), "node-1", "10.0.0.1", "127.0.0.1:1", "eyJ-unused");
+    let cfg = agent_config(
+        dir.path(),
+        "node-1",
+        "10.0.0.1",
+        "127.0.0.1:1",
+        "eyJ-unused",
+    );
     let why = needs_enrolment(&cfg).unwrap();
     assert!(why.contains("no certificate yet"), "{why}");
     let ca = enc_certs::CertificateAuthority::load(&ca_dir).unwrap();
