@@ -289,6 +289,8 @@ def test_notes_say_how_to_check_status():
     ({"certs": {"issuer": {"audiance": "x"}}}, "audiance"),
     ({"certs": {"issuer": {"tokenExpirationSeconds": 60}}}, "tokenExpirationSeconds"),
     ({"certs": {"issuer": {"renewAt": "95%"}}}, "renewAt"),
+    ({"certs": {"issuer": {"audience": "a b"}}}, "audience"),
+    ({"certs": {"mode": "issuer", "issuer": {"caSecret": ""}}}, "caSecret"),
     ({"certs": {"issuer": {"port": "7946"}}}, "port"),
     ({"encryption": {"rotation": {"interval": "daily"}}}, "interval"),
     ({"resources": {"limits": {"memroy": "1Gi"}}}, "memroy"),
