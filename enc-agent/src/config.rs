@@ -445,9 +445,8 @@ pub struct EnrolmentConfig {
 }
 
 /// The issuer's Kubernetes attestation (`issuer.kubernetes`): which ServiceAccount tokens
-/// enrol a node.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+/// enrol a node. Printed as it is written (`serviceAccount: NAMESPACE/NAME`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KubernetesAttestation {
     /// The audience the tokens must be for (the TokenReview's `spec.audiences`).
     pub audience: String,
@@ -455,6 +454,19 @@ pub struct KubernetesAttestation {
     pub namespace: String,
     /// The agents' ServiceAccount.
     pub service_account: String,
+}
+
+impl Serialize for KubernetesAttestation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("KubernetesAttestation", 2)?;
+        st.serialize_field("audience", &self.audience)?;
+        st.serialize_field(
+            "serviceAccount",
+            &format!("{}/{}", self.namespace, self.service_account),
+        )?;
+        st.end()
+    }
 }
 
 impl KubernetesAttestation {
@@ -2013,6 +2025,9 @@ peers:
         );
         assert!(c.issuer.kubernetes.is_some());
         assert!(c.to_yaml().contains("caDir"));
+        // What --print-config shows parses back to the same configuration.
+        let again = StandaloneIssuerConfig::parse_with_env(&c.to_yaml(), &path, env).unwrap();
+        assert_eq!(again, c);
         let bad = |text: &str| match StandaloneIssuerConfig::parse_with_env(text, &path, env) {
             Err(ConfigError::Invalid { field, value, .. }) => (field, value),
             other => panic!("expected Invalid, got {other:?}"),
