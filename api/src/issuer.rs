@@ -8,8 +8,17 @@
 //!
 //! - [`IssuerRequest::Enrol`]: a node without a certificate sends a one-time join token and a
 //!   certificate signing request; no client certificate.
+//! - [`IssuerRequest::EnrolServiceAccount`]: a node without a certificate, in Kubernetes,
+//!   sends a projected ServiceAccount token (bound to its pod and node) and a certificate
+//!   signing request; the issuer verifies the token with the TokenReview API and issues a
+//!   certificate only for the node the token names. No client certificate.
 //! - [`IssuerRequest::Renew`]: a node presents its current certificate as the TLS client
 //!   certificate and sends a request for a new key with the same names.
+//!
+//! Compatibility: the `op` tag is the protocol's version switch. A new kind of request is a
+//! new `op` (`enrolServiceAccount` was added after `enrol` and `renew`); an issuer that does
+//! not know it refuses the frame as malformed (`unknown variant`), and the existing
+//! operations are unchanged on the wire.
 //!
 //! The answer is [`IssuerResponse::Issued`] (certificate and CA bundle) or
 //! [`IssuerResponse::Refused`] with the reason.
@@ -26,7 +35,7 @@ pub const MAX_REQUEST: usize = 16 * 1024;
 /// Largest answer frame body (a certificate and a CA bundle of a few CAs).
 pub const MAX_RESPONSE: usize = 256 * 1024;
 
-/// A request to an issuer. `Debug` redacts the join token.
+/// A request to an issuer. `Debug` redacts the join token and the ServiceAccount token.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "camelCase", deny_unknown_fields)]
 pub enum IssuerRequest {
@@ -34,6 +43,15 @@ pub enum IssuerRequest {
     Enrol {
         /// The join token (`enc1.…`), single use.
         token: String,
+        /// The certificate signing request, PEM.
+        csr: String,
+    },
+    /// First enrolment attested by Kubernetes: a projected ServiceAccount token whose
+    /// audience is the issuer's, bound to the agent's pod on its node.
+    #[serde(rename_all = "camelCase")]
+    EnrolServiceAccount {
+        /// The ServiceAccount token (a JWT), as the kubelet wrote it. A secret.
+        service_account_token: String,
         /// The certificate signing request, PEM.
         csr: String,
     },
@@ -45,10 +63,11 @@ pub enum IssuerRequest {
 }
 
 impl IssuerRequest {
-    /// `enrol` or `renew`.
+    /// `enrol`, `enrolServiceAccount` or `renew`.
     pub fn op(&self) -> &'static str {
         match self {
             IssuerRequest::Enrol { .. } => "enrol",
+            IssuerRequest::EnrolServiceAccount { .. } => "enrolServiceAccount",
             IssuerRequest::Renew { .. } => "renew",
         }
     }
@@ -60,6 +79,11 @@ impl fmt::Debug for IssuerRequest {
             IssuerRequest::Enrol { csr, .. } => f
                 .debug_struct("Enrol")
                 .field("token", &"<redacted>")
+                .field("csr", csr)
+                .finish(),
+            IssuerRequest::EnrolServiceAccount { csr, .. } => f
+                .debug_struct("EnrolServiceAccount")
+                .field("service_account_token", &"<redacted>")
                 .field("csr", csr)
                 .finish(),
             IssuerRequest::Renew { csr } => f.debug_struct("Renew").field("csr", csr).finish(),
@@ -239,6 +263,34 @@ mod tests {
         bad = encode(&serde_json::json!({"op": "renew", "csr": "x", "extra": 1}));
         assert!(decode_request(&bad).is_err());
 
+        // Kubernetes-attested enrolment: its own op, camelCase fields, token redacted.
+        let req = IssuerRequest::EnrolServiceAccount {
+            service_account_token: "eyJhbGciOiJSUzI1NiJ9.secret.sig".into(),
+            csr: "-----BEGIN CERTIFICATE REQUEST-----".into(),
+        };
+        assert_eq!(req.op(), "enrolServiceAccount");
+        assert!(!format!("{req:?}").contains("secret"), "{req:?}");
+        let f = encode(&req);
+        assert_eq!(decode_request(&f).unwrap(), Some((req.clone(), f.len())));
+        let json = String::from_utf8(f[4..].to_vec()).unwrap();
+        assert!(
+            json.starts_with(r#"{"op":"enrolServiceAccount","serviceAccountToken":"#),
+            "{json}"
+        );
+        for bad in [
+            serde_json::json!({"op": "enrolServiceAccount", "csr": "x"}),
+            serde_json::json!({"op": "enrolServiceAccount", "service_account_token": "t", "csr": "x"}),
+            serde_json::json!({"op": "enrolServiceAccount", "serviceAccountToken": "t", "csr": "x", "node": "n"}),
+        ] {
+            assert!(decode_request(&encode(&bad)).is_err(), "{bad}");
+        }
+        // The frames of the first protocol version still decode to the same requests.
+        let old = encode(&serde_json::json!({"op": "renew", "csr": "x"}));
+        assert_eq!(
+            decode_request(&old).unwrap().unwrap().0,
+            IssuerRequest::Renew { csr: "x".into() }
+        );
+
         let resp = IssuerResponse::Refused {
             reason: "join token used".into(),
         };
@@ -251,5 +303,32 @@ mod tests {
             read_frame(&mut cursor, 3),
             Err(FrameError::TooLong { .. })
         ));
+    }
+
+    /// The fuzz target's invariant over its seed corpus (the fuzzer itself is not run by
+    /// `cargo test`): each request seed decodes, and what it decodes to re-encodes to a frame
+    /// that decodes to the same request.
+    #[test]
+    fn fuzz_seeds_decode_and_round_trip() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/issuer_frame");
+        let mut ops = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            if let Ok(Some((req, used))) = decode_request(&bytes) {
+                assert_eq!(used, bytes.len());
+                let again = encode(&req);
+                assert_eq!(
+                    decode_request(&again).unwrap(),
+                    Some((req.clone(), again.len()))
+                );
+                ops.push(req.op());
+            } else {
+                let (resp, _) = decode_response(&bytes).unwrap().unwrap();
+                assert_eq!(decode_response(&encode(&resp)).unwrap().unwrap().0, resp);
+            }
+        }
+        ops.sort_unstable();
+        assert_eq!(ops, ["enrol", "enrolServiceAccount", "renew"]);
     }
 }

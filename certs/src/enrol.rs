@@ -159,6 +159,59 @@ pub fn sign_csr(
     })
 }
 
+/// A certificate signed by [`sign_attested_csr`].
+#[derive(Clone, Debug)]
+pub struct AttestedNodeCert {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// Its summary.
+    pub info: CertInfo,
+}
+
+/// Signs a node's certificate signing request with the CA in `ca_dir` for a node whose
+/// identity was attested by other means than a join token: a Kubernetes ServiceAccount
+/// token bound to a pod on `node`, verified by the caller with the TokenReview API, and
+/// `allowed_ips`, the addresses the API server reports for that Node.
+///
+/// The checks are [`sign_csr`]'s with the attested node in place of the token's: the
+/// lifetime, the request's parse, signature and key type, the CA, then exactly one DNS SAN
+/// equal to `node` (a request for another node is refused naming both), a non-empty subset
+/// of `allowed_ips` as IP SANs, no other SAN and no other common name
+/// ([`Error::AttestedCsrRefused`]). The certificate has the node profile and is recorded in
+/// the issuance ledger. Nothing is issued on any refusal.
+pub fn sign_attested_csr(
+    ca_dir: &Path,
+    csr_pem: &str,
+    node: &str,
+    allowed_ips: &[IpAddr],
+    lifetime: Duration,
+    now: OffsetDateTime,
+) -> Result<AttestedNodeCert> {
+    let lifetime = check_lifetime(lifetime)?;
+    let csr = parse_csr(csr_pem, CSR_ORIGIN)?;
+    let ca = CertificateAuthority::load(ca_dir)?;
+    let now = ca::trunc_secs(now);
+    let refuse = |problem: String| Error::AttestedCsrRefused {
+        problem,
+        node: node.to_owned(),
+        allowed: std::iter::once(format!("DNS:{node}"))
+            .chain(allowed_ips.iter().map(|ip| format!("IP:{ip}")))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    if let [requested] = csr.dns.as_slice()
+        && requested != node
+    {
+        return Err(refuse(format!(
+            "it is for node {requested} (DNS SAN DNS:{requested}), not for node {node}"
+        )));
+    }
+    let ips = csr.check_names(node, allowed_ips).map_err(refuse)?;
+    let (cert_pem, info) = sign_node(&ca, ca_dir, node, &ips, &csr.key, lifetime, now)?;
+    tracing::info!(node = %node, serial = %info.serial, "signed attested node certificate request");
+    Ok(AttestedNodeCert { cert_pem, info })
+}
+
 /// Checks a requested certificate lifetime: [`MIN_CERT_LIFETIME`] to [`MAX_DAYS`] days.
 pub(crate) fn check_lifetime(lifetime: Duration) -> Result<time::Duration> {
     let max = Duration::from_secs(u64::from(MAX_DAYS) * 86_400);

@@ -304,6 +304,21 @@ pub enum Error {
         allowed: String,
     },
 
+    /// A certificate signing request asks for names the attested node may not have: its DNS
+    /// SAN is not the node a Kubernetes ServiceAccount token was bound to, or an IP SAN is
+    /// not one of that Node's addresses.
+    #[error(
+        "certificate signing request refused: {problem}; the ServiceAccount token attests node {node}, which may be issued {allowed}"
+    )]
+    AttestedCsrRefused {
+        /// What the request asks for that is not allowed, e.g. `it requests DNS SAN DNS:node-2`.
+        problem: String,
+        /// The node the token was issued for.
+        node: String,
+        /// What may be issued, e.g. `DNS:node-1, IP:10.0.0.1`.
+        allowed: String,
+    },
+
     /// A renewal request was refused: the presented certificate is not this CA's, or the
     /// request does not name exactly what it names, or reuses its key.
     #[error("renewal refused: {problem}; the current certificate {serial} carries {current}")]
@@ -383,7 +398,10 @@ impl Error {
     pub fn is_csr_refused(&self) -> bool {
         matches!(
             self,
-            Error::BadCsr { .. } | Error::CsrSignature { .. } | Error::CsrRefused { .. }
+            Error::BadCsr { .. }
+                | Error::CsrSignature { .. }
+                | Error::CsrRefused { .. }
+                | Error::AttestedCsrRefused { .. }
         )
     }
 

@@ -20,6 +20,8 @@
 //! - Online issuance by an agent in the issuer role: the same [`sign_csr`] for enrolment, and
 //!   [`renew_csr`] for a node that authenticates with its current certificate; the TLS side
 //!   is [`issuer_server_config`] / [`issuer_client_config`] / [`connect_issuer`].
+//! - Kubernetes-attested enrolment: [`sign_attested_csr`] signs a request for the node a
+//!   verified ServiceAccount token names, with the addresses the API server reports.
 
 mod ca;
 mod crl;
@@ -42,8 +44,8 @@ pub use crl::{
     parse_serial, sign_crl,
 };
 pub use enrol::{
-    CsrFiles, DEFAULT_CSR_LIFETIME, MIN_CERT_LIFETIME, NodeCsr, SignedNodeCert, generate_csr,
-    request_node_cert, sign_csr, sign_csr_to_dir,
+    AttestedNodeCert, CsrFiles, DEFAULT_CSR_LIFETIME, MIN_CERT_LIFETIME, NodeCsr, SignedNodeCert,
+    generate_csr, request_node_cert, sign_attested_csr, sign_csr, sign_csr_to_dir,
 };
 pub use error::{Error, Result};
 pub use identity::NodeIdentity;

@@ -320,3 +320,60 @@ fn issuer_tls_enrols_without_and_renews_with_a_client_certificate() {
     .unwrap_err();
     assert!(e.to_string().contains("connecting"), "{e}");
 }
+
+#[test]
+fn attested_enrolment_issues_only_for_the_attested_node_and_its_addresses() {
+    use enc_certs::sign_attested_csr;
+    let ca = ca_dir();
+    let now = OffsetDateTime::now_utc();
+    let allowed = [ip("10.0.0.1"), ip("fd00::1")];
+    let csr = generate_csr("node-1", &[ip("10.0.0.1")]).unwrap();
+    let signed =
+        sign_attested_csr(ca.path(), &csr.csr_pem, "node-1", &allowed, LIFETIME, now).unwrap();
+    assert_eq!(signed.info.dns_names, ["node-1"]);
+    assert_eq!(signed.info.ips, [ip("10.0.0.1")]);
+    let ca_pem = std::fs::read_to_string(ca.path().join("ca.crt")).unwrap();
+    NodeIdentity::from_pem(&signed.cert_pem, &csr.key_pem, &ca_pem).unwrap();
+    assert_eq!(read_ledger(ca.path()).unwrap().len(), 1);
+
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let cases = [
+        (
+            generate_csr("node-2", &[ip("10.0.0.1")]).unwrap().csr_pem,
+            "it is for node node-2 (DNS SAN DNS:node-2), not for node node-1; the ServiceAccount token attests node node-1, which may be issued DNS:node-1, IP:10.0.0.1, IP:fd00::1",
+        ),
+        (
+            generate_csr("node-1", &[ip("10.0.0.9")]).unwrap().csr_pem,
+            "it requests IP SAN IP:10.0.0.9",
+        ),
+        (
+            csr_with(
+                &key,
+                "node-1",
+                vec![dns("node-1"), dns("node-2"), ipsan("10.0.0.1")],
+            ),
+            "it requests DNS SAN DNS:node-2",
+        ),
+        (
+            csr_with(&key, "node-1", vec![dns("node-1")]),
+            "it has no IP SAN",
+        ),
+        (
+            csr_with(&key, "admin", vec![dns("node-1"), ipsan("10.0.0.1")]),
+            "its subject common name is \"admin\"",
+        ),
+    ];
+    for (csr, want) in cases {
+        let e = sign_attested_csr(ca.path(), &csr, "node-1", &allowed, LIFETIME, now).unwrap_err();
+        assert!(e.is_csr_refused(), "{e}");
+        assert!(e.to_string().contains(want), "{e}\nwant: {want}");
+    }
+    // The Node without addresses: nothing can be issued.
+    let e = sign_attested_csr(ca.path(), &csr.csr_pem, "node-1", &[], LIFETIME, now).unwrap_err();
+    assert!(e.to_string().contains("IP SAN IP:10.0.0.1"), "{e}");
+    assert_eq!(
+        read_ledger(ca.path()).unwrap().len(),
+        1,
+        "refusals issue nothing"
+    );
+}

@@ -94,6 +94,62 @@ pub struct Shared {
     peers_watch: tokio::sync::watch::Sender<u64>,
 }
 
+/// What [`Shared::new`] takes: the state `run` works out at start-up (or a test makes up). The
+/// rest of [`Shared`] starts empty.
+pub(crate) struct SharedParts {
+    pub(crate) config: Config,
+    pub(crate) identity: NodeIdentity,
+    pub(crate) crypto: Crypto,
+    pub(crate) route_device: String,
+    pub(crate) links: Arc<dyn LinkBackend>,
+    pub(crate) dp: Arc<dyn Datapath>,
+    pub(crate) pod_interfaces: Vec<String>,
+    pub(crate) backend_reason: String,
+    pub(crate) mtu: u32,
+    pub(crate) mtu_plan: mtu::MtuPlan,
+    pub(crate) layout: Layout,
+    pub(crate) events: crate::events::EventLog,
+    pub(crate) crl: Option<enc_certs::RevocationList>,
+}
+
+impl Shared {
+    /// The agent's shared state, built in one place for `run` and the tests, so that a new
+    /// field is initialised once.
+    pub(crate) fn new(p: SharedParts) -> Arc<Self> {
+        Arc::new(Shared {
+            table: Mutex::new(PeerTable::new(&p.config, Instant::now())),
+            identity: std::sync::RwLock::new(Arc::new(p.identity)),
+            crypto: p.crypto,
+            route_device: p.route_device,
+            links: p.links,
+            dp: p.dp,
+            pod_interfaces: Mutex::new(p.pod_interfaces),
+            leaks_seen: Mutex::new(HashMap::new()),
+            backend_reason: p.backend_reason,
+            mtu: p.mtu,
+            mtu_plan: p.mtu_plan,
+            layout: p.layout,
+            started: Instant::now(),
+            timing: Timing::default(),
+            events: p.events,
+            reconcile: Notify::new(),
+            reconcile_lock: Mutex::new(()),
+            next_session: AtomicU64::new(1),
+            rotators: Mutex::new(HashMap::new()),
+            wg_key_rolled: Mutex::new(Instant::now()),
+            expiry_warned: Mutex::new(std::collections::HashSet::new()),
+            crl: Mutex::new(p.crl),
+            crl_watch: tokio::sync::watch::channel(0).0,
+            reauth_watch: tokio::sync::watch::channel((0, String::new())).0,
+            peers_watch: tokio::sync::watch::channel(0).0,
+            identity_files: Mutex::new(()),
+            renewal: Mutex::new(None),
+            issuer_stats: Default::default(),
+            config: p.config,
+        })
+    }
+}
+
 /// The automatic renewal of this node's certificate, as status shows it.
 #[derive(Clone, Debug)]
 pub struct RenewalState {
@@ -1125,7 +1181,7 @@ fn start_overlay(links: &dyn LinkBackend, spec: &OverlaySpec) -> Result<u32, Err
 }
 
 /// Checks that the certificate names this node as configured.
-fn check_identity(config: &Config, identity: &NodeIdentity) -> Result<(), Error> {
+pub(crate) fn check_identity(config: &Config, identity: &NodeIdentity) -> Result<(), Error> {
     let info = identity.info();
     if !info.dns_names.contains(&config.node.name) {
         return Err(Error::IdentityMismatch(format!(
@@ -1153,6 +1209,18 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     enc_certs::install_crypto_provider();
+    let mut shutdown = std::pin::pin!(shutdown);
+    if let Some(enrolment) = &config.tls.enrolment
+        && let Some(why) = crate::enrolment::needs_enrolment(&config)
+    {
+        // No usable certificate: enrol with the ServiceAccount token, retrying until it
+        // works (the issuer may start after the agents) or the agent is stopped.
+        info!(reason = %why, issuer = %enrolment.issuer, "enrolling with the ServiceAccount token");
+        tokio::select! {
+            _ = crate::enrolment::enrol_until_done(&config, enrolment) => {}
+            () = &mut shutdown => return Ok(()),
+        }
+    }
     let identity = NodeIdentity::load(&config.tls.cert, &config.tls.key, &config.tls.ca)
         .map_err(Error::Certs)?;
     check_identity(&config, &identity)?;
@@ -1185,10 +1253,21 @@ pub async fn run(
         Some(cfg) => {
             // The CA must load (certificate and key match) before the role is offered.
             enc_certs::CertificateAuthority::load(&cfg.ca_dir).map_err(Error::Certs)?;
+            let reviewer: Option<Arc<dyn crate::attest::TokenReviewer>> = match &cfg.kubernetes {
+                None => None,
+                Some(_) => Some(Arc::new(crate::attest::KubeTokenReviewer::new(
+                    kube::Client::try_default()
+                        .await
+                        .map_err(|source| Error::Kube {
+                            context: "connecting to the Kubernetes API for TokenReviews (issuer.kubernetes)".to_owned(),
+                            source,
+                        })?,
+                ))),
+            };
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .map_err(Error::io(format!("bind issuer listener {}", cfg.listen)))?;
-            Some((cfg.clone(), listener))
+            Some((cfg.clone(), reviewer, listener))
         }
         None => None,
     };
@@ -1311,36 +1390,20 @@ pub async fn run(
         "encryption datapath up"
     );
 
-    let shared = Arc::new(Shared {
-        table: Mutex::new(PeerTable::new(&config, Instant::now())),
+    let shared = Shared::new(SharedParts {
         config,
-        identity: std::sync::RwLock::new(Arc::new(identity)),
+        identity,
         crypto,
         route_device,
         links,
         dp,
-        pod_interfaces: Mutex::new(pods),
-        leaks_seen: Mutex::new(HashMap::new()),
+        pod_interfaces: pods,
         backend_reason,
         mtu,
         mtu_plan: plan,
         layout,
-        started: Instant::now(),
-        timing: Timing::default(),
         events,
-        reconcile: Notify::new(),
-        reconcile_lock: Mutex::new(()),
-        next_session: AtomicU64::new(1),
-        rotators: Mutex::new(HashMap::new()),
-        wg_key_rolled: Mutex::new(Instant::now()),
-        expiry_warned: Mutex::new(std::collections::HashSet::new()),
-        crl: Mutex::new(crl),
-        crl_watch: tokio::sync::watch::channel(0).0,
-        reauth_watch: tokio::sync::watch::channel((0, String::new())).0,
-        identity_files: Mutex::new(()),
-        renewal: Mutex::new(None),
-        issuer_stats: Default::default(),
-        peers_watch: tokio::sync::watch::channel(0).0,
+        crl,
     });
 
     {
@@ -1385,9 +1448,14 @@ pub async fn run(
     if let Some(renewal) = shared.config.tls.renewal.clone() {
         tasks.spawn(renewer(shared.clone(), renewal));
     }
-    if let Some((cfg, listener)) = issuer {
-        info!(listen = %cfg.listen, ca_dir = %cfg.ca_dir.display(), lifetime = %humantime::format_duration(cfg.cert_lifetime), "issuer role up: online enrolment and renewal");
-        tasks.spawn(crate::issuer::serve(shared.clone(), cfg, listener));
+    if let Some((cfg, reviewer, listener)) = issuer {
+        info!(listen = %cfg.listen, ca_dir = %cfg.ca_dir.display(), lifetime = %humantime::format_duration(cfg.cert_lifetime), kubernetes = cfg.kubernetes.is_some(), "issuer role up: online enrolment and renewal");
+        tasks.spawn(crate::issuer::serve(
+            shared.clone(),
+            cfg,
+            reviewer,
+            listener,
+        ));
     }
     tasks.spawn(crate::control::net::listen(shared.clone(), listener));
     let peer_set = crate::discovery::start(&shared, &mut tasks).await?;
@@ -1637,9 +1705,17 @@ async fn renewer(shared: Arc<Shared>, cfg: crate::config::RenewalConfig) {
         }
         let s = shared.clone();
         let issuer = cfg.issuer.clone();
-        let result = tokio::task::spawn_blocking(move || renew_once(&s, &issuer))
-            .await
-            .unwrap_or_else(|e| Err(format!("renewal task failed: {e}")));
+        let result = tokio::task::spawn_blocking(move || {
+            // An expired certificate cannot be renewed (the issuer refuses it); with
+            // tls.enrolment the node enrols again with its ServiceAccount token.
+            let expired = time::OffsetDateTime::now_utc() >= s.identity().info().not_after;
+            match &s.config.tls.enrolment {
+                Some(e) if expired => re_enrol(&s, e),
+                _ => renew_once(&s, &issuer),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("renewal task failed: {e}")));
         let now = std::time::SystemTime::now();
         let mut guard = shared.renewal.lock().unwrap_or_else(|p| p.into_inner());
         let Some(st) = guard.as_mut() else { continue };
@@ -1762,8 +1838,34 @@ fn renew_once(shared: &Shared, issuer: &str) -> Result<enc_certs::CertInfo, Stri
     Ok(new.info().clone())
 }
 
+/// Enrols again with the ServiceAccount token (`tls.enrolment`) after the certificate
+/// expired, writing under the identity-files lock, and loads the new identity at once.
+fn re_enrol(
+    shared: &Shared,
+    enrolment: &crate::config::EnrolmentConfig,
+) -> Result<enc_certs::CertInfo, String> {
+    let _files = shared
+        .identity_files
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let info = crate::enrolment::enrol_once(&shared.config, enrolment)
+        .map_err(|e| format!("the certificate expired; enrolling again failed: {e}"))?;
+    let from = format!(
+        "enrolled again with the ServiceAccount token at issuer {}",
+        enrolment.issuer
+    );
+    if !shared.reload_identity_from(Some(&from)) {
+        return Err(format!(
+            "{} and {} were written but not loaded (see the identity-reload-failed event)",
+            shared.config.tls.cert.display(),
+            shared.config.tls.key.display()
+        ));
+    }
+    Ok(info)
+}
+
 /// `<path>.renew.tmp`, in the same directory (so that the rename is atomic).
-fn temp_beside(path: &Path) -> PathBuf {
+pub(crate) fn temp_beside(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_owned();
     name.push(".renew.tmp");
     path.with_file_name(name)
@@ -1771,7 +1873,7 @@ fn temp_beside(path: &Path) -> PathBuf {
 
 /// Writes `bytes` to a new file with exactly `mode` (replacing a stale temporary file) and
 /// syncs it.
-fn write_new_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+pub(crate) fn write_new_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let _ = std::fs::remove_file(path);
@@ -1835,35 +1937,19 @@ pub(crate) fn test_shared(
 ) -> Arc<Shared> {
     let route_device = crypto.device().unwrap_or_default().to_owned();
     let events = crate::events::EventLog::in_memory(&config.node.name);
-    Arc::new(Shared {
-        table: Mutex::new(PeerTable::new(&config, Instant::now())),
-        identity: std::sync::RwLock::new(Arc::new(identity)),
+    Shared::new(SharedParts {
         layout: Layout::direct(&route_device, 1420),
         route_device,
+        identity,
         crypto,
         links,
         dp,
-        pod_interfaces: Mutex::new(Vec::new()),
-        leaks_seen: Mutex::new(HashMap::new()),
+        pod_interfaces: Vec::new(),
         backend_reason: "test".into(),
         mtu: 1420,
         mtu_plan: mtu_plan(&config).expect("an MTU plan"),
-        started: Instant::now(),
-        timing: Timing::default(),
         events,
-        reconcile: Notify::new(),
-        reconcile_lock: Mutex::new(()),
-        next_session: AtomicU64::new(1),
-        rotators: Mutex::new(HashMap::new()),
-        wg_key_rolled: Mutex::new(Instant::now()),
-        expiry_warned: Mutex::new(std::collections::HashSet::new()),
-        crl: Mutex::new(None),
-        crl_watch: tokio::sync::watch::channel(0).0,
-        reauth_watch: tokio::sync::watch::channel((0, String::new())).0,
-        peers_watch: tokio::sync::watch::channel(0).0,
-        identity_files: Mutex::new(()),
-        renewal: Mutex::new(None),
-        issuer_stats: Default::default(),
+        crl: None,
         config,
     })
 }
@@ -1910,5 +1996,118 @@ mod tests {
         };
         assert_eq!(rotation_trigger(&off, Duration::MAX, None, 0), None);
         assert!(Trigger::EspSeq(7).to_string().contains("7"));
+    }
+}
+
+#[cfg(test)]
+mod reenrol_tests {
+    use super::*;
+    use crate::attest::{FakeTokenReviewer, TokenReviewer};
+    use crate::config::StandaloneIssuerConfig;
+    use crate::issuer::StandaloneIssuer;
+
+    /// The renewer of a node whose certificate expired (the issuer was away too long) enrols
+    /// again with its ServiceAccount token, and the new identity is loaded at once.
+    #[tokio::test]
+    async fn renewer_enrols_again_with_the_token_once_the_certificate_expired() {
+        enc_certs::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        enc_certs::init_ca(&ca_dir, &enc_certs::CaOptions::default()).unwrap();
+        let ca = enc_certs::CertificateAuthority::load(&ca_dir).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let short = enc_certs::issue_node_cert_pem(
+            &ca,
+            &enc_certs::NodeCertRequest {
+                node: "node-1".into(),
+                ips: vec!["10.0.0.1".parse().unwrap()],
+                days: 1,
+            },
+            now - time::Duration::seconds(1),
+            now + time::Duration::seconds(3),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("c"), &short.cert_pem).unwrap();
+        std::fs::write(dir.path().join("k"), &short.key_pem).unwrap();
+        // Renewal goes to an issuer that is down, so the certificate expires.
+        let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let down_addr = format!("127.0.0.1:{}", down.local_addr().unwrap().port());
+        drop(down);
+        std::fs::copy(ca_dir.join("ca.crt"), dir.path().join("ca.crt")).unwrap();
+        std::fs::write(dir.path().join("token"), "tok-node-1\n").unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let scfg = StandaloneIssuerConfig::parse_with_env(
+            "issuer:\n  listen: 127.0.0.1:7946\n  caDir: ca\n  kubernetes:\n    serviceAccount: kube-system/enc-agent\nserverName: enc-issuer.test\nserverAddress: 127.0.0.1\n",
+            &dir.path().join("issuer.yaml"),
+            |_| None,
+        )
+        .unwrap();
+        let host = Arc::new(StandaloneIssuer::new(scfg.clone()).unwrap());
+        let reviewer: Arc<dyn TokenReviewer> = Arc::new(
+            FakeTokenReviewer::new()
+                .with_bound_token(
+                    "tok-node-1",
+                    "enc-issuer",
+                    "system:serviceaccount:kube-system:enc-agent",
+                    "node-1",
+                    "enc-agent-a1",
+                )
+                .with_node("node-1", &["10.0.0.1".parse().unwrap()]),
+        );
+        tokio::spawn(crate::issuer::serve(
+            host,
+            scfg.issuer,
+            Some(reviewer),
+            listener,
+        ));
+
+        let text = format!(
+            "node: {{ name: node-1, underlayAddress: 10.0.0.1, podCidr: 10.244.1.0/24 }}\n\
+             tls:\n  cert: c\n  key: k\n  ca: ca.crt\n  reloadInterval: 'off'\n  \
+             enrolment: {{ issuer: '{issuer}', serviceAccountTokenFile: token }}\n  \
+             renewal: {{ issuer: '{down_addr}' }}\n\
+             encryption: {{ type: none }}\n\
+             metrics: {{ listen: 'off' }}\n\
+             statusSocket: /nonexistent/enc-node-1.sock\n"
+        );
+        let config = Config::parse(&text, &dir.path().join("agent.yaml")).unwrap();
+        let renewal = config.tls.renewal.clone().unwrap();
+        let identity =
+            NodeIdentity::load(&config.tls.cert, &config.tls.key, &config.tls.ca).unwrap();
+        let old = identity.info().serial.clone();
+        let shared = test_shared(
+            config,
+            identity,
+            Crypto::None,
+            Arc::new(enc_geneve_vxlan::FakeLinks::new()),
+            Arc::new(enc_tunnel_ebpf::FakeDatapath::new(
+                enc_tunnel_ebpf::AttachMode::Tcx,
+            )),
+        );
+        tokio::spawn(renewer(shared.clone(), renewal));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while shared.identity().info().serial == old {
+            assert!(Instant::now() < deadline, "not enrolled again within 15 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let info = shared.identity().info().clone();
+        assert!(info.not_after > time::OffsetDateTime::now_utc());
+        assert_eq!(info.dns_names, ["node-1"]);
+        let events = shared.events.since(0, 100);
+        // First the renewals failed, while the certificate was valid.
+        assert!(
+            events
+                .iter()
+                .any(|e| e.kind == enc_api::EventKind::RenewalFailed),
+            "{events:?}"
+        );
+        assert!(
+            events.iter().any(|e| e.kind == enc_api::EventKind::Renewal
+                && e.detail
+                    .contains("enrolled again with the ServiceAccount token")),
+            "{events:?}"
+        );
     }
 }

@@ -98,6 +98,21 @@ struct RawIssuer {
     listen: Option<String>,
     ca_dir: PathBuf,
     cert_lifetime: Option<String>,
+    kubernetes: Option<RawKubernetesAttestation>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawKubernetesAttestation {
+    audience: Option<String>,
+    service_account: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawEnrolment {
+    issuer: String,
+    service_account_token_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +138,7 @@ struct RawTls {
     ca: PathBuf,
     reload_interval: Option<String>,
     renewal: Option<RawRenewal>,
+    enrolment: Option<RawEnrolment>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -412,7 +428,60 @@ pub struct TlsConfig {
     pub reload_interval: Option<Duration>,
     /// Automatic renewal of `cert` and `key` with an issuer (`None`: renewed externally).
     pub renewal: Option<RenewalConfig>,
+    /// Enrolment at start-up when `cert` or `key` does not exist yet (`None`: they must).
+    pub enrolment: Option<EnrolmentConfig>,
 }
+
+/// Kubernetes-attested enrolment at start-up (`tls.enrolment`): a node without a
+/// certificate sends its projected ServiceAccount token to the issuer, which verifies it
+/// with the TokenReview API and issues a certificate for the token's node.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrolmentConfig {
+    /// The issuer, `HOST:PORT` (HOST must be an IP SAN or DNS SAN of the issuer's certificate).
+    pub issuer: String,
+    /// The projected ServiceAccount token file (audience of the issuer). Only the path is
+    /// held and printed; the token is read when it is sent and never logged.
+    pub service_account_token_file: PathBuf,
+}
+
+/// The issuer's Kubernetes attestation (`issuer.kubernetes`): which ServiceAccount tokens
+/// enrol a node. Printed as it is written (`serviceAccount: NAMESPACE/NAME`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubernetesAttestation {
+    /// The audience the tokens must be for (the TokenReview's `spec.audiences`).
+    pub audience: String,
+    /// The agents' namespace.
+    pub namespace: String,
+    /// The agents' ServiceAccount.
+    pub service_account: String,
+}
+
+impl Serialize for KubernetesAttestation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("KubernetesAttestation", 2)?;
+        st.serialize_field("audience", &self.audience)?;
+        st.serialize_field(
+            "serviceAccount",
+            &format!("{}/{}", self.namespace, self.service_account),
+        )?;
+        st.end()
+    }
+}
+
+impl KubernetesAttestation {
+    /// The username of the agents' tokens: `system:serviceaccount:<namespace>:<name>`.
+    pub fn username(&self) -> String {
+        format!(
+            "system:serviceaccount:{}:{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
+/// Default `issuer.kubernetes.audience`.
+pub const DEFAULT_ISSUER_AUDIENCE: &str = "enc-issuer";
 
 /// Automatic certificate renewal (`tls.renewal`).
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -441,6 +510,8 @@ pub struct IssuerConfig {
     /// Lifetime of the certificates it issues.
     #[serde(with = "humantime_secs")]
     pub cert_lifetime: Duration,
+    /// Kubernetes-attested enrolment with ServiceAccount tokens (`None`: join tokens only).
+    pub kubernetes: Option<KubernetesAttestation>,
 }
 
 /// Control channel settings.
@@ -1006,9 +1077,20 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     let underlay = parse_ip("node.underlayAddress", &raw.node.underlay_address)?;
     let pod_cidr = parse_cidr("node.podCidr", &raw.node.pod_cidr)?;
 
+    let enrolment = raw
+        .tls
+        .enrolment
+        .as_ref()
+        .map(|e| validate_enrolment(e, base))
+        .transpose()?;
+    // With enrolment, the certificate and key are made at start-up if they do not exist.
+    let id_file = |field: &str, path: &Path| match &enrolment {
+        Some(_) => check_file_or_creatable(field, base, path),
+        None => check_file(field, base, path),
+    };
     let tls = TlsConfig {
-        cert: check_file("tls.cert", base, &raw.tls.cert)?,
-        key: check_file("tls.key", base, &raw.tls.key)?,
+        cert: id_file("tls.cert", &raw.tls.cert)?,
+        key: id_file("tls.key", &raw.tls.key)?,
         ca: check_file("tls.ca", base, &raw.tls.ca)?,
         reload_interval: match raw.tls.reload_interval.as_deref().map(str::trim) {
             Some("off") => None,
@@ -1025,6 +1107,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
             }
         },
         renewal: raw.tls.renewal.as_ref().map(validate_renewal).transpose()?,
+        enrolment,
     };
 
     let control_port = check_port(
@@ -1333,6 +1416,89 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
     })
 }
 
+fn validate_enrolment(raw: &RawEnrolment, base: &Path) -> Result<EnrolmentConfig, ConfigError> {
+    let issuer = raw.issuer.trim();
+    check_host_port("tls.enrolment.issuer", issuer)?;
+    Ok(EnrolmentConfig {
+        issuer: issuer.to_owned(),
+        service_account_token_file: check_file(
+            "tls.enrolment.serviceAccountTokenFile",
+            base,
+            &raw.service_account_token_file,
+        )?,
+    })
+}
+
+/// A file that exists, or that can be created: its directory exists.
+fn check_file_or_creatable(field: &str, base: &Path, path: &Path) -> Result<PathBuf, ConfigError> {
+    let full = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        base.join(path)
+    };
+    match std::fs::metadata(&full) {
+        Ok(m) if m.is_file() => Ok(full),
+        Ok(_) => Err(invalid(field, path.display(), "not a regular file")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = full.parent().filter(|d| !d.as_os_str().is_empty());
+            match dir.map(std::fs::metadata) {
+                Some(Ok(m)) if m.is_dir() => Ok(full),
+                _ => Err(invalid(
+                    field,
+                    path.display(),
+                    "does not exist, and its directory does not exist either (enrolment writes it there)",
+                )),
+            }
+        }
+        Err(e) => Err(invalid(field, path.display(), format!("cannot open: {e}"))),
+    }
+}
+
+fn validate_kubernetes_attestation(
+    raw: &RawKubernetesAttestation,
+) -> Result<KubernetesAttestation, ConfigError> {
+    let audience = raw
+        .audience
+        .as_deref()
+        .map(str::trim)
+        .unwrap_or(DEFAULT_ISSUER_AUDIENCE);
+    if audience.is_empty() || audience.len() > 253 || audience.chars().any(char::is_whitespace) {
+        return Err(invalid(
+            "issuer.kubernetes.audience",
+            audience,
+            "must be 1 to 253 characters without spaces, like enc-issuer",
+        ));
+    }
+    let sa = raw.service_account.trim();
+    let bad = |why: &str| invalid("issuer.kubernetes.serviceAccount", sa, why);
+    let (namespace, name) = sa
+        .split_once('/')
+        .ok_or_else(|| bad("expected NAMESPACE/NAME, like kube-system/enc-agent"))?;
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    if !label(namespace) {
+        return Err(bad(
+            "the namespace must be a lowercase RFC 1123 label (a-z, 0-9, '-')",
+        ));
+    }
+    if name.len() > 253 || name.split('.').any(|l| !label(l)) {
+        return Err(bad(
+            "the ServiceAccount name must be a lowercase RFC 1123 subdomain",
+        ));
+    }
+    Ok(KubernetesAttestation {
+        audience: audience.to_owned(),
+        namespace: namespace.to_owned(),
+        service_account: name.to_owned(),
+    })
+}
+
 fn validate_renewal(raw: &RawRenewal) -> Result<RenewalConfig, ConfigError> {
     let issuer = raw.issuer.trim();
     check_host_port("tls.renewal.issuer", issuer)?;
@@ -1397,8 +1563,20 @@ fn validate_issuer(
     control: &ControlConfig,
     metrics: Option<SocketAddr>,
 ) -> Result<IssuerConfig, ConfigError> {
+    let default = SocketAddr::new(underlay, enc_api::issuer::DEFAULT_ISSUER_PORT);
+    validate_issuer_at(raw, base, Some(default), Some(control), metrics)
+}
+
+fn validate_issuer_at(
+    raw: &RawIssuer,
+    base: &Path,
+    default_listen: Option<SocketAddr>,
+    control: Option<&ControlConfig>,
+    metrics: Option<SocketAddr>,
+) -> Result<IssuerConfig, ConfigError> {
     let listen = match raw.listen.as_deref().map(str::trim) {
-        None => SocketAddr::new(underlay, enc_api::issuer::DEFAULT_ISSUER_PORT),
+        None => default_listen
+            .ok_or_else(|| invalid("issuer.listen", "", "must be given, like 0.0.0.0:7946"))?,
         Some(v) => {
             let a: SocketAddr = v.parse().map_err(|_| {
                 invalid(
@@ -1419,7 +1597,9 @@ fn validate_issuer(
                 || other.ip().is_unspecified()
                 || listen.ip().is_unspecified())
     };
-    if clash(control.listen) {
+    if let Some(control) = control
+        && clash(control.listen)
+    {
         return Err(invalid(
             "issuer.listen",
             listen,
@@ -1481,7 +1661,115 @@ fn validate_issuer(
         listen,
         ca_dir,
         cert_lifetime,
+        kubernetes: raw
+            .kubernetes
+            .as_ref()
+            .map(validate_kubernetes_attestation)
+            .transpose()?,
     })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawStandaloneIssuer {
+    issuer: RawIssuer,
+    server_name: String,
+    server_address: Option<String>,
+    server_address_env: Option<String>,
+}
+
+/// An address for the serving certificate: any unicast, specified address (loopback too,
+/// for an issuer reached on the same host).
+fn parse_server_ip(field: &str, value: &str) -> Result<IpAddr, ConfigError> {
+    let ip: IpAddr = value
+        .trim()
+        .parse()
+        .map_err(|_| invalid(field, value, "not an IP address"))?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(invalid(
+            field,
+            value,
+            "must be a unicast, specified address",
+        ));
+    }
+    Ok(ip)
+}
+
+/// Default `serverAddressEnv` of a standalone issuer (the pod IP from the downward API).
+pub const DEFAULT_SERVER_ADDRESS_ENV: &str = "POD_IP";
+
+/// The configuration of a standalone issuer (`enc-agent --issuer-only`): the issuer role
+/// without a datapath, as the chart's issuer Deployment runs it. It holds the CA and signs
+/// its own serving certificate for `serverName` (the name agents dial) and `serverAddress`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StandaloneIssuerConfig {
+    /// The issuer role; `listen` has no default here.
+    pub issuer: IssuerConfig,
+    /// DNS SAN of the serving certificate, e.g. `enc-issuer.kube-system.svc`.
+    pub server_name: String,
+    /// IP SAN of the serving certificate.
+    pub server_address: IpAddr,
+}
+
+impl StandaloneIssuerConfig {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse_with_env(&text, path, |k| std::env::var(k).ok())
+    }
+
+    /// Validates `text` (read from `path`; relative paths are relative to its directory),
+    /// taking environment variables from `env`.
+    pub fn parse_with_env(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let raw: RawStandaloneIssuer =
+            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let issuer = validate_issuer_at(&raw.issuer, base, None, None, None)?;
+        check_node_name(raw.server_name.trim())
+            .map_err(|r| invalid("serverName", &raw.server_name, r))?;
+        let server_address = match (&raw.server_address, &raw.server_address_env) {
+            (Some(a), None) => parse_server_ip("serverAddress", a)?,
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "serverAddressEnv",
+                    raw.server_address_env.as_deref().unwrap_or_default(),
+                    "give serverAddress or serverAddressEnv, not both",
+                ));
+            }
+            (None, var) => {
+                let var = var.as_deref().unwrap_or(DEFAULT_SERVER_ADDRESS_ENV);
+                let value = env(var).ok_or_else(|| {
+                    invalid(
+                        "serverAddressEnv",
+                        var,
+                        "the environment variable is not set (the chart sets it from status.podIP)",
+                    )
+                })?;
+                parse_server_ip(&format!("serverAddressEnv ({var})"), &value)?
+            }
+        };
+        Ok(Self {
+            issuer,
+            server_name: raw.server_name.trim().to_owned(),
+            server_address,
+        })
+    }
+
+    /// The configuration as YAML; safe to print (paths only, no key material).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_else(|e| format!("<unprintable config: {e}>"))
+    }
 }
 
 #[cfg(test)]
@@ -1640,6 +1928,182 @@ peers:
             let msg = parse(&d, &text).unwrap_err().to_string();
             assert!(msg.contains(field) && msg.contains(value), "{msg}");
         }
+    }
+
+    #[test]
+    fn kubernetes_attestation_and_enrolment_settings() {
+        let d = dir();
+        let ca = d.0.path().join("ca");
+        std::fs::create_dir(&ca).unwrap();
+        std::fs::write(ca.join("ca.crt"), "x").unwrap();
+        std::fs::write(ca.join("ca.key"), "x").unwrap();
+        std::fs::write(d.0.path().join("token"), "secret-jwt").unwrap();
+        std::fs::create_dir(d.0.path().join("new")).unwrap();
+        let with = |tls: &str, issuer: &str| {
+            GOOD.replacen("  ca: ca.crt\n", &format!("  ca: ca.crt\n{tls}"), 1)
+                .replacen("peers:\n", &format!("{issuer}peers:\n"), 1)
+        };
+        let c = parse(
+            &d,
+            &with(
+                "",
+                "issuer:\n  caDir: ca\n  kubernetes:\n    serviceAccount: kube-system/enc-agent\n",
+            ),
+        )
+        .unwrap();
+        let k = c.issuer.unwrap().kubernetes.unwrap();
+        assert_eq!(k.audience, DEFAULT_ISSUER_AUDIENCE);
+        assert_eq!(k.username(), "system:serviceaccount:kube-system:enc-agent");
+
+        let enrol = "  enrolment:\n    issuer: enc-issuer.kube-system.svc:7946\n    serviceAccountTokenFile: token\n";
+        // With enrolment, the certificate and key may be missing if their directory exists.
+        let text = with(enrol, "")
+            .replace("cert: n1.crt", "cert: new/tls.crt")
+            .replace("key: n1.key", "key: new/tls.key");
+        let c = parse(&d, &text).unwrap();
+        let e = c.tls.enrolment.clone().unwrap();
+        assert_eq!(e.issuer, "enc-issuer.kube-system.svc:7946");
+        assert_eq!(e.service_account_token_file, d.0.path().join("token"));
+        assert_eq!(c.tls.cert, d.0.path().join("new/tls.crt"));
+        // Printable: the token file's path, never the token.
+        let y = c.to_yaml();
+        assert!(
+            y.contains("serviceAccountTokenFile") && !y.contains("secret-jwt"),
+            "{y}"
+        );
+        // Without enrolment they must exist.
+        let (f, _, _) = invalid_field(
+            &d,
+            &with("", "")
+                .replace("cert: n1.crt", "cert: new/tls.crt")
+                .replace("key: n1.key", "key: new/tls.key"),
+        );
+        assert_eq!(f, "tls.cert");
+
+        let cases = [
+            (
+                with(enrol, "").replace("cert: n1.crt", "cert: nodir/tls.crt"),
+                "tls.cert",
+                "nodir/tls.crt",
+            ),
+            (
+                with(
+                    "  enrolment:\n    issuer: 10.0.0.9\n    serviceAccountTokenFile: token\n",
+                    "",
+                ),
+                "tls.enrolment.issuer",
+                "10.0.0.9",
+            ),
+            (
+                with(
+                    "  enrolment:\n    issuer: h:1\n    serviceAccountTokenFile: nope\n",
+                    "",
+                ),
+                "tls.enrolment.serviceAccountTokenFile",
+                "nope",
+            ),
+            (
+                with(
+                    "",
+                    "issuer:\n  caDir: ca\n  kubernetes:\n    serviceAccount: enc-agent\n",
+                ),
+                "issuer.kubernetes.serviceAccount",
+                "enc-agent",
+            ),
+            (
+                with(
+                    "",
+                    "issuer:\n  caDir: ca\n  kubernetes:\n    serviceAccount: Kube_System/enc-agent\n",
+                ),
+                "issuer.kubernetes.serviceAccount",
+                "Kube_System/enc-agent",
+            ),
+            (
+                with(
+                    "",
+                    "issuer:\n  caDir: ca\n  kubernetes:\n    serviceAccount: kube-system/\n",
+                ),
+                "issuer.kubernetes.serviceAccount",
+                "kube-system/",
+            ),
+            (
+                with(
+                    "",
+                    "issuer:\n  caDir: ca\n  kubernetes:\n    audience: \"a b\"\n    serviceAccount: ns/sa\n",
+                ),
+                "issuer.kubernetes.audience",
+                "a b",
+            ),
+        ];
+        for (text, field, value) in cases {
+            let (f, v, r) = invalid_field(&d, &text);
+            assert_eq!((f.as_str(), v.as_str()), (field, value), "{r}");
+        }
+        let e = parse(
+            &d,
+            &with(
+                "",
+                "issuer:\n  caDir: ca\n  kubernetes:\n    serviceAccount: a/b\n    audiance: x\n",
+            ),
+        )
+        .unwrap_err();
+        assert!(format!("{:?}", e).contains("audiance"), "{e:?}");
+    }
+
+    #[test]
+    fn standalone_issuer_settings() {
+        let d = dir();
+        let ca = d.0.path().join("ca");
+        std::fs::create_dir(&ca).unwrap();
+        std::fs::write(ca.join("ca.crt"), "x").unwrap();
+        std::fs::write(ca.join("ca.key"), "x").unwrap();
+        let path = d.0.path().join("issuer.yaml");
+        let env = |k: &str| (k == "POD_IP").then(|| "10.96.3.4".to_owned());
+        let text = "issuer:\n  listen: 0.0.0.0:7946\n  caDir: ca\n  kubernetes:\n    serviceAccount: kube-system/enc-agent\nserverName: enc-issuer.kube-system.svc\n";
+        let c = StandaloneIssuerConfig::parse_with_env(text, &path, env).unwrap();
+        assert_eq!(c.server_address, "10.96.3.4".parse::<IpAddr>().unwrap());
+        assert_eq!(c.server_name, "enc-issuer.kube-system.svc");
+        assert_eq!(
+            c.issuer.listen,
+            "0.0.0.0:7946".parse::<SocketAddr>().unwrap()
+        );
+        assert!(c.issuer.kubernetes.is_some());
+        assert!(c.to_yaml().contains("caDir"));
+        // What --print-config shows parses back to the same configuration.
+        let again = StandaloneIssuerConfig::parse_with_env(&c.to_yaml(), &path, env).unwrap();
+        assert_eq!(again, c);
+        let bad = |text: &str| match StandaloneIssuerConfig::parse_with_env(text, &path, env) {
+            Err(ConfigError::Invalid { field, value, .. }) => (field, value),
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        assert_eq!(
+            bad("issuer:\n  caDir: ca\nserverName: x\n"),
+            ("issuer.listen".into(), "".into())
+        );
+        assert_eq!(
+            bad("issuer:\n  listen: 0.0.0.0:7946\n  caDir: ca\nserverName: Bad_Name\n"),
+            ("serverName".into(), "Bad_Name".into())
+        );
+        assert_eq!(
+            bad(
+                "issuer:\n  listen: 0.0.0.0:7946\n  caDir: ca\nserverName: x\nserverAddressEnv: NOPE\n"
+            ),
+            ("serverAddressEnv".into(), "NOPE".into())
+        );
+        assert_eq!(
+            bad(
+                "issuer:\n  listen: 0.0.0.0:7946\n  caDir: ca\nserverName: x\nserverAddress: 0.0.0.0\n"
+            ),
+            ("serverAddress".into(), "0.0.0.0".into())
+        );
+        assert!(matches!(
+            StandaloneIssuerConfig::parse_with_env(
+                "issuer:\n  listen: 0.0.0.0:1\n  caDir: ca\nserverName: x\nport: 1\n",
+                &path,
+                env
+            ),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]

@@ -9,14 +9,18 @@
 //! exist: the static list or Kubernetes `EncNode` objects), [`control`] (control channel),
 //! [`peers`] (the peer table, plain data), [`reconcile`] (desired state to the backends),
 //! [`status`] (the Unix-socket API), [`metrics`] (Prometheus endpoint), [`events`] (the
-//! audit log), [`issuer`] (the issuer role: online enrolment and renewal), [`renewal`]
-//! (the renewal schedule, sans-IO), [`app`] (wiring).
+//! audit log), [`issuer`] (the issuer role: online enrolment and renewal), [`attest`]
+//! (Kubernetes ServiceAccount token attestation for the issuer), [`enrolment`] (enrolling
+//! this node at start-up with its ServiceAccount token), [`renewal`] (the renewal schedule,
+//! sans-IO), [`app`] (wiring).
 
 pub mod app;
+pub mod attest;
 pub mod backend;
 pub mod config;
 pub mod control;
 pub mod discovery;
+pub mod enrolment;
 pub mod events;
 pub mod issuer;
 pub mod metrics;

@@ -21,6 +21,11 @@ struct Args {
     /// and maps) and exit. A normal stop leaves the eBPF strict mode in place.
     #[arg(long, conflicts_with = "print_config")]
     cleanup: bool,
+    /// Run only the issuer role, without a datapath (the chart's issuer Deployment): the
+    /// config file is then a standalone issuer configuration (`issuer`, `serverName`,
+    /// `serverAddress` or `serverAddressEnv`).
+    #[arg(long, conflicts_with = "cleanup")]
+    issuer_only: bool,
     /// Debug only: write every ESP SA, keys included, to FILE in Wireshark's esp_sa format so
     /// that captures can be decrypted. Never enable in production.
     #[arg(long, value_name = "FILE")]
@@ -58,6 +63,23 @@ fn run(args: Args) -> anyhow::Result<()> {
     match args.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+
+    if args.issuer_only {
+        let config = enc_agent::config::StandaloneIssuerConfig::load(&args.config)?;
+        if args.print_config {
+            print!("{}", config.to_yaml());
+            return Ok(());
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("enc-issuer")
+            .build()
+            .context("start the async runtime")?;
+        return runtime
+            .block_on(enc_agent::issuer::run_standalone(config, shutdown_signal()))
+            .context("enc-agent --issuer-only failed");
     }
 
     // Kubernetes discovery fills the node's name, address and pod CIDR from the downward API

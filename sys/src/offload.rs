@@ -123,26 +123,32 @@ impl VnetHdr {
 }
 
 /// The 16-bit ones'-complement sum of `data` added to `sum` (not folded).
-pub fn sum16(data: &[u8], mut sum: u64) -> u64 {
-    let mut chunks = data.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        // Add the four 16-bit words of `w` by adding its two 32-bit halves (no overflow: each
-        // addition is below 2^33 and `sum` is folded before it could overflow).
-        sum += (w >> 32) + (w & 0xffff_ffff);
-        if sum >> 60 != 0 {
-            sum = (sum & 0xffff_ffff) + (sum >> 32);
+pub fn sum16(data: &[u8], sum: u64) -> u64 {
+    // The ones'-complement sum does not depend on byte order (RFC 1071, 2.(B)): add the data as
+    // native-endian 32-bit words in four independent lanes, which the compiler turns into wide
+    // vector adds, and swap the folded result into network order once at the end. No lane can
+    // overflow: each addition is below 2^32 and a packet is far shorter than 2^32 blocks.
+    let mut lanes = [0u64; 4];
+    let mut blocks = data.chunks_exact(16);
+    for b in &mut blocks {
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            let w = [b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]];
+            *lane += u64::from(u32::from_ne_bytes(w));
         }
     }
-    let rest = chunks.remainder();
-    let mut pairs = rest.chunks_exact(2);
-    for p in &mut pairs {
-        sum += u64::from(u16::from_be_bytes([p[0], p[1]]));
+    let mut native = lanes
+        .iter()
+        .map(|&l| (l & 0xffff_ffff) + (l >> 32))
+        .sum::<u64>();
+    let mut words = blocks.remainder().chunks_exact(2);
+    for w in &mut words {
+        native += u64::from(u16::from_ne_bytes([w[0], w[1]]));
     }
-    if let [b] = pairs.remainder() {
-        sum += u64::from(*b) << 8;
+    if let [b] = words.remainder() {
+        // An odd last byte is the high byte of a word padded with zero.
+        native += u64::from(u16::from_ne_bytes([*b, 0]));
     }
-    sum
+    sum + u64::from(u16::from_be(fold(native)))
 }
 
 /// Folds a sum from [`sum16`] to 16 bits (not complemented).

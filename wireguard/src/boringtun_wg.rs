@@ -8,7 +8,10 @@
 //! consecutive TCP segments of one flow into one super-packet per TUN write.
 //!
 //! Three threads share one `RwLock<Peers>`; each peer's noise state sits in its own `Mutex`. Lock
-//! order is always the peers lock first, then one peer lock. Every thread owns its packet buffers,
+//! order is always the peers lock first, then one peer lock. No thread makes a data-path syscall
+//! while it holds a peer lock: sealed segments go out after the split super-packet is sealed,
+//! and the UDP thread's TUN writes (which run the kernel's TCP receive path) are staged under
+//! the lock and written after it is released. Every thread owns its packet buffers,
 //! so the hot path does not allocate, and drops are counted (see [`DropCounters`]) instead of
 //! logged.
 //!
@@ -787,6 +790,7 @@ fn udp_loop(sh: &Shared) {
     let mut src = vec![0u8; MAX_PACKET];
     let mut dst = vec![0u8; BUF_LEN];
     let mut gro = Coalescer::new();
+    let mut staged = StagedWrites::new();
     while !sh.stopped() {
         match enc_sys::poll::wait_readable(sh.udp.as_fd(), TICK) {
             Ok(true) => {}
@@ -810,10 +814,48 @@ fn udp_loop(sh: &Shared) {
                 }
             };
             for datagram in src[..n].chunks(segment) {
-                decapsulate_one(sh, datagram, from, &mut dst, &mut gro);
+                decapsulate_one(sh, datagram, from, &mut dst, &mut gro, &mut staged);
+                // The TUN writes run here, with no lock held: a write carries the packet
+                // through the kernel's TCP receive path, and the TUN thread must not wait for
+                // that to seal the next segment for the same peer.
+                staged.drain(&mut |b: &[u8]| tun_write(sh, b));
             }
         }
         gro.flush(&mut |b: &[u8]| tun_write(sh, b));
+    }
+}
+
+/// TUN writes produced while a peer's lock is held, written after it is released. A push into
+/// the coalescer emits at most two writes (the pending super-packet and a packet that cannot be
+/// coalesced), so the buffer never grows past its first use.
+struct StagedWrites {
+    buf: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl StagedWrites {
+    fn new() -> Self {
+        Self {
+            buf: Vec::with_capacity(2 * (VNET_HDR_LEN + MAX_PACKET)),
+            ends: Vec::with_capacity(4),
+        }
+    }
+
+    /// Keeps a copy of one TUN write (a `virtio_net_hdr` and a packet).
+    fn stage(&mut self, write: &[u8]) {
+        self.buf.extend_from_slice(write);
+        self.ends.push(self.buf.len());
+    }
+
+    /// Hands every staged write to `write`, in order, and empties the stage.
+    fn drain(&mut self, write: &mut impl FnMut(&[u8])) {
+        let mut start = 0;
+        for &end in &self.ends {
+            write(&self.buf[start..end]);
+            start = end;
+        }
+        self.buf.clear();
+        self.ends.clear();
     }
 }
 
@@ -830,6 +872,7 @@ fn decapsulate_one(
     from: SocketAddr,
     dst: &mut [u8],
     gro: &mut Coalescer,
+    staged: &mut StagedWrites,
 ) {
     let peers = sh.read();
     // MAC and load check first, so that an unauthenticated flood costs no Diffie-Hellman.
@@ -861,7 +904,7 @@ fn decapsulate_one(
         peer,
         to: Some(from),
         gso: None,
-        gro: Some(gro),
+        gro: Some((gro, staged)),
     };
     if !st
         .noise
@@ -885,8 +928,9 @@ struct DeviceOutput<'a> {
     to: Option<SocketAddr>,
     /// Where the TUN thread batches sealed data for one UDP GSO send.
     gso: Option<&'a mut GsoBatch>,
-    /// Where the UDP thread coalesces opened packets for the TUN device.
-    gro: Option<&'a mut Coalescer>,
+    /// Where the UDP thread coalesces opened packets for the TUN device, and where the writes
+    /// the coalescer emits wait until the locks are released.
+    gro: Option<(&'a mut Coalescer, &'a mut StagedWrites)>,
 }
 
 impl Output for DeviceOutput<'_> {
@@ -908,8 +952,8 @@ impl Output for DeviceOutput<'_> {
             return;
         }
         let sh = self.sh;
-        match self.gro.as_deref_mut() {
-            Some(gro) => gro.push(packet, &mut |b: &[u8]| tun_write(sh, b)),
+        match &mut self.gro {
+            Some((gro, staged)) => gro.push(packet, &mut |b: &[u8]| staged.stage(b)),
             // Not on the UDP thread (no path delivers packets elsewhere): write it alone.
             None => Coalescer::new().push(packet, &mut |b: &[u8]| tun_write(sh, b)),
         }

@@ -457,9 +457,13 @@ mod tests {
     #[test]
     fn the_chart_renders_configs_the_agent_accepts() {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["tls.crt", "tls.key", "ca.crt"] {
+        for f in ["tls.crt", "tls.key", "ca.crt", "token"] {
             std::fs::write(dir.path().join(f), "x").unwrap();
         }
+        // The issuer mode's paths: no certificate yet (enrolment writes it), CA from a
+        // ConfigMap, the projected token.
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tests/fixtures");
         let facts = NodeFacts {
             name: Some("node-1".into()),
@@ -469,24 +473,62 @@ mod tests {
         let mut seen = Vec::new();
         for entry in std::fs::read_dir(&fixtures).unwrap() {
             let path = entry.unwrap().path();
-            let text = std::fs::read_to_string(&path)
+            let raw = std::fs::read_to_string(&path).unwrap();
+            if path
+                .file_stem()
                 .unwrap()
-                .replace("/etc/enc/tls/", &format!("{}/", dir.path().display()));
+                .to_string_lossy()
+                .starts_with("issuer-")
+            {
+                // The issuer Deployment's configuration, with its CA copy in place.
+                let ca = dir.path().join("issuer-ca");
+                if !ca.exists() {
+                    enc_certs::init_ca(&ca, &enc_certs::CaOptions::default()).unwrap();
+                }
+                let text = raw.replace("/var/lib/enc-issuer/ca", &ca.display().to_string());
+                let env = |k: &str| (k == "POD_IP").then(|| "10.96.0.12".to_owned());
+                let c = config::StandaloneIssuerConfig::parse_with_env(&text, &path, env)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let k = c.issuer.kubernetes.unwrap();
+                assert_eq!(k.username(), "system:serviceaccount:kube-system:enc-agent");
+                seen.push(path.file_stem().unwrap().to_string_lossy().into_owned());
+                continue;
+            }
+            let issuer_mode = raw.contains("enrolment:");
+            let tls_dir = if issuer_mode {
+                &empty
+            } else {
+                &dir.path().to_owned()
+            };
+            let text = raw
+                .replace("/etc/enc/tls/", &format!("{}/", tls_dir.display()))
+                .replace("/etc/enc/ca/", &format!("{}/", dir.path().display()))
+                .replace(
+                    "/var/run/secrets/enc/",
+                    &format!("{}/", dir.path().display()),
+                );
             let filled = fill_node(&text, &path, &facts).unwrap();
             let c = config::Config::parse(&filled, &path)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert!(matches!(c.discovery, DiscoveryConfig::Kubernetes(_)));
             assert_eq!(c.node.name, "node-1");
             let case = path.file_stem().unwrap().to_string_lossy().into_owned();
+            assert_eq!(c.tls.enrolment.is_some(), issuer_mode, "{case}");
+            assert_eq!(c.tls.renewal.is_some(), issuer_mode, "{case}");
             let want = match case.as_str() {
-                "agent-defaults" | "agent-hostpath-certs" | "agent-servicemonitor" => "none",
+                "agent-defaults"
+                | "agent-hostpath-certs"
+                | "agent-casecret-certs"
+                | "agent-servicemonitor" => "none",
                 "agent-ipsec" | "agent-ipsec-udp" => "ipsec",
                 _ => "wireguard",
             };
             assert_eq!(c.encryption_name(), want, "{case}");
             seen.push(case);
         }
-        assert!(seen.len() >= 7, "{seen:?}");
+        seen.sort();
+        assert!(seen.len() >= 10, "{seen:?}");
+        assert!(seen.contains(&"issuer-defaults".to_owned()), "{seen:?}");
     }
 
     #[test]

@@ -103,6 +103,36 @@ fn rfc1071_checksum() {
     assert_eq!(fold(sum16(&[0x01], 0)), 0x0100);
 }
 
+/// RFC 1071 word by word, in network order: the reference for the wide `sum16`.
+fn sum16_reference(data: &[u8], mut sum: u64) -> u64 {
+    for w in data.chunks(2) {
+        sum += u64::from(u16::from_be_bytes([w[0], w.get(1).copied().unwrap_or(0)]));
+    }
+    sum
+}
+
+proptest! {
+    #[test]
+    fn sum16_matches_the_word_by_word_sum(
+        data in proptest::collection::vec(any::<u8>(), 0..3000),
+        skip in 0usize..16,
+        seed in any::<u32>(),
+    ) {
+        // Every alignment and length, including the odd tails after the 16-byte blocks.
+        let data = &data[skip.min(data.len())..];
+        let seed = u64::from(seed);
+        prop_assert_eq!(fold(sum16(data, seed)), fold(sum16_reference(data, seed)));
+    }
+}
+
+#[test]
+fn sum16_of_all_ones_folds_to_ffff() {
+    // The worst case for carries: every word 0xffff, over a full 64 KiB packet.
+    let d = vec![0xff; 65535];
+    assert_eq!(fold(sum16(&d, 0)), fold(sum16_reference(&d, 0)));
+    assert_eq!(checksum(&[0xff; 64]), 0);
+}
+
 #[test]
 fn vnet_header_round_trip() {
     let h = VnetHdr {

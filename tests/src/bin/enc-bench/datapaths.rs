@@ -926,7 +926,49 @@ fn bench_node() -> anyhow::Result<PathBuf> {
             p.display()
         );
     }
+    refuse_stale(&p)?;
     Ok(p)
+}
+
+/// Fails if `node` is older than a source file it is built from: `cargo build -p enc-tests`
+/// does not rebuild `enc-bench-node`, and a stale one measures code that is no longer there.
+/// Skipped when the sources are not where this binary was built.
+fn refuse_stale(node: &Path) -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
+    let built = std::fs::metadata(node)
+        .and_then(|m| m.modified())
+        .with_context(|| format!("read the modification time of {}", node.display()))?;
+    let mut stack: Vec<PathBuf> = [
+        "sys/src",
+        "wireguard/src",
+        "ipsec/src",
+        "tests/bench-node/src",
+    ]
+    .iter()
+    .map(|d| root.join(d))
+    .filter(|d| d.is_dir())
+    .collect();
+    stack.push(root.join("Cargo.lock"));
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                stack.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+            }
+        } else if meta.modified().is_ok_and(|m| m > built) {
+            bail!(
+                "{} is older than {}: rebuild it with `cargo build --release -p enc-bench-node` \
+                 (scripts/bench.sh datapaths does)",
+                node.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 struct Report {
