@@ -8,6 +8,7 @@
 
 pub mod lab;
 pub mod netns;
+pub mod offload_check;
 pub mod pcap;
 pub mod scenarios;
 pub mod sys;

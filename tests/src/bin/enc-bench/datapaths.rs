@@ -399,23 +399,15 @@ impl Ends {
     fn new(prefix: &str) -> anyhow::Result<Self> {
         let a = Netns::new(&format!("{prefix}-a"))?;
         let b = Netns::new(&format!("{prefix}-b"))?;
-        a.run(&[
-            "ip",
-            "link",
-            "add",
+        enc_tests::offload_check::veth_pair(
+            &a,
+            &b,
             "ul0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ul0",
-            "netns",
-            b.name(),
-        ])?;
-        for (ns, addr) in [(&a, UNDERLAY[0]), (&b, UNDERLAY[1])] {
-            ns.run(&["ip", "addr", "add", &format!("{addr}/24"), "dev", "ul0"])?;
-            ns.run(&["ip", "link", "set", "ul0", "up"])?;
-        }
+            [
+                &format!("{}/24", UNDERLAY[0]),
+                &format!("{}/24", UNDERLAY[1]),
+            ],
+        )?;
         Ok(Self { a, b })
     }
 
