@@ -1813,21 +1813,7 @@ fn renew_once(shared: &Shared, issuer: &str) -> Result<enc_certs::CertInfo, Stri
         .identity_files
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    let key_tmp = temp_beside(&tls.key);
-    let cert_tmp = temp_beside(&tls.cert);
-    let written = write_new_file(&key_tmp, csr.key_pem.as_bytes(), 0o600)
-        .and_then(|()| write_new_file(&cert_tmp, issued.cert.as_bytes(), 0o644))
-        .and_then(|()| std::fs::rename(&key_tmp, &tls.key))
-        .and_then(|()| std::fs::rename(&cert_tmp, &tls.cert));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&key_tmp);
-        let _ = std::fs::remove_file(&cert_tmp);
-        return Err(format!(
-            "writing {} / {}: {e}",
-            tls.key.display(),
-            tls.cert.display()
-        ));
-    }
+    install_key_pair(&tls.key, &tls.cert, &csr.key_pem, &issued.cert)?;
     if !shared.reload_identity_from(Some(&format!("online from issuer {issuer}"))) {
         return Err(format!(
             "{} and {} were written but not loaded (see the identity-reload-failed event)",
@@ -1862,6 +1848,33 @@ fn re_enrol(
         ));
     }
     Ok(info)
+}
+
+/// Replaces the key file (mode 0600) and the certificate file (0644) with new contents: both
+/// written beside their targets and synced, then renamed over them; on an error the temporary
+/// files are removed and the error names both paths.
+pub(crate) fn install_key_pair(
+    key_path: &Path,
+    cert_path: &Path,
+    key_pem: &str,
+    cert_pem: &str,
+) -> Result<(), String> {
+    let key_tmp = temp_beside(key_path);
+    let cert_tmp = temp_beside(cert_path);
+    let written = write_new_file(&key_tmp, key_pem.as_bytes(), 0o600)
+        .and_then(|()| write_new_file(&cert_tmp, cert_pem.as_bytes(), 0o644))
+        .and_then(|()| std::fs::rename(&key_tmp, key_path))
+        .and_then(|()| std::fs::rename(&cert_tmp, cert_path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&key_tmp);
+        let _ = std::fs::remove_file(&cert_tmp);
+        return Err(format!(
+            "writing {} / {}: {e}",
+            key_path.display(),
+            cert_path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// `<path>.renew.tmp`, in the same directory (so that the rename is atomic).

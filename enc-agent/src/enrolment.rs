@@ -9,7 +9,7 @@
 //! exponential backoff: the issuer may come up after the agents. Renewal then works as for
 //! any node (`tls.renewal`).
 
-use crate::app::{check_identity, format_chain, temp_beside, write_new_file};
+use crate::app::{check_identity, format_chain, install_key_pair};
 use crate::config::{Config, EnrolmentConfig};
 use enc_api::issuer::{IssuerRequest, IssuerResponse};
 use enc_certs::{CertInfo, NodeIdentity};
@@ -131,20 +131,6 @@ pub fn enrol_once(config: &Config, enrolment: &EnrolmentConfig) -> Result<CertIn
     let new =
         NodeIdentity::from_pem(&issued.cert, &csr.key_pem, &ca_pem).map_err(|e| unusable(&e))?;
     check_identity(config, &new).map_err(|e| unusable(&e))?;
-    let key_tmp = temp_beside(&tls.key);
-    let cert_tmp = temp_beside(&tls.cert);
-    let written = write_new_file(&key_tmp, csr.key_pem.as_bytes(), 0o600)
-        .and_then(|()| write_new_file(&cert_tmp, issued.cert.as_bytes(), 0o644))
-        .and_then(|()| std::fs::rename(&key_tmp, &tls.key))
-        .and_then(|()| std::fs::rename(&cert_tmp, &tls.cert));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&key_tmp);
-        let _ = std::fs::remove_file(&cert_tmp);
-        return Err(format!(
-            "writing {} / {}: {e}",
-            tls.key.display(),
-            tls.cert.display()
-        ));
-    }
+    install_key_pair(&tls.key, &tls.cert, &csr.key_pem, &issued.cert)?;
     Ok(new.info().clone())
 }
