@@ -312,6 +312,12 @@ pub struct EncryptionInfo {
     pub mtu: u32,
     /// IPsec details, with `type: ipsec`.
     pub ipsec: Option<IpsecInfo>,
+    /// Packets the userspace datapath (`boringtun`, `userspace-esp`) dropped, or failed to
+    /// handle, that belong to no peer, by reason, every reason listed (0 included). Empty for
+    /// the kernel implementations, which keep no such counters, and for agents older than
+    /// this field.
+    #[serde(default)]
+    pub device_drops: std::collections::BTreeMap<String, u64>,
 }
 
 /// IPsec state of this node.
@@ -614,5 +620,19 @@ mod tests {
         assert_eq!(s, r#"{"state":"failed","reason":"certificate expired"}"#);
         let back: AuthState = serde_json::from_str(&s).unwrap();
         assert_eq!(back.name(), "failed");
+    }
+
+    #[test]
+    fn encryption_info_without_device_drops_parses() {
+        // As an agent older than `deviceDrops` answers.
+        let old = r#"{"type":"wireguard","backend":"kernel-wireguard","backendReason":"x",
+            "interface":"enc0","listenPort":51820,"publicKey":"pk","mtu":1420,"ipsec":null}"#;
+        let e: EncryptionInfo = serde_json::from_str(old).unwrap();
+        assert!(e.device_drops.is_empty());
+        let mut e = e;
+        e.device_drops.insert("no-route".into(), 3);
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(json.contains(r#""deviceDrops":{"no-route":3}"#), "{json}");
+        assert_eq!(serde_json::from_str::<EncryptionInfo>(&json).unwrap(), e);
     }
 }

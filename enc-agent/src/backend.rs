@@ -41,6 +41,18 @@ impl Crypto {
         }
     }
 
+    /// Packets the userspace datapath dropped, or failed to handle, that belong to no peer, by
+    /// kebab-case reason: every reason the implementation counts, zeros included, so that a
+    /// counter exists before its first drop. Empty for kernel WireGuard and kernel XFRM (no
+    /// such counters; XFRM's own are in `/proc/net/xfrm_stat`) and without encryption.
+    pub fn device_drops(&self) -> Vec<(&'static str, u64)> {
+        match self {
+            Crypto::Wireguard(wg) => wg.device_drop_counts(),
+            Crypto::Ipsec(ipsec) => ipsec.device_drop_counts(),
+            Crypto::None => Vec::new(),
+        }
+    }
+
     /// The device that decrypted traffic comes out of, if there is one (the eBPF pod program
     /// accepts remote-pod traffic only from it, or with the decrypted mark).
     pub fn device(&self) -> Option<&str> {

@@ -162,6 +162,8 @@ families! {
         "Certificates the issuer role signed since start, by operation (enrol, renew).";
     ISSUE_REFUSED = "enc_issuer_requests_refused_total", Counter, [],
         "Requests the issuer role refused since start.";
+    DEVICE_DROPS = "enc_device_drops_total", Counter, ["device", "implementation", "reason"],
+        "Packets the userspace datapath (boringtun, userspace-esp) dropped or failed to handle that belong to no peer, by reason.";
     XFRM_ERRORS = "enc_xfrm_errors_total", Counter, ["counter"],
         "The kernel's XFRM error counters (/proc/net/xfrm_stat) of the node's network namespace.";
     PEER_AUTHENTICATED = "enc_peer_authenticated", Gauge, ["peer"],
@@ -347,6 +349,11 @@ pub fn render(status: &Status, peers: &Peers) -> String {
         x.add(&ISSUED, &["renew"], i.renewed);
         x.add(&ISSUE_REFUSED, &[], i.refused);
     }
+    // Every reason the implementation counts is in the status, 0 included; kernel
+    // implementations report none, so the family is absent with them.
+    for (reason, n) in &enc.device_drops {
+        x.add(&DEVICE_DROPS, &[&enc.interface, &enc.backend, reason], *n);
+    }
     if let Some(ipsec) = &enc.ipsec {
         for (counter, n) in &ipsec.xfrm_stat {
             x.add(&XFRM_ERRORS, &[counter], *n);
@@ -435,11 +442,13 @@ pub fn render(status: &Status, peers: &Peers) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Crypto;
     use enc_api::{
         CertSummary, ControlInfo, DatapathCounters, DatapathInfo, EncryptionInfo, IpsecInfo,
         IpsecPeerInfo, KeyInfo, KeysSummary, NodeInfo, PeerCounts, PeerInfo, RotationInfo,
         WgPeerInfo,
     };
+    use enc_wireguard::{DropCounters, FakeWg, PublicKey};
     use std::collections::HashSet;
 
     fn cert(name: &str, not_after: &str) -> CertSummary {
@@ -474,6 +483,7 @@ mod tests {
                     keys_expected: 4,
                     xfrm_stat: [("XfrmInNoStates".to_owned(), 7)].into(),
                 }),
+                device_drops: [("no-route".to_owned(), 2), ("bad-spi".to_owned(), 0)].into(),
             },
             control: ControlInfo {
                 listen: "10.0.0.1:51871".into(),
@@ -672,6 +682,18 @@ mod tests {
             "1795564800"
         );
         assert_eq!(v(r#"enc_xfrm_errors_total{counter="XfrmInNoStates"}"#), "7");
+        assert_eq!(
+            v(
+                r#"enc_device_drops_total{device="enc-esp0",implementation="userspace-esp",reason="no-route"}"#
+            ),
+            "2"
+        );
+        assert_eq!(
+            v(
+                r#"enc_device_drops_total{device="enc-esp0",implementation="userspace-esp",reason="bad-spi"}"#
+            ),
+            "0"
+        );
 
         assert_eq!(v(r#"enc_peer_authenticated{peer="node-2"}"#), "1");
         assert_eq!(v(r#"enc_peer_authenticated{peer="node-4"}"#), "0");
@@ -746,6 +768,92 @@ mod tests {
         ] {
             assert_eq!(value(&text, absent), None, "{absent}");
         }
+    }
+
+    /// A kernel XFRM backend: no device counters of its own.
+    struct KernelIpsec;
+
+    impl enc_ipsec::IpsecBackend for KernelIpsec {
+        fn kind(&self) -> enc_ipsec::IpsecKind {
+            enc_ipsec::IpsecKind::Kernel
+        }
+        fn ifname(&self) -> Option<&str> {
+            None
+        }
+        fn upsert_peer(&self, _: &enc_ipsec::IpsecPeerSpec) -> enc_ipsec::Result<()> {
+            Ok(())
+        }
+        fn delete_peer(&self, _: u16) -> enc_ipsec::Result<()> {
+            Ok(())
+        }
+        fn peers(&self) -> enc_ipsec::Result<Vec<enc_ipsec::IpsecPeerSnapshot>> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// The status of a node whose encryption backend is `crypto`, as `build_status` fills
+    /// the encryption part in.
+    fn status_with(crypto: &Crypto, interface: &str) -> Status {
+        let mut st = status();
+        st.encryption.kind = crypto.type_name().into();
+        st.encryption.backend = crypto.implementation().into();
+        st.encryption.interface = interface.into();
+        st.encryption.ipsec = None;
+        st.encryption.device_drops = crate::status::device_drops(crypto);
+        st
+    }
+
+    /// The lines of one family: its HELP and TYPE lines and its samples.
+    fn family_lines(text: &str, name: &str) -> String {
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix("# HELP ")
+                    .or_else(|| l.strip_prefix("# TYPE "))
+                    .unwrap_or(l)
+                    .split([' ', '{'])
+                    .next()
+                    == Some(name)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
+    #[test]
+    fn device_drops_of_the_userspace_datapath_are_exported() {
+        let wg = FakeWg::new("enc0", PublicKey::from([9; 32]), 51820);
+        wg.set_drop_counters(DropCounters {
+            no_route: 5,
+            invalid: 2,
+            tun_errors: 1,
+            ..DropCounters::default()
+        });
+        let crypto = Crypto::Wireguard(Arc::new(wg));
+        let text = render(&status_with(&crypto, "enc0"), &Peers { peers: vec![] });
+        assert_eq!(
+            family_lines(&text, "enc_device_drops_total"),
+            concat!(
+                "# HELP enc_device_drops_total Packets the userspace datapath (boringtun, userspace-esp) dropped or failed to handle that belong to no peer, by reason.\n",
+                "# TYPE enc_device_drops_total counter\n",
+                "enc_device_drops_total{device=\"enc0\",implementation=\"boringtun\",reason=\"bad-inner-source\"} 0\n",
+                "enc_device_drops_total{device=\"enc0\",implementation=\"boringtun\",reason=\"invalid\"} 2\n",
+                "enc_device_drops_total{device=\"enc0\",implementation=\"boringtun\",reason=\"no-endpoint\"} 0\n",
+                "enc_device_drops_total{device=\"enc0\",implementation=\"boringtun\",reason=\"no-route\"} 5\n",
+                "enc_device_drops_total{device=\"enc0\",implementation=\"boringtun\",reason=\"noise-error\"} 0\n",
+                "enc_device_drops_total{device=\"enc0\",implementation=\"boringtun\",reason=\"send-error\"} 0\n",
+                "enc_device_drops_total{device=\"enc0\",implementation=\"boringtun\",reason=\"tun-error\"} 1\n",
+                "enc_device_drops_total{device=\"enc0\",implementation=\"boringtun\",reason=\"unknown-peer\"} 0\n",
+            )
+        );
+    }
+
+    #[test]
+    fn kernel_backends_have_no_device_drops() {
+        let crypto = Crypto::Ipsec(Arc::new(KernelIpsec));
+        let st = status_with(&crypto, "eth0");
+        assert!(st.encryption.device_drops.is_empty());
+        let text = render(&st, &Peers { peers: vec![] });
+        assert_eq!(family_lines(&text, "enc_device_drops_total"), "");
+        assert!(crate::status::device_drops(&Crypto::None).is_empty());
     }
 
     #[test]

@@ -295,6 +295,15 @@ fn ipsec_info<'a>(
     Some(info)
 }
 
+/// The `deviceDrops` part of the status: [`Crypto::device_drops`].
+pub(crate) fn device_drops(crypto: &Crypto) -> BTreeMap<String, u64> {
+    crypto
+        .device_drops()
+        .into_iter()
+        .map(|(reason, n)| (reason.to_owned(), n))
+        .collect()
+}
+
 fn counters(shared: &Shared) -> BTreeMap<u16, PeerCounters> {
     shared.dp.counters().unwrap_or_else(|e| {
         warn!(error = %e, "cannot read datapath counters for status");
@@ -409,6 +418,7 @@ pub fn build_status(shared: &Shared) -> Status {
             public_key,
             mtu: shared.mtu,
             ipsec,
+            device_drops: device_drops(&shared.crypto),
         },
         control: ControlInfo {
             listen: shared.config.control.listen.to_string(),

@@ -142,7 +142,7 @@ pub fn status(s: &Status) -> String {
          keys:        {}\n\
          {}\
          counters:    {} packets steered ({}), {} dropped{}, {} leaked\n\
-         {}",
+         {}{}",
         s.node.name,
         s.node.underlay_address,
         s.node.pod_cidr,
@@ -204,6 +204,7 @@ pub fn status(s: &Status) -> String {
         s.datapath.totals.total_drops(),
         drop_detail(&s.datapath.totals),
         s.datapath.totals.leak_packets,
+        device_drops(e),
         network(&s.network),
     ) + &expiry(&s.expiry)
         + &renewal(s.renewal.as_ref(), s.issuer.as_ref())
@@ -351,6 +352,30 @@ fn xfrm_errors(stat: &std::collections::BTreeMap<String, u64>) -> String {
     } else {
         format!("; kernel XFRM errors: {}", nonzero.join(", "))
     }
+}
+
+/// The `device:` line of `encctl status`: drops of the userspace datapath that belong to no
+/// peer (nothing with a kernel backend, or from an agent that does not report them).
+fn device_drops(e: &enc_api::EncryptionInfo) -> String {
+    if e.device_drops.is_empty() {
+        return String::new();
+    }
+    let total: u64 = e.device_drops.values().sum();
+    let parts: Vec<String> = e
+        .device_drops
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    let detail = if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    };
+    format!(
+        "device:      {} dropped {total} packet(s) of no peer{detail}\n",
+        e.interface
+    )
 }
 
 fn drop_detail(c: &enc_api::DatapathCounters) -> String {
@@ -551,6 +576,34 @@ mod tests {
                 Some("rotation stuck: no ack")
             ))),
             "3 -> 4 (prepared) STUCK"
+        );
+    }
+
+    #[test]
+    fn device_drops_line() {
+        let mut e = enc_api::EncryptionInfo {
+            kind: "wireguard".into(),
+            backend: "kernel-wireguard".into(),
+            backend_reason: "x".into(),
+            interface: "enc0".into(),
+            listen_port: Some(51820),
+            public_key: None,
+            mtu: 1420,
+            ipsec: None,
+            device_drops: Default::default(),
+        };
+        assert_eq!(device_drops(&e), "");
+        e.backend = "boringtun".into();
+        e.device_drops = [("invalid".to_owned(), 0), ("no-route".to_owned(), 0)].into();
+        assert_eq!(
+            device_drops(&e),
+            "device:      enc0 dropped 0 packet(s) of no peer\n"
+        );
+        e.device_drops.insert("no-route".into(), 5);
+        e.device_drops.insert("tun-error".into(), 1);
+        assert_eq!(
+            device_drops(&e),
+            "device:      enc0 dropped 6 packet(s) of no peer (no-route 5, tun-error 1)\n"
         );
     }
 

@@ -226,4 +226,11 @@ pub trait IpsecBackend: Send + Sync {
     fn delete_peer(&self, peer_id: u16) -> Result<()>;
     /// The peers currently configured.
     fn peers(&self) -> Result<Vec<IpsecPeerSnapshot>>;
+    /// Packets the device dropped, or failed to handle, that belong to no peer: pairs of a
+    /// stable kebab-case reason and a monotonic count, every reason the implementation counts
+    /// listed (zeros included), in a fixed order. Empty for an implementation without device
+    /// counters (kernel XFRM: see `/proc/net/xfrm_stat`), which the default does.
+    fn device_drop_counts(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }

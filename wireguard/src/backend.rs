@@ -126,6 +126,13 @@ pub trait WgBackend: Send + Sync {
     fn delete_peer(&self, key: &PublicKey) -> Result<()>;
     /// Reports the device and all its peers.
     fn dump(&self) -> Result<DeviceSnapshot>;
+    /// Packets the device dropped, or failed to handle, that belong to no peer: pairs of a
+    /// stable kebab-case reason and a monotonic count, every reason the implementation counts
+    /// listed (zeros included), in a fixed order. Empty for an implementation without device
+    /// counters (kernel WireGuard), which the default does.
+    fn device_drop_counts(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Per-packet overhead of WireGuard on the wire: outer IP (20 or 40) + UDP 8 + WireGuard data

@@ -100,6 +100,35 @@ pub struct DropCounters {
     pub tun_errors: u64,
 }
 
+impl DropCounters {
+    /// The counters as pairs of a stable kebab-case reason and a count, in declaration order:
+    /// `no-route`, `no-endpoint`, `bad-inner-source` (`bad_source`), `unknown-peer`,
+    /// `invalid`, `noise-error`, `send-error`, `tun-error`.
+    pub fn by_reason(&self) -> Vec<(&'static str, u64)> {
+        // Destructured, so that a new counter cannot be left out of the list.
+        let Self {
+            no_route,
+            no_endpoint,
+            bad_source,
+            unknown_peer,
+            invalid,
+            noise_errors,
+            send_errors,
+            tun_errors,
+        } = *self;
+        vec![
+            ("no-route", no_route),
+            ("no-endpoint", no_endpoint),
+            ("bad-inner-source", bad_source),
+            ("unknown-peer", unknown_peer),
+            ("invalid", invalid),
+            ("noise-error", noise_errors),
+            ("send-error", send_errors),
+            ("tun-error", tun_errors),
+        ]
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     no_route: AtomicU64,
@@ -609,6 +638,11 @@ impl WgBackend for BoringtunWg {
         Ok(())
     }
 
+    /// [`DropCounters::by_reason`] of [`Self::drop_counters`]: 8 reasons, zeros included.
+    fn device_drop_counts(&self) -> Vec<(&'static str, u64)> {
+        self.drop_counters().by_reason()
+    }
+
     fn dump(&self) -> Result<DeviceSnapshot> {
         let peers = self.shared.read();
         let mut routes: HashMap<*const Peer, Vec<IpNet>> = HashMap::new();
@@ -1034,6 +1068,40 @@ fn timer_loop(sh: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drop_counters_by_reason_name_every_counter_once() {
+        let c = DropCounters {
+            no_route: 1,
+            no_endpoint: 2,
+            bad_source: 3,
+            unknown_peer: 4,
+            invalid: 5,
+            noise_errors: 6,
+            send_errors: 7,
+            tun_errors: 8,
+        };
+        assert_eq!(
+            c.by_reason(),
+            [
+                ("no-route", 1),
+                ("no-endpoint", 2),
+                ("bad-inner-source", 3),
+                ("unknown-peer", 4),
+                ("invalid", 5),
+                ("noise-error", 6),
+                ("send-error", 7),
+                ("tun-error", 8),
+            ]
+        );
+        // A fresh device lists every reason at 0.
+        assert!(
+            DropCounters::default()
+                .by_reason()
+                .iter()
+                .all(|(_, n)| *n == 0)
+        );
+    }
 
     #[test]
     fn start_rejects_long_ifname_before_touching_the_kernel() {

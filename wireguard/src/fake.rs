@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::DropCounters;
 use crate::backend::{BackendKind, DeviceSnapshot, PeerSnapshot, PeerSpec, WgBackend};
 use crate::error::{Error, Result};
 use crate::keys::{PrivateKey, PublicKey};
@@ -32,6 +33,7 @@ struct State {
     upserts: usize,
     deletes: usize,
     changes: usize,
+    drops: DropCounters,
 }
 
 /// In-memory fake of [`WgBackend`]: records peers and static keys with the same semantics and
@@ -57,6 +59,7 @@ impl FakeWg {
                 upserts: 0,
                 deletes: 0,
                 changes: 0,
+                drops: DropCounters::default(),
             }),
         }
     }
@@ -72,6 +75,12 @@ impl FakeWg {
             p.rx = rx;
             p.tx = tx;
         }
+    }
+
+    /// Sets the device drop counters that `device_drop_counts` reports (all 0 until then, as
+    /// for a fresh boringtun device).
+    pub fn set_drop_counters(&self, drops: DropCounters) {
+        self.state().drops = drops;
     }
 
     /// Number of `upsert_peer` calls so far (changing or not).
@@ -255,6 +264,11 @@ impl WgBackend for FakeWg {
                 .collect(),
         })
     }
+
+    /// Like boringtun's: [`DropCounters::by_reason`] of what [`FakeWg::set_drop_counters`] set.
+    fn device_drop_counts(&self) -> Vec<(&'static str, u64)> {
+        self.state().drops.by_reason()
+    }
 }
 
 #[cfg(test)]
@@ -272,6 +286,19 @@ mod tests {
             local_key: None,
             previous_public_key: None,
         }
+    }
+
+    #[test]
+    fn device_drop_counts_report_what_was_set() {
+        let wg = FakeWg::new("wg0", PublicKey([9; 32]), 51820);
+        let zero = wg.device_drop_counts();
+        assert_eq!(zero.len(), 8);
+        assert!(zero.iter().all(|(_, n)| *n == 0));
+        wg.set_drop_counters(DropCounters {
+            no_route: 3,
+            ..DropCounters::default()
+        });
+        assert_eq!(wg.device_drop_counts()[0], ("no-route", 3));
     }
 
     #[test]

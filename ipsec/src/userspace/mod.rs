@@ -193,6 +193,35 @@ struct DeviceStats {
     bad_source_port: AtomicU64,
 }
 
+impl DeviceCounters {
+    /// The counters as pairs of a stable kebab-case reason and a count, in declaration order:
+    /// `no-route`, `seal-error`, `send-error`, `recv-error`, `tun-error`, `non-esp-marker`,
+    /// `nat-keepalive`, `bad-source-port`.
+    pub fn by_reason(&self) -> Vec<(&'static str, u64)> {
+        // Destructured, so that a new counter cannot be left out of the list.
+        let Self {
+            no_route,
+            seal_errors,
+            send_errors,
+            recv_errors,
+            tun_errors,
+            non_esp_marker,
+            nat_keepalives,
+            bad_source_port,
+        } = *self;
+        vec![
+            ("no-route", no_route),
+            ("seal-error", seal_errors),
+            ("send-error", send_errors),
+            ("recv-error", recv_errors),
+            ("tun-error", tun_errors),
+            ("non-esp-marker", non_esp_marker),
+            ("nat-keepalive", nat_keepalives),
+            ("bad-source-port", bad_source_port),
+        ]
+    }
+}
+
 impl DeviceStats {
     fn snapshot(&self) -> DeviceCounters {
         DeviceCounters {
@@ -348,6 +377,19 @@ struct State {
 }
 
 impl State {
+    /// What [`IpsecBackend::device_drop_counts`] reports: the device counters
+    /// ([`DeviceCounters::by_reason`]), then the input drops of no peer by [`EspDrop::label`].
+    fn device_drop_counts(&self) -> Vec<(&'static str, u64)> {
+        let mut out = self.stats.snapshot().by_reason();
+        out.extend(
+            self.device_drops
+                .snapshot()
+                .into_iter()
+                .map(|(r, n)| (r.label(), n)),
+        );
+        out
+    }
+
     fn new(local: IpAddr, replay_window: u32, sa_log: Option<SaLog>) -> Self {
         Self {
             local,
@@ -1035,6 +1077,12 @@ impl IpsecBackend for UserspaceEsp {
 
     fn peers(&self) -> Result<Vec<IpsecPeerSnapshot>> {
         Ok(self.shared.state.peers())
+    }
+
+    /// [`DeviceCounters::by_reason`], then [`Self::device_drops`] by [`EspDrop::label`]: 13
+    /// reasons, zeros included.
+    fn device_drop_counts(&self) -> Vec<(&'static str, u64)> {
+        self.shared.state.device_drop_counts()
     }
 }
 

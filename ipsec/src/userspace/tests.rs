@@ -176,6 +176,34 @@ fn bad_spi_goes_to_the_sender_or_the_device() {
 }
 
 #[test]
+fn device_drop_counts_list_every_reason_once() {
+    let (a, b) = pair();
+    let (mut esp, _) = seal(&a, &ipv4("10.99.1.1", "10.99.2.1", 60));
+    assert!(b.open(ip("192.0.2.99"), &mut esp).is_none());
+    let mut out = Vec::new();
+    assert_eq!(b.seal(&ipv4("10.99.2.1", "172.16.0.1", 40), &mut out), None);
+    b.stats.send_errors.fetch_add(4, Relaxed);
+    assert_eq!(
+        b.device_drop_counts(),
+        [
+            ("no-route", 1),
+            ("seal-error", 0),
+            ("send-error", 4),
+            ("recv-error", 0),
+            ("tun-error", 0),
+            ("non-esp-marker", 0),
+            ("nat-keepalive", 0),
+            ("bad-source-port", 0),
+            ("bad-spi", 1),
+            ("replay", 0),
+            ("icv-failure", 0),
+            ("malformed", 0),
+            ("bad-inner-source", 0),
+        ]
+    );
+}
+
+#[test]
 fn an_sa_is_only_accepted_from_its_own_peer() {
     let (a, b) = pair();
     // B gets a second peer C; C cannot use A's SA.
