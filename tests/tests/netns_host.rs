@@ -202,6 +202,29 @@ fn privileged_three_nodes_encrypted_pod_to_pod() {
                 "node-{i} metrics lack its own certificate expiry:\n{m}"
             );
         }
+        // A packet routed into the WireGuard device for an address no peer owns is a device
+        // drop of no peer: counted, exported and shown by status.
+        let dev = lab.status(1)?.encryption.interface;
+        let ns = &lab.node(1).ns;
+        ns.run(&["ip", "route", "add", "10.255.255.0/24", "dev", &dev])?;
+        let _ = ns.run(&["ping", "-c", "3", "-i", "0.2", "-W", "1", "10.255.255.1"]);
+        let series = format!(
+            r#"enc_device_drops_total{{device="{dev}",implementation="boringtun",reason="no-route"}}"#
+        );
+        let m = lab.metrics(1)?;
+        ensure!(
+            metric(&m, &series).is_some_and(|n| n >= 3.0),
+            "node-1 metrics: {series} should count the 3 unroutable pings:\n{m}"
+        );
+        let st = lab.status(1)?;
+        ensure!(
+            st.encryption
+                .device_drops
+                .get("no-route")
+                .is_some_and(|&n| n >= 3),
+            "node-1 status device drops {:?}",
+            st.encryption.device_drops
+        );
         let text = lab.encctl(1, &["peers"])?;
         eprintln!("encctl peers on node-1:\n{text}");
         ensure!(
