@@ -14,7 +14,7 @@ use enc_ipsec::xfrm::{
     KernelIpsec, NetlinkXfrm, PolicySpec, SaSpec, XfrmBackend, block_policies, peer_objects,
     probe_esp_gcm,
 };
-use enc_ipsec::{Error, IpsecPeerSpec, SaKeys};
+use enc_ipsec::{Encapsulation, Error, IpsecPeerSpec, SaKeys};
 use enc_tests::netns::Netns;
 
 fn keys(spi: u32) -> SaKeys {
@@ -50,7 +50,7 @@ fn spec() -> IpsecPeerSpec {
 /// enc's policies for the test: one peer's out/in/fwd plus the two catch-all blocks.
 fn desired() -> Vec<PolicySpec> {
     let mut policies = block_policies();
-    policies.extend(peer_objects(&spec()).unwrap().policies);
+    policies.extend(peer_objects(&spec(), Encapsulation::None).unwrap().policies);
     policies
 }
 
@@ -178,7 +178,10 @@ fn privileged_xfrm_policies_and_sa_refusal() {
     let outcome = ns
         .enter(|| {
             let xfrm = NetlinkXfrm::new().unwrap();
-            let sa: SaSpec = peer_objects(&spec()).unwrap().sas.remove(0);
+            let sa: SaSpec = peer_objects(&spec(), Encapsulation::None)
+                .unwrap()
+                .sas
+                .remove(0);
             let upsert = xfrm.upsert_sa(&sa);
             let dumped = xfrm.dump_sas();
             let delete = xfrm.delete_sa(&sa.id());
