@@ -650,7 +650,7 @@ pub struct IpsecConfig {
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum EspEncapsulation {
-    /// Raw ESP, IP protocol 50: what kernel XFRM speaks, so kernel and userspace nodes mix.
+    /// Raw ESP, IP protocol 50 (the default), with either implementation.
     #[default]
     None,
     /// ESP in UDP port 4500 (RFC 3948), with either implementation: the userspace engine

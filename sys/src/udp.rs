@@ -39,7 +39,7 @@ fn set_udp_int(fd: BorrowedFd<'_>, option: libc::c_int, value: libc::c_int) -> i
     }
 }
 
-/// Asks the kernel to coalesce received datagrams (`UDP_GRO`); see [`recv_gro`].
+/// Asks the kernel to coalesce received datagrams (`UDP_GRO`); see [`recv_segments`].
 pub fn enable_gro(fd: BorrowedFd<'_>) -> io::Result<()> {
     set_udp_int(fd, libc::UDP_GRO, 1)
 }

@@ -1,6 +1,6 @@
 //! The userspace ESP device: the sans-IO ESP core ([`crate::esp`]) on a TUN interface and an
 //! underlay socket, run by two threads of our own. The underlay socket is a raw
-//! IP-protocol-50 socket ([`Encapsulation::None`], what kernel XFRM peers speak) or a UDP socket
+//! IP-protocol-50 socket ([`Encapsulation::None`]) or a UDP socket
 //! on port 4500 carrying ESP in UDP (RFC 3948, [`Encapsulation::Udp`]).
 //!
 //! - The TUN thread reads inner packets the kernel routed into the interface, picks the peer by
