@@ -1033,6 +1033,13 @@ fn start_crypto(
         }
         EncryptionConfig::Ipsec(ipsec_cfg) => {
             let mtu = device_mtu;
+            // The same for both implementations; the MTU plan already took its 8 bytes.
+            let encapsulation = match ipsec_cfg.encapsulation {
+                EspEncapsulation::None => Encapsulation::None,
+                EspEncapsulation::Udp => Encapsulation::Udp {
+                    port: ESP_IN_UDP_PORT,
+                },
+            };
             let probe = || {
                 NetlinkXfrm::new()
                     .map_err(|e| format!("cannot open NETLINK_XFRM: {}", format_chain(&e)))
@@ -1044,11 +1051,23 @@ fn start_crypto(
                 }
                 Implementation::Auto | Implementation::Kernel => match probe() {
                     Ok(xfrm) => {
-                        let kernel = KernelIpsec::new(Arc::new(xfrm)).map_err(Error::Ipsec)?;
+                        // With ESP in UDP this opens the UDP_ENCAP socket on the underlay
+                        // address first; a taken port fails here, with nothing installed.
+                        let kernel = KernelIpsec::with_encapsulation(
+                            Arc::new(xfrm),
+                            encapsulation,
+                            config.node.underlay_address,
+                        )
+                        .map_err(Error::Ipsec)?;
+                        let encap = match kernel.encap_socket() {
+                            Some(at) => format!(", ESP in UDP on {at}"),
+                            None => String::new(),
+                        };
                         return Ok(StartedCrypto {
                             crypto: Crypto::Ipsec(Arc::new(kernel)),
-                            reason: "the kernel can do ESP with rfc4106(gcm(aes)); using XFRM"
-                                .into(),
+                            reason: format!(
+                                "the kernel can do ESP with rfc4106(gcm(aes)); using XFRM{encap}"
+                            ),
                             mtu,
                             route_device: config.underlay_interface.clone(),
                             decrypt_ifindex: 0,
@@ -1071,12 +1090,7 @@ fn start_crypto(
                 local: config.node.underlay_address,
                 replay_window: ipsec_cfg.replay_window,
                 sa_log: opts.esp_sa_log.clone(),
-                encapsulation: match ipsec_cfg.encapsulation {
-                    EspEncapsulation::None => Encapsulation::None,
-                    EspEncapsulation::Udp => Encapsulation::Udp {
-                        port: ESP_IN_UDP_PORT,
-                    },
-                },
+                encapsulation,
             })
             .map_err(Error::Ipsec)?;
             let index = device_up(links, &ipsec_cfg.interface, mtu)?;
@@ -1970,6 +1984,39 @@ pub(crate) fn test_shared(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ESP in UDP costs the same 8 bytes whichever implementation carries it: the kernel XFRM
+    /// path (routes on the underlay interface) gets the userspace engine's MTU.
+    #[test]
+    fn esp_in_udp_mtu_is_the_same_for_kernel_and_userspace() {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["c", "k", "ca"] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        let plan = |implementation: &str, encapsulation: &str| {
+            let text = format!(
+                "node: {{ name: node-2, underlayAddress: 10.0.0.2, podCidr: 10.244.2.0/24 }}\n\
+                 tls: {{ cert: c, key: k, ca: ca }}\n\
+                 encryption: {{ type: ipsec, ipsec: {{ implementation: {implementation}, encapsulation: {encapsulation} }} }}\n\
+                 peers:\n  - {{ name: node-1, underlayAddress: 10.0.0.1, podCidr: 10.244.1.0/24 }}\n"
+            );
+            let config = Config::parse(&text, &d.path().join("a.yaml")).unwrap();
+            let plan = mtu_plan(&config).unwrap();
+            (plan.encryption, plan.pod)
+        };
+        for implementation in ["kernel", "auto", "userspace"] {
+            assert_eq!(
+                plan(implementation, "udp"),
+                (Some(1438), 1438),
+                "{implementation}"
+            );
+            assert_eq!(
+                plan(implementation, "none"),
+                (Some(1446), 1446),
+                "{implementation}"
+            );
+        }
+    }
     use crate::config::RotationConfig;
 
     fn cfg() -> RotationConfig {

@@ -650,11 +650,12 @@ pub struct IpsecConfig {
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum EspEncapsulation {
-    /// Raw ESP, IP protocol 50: what kernel XFRM speaks, so kernel and userspace nodes mix.
+    /// Raw ESP, IP protocol 50 (the default), with either implementation.
     #[default]
     None,
-    /// ESP in UDP port 4500 (RFC 3948). Only the userspace ESP engine does it in enc, so it
-    /// requires `implementation: userspace`; it lets the engine use UDP GSO and GRO.
+    /// ESP in UDP port 4500 (RFC 3948), with either implementation: the userspace engine
+    /// (where it lets the engine use UDP GSO and GRO) and kernel XFRM (`XFRMA_ENCAP` on every
+    /// SA and a `UDP_ENCAP_ESPINUDP` socket on the underlay address), so they mix.
     Udp,
 }
 
@@ -1194,22 +1195,6 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
                     ));
                 }
             };
-            if encapsulation == EspEncapsulation::Udp && implementation != Implementation::Userspace
-            {
-                let which = match implementation {
-                    Implementation::Kernel => "implementation kernel selects",
-                    _ => "implementation auto may select",
-                };
-                return Err(invalid(
-                    "encryption.ipsec.encapsulation",
-                    "udp",
-                    format!(
-                        "the kernel XFRM backend does not support ESP in UDP in enc, and \
-                         encryption.ipsec.{which} it; set encryption.ipsec.implementation: \
-                         userspace (the userspace ESP engine does it), or encapsulation: none"
-                    ),
-                ));
-            }
             EncryptionConfig::Ipsec(IpsecConfig {
                 interface,
                 replay_window,
@@ -2344,22 +2329,29 @@ peers:
             "{}",
             c.to_yaml()
         );
-        // The kernel backend (chosen, or possibly chosen by auto) cannot: refused at load.
-        for implementation in ["kernel", "auto"] {
-            let text = GOOD.replacen(
+        // The kernel XFRM backend does it too (chosen, or chosen by auto).
+        for (text, implementation) in [
+            ("kernel", Implementation::Kernel),
+            ("auto", Implementation::Auto),
+        ] {
+            let yaml = GOOD.replacen(
                 "type: wireguard",
                 &format!(
-                    "type: ipsec\n  ipsec:\n    implementation: {implementation}\n    encapsulation: udp"
+                    "type: ipsec\n  ipsec:\n    implementation: {text}\n    encapsulation: udp"
                 ),
                 1,
             );
-            let (f, v, reason) = invalid_field(&d, &text);
+            let c = parse(&d, &yaml).unwrap();
             assert_eq!(
-                (f.as_str(), v.as_str()),
-                ("encryption.ipsec.encapsulation", "udp")
+                c.encryption,
+                EncryptionConfig::Ipsec(IpsecConfig {
+                    interface: "enc-esp0".into(),
+                    replay_window: 2048,
+                    implementation,
+                    encapsulation: EspEncapsulation::Udp,
+                }),
+                "{text}"
             );
-            assert!(reason.contains("kernel XFRM backend"), "{reason}");
-            assert!(reason.contains(implementation), "{reason}");
         }
         let text = GOOD.replacen(
             "type: wireguard",

@@ -41,6 +41,19 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The UDP address and port that ESP in UDP needs are taken by another socket (an IKE
+    /// daemon, another ESP datapath, a second agent).
+    #[error(
+        "UDP {at} is already in use: ESP in UDP needs this address and port for itself \
+         (is an IKE daemon or another ESP datapath bound to it?)"
+    )]
+    PortInUse {
+        /// The address and port.
+        at: std::net::SocketAddr,
+        /// The OS error (`EADDRINUSE`).
+        #[source]
+        source: io::Error,
+    },
     /// A netlink reply could not be decoded.
     #[error("netlink {op}: malformed reply: {reason}")]
     Protocol {
@@ -87,7 +100,9 @@ impl Error {
     /// The OS error behind this error, if any.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
-            Error::Syscall { source, .. } | Error::Xfrm { source, .. } => source.raw_os_error(),
+            Error::Syscall { source, .. }
+            | Error::Xfrm { source, .. }
+            | Error::PortInUse { source, .. } => source.raw_os_error(),
             _ => None,
         }
     }

@@ -29,6 +29,38 @@ pub const KEY_LEN: usize = 32;
 /// Length of the RFC 4106 salt.
 pub const SALT_LEN: usize = 4;
 
+/// The UDP port of ESP in UDP (RFC 3948 section 2.1, the IKE NAT-traversal port).
+pub const ESP_IN_UDP_PORT: u16 = 4500;
+
+/// How ESP travels on the underlay, for both implementations. Every node of a cluster must use
+/// the same.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Encapsulation {
+    /// Raw ESP, IP protocol 50 (RFC 4303).
+    #[default]
+    None,
+    /// ESP in UDP (RFC 3948): every ESP packet is the payload of a UDP datagram from `port` to
+    /// `port` ([`ESP_IN_UDP_PORT`] in a cluster). The userspace engine's socket binds the
+    /// underlay address and `port`, which lets it use UDP GSO and GRO; inbound datagrams must
+    /// come from a peer's address and from `port`. The kernel XFRM backend gives its SAs
+    /// `XFRMA_ENCAP` with `port` at both ends and holds a `UDP_ENCAP_ESPINUDP` socket on the
+    /// underlay address and `port` ([`xfrm::KernelIpsec::with_encapsulation`]).
+    Udp {
+        /// The UDP port at both ends.
+        port: u16,
+    },
+}
+
+impl fmt::Display for Encapsulation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("none (raw ESP, IP protocol 50)"),
+            Self::Udp { port } => write!(f, "udp (ESP in UDP port {port})"),
+        }
+    }
+}
+
 /// Key material of one ESP security association: SPI, AES-256-GCM key and RFC 4106 salt.
 /// Never printed: `Debug` shows only the SPI.
 #[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]

@@ -14,7 +14,7 @@ use enc_ipsec::xfrm::{
     KernelIpsec, NetlinkXfrm, PolicySpec, SaSpec, XfrmBackend, block_policies, peer_objects,
     probe_esp_gcm,
 };
-use enc_ipsec::{Error, IpsecPeerSpec, SaKeys};
+use enc_ipsec::{Encapsulation, Error, IpsecPeerSpec, SaKeys};
 use enc_tests::netns::Netns;
 
 fn keys(spi: u32) -> SaKeys {
@@ -50,7 +50,7 @@ fn spec() -> IpsecPeerSpec {
 /// enc's policies for the test: one peer's out/in/fwd plus the two catch-all blocks.
 fn desired() -> Vec<PolicySpec> {
     let mut policies = block_policies();
-    policies.extend(peer_objects(&spec()).unwrap().policies);
+    policies.extend(peer_objects(&spec(), Encapsulation::None).unwrap().policies);
     policies
 }
 
@@ -178,7 +178,10 @@ fn privileged_xfrm_policies_and_sa_refusal() {
     let outcome = ns
         .enter(|| {
             let xfrm = NetlinkXfrm::new().unwrap();
-            let sa: SaSpec = peer_objects(&spec()).unwrap().sas.remove(0);
+            let sa: SaSpec = peer_objects(&spec(), Encapsulation::None)
+                .unwrap()
+                .sas
+                .remove(0);
             let upsert = xfrm.upsert_sa(&sa);
             let dumped = xfrm.dump_sas();
             let delete = xfrm.delete_sa(&sa.id());
@@ -236,5 +239,59 @@ fn privileged_xfrm_policies_and_sa_refusal() {
     assert_eq!(left, (vec![], vec![]));
     let states = ns.run(&["ip", "xfrm", "state", "show"]).unwrap();
     assert!(states.stdout.is_empty(), "{states:?}");
+    drop(ns);
+}
+
+#[test]
+fn privileged_kernel_ipsec_esp_in_udp_socket() {
+    if !enc_tests::require_root("privileged_kernel_ipsec_esp_in_udp_socket") {
+        return;
+    }
+    let ns = Netns::new(&format!("enc-xfrmu-{}", std::process::id())).unwrap();
+    let udp = Encapsulation::Udp { port: 4500 };
+    let lo: IpAddr = "127.0.0.1".parse().unwrap();
+    let outcome = ns
+        .enter(move || {
+            let xfrm: Arc<dyn XfrmBackend> = Arc::new(NetlinkXfrm::new().unwrap());
+            let kernel = KernelIpsec::with_encapsulation(xfrm.clone(), udp, lo).unwrap();
+            let bound = kernel.encap_socket();
+            let blocks = xfrm.dump_policies().unwrap();
+            let ss = String::from_utf8_lossy(
+                &std::process::Command::new("ss")
+                    .args(["-uanp"])
+                    .output()
+                    .unwrap()
+                    .stdout,
+            )
+            .into_owned();
+            // A second backend on the same address and port is refused, installing nothing new.
+            let second = KernelIpsec::with_encapsulation(xfrm.clone(), udp, lo).map(|_| ());
+            drop(kernel);
+            // Closed with the backend: the port is free again.
+            let rebind = std::net::UdpSocket::bind("127.0.0.1:4500").map(|_| ());
+            // Another program on 0.0.0.0:4500 makes start-up fail before anything is installed.
+            KernelIpsec::adopt(xfrm.clone()).remove_all().unwrap();
+            let foreign = std::net::UdpSocket::bind("0.0.0.0:4500").unwrap();
+            let taken = KernelIpsec::with_encapsulation(xfrm.clone(), udp, lo).map(|_| ());
+            let left = xfrm.dump_policies().unwrap();
+            drop(foreign);
+            (bound, blocks, ss, second, rebind, taken, left)
+        })
+        .unwrap();
+    let (bound, blocks, ss, second, rebind, taken, left) = outcome;
+    assert_eq!(bound, Some("127.0.0.1:4500".parse().unwrap()));
+    assert_eq!(sorted(blocks), sorted(block_policies()));
+    assert!(ss.contains("127.0.0.1:4500"), "{ss}");
+    for (what, r) in [("second backend", second), ("foreign socket", taken)] {
+        match r {
+            Err(e @ Error::PortInUse { .. }) => {
+                assert!(e.to_string().contains("127.0.0.1:4500"), "{what}: {e}");
+                assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE), "{what}");
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    rebind.unwrap();
+    assert_eq!(left, vec![], "a refused start installed policies");
     drop(ns);
 }

@@ -16,16 +16,19 @@ const CMSG_BUF: usize = 32;
 #[repr(C, align(8))]
 struct CmsgBuf([u8; CMSG_BUF]);
 
-/// Asks the kernel to coalesce received datagrams (`UDP_GRO`); see [`recv_gro`].
-pub fn enable_gro(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: `one` is a valid c_int for the whole call and the length matches.
+/// `UDP_ENCAP_ESPINUDP` of `linux/udp.h` (not in libc): ESP in UDP as RFC 3948 defines it,
+/// with the non-ESP marker for IKE.
+pub const UDP_ENCAP_ESPINUDP: libc::c_int = 2;
+
+/// `setsockopt(SOL_UDP, option, value)` with an `int` value.
+fn set_udp_int(fd: BorrowedFd<'_>, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `value` is a valid c_int for the whole call and the length matches.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::SOL_UDP,
-            libc::UDP_GRO,
-            (&raw const one).cast(),
+            option,
+            (&raw const value).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -34,6 +37,21 @@ pub fn enable_gro(fd: BorrowedFd<'_>) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Asks the kernel to coalesce received datagrams (`UDP_GRO`); see [`recv_segments`].
+pub fn enable_gro(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_udp_int(fd, libc::UDP_GRO, 1)
+}
+
+/// Makes a bound UDP socket an ESP-in-UDP socket for the kernel's XFRM
+/// (`setsockopt(SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP)`): from then on the kernel takes every
+/// ESP datagram that arrives on it (a non-zero SPI where the non-ESP marker would be), strips
+/// the UDP header and hands the ESP packet to its SAs; the socket itself receives only IKE
+/// (the non-ESP marker). NAT-keepalives are dropped. Works for IPv4 and (Linux 5.8 and
+/// later) IPv6 sockets.
+pub fn enable_esp_in_udp(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_udp_int(fd, libc::UDP_ENCAP, UDP_ENCAP_ESPINUDP)
 }
 
 /// `to` in the C layout, with its length.
@@ -232,5 +250,30 @@ mod tests {
             }
         }
         assert_eq!(got, data);
+    }
+
+    #[test]
+    fn esp_in_udp_socket_passes_ike_and_keeps_esp_for_xfrm() {
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        enable_esp_in_udp(rx.as_fd()).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let to = rx.local_addr().unwrap();
+        // A NAT-keepalive (dropped), IKE (the non-ESP marker: passed to the socket), ESP (a
+        // non-zero SPI: taken by XFRM, which has no SA for it), IKE again.
+        tx.send_to(&[0xFF], to).unwrap();
+        tx.send_to(b"\0\0\0\0ike-1", to).unwrap();
+        tx.send_to(&[0x0E, 0x0C, 0, 1, 0, 0, 0, 1, 9, 9, 9, 9, 9, 9, 9, 9], to)
+            .unwrap();
+        tx.send_to(b"\0\0\0\0ike-2", to).unwrap();
+        let mut buf = [0u8; 64];
+        let n = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"\0\0\0\0ike-1");
+        let n = rx.recv(&mut buf).unwrap();
+        assert_eq!(
+            &buf[..n],
+            b"\0\0\0\0ike-2",
+            "the ESP datagram reached the socket"
+        );
     }
 }

@@ -144,6 +144,36 @@ fn vm_mixed_ipsec() {
     mixed("vm_mixed_ipsec", "ipsec");
 }
 
+/// ESP in UDP 4500 (`encryption.ipsec.encapsulation: udp`) with kernel XFRM: node-1 ↔ node-2
+/// a kernel pair, node-3 the userspace engine (mixed pairs with both). Every SA of the kernel
+/// nodes is encapsulated, their MTU is the encapsulated one, and the underlay carries ESP in
+/// UDP on every pair both ways, no IP protocol 50 and no plaintext; one rotation of the
+/// kernel pair keeps the encapsulation.
+#[test]
+fn vm_ipsec_esp_in_udp() {
+    let Some(run) = boot("vm_ipsec_esp_in_udp", &["esp-in-udp"]) else {
+        return;
+    };
+    assert_eq!(one(&run, "encryption"), "ipsec");
+    for (i, want, mtu) in [
+        (1, "kernel-xfrm", "1438"),
+        (2, "kernel-xfrm", "1438"),
+        (3, "userspace-esp", "1438"),
+    ] {
+        assert_eq!(one(&run, &format!("backend.node-{i}")), want, "node-{i}");
+        assert_eq!(one(&run, &format!("mtu.node-{i}")), mtu, "node-{i}");
+    }
+    assert_eq!(one(&run, "xfrm-encap"), "ok");
+    assert_eq!(one(&run, "capture.raw-esp"), "0");
+    assert_eq!(one(&run, "capture.marker-frames"), "0");
+    assert_eq!(one(&run, "rotation"), "ok");
+    eprintln!(
+        "vm: ESP in UDP: {} datagrams on UDP 4500, 0 raw ESP, 0 with the marker ({})",
+        one(&run, "capture.esp-in-udp"),
+        one(&run, "backend-reason")
+    );
+}
+
 /// Geneve (which the host kernel lacks) with each encryption on the 6.1 kernel: the overlay
 /// scenario of the host tier, with kernel WireGuard and kernel XFRM ESP.
 fn geneve(test: &str, encryption: &str) {

@@ -1,6 +1,6 @@
 //! The userspace ESP device: the sans-IO ESP core ([`crate::esp`]) on a TUN interface and an
 //! underlay socket, run by two threads of our own. The underlay socket is a raw
-//! IP-protocol-50 socket ([`Encapsulation::None`], what kernel XFRM peers speak) or a UDP socket
+//! IP-protocol-50 socket ([`Encapsulation::None`]) or a UDP socket
 //! on port 4500 carrying ESP in UDP (RFC 3948, [`Encapsulation::Udp`]).
 //!
 //! - The TUN thread reads inner packets the kernel routed into the interface, picks the peer by
@@ -86,35 +86,7 @@ const RECV_MSGS_RAW: usize = 64;
 /// Messages per `recvmmsg` on the UDP socket (each up to 64 KiB of GRO-coalesced datagrams).
 const RECV_MSGS_UDP: usize = 16;
 
-/// The UDP port of ESP in UDP (RFC 3948 section 2.1, the IKE NAT-traversal port).
-pub const ESP_IN_UDP_PORT: u16 = 4500;
-
-/// How the userspace engine carries ESP on the underlay. Every node of a cluster must use the
-/// same.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum Encapsulation {
-    /// Raw ESP, IP protocol 50 (RFC 4303): what kernel XFRM peers speak.
-    #[default]
-    None,
-    /// ESP in UDP (RFC 3948): every ESP packet is the payload of a UDP datagram from `port` to
-    /// `port` ([`ESP_IN_UDP_PORT`] in a cluster). The socket binds the underlay address and
-    /// `port`, which lets the engine use UDP GSO and GRO; inbound datagrams must come from a
-    /// peer's address and from `port`.
-    Udp {
-        /// The UDP port at both ends.
-        port: u16,
-    },
-}
-
-impl fmt::Display for Encapsulation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::None => f.write_str("none (raw ESP, IP protocol 50)"),
-            Self::Udp { port } => write!(f, "udp (ESP in UDP port {port})"),
-        }
-    }
-}
+pub use crate::{ESP_IN_UDP_PORT, Encapsulation};
 
 /// What one UDP datagram received on the ESP-in-UDP port holds (RFC 3948 section 2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

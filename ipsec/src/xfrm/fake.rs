@@ -1,10 +1,10 @@
 //! In-memory [`XfrmBackend`] with the kernel's identities and enc's validation.
 
 use std::io;
-use std::net::IpAddr;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::{PolicySpec, SaId, SaSnapshot, SaSpec, XfrmBackend};
+use super::{EncapSocket, PolicySpec, SaId, SaSnapshot, SaSpec, XfrmBackend};
 use crate::{Error, Result};
 
 /// In-memory [`XfrmBackend`]: SAs keyed like the kernel's (destination, SPI, mark), policies
@@ -12,10 +12,11 @@ use crate::{Error, Result};
 /// dumps filtered to enc's objects. Foreign objects can be planted to check that enc leaves
 /// them alone; traffic can be simulated ([`FakeXfrm::traffic`]) to see that counters and
 /// sequence numbers survive an update, and every modifying call is logged
-/// ([`FakeXfrm::take_ops`]).
+/// ([`FakeXfrm::take_ops`]). ESP-in-UDP sockets are kept as a set of bound addresses, with
+/// the kernel's rule for conflicts ([`FakeXfrm::occupy_udp`] plants another program's).
 #[derive(Debug, Default)]
 pub struct FakeXfrm {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
 }
 
 /// A modifying call made to a [`FakeXfrm`], whether or not it changed anything.
@@ -29,6 +30,8 @@ pub enum FakeOp {
     UpsertPolicy(PolicySpec),
     /// [`XfrmBackend::delete_policy`].
     DeletePolicy(PolicySpec),
+    /// [`XfrmBackend::open_esp_in_udp`].
+    OpenEspInUdp(SocketAddr),
 }
 
 /// An SA with the counters the kernel would keep for it.
@@ -46,6 +49,10 @@ struct State {
     sas: Vec<FakeSa>,
     policies: Vec<PolicySpec>,
     refuse_sas: Option<i32>,
+    /// Policy upserts still served before every further one is refused with the errno.
+    refuse_policies: Option<(usize, i32)>,
+    /// Bound UDP addresses: enc's ESP-in-UDP sockets and planted ones.
+    udp_bound: Vec<SocketAddr>,
     requests: usize,
     ops: Vec<FakeOp>,
 }
@@ -57,7 +64,23 @@ impl FakeXfrm {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
+    }
+
+    /// After `after` more policy upserts, refuses every further one with `errno`.
+    pub fn refuse_policies_after(&self, after: usize, errno: i32) {
+        self.state().refuse_policies = Some((after, errno));
+    }
+
+    /// Binds `at` for another program, so that an ESP-in-UDP socket there is refused.
+    pub fn occupy_udp(&self, at: SocketAddr) {
+        self.state().udp_bound.push(at);
+    }
+
+    /// The addresses of the UDP sockets bound now (enc's open ESP-in-UDP sockets and the
+    /// planted ones).
+    pub fn udp_bound(&self) -> Vec<SocketAddr> {
+        self.state().udp_bound.clone()
     }
 
     /// From now on, refuses every new SA with `errno`, as a kernel without ESP or GCM does.
@@ -119,6 +142,34 @@ impl FakeXfrm {
     }
 }
 
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Keeps a fake socket bound until dropped.
+#[derive(Debug)]
+struct FakeUdpBinding {
+    state: Arc<Mutex<State>>,
+    at: SocketAddr,
+}
+
+impl Drop for FakeUdpBinding {
+    fn drop(&mut self) {
+        let mut state = lock(&self.state);
+        if let Some(i) = state.udp_bound.iter().position(|a| *a == self.at) {
+            state.udp_bound.remove(i);
+        }
+    }
+}
+
+/// Whether binding `b` conflicts with the bound `a` (no `SO_REUSEADDR`): same port, and the
+/// same address or a wildcard on either side.
+fn udp_conflict(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 impl FakeSa {
     fn new(spec: SaSpec) -> Self {
         Self {
@@ -150,10 +201,30 @@ fn snapshot(sa: &FakeSa) -> SaSnapshot {
         packets: sa.packets,
         replay_drops: 0,
         integrity_failed: 0,
+        encap: spec.encap,
     }
 }
 
 impl XfrmBackend for FakeXfrm {
+    fn open_esp_in_udp(&self, at: SocketAddr) -> Result<EncapSocket> {
+        let mut state = self.state();
+        state.ops.push(FakeOp::OpenEspInUdp(at));
+        if state.udp_bound.iter().any(|b| udp_conflict(*b, at)) {
+            return Err(Error::PortInUse {
+                at,
+                source: io::Error::from_raw_os_error(libc::EADDRINUSE),
+            });
+        }
+        state.udp_bound.push(at);
+        Ok(EncapSocket::new(
+            at,
+            FakeUdpBinding {
+                state: self.state.clone(),
+                at,
+            },
+        ))
+    }
+
     fn upsert_sa(&self, sa: &SaSpec) -> Result<()> {
         sa.validate()?;
         let mut guard = self.state();
@@ -219,6 +290,16 @@ impl XfrmBackend for FakeXfrm {
         let mut guard = self.state();
         let state = &mut *guard;
         state.ops.push(FakeOp::UpsertPolicy(p.clone()));
+        if let Some((after, errno)) = &mut state.refuse_policies {
+            if *after == 0 {
+                return Err(Error::Xfrm {
+                    op: "XFRM_MSG_UPDPOLICY",
+                    what: p.to_string(),
+                    source: io::Error::from_raw_os_error(*errno),
+                });
+            }
+            *after -= 1;
+        }
         match state.policies.iter_mut().find(|q| q.same_key(p)) {
             Some(existing) if existing == p => {}
             Some(existing) => {

@@ -36,20 +36,31 @@
 //!
 //! The datapath switches the epoch bits of its mark only after the commit: until then, and
 //! for packets it marked before, the objects of `e` carry the traffic.
+//!
+//! # ESP in UDP
+//!
+//! [`KernelIpsec::with_encapsulation`] with [`Encapsulation::Udp`] gives every SA, inbound and
+//! outbound, `XFRMA_ENCAP` ([`UdpEncap::esp_in_udp`]), and opens the `UDP_ENCAP_ESPINUDP`
+//! socket on the underlay address and the port *before* it installs anything; it holds the
+//! socket as long as it lives. Without that socket the kernel would send ESP in UDP but drop
+//! what arrives (port unreachable). A taken port fails start-up with [`crate::Error::PortInUse`],
+//! and a failure after the socket was opened removes what was installed, so nothing is left
+//! half-configured.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ipnet::IpNet;
 
 use super::{
-    IN_MARK_MASK, MAGIC_DECRYPTED, MAGIC_ENCRYPT, MAGIC_MASK, MAGIC_SHIFT, OUT_MARK_MASK,
-    PRIORITY_BLOCK, PRIORITY_PEER, PolicyAction, PolicyDir, PolicySpec, SaSnapshot, SaSpec, Tmpl,
-    XfrmBackend, decrypted_mark, encrypt_mark, peer_of_mark, peer_reqid,
+    EncapSocket, IN_MARK_MASK, MAGIC_DECRYPTED, MAGIC_ENCRYPT, MAGIC_MASK, MAGIC_SHIFT,
+    OUT_MARK_MASK, PRIORITY_BLOCK, PRIORITY_PEER, PolicyAction, PolicyDir, PolicySpec, SaSnapshot,
+    SaSpec, Tmpl, UdpEncap, XfrmBackend, decrypted_mark, encrypt_mark, peer_of_mark, peer_reqid,
 };
 use crate::{
-    EspDrop, InboundSaSnapshot, IpsecBackend, IpsecKind, IpsecPeerSnapshot, IpsecPeerSpec, Result,
+    Encapsulation, EspDrop, InboundSaSnapshot, IpsecBackend, IpsecKind, IpsecPeerSnapshot,
+    IpsecPeerSpec, Result,
 };
 
 /// Anti-replay window of inbound SAs, in packets.
@@ -74,8 +85,9 @@ fn invalid(field: &'static str, value: String, reason: &str) -> crate::Error {
     }
 }
 
-/// Translates a peer spec into its SAs and policies (see the module docs).
-pub fn peer_objects(spec: &IpsecPeerSpec) -> Result<PeerObjects> {
+/// Translates a peer spec into its SAs and policies (see the module docs); with
+/// [`Encapsulation::Udp`] every SA carries [`UdpEncap::esp_in_udp`] of the port.
+pub fn peer_objects(spec: &IpsecPeerSpec, encapsulation: Encapsulation) -> Result<PeerObjects> {
     if spec.local.is_ipv4() != spec.remote.is_ipv4() {
         return Err(invalid(
             "peer.local/remote",
@@ -85,6 +97,10 @@ pub fn peer_objects(spec: &IpsecPeerSpec) -> Result<PeerObjects> {
     }
     spec.check_older_outbound()?;
     let reqid = peer_reqid(spec.peer_id);
+    let encap = match encapsulation {
+        Encapsulation::None => None,
+        Encapsulation::Udp { port } => Some(UdpEncap::esp_in_udp(port)),
+    };
     let out_mark = |epoch| (encrypt_mark(spec.peer_id, epoch), OUT_MARK_MASK);
     let in_mark = (decrypted_mark(spec.peer_id), IN_MARK_MASK);
     let outbound = std::iter::once((spec.epoch, &spec.outbound))
@@ -102,6 +118,7 @@ pub fn peer_objects(spec: &IpsecPeerSpec) -> Result<PeerObjects> {
             output_mark: None,
             replay_window: super::OUTBOUND_REPLAY_WINDOW,
             esn: true,
+            encap,
         })
         .collect();
     for (i, keys) in spec.inbound.iter().enumerate() {
@@ -122,6 +139,7 @@ pub fn peer_objects(spec: &IpsecPeerSpec) -> Result<PeerObjects> {
             output_mark: Some(in_mark),
             replay_window: REPLAY_WINDOW,
             esn: true,
+            encap,
         });
     }
     for sa in &sas {
@@ -228,6 +246,7 @@ fn sa_matches(current: &SaSnapshot, desired: &SaSpec) -> bool {
         && current.output_mark == desired.output_mark
         && current.esn == desired.esn
         && current.replay_window == desired.replay_window
+        && current.encap == desired.encap
 }
 
 /// Whether a dumped SA is an outbound one (its match mark carries the encrypt magic).
@@ -284,6 +303,10 @@ struct PeerMemory {
 /// [`IpsecBackend`] on the kernel's XFRM, through any [`XfrmBackend`].
 pub struct KernelIpsec {
     backend: Arc<dyn XfrmBackend>,
+    encapsulation: Encapsulation,
+    /// The ESP-in-UDP socket with [`Encapsulation::Udp`]; the kernel decapsulates while it is
+    /// open.
+    socket: Option<EncapSocket>,
     /// Per peer; held for the whole of an upsert, delete or dump, which serialises them.
     memory: Mutex<BTreeMap<u16, PeerMemory>>,
 }
@@ -295,12 +318,50 @@ impl std::fmt::Debug for KernelIpsec {
 }
 
 impl KernelIpsec {
-    /// Installs the catch-all block policies (idempotently: a restart adopts them).
+    /// Raw ESP: installs the catch-all block policies (idempotently: a restart adopts them).
     pub fn new(backend: Arc<dyn XfrmBackend>) -> Result<Self> {
+        Self::with_encapsulation(backend, Encapsulation::None, IpAddr::from([0u8; 4]))
+    }
+
+    /// As [`KernelIpsec::new`], with `encapsulation` for every SA. With
+    /// [`Encapsulation::Udp`] it first opens the ESP-in-UDP socket on `local` (the node's
+    /// underlay address; unspecified binds every address of its family) and the port, and
+    /// fails with [`crate::Error::PortInUse`] if another socket holds them. If a block policy
+    /// cannot be installed, the ones installed are removed and the socket is closed.
+    pub fn with_encapsulation(
+        backend: Arc<dyn XfrmBackend>,
+        encapsulation: Encapsulation,
+        local: IpAddr,
+    ) -> Result<Self> {
+        let socket = match encapsulation {
+            Encapsulation::None => None,
+            Encapsulation::Udp { port: 0 } => {
+                return Err(invalid(
+                    "encapsulation",
+                    encapsulation.to_string(),
+                    "ESP in UDP needs a fixed port at both ends (4500)",
+                ));
+            }
+            Encapsulation::Udp { port } => {
+                Some(backend.open_esp_in_udp(SocketAddr::new(local, port))?)
+            }
+        };
+        let mut installed = Vec::new();
         for p in block_policies() {
-            backend.upsert_policy(&p)?;
+            if let Err(e) = backend.upsert_policy(&p) {
+                for done in &installed {
+                    if let Err(d) = backend.delete_policy(done) {
+                        tracing::warn!(policy = %done, error = %d, "cannot remove a block policy after a failed start");
+                    }
+                }
+                return Err(e);
+            }
+            installed.push(p);
         }
-        Ok(Self::adopt(backend))
+        let mut kernel = Self::adopt(backend);
+        kernel.encapsulation = encapsulation;
+        kernel.socket = socket;
+        Ok(kernel)
     }
 
     /// Wraps a backend without installing anything (for [`KernelIpsec::remove_all`] at
@@ -308,8 +369,20 @@ impl KernelIpsec {
     pub fn adopt(backend: Arc<dyn XfrmBackend>) -> Self {
         Self {
             backend,
+            encapsulation: Encapsulation::None,
+            socket: None,
             memory: Mutex::default(),
         }
+    }
+
+    /// How the SAs carry ESP.
+    pub fn encapsulation(&self) -> Encapsulation {
+        self.encapsulation
+    }
+
+    /// The address and port of the ESP-in-UDP socket, if one is open.
+    pub fn encap_socket(&self) -> Option<SocketAddr> {
+        self.socket.as_ref().map(EncapSocket::local_addr)
     }
 
     /// The XFRM backend.
@@ -367,7 +440,19 @@ impl IpsecBackend for KernelIpsec {
     /// never points at a missing SA. Unchanged objects are not touched, so sequence numbers
     /// and replay windows survive; each rotation step (module docs) is therefore hitless.
     fn upsert_peer(&self, spec: &IpsecPeerSpec) -> Result<()> {
-        let desired = peer_objects(spec)?;
+        if let Some(at) = self.encap_socket()
+            && !at.ip().is_unspecified()
+            && at.ip() != spec.local
+        {
+            return Err(invalid(
+                "peer.local",
+                spec.local.to_string(),
+                &format!(
+                    "the ESP-in-UDP socket is bound to {at}: inbound ESP in UDP to another address would be dropped"
+                ),
+            ));
+        }
+        let desired = peer_objects(spec, self.encapsulation)?;
         let mut memory = self.memory();
         let current_sas = self.peer_sas(spec.peer_id)?;
         let current_policies = self.peer_policies(spec.peer_id)?;
@@ -488,7 +573,7 @@ mod tests {
 
     use super::*;
     use crate::SaKeys;
-    use crate::xfrm::{FakeOp, FakeXfrm, SaId};
+    use crate::xfrm::{FakeOp, FakeXfrm, SaId, UdpEncap};
 
     fn keys(spi: u32) -> SaKeys {
         SaKeys {
@@ -530,7 +615,7 @@ mod tests {
             "10.1.0.0/24".parse().unwrap(),
             "10.101.0.0/24".parse().unwrap(),
         )];
-        let objects = peer_objects(&s).unwrap();
+        let objects = peer_objects(&s, Encapsulation::None).unwrap();
         let bypass: Vec<&PolicySpec> = objects
             .policies
             .iter()
@@ -613,10 +698,11 @@ mod tests {
     /// The order an upsert must call in: new SAs, new policies, stale policies, stale SAs.
     fn phase(op: &FakeOp) -> u8 {
         match op {
-            FakeOp::UpsertSa(_) => 0,
-            FakeOp::UpsertPolicy(_) => 1,
-            FakeOp::DeletePolicy(_) => 2,
-            FakeOp::DeleteSa(_) => 3,
+            FakeOp::OpenEspInUdp(_) => 0,
+            FakeOp::UpsertSa(_) => 1,
+            FakeOp::UpsertPolicy(_) => 2,
+            FakeOp::DeletePolicy(_) => 3,
+            FakeOp::DeleteSa(_) => 4,
         }
     }
 
@@ -640,7 +726,7 @@ mod tests {
 
     #[test]
     fn translation_is_exact() {
-        let objects = peer_objects(&spec(5, 0x13)).unwrap();
+        let objects = peer_objects(&spec(5, 0x13), Encapsulation::None).unwrap();
         let local: IpAddr = "192.168.0.1".parse().unwrap();
         let remote: IpAddr = "192.168.0.15".parse().unwrap();
         assert_eq!(objects.sas.len(), 2);
@@ -692,18 +778,142 @@ mod tests {
         );
     }
 
+    fn udp() -> Encapsulation {
+        Encapsulation::Udp { port: 4500 }
+    }
+
+    fn local() -> IpAddr {
+        "192.168.0.1".parse().unwrap()
+    }
+
+    #[test]
+    fn esp_in_udp_opens_the_socket_before_anything_and_encapsulates_every_sa() {
+        let fake = Arc::new(FakeXfrm::new());
+        let kernel = KernelIpsec::with_encapsulation(fake.clone(), udp(), local()).unwrap();
+        let at = SocketAddr::new(local(), 4500);
+        assert_eq!(kernel.encap_socket(), Some(at));
+        assert_eq!(kernel.encapsulation(), udp());
+        kernel.upsert_peer(&rotation_spec(0, Step::Commit)).unwrap();
+        let ops = fake.take_ops();
+        assert_eq!(ops.first(), Some(&FakeOp::OpenEspInUdp(at)), "{ops:#?}");
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, FakeOp::OpenEspInUdp(_)))
+                .count(),
+            1
+        );
+        let sas = fake.all_sas();
+        assert_eq!(sas.len(), 4, "two outbound, two inbound");
+        assert!(
+            sas.iter()
+                .all(|sa| sa.encap == Some(UdpEncap::esp_in_udp(4500))),
+            "{sas:#?}"
+        );
+        assert_eq!(fake.udp_bound(), vec![at]);
+        // Unchanged: a second upsert touches nothing.
+        kernel.upsert_peer(&rotation_spec(0, Step::Commit)).unwrap();
+        assert_eq!(fake.take_ops(), vec![]);
+        // The socket lives as long as the backend.
+        drop(kernel);
+        assert!(fake.udp_bound().is_empty());
+        // Raw ESP SAs have no encapsulation and no socket.
+        let (fake, raw) = super::tests::kernel();
+        raw.upsert_peer(&spec(1, 0)).unwrap();
+        assert!(fake.all_sas().iter().all(|sa| sa.encap.is_none()));
+        assert_eq!(raw.encap_socket(), None);
+        assert!(fake.udp_bound().is_empty());
+    }
+
+    #[test]
+    fn switching_encapsulation_replaces_the_sas() {
+        let fake = Arc::new(FakeXfrm::new());
+        let raw = KernelIpsec::new(fake.clone()).unwrap();
+        raw.upsert_peer(&spec(1, 0)).unwrap();
+        drop(raw);
+        let kernel = KernelIpsec::with_encapsulation(fake.clone(), udp(), local()).unwrap();
+        kernel.upsert_peer(&spec(1, 0)).unwrap();
+        let sas = fake.all_sas();
+        assert_eq!(sas.len(), 2);
+        assert!(sas.iter().all(|sa| sa.encap.is_some()), "{sas:#?}");
+    }
+
+    #[test]
+    fn a_taken_port_fails_start_up_before_anything_is_installed() {
+        let fake = Arc::new(FakeXfrm::new());
+        let at = SocketAddr::new(IpAddr::from([0u8; 4]), 4500);
+        fake.occupy_udp(at);
+        let err = KernelIpsec::with_encapsulation(fake.clone(), udp(), local()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, crate::Error::PortInUse { at, .. } if at == SocketAddr::new(local(), 4500)),
+            "{err:?}"
+        );
+        assert!(text.contains("192.168.0.1:4500"), "{text}");
+        assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+        assert_eq!(
+            fake.take_ops(),
+            vec![FakeOp::OpenEspInUdp(SocketAddr::new(local(), 4500))]
+        );
+        assert!(fake.all_policies().is_empty() && fake.all_sas().is_empty());
+    }
+
+    #[test]
+    fn a_failed_start_removes_what_it_installed_and_closes_the_socket() {
+        let fake = Arc::new(FakeXfrm::new());
+        // The IPv4 block policy goes in, the IPv6 one is refused.
+        fake.refuse_policies_after(1, libc::ENOBUFS);
+        let err = KernelIpsec::with_encapsulation(fake.clone(), udp(), local()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOBUFS), "{err:?}");
+        assert!(fake.all_policies().is_empty(), "{:?}", fake.all_policies());
+        assert!(fake.udp_bound().is_empty(), "socket left open");
+        let ops = fake.take_ops();
+        assert!(
+            matches!(ops.last(), Some(FakeOp::DeletePolicy(_))),
+            "{ops:#?}"
+        );
+    }
+
+    #[test]
+    fn esp_in_udp_refuses_a_peer_on_another_local_address() {
+        let fake = Arc::new(FakeXfrm::new());
+        let kernel = KernelIpsec::with_encapsulation(fake.clone(), udp(), local()).unwrap();
+        let mut s = spec(1, 0);
+        s.local = "192.168.0.2".parse().unwrap();
+        let err = kernel.upsert_peer(&s).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                crate::Error::Invalid {
+                    field: "peer.local",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(fake.all_sas().is_empty());
+        // Bound to every address, any local address is fine.
+        drop(kernel);
+        let any =
+            KernelIpsec::with_encapsulation(fake.clone(), udp(), IpAddr::from([0u8; 4])).unwrap();
+        any.upsert_peer(&s).unwrap();
+        assert!(matches!(
+            KernelIpsec::with_encapsulation(fake.clone(), Encapsulation::Udp { port: 0 }, local()),
+            Err(crate::Error::Invalid { .. })
+        ));
+    }
+
     #[test]
     fn bad_specs_are_refused() {
         let mut s = spec(1, 0);
         s.remote = "fd00::2".parse().unwrap();
         assert!(matches!(
-            peer_objects(&s),
+            peer_objects(&s, Encapsulation::None),
             Err(crate::Error::Invalid { .. })
         ));
         let mut s = spec(1, 0);
         s.inbound.push(keys(0x2001));
         assert!(matches!(
-            peer_objects(&s),
+            peer_objects(&s, Encapsulation::None),
             Err(crate::Error::Invalid {
                 field: "peer.inbound.spi",
                 ..
@@ -711,7 +921,7 @@ mod tests {
         ));
         let mut s = spec(1, 0);
         s.outbound.spi = 0;
-        assert!(peer_objects(&s).is_err());
+        assert!(peer_objects(&s, Encapsulation::None).is_err());
     }
 
     #[test]
@@ -737,7 +947,7 @@ mod tests {
     fn upsert_is_idempotent_and_exact() {
         let (fake, kernel) = kernel();
         kernel.upsert_peer(&spec(1, 0)).unwrap();
-        let objects = peer_objects(&spec(1, 0)).unwrap();
+        let objects = peer_objects(&spec(1, 0), Encapsulation::None).unwrap();
         let mut sas = fake.all_sas();
         sas.sort_by_key(|s| s.spi);
         assert_eq!(sas, objects.sas);
@@ -766,7 +976,7 @@ mod tests {
             spi: in_keys(e).spi,
         };
         let out_policies = |e| -> Vec<PolicySpec> {
-            peer_objects(&rotation_spec(e, Step::Steady))
+            peer_objects(&rotation_spec(e, Step::Steady), Encapsulation::None)
                 .unwrap()
                 .policies
                 .into_iter()
@@ -837,7 +1047,7 @@ mod tests {
                 let mut got_sas: Vec<_> = fake.all_sas().iter().map(|s| (s.spi, s.mark)).collect();
                 got_sas.sort_unstable();
                 assert_eq!(got_sas, want_sas, "{what}");
-                let objects = peer_objects(&spec).unwrap();
+                let objects = peer_objects(&spec, Encapsulation::None).unwrap();
                 assert_eq!(
                     sorted_sas(fake.all_sas()),
                     sorted_sas(objects.sas),
@@ -952,14 +1162,14 @@ mod tests {
             tmpl: None,
         };
         fake.insert_foreign_policy(foreign_policy.clone());
-        let mut foreign_sa = peer_objects(&spec(1, 0)).unwrap().sas[1].clone();
+        let mut foreign_sa = peer_objects(&spec(1, 0), Encapsulation::None).unwrap().sas[1].clone();
         foreign_sa.output_mark = None;
         foreign_sa.spi = 0x9999;
         foreign_sa.keys.spi = 0x9999;
         fake.insert_foreign_sa(foreign_sa.clone());
 
         kernel.delete_peer(1).unwrap();
-        let two = peer_objects(&spec(2, 3)).unwrap();
+        let two = peer_objects(&spec(2, 3), Encapsulation::None).unwrap();
         let mut expected_sas = two.sas.clone();
         expected_sas.push(foreign_sa);
         assert_eq!(fake.all_sas(), expected_sas);

@@ -20,6 +20,14 @@
 //! - a **policy** is enc's when its mark passes the same test *and* its priority lies in
 //!   [`PRIORITY_BAND`].
 //!
+//! # ESP in UDP
+//!
+//! With [`Encapsulation::Udp`](crate::Encapsulation) every SA carries `XFRMA_ENCAP`
+//! ([`UdpEncap`]: `UDP_ENCAP_ESPINUDP`, the port at both ends), so the kernel sends ESP inside
+//! UDP. It decapsulates ESP in UDP only when it arrives on a UDP socket with
+//! `UDP_ENCAP_ESPINUDP` bound to the destination port: [`XfrmBackend::open_esp_in_udp`] opens
+//! one, and [`KernelIpsec`] holds it for its lifetime.
+//!
 //! Dumps ([`XfrmBackend::dump_sas`], [`XfrmBackend::dump_policies`]) return enc's objects
 //! only, and the backends refuse to install an object that would not be recognised as enc's,
 //! so enc can never create something it would later fail to adopt or clean up.
@@ -27,7 +35,7 @@
 //! there is the peer id ([`peer_of_mark`]).
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
@@ -107,6 +115,34 @@ pub const fn peer_of_mark(mark: (u32, u32)) -> Option<u16> {
     }
 }
 
+/// `UDP_ENCAP_ESPINUDP`: ESP in UDP as RFC 3948 defines it (the encapsulation type of
+/// `struct xfrm_encap_tmpl`).
+pub const UDP_ENCAP_ESPINUDP: u16 = 2;
+
+/// An SA's UDP encapsulation (`XFRMA_ENCAP`, `struct xfrm_encap_tmpl`; the original address
+/// `encap_oa` is always zero: enc does no NAT-T address fix-up).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UdpEncap {
+    /// Encapsulation type; enc uses [`UDP_ENCAP_ESPINUDP`] only.
+    pub kind: u16,
+    /// UDP source port of the ESP datagrams.
+    pub sport: u16,
+    /// UDP destination port of the ESP datagrams.
+    pub dport: u16,
+}
+
+impl UdpEncap {
+    /// ESP in UDP from `port` to `port` ([`crate::ESP_IN_UDP_PORT`] in a cluster).
+    pub const fn esp_in_udp(port: u16) -> Self {
+        Self {
+            kind: UDP_ENCAP_ESPINUDP,
+            sport: port,
+            dport: port,
+        }
+    }
+}
+
 /// Desired state of one ESP SA (tunnel mode, [`AEAD_NAME`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SaSpec {
@@ -128,6 +164,8 @@ pub struct SaSpec {
     pub replay_window: u32,
     /// 64-bit extended sequence numbers.
     pub esn: bool,
+    /// ESP in UDP (`XFRMA_ENCAP`), or `None` for raw ESP (IP protocol 50).
+    pub encap: Option<UdpEncap>,
 }
 
 /// Largest replay window the kernel takes (`XFRMA_REPLAY_ESN_MAX` bytes of bitmap).
@@ -197,6 +235,15 @@ impl SaSpec {
                 ));
             }
         }
+        if let Some(encap) = self.encap
+            && (encap.kind != UDP_ENCAP_ESPINUDP || encap.sport == 0 || encap.dport == 0)
+        {
+            return Err(invalid(
+                "sa.encap",
+                format!("{encap:?}"),
+                "enc encapsulates as UDP_ENCAP_ESPINUDP (2) between two fixed ports",
+            ));
+        }
         if !self.is_enc() {
             return Err(invalid(
                 "sa.mark",
@@ -254,6 +301,8 @@ pub struct SaSnapshot {
     pub replay_drops: u32,
     /// Packets dropped for a failed integrity check.
     pub integrity_failed: u32,
+    /// UDP encapsulation, `None` for raw ESP.
+    pub encap: Option<UdpEncap>,
 }
 
 impl SaSnapshot {
@@ -397,8 +446,43 @@ impl fmt::Display for PolicySpec {
     }
 }
 
+/// An open ESP-in-UDP socket ([`XfrmBackend::open_esp_in_udp`]): while it lives, the kernel
+/// decapsulates ESP in UDP that arrives at its address and port and hands it to the SAs.
+/// Dropping it closes the socket.
+pub struct EncapSocket {
+    at: SocketAddr,
+    _hold: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl EncapSocket {
+    /// Wraps what keeps the socket open (the socket itself, or a fake's guard) for `at`.
+    pub fn new(at: SocketAddr, hold: impl std::any::Any + Send + Sync) -> Self {
+        Self {
+            at,
+            _hold: Box::new(hold),
+        }
+    }
+
+    /// The address and port the socket is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.at
+    }
+}
+
+impl fmt::Debug for EncapSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncapSocket")
+            .field("at", &self.at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The seam over the kernel's XFRM. Every operation is idempotent.
 pub trait XfrmBackend: Send + Sync {
+    /// Opens a UDP socket bound to `at` with `UDP_ENCAP_ESPINUDP`, in the calling thread's
+    /// network namespace (the one the backend works in), so that the kernel decapsulates ESP in UDP arriving there. A taken address
+    /// and port is [`Error::PortInUse`].
+    fn open_esp_in_udp(&self, at: SocketAddr) -> Result<EncapSocket>;
     /// Adds an SA, or updates the one with the same destination, SPI and mark
     /// (`XFRM_MSG_NEWSA`, then `XFRM_MSG_UPDSA` if it exists). An update keeps the SA's
     /// sequence numbers and replay state, and the kernel keeps its key: a new key comes with a
@@ -445,6 +529,7 @@ pub fn probe_esp_gcm(backend: &dyn XfrmBackend) -> std::result::Result<(), Strin
         output_mark: None,
         replay_window: OUTBOUND_REPLAY_WINDOW,
         esn: true,
+        encap: None,
     };
     let reason = |e: &Error| match e {
         Error::Xfrm { source, .. } => source.to_string(),

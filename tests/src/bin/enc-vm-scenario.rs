@@ -36,6 +36,9 @@ enum Cmd {
         #[arg(value_parser = ["wireguard", "ipsec"])]
         name: String,
     },
+    /// Run the ESP-in-UDP scenario: `encapsulation: udp` on two kernel-XFRM nodes and one
+    /// userspace-ESP node.
+    EspInUdp,
     /// Run the overlay scenario: reachability, capture and the DF/MTU probe for one
     /// combination of encryption and tunnel.
     Overlay {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Cmd::Probe => scenario::probe(),
         Cmd::HostTier { name } => scenario::host_tier(name),
         Cmd::Mixed { name } => scenario::mixed(name),
+        Cmd::EspInUdp => scenario::esp_in_udp(),
         Cmd::Overlay { encryption, tunnel } => scenario::overlay(encryption, tunnel),
         Cmd::Shell { script } => scenario::shell(script),
     };

@@ -746,3 +746,253 @@ pub fn overlay(encryption: &str, tunnel: &str) -> anyhow::Result<()> {
     lab.finish(Ok(()));
     r
 }
+
+/// The UDP port of ESP in UDP.
+const ESP_IN_UDP_PORT: u16 = 4500;
+
+/// Runs the ESP-in-UDP scenario: three nodes with `encryption.ipsec.encapsulation: udp`,
+/// node-1 and node-2 on kernel XFRM, node-3 on the userspace ESP engine, so node-1 ↔ node-2
+/// is a kernel pair and node-3 meets each of them as a mixed pair. Checks that the kernel
+/// nodes run XFRM with every SA encapsulated (`ip xfrm state` shows `encap type espinudp
+/// sport 4500 dport 4500`) and hold the UDP 4500 socket, and that their MTU is the
+/// encapsulated one (1438); pings every pod pair and sends TCP across each pair, with an
+/// underlay capture in which node-to-node traffic is only UDP 4500 ↔ 4500 and the control
+/// channel: no IP protocol 50, no plaintext marker, and ESP in UDP both ways on every pair.
+/// Then one rotation of the kernel pair, after which its new SAs are encapsulated too and
+/// traffic still flows.
+pub fn esp_in_udp() -> anyhow::Result<()> {
+    value("kernel", kernel_release());
+    let t = Instant::now();
+    let mut opts = LabOptions::new("vu", 3);
+    opts.pods = 1;
+    opts.encryption = "ipsec";
+    opts.implementations = vec![(1, "kernel"), (2, "kernel"), (3, "userspace")];
+    opts.ipsec_encapsulation = Some("udp");
+    opts.rotation = vec!["gracePeriod: 4s".into(), "stuckAfter: 10s".into()];
+    let mut lab = Lab::build(&opts).context("build the lab")?;
+    step("build", t);
+    let r = run_esp_in_udp(&mut lab);
+    if let Err(e) = &r {
+        for n in &lab.nodes {
+            println!(
+                "----- {} agent log (last 40 lines) -----\n{}",
+                n.name,
+                lab.log_tail(n.index, 40)
+            );
+        }
+        for i in [1, 3] {
+            println!("{}", node_diagnostics(&lab, i));
+        }
+        println!("scenario error: {e:#}");
+    }
+    r
+}
+
+/// Checks node `i`'s `ip xfrm state`: every SA is encapsulated in UDP 4500 ↔ 4500 and there
+/// are `want` of them. Returns how many there are.
+fn check_xfrm_encap(lab: &Lab, i: usize, want: usize) -> anyhow::Result<usize> {
+    let out = lab.node(i).ns.run(&["ip", "xfrm", "state"])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // One block per SA: a line `src A dst B`, then indented lines (`sel src ...` among them).
+    let mut blocks: Vec<String> = vec![];
+    for line in text.lines() {
+        match blocks.last_mut() {
+            Some(b) if line.starts_with(char::is_whitespace) => {
+                b.push('\n');
+                b.push_str(line);
+            }
+            _ => blocks.push(line.to_owned()),
+        }
+    }
+    blocks.retain(|b| !b.trim().is_empty());
+    println!("----- ip xfrm state (node-{i}, key lines left out) -----");
+    for line in text.lines() {
+        if line.trim_start().starts_with("aead") {
+            println!("\taead (key left out)");
+        } else {
+            println!("{line}");
+        }
+    }
+    for b in &blocks {
+        let words = b.split_whitespace().collect::<Vec<_>>().join(" ");
+        ensure!(
+            words.contains("proto esp") && words.contains("mode tunnel"),
+            "node-{i}: SA is not ESP tunnel mode: {b}"
+        );
+        ensure!(
+            words.contains("encap type espinudp sport 4500 dport 4500"),
+            "node-{i}: SA without ESP-in-UDP encapsulation: {b}"
+        );
+    }
+    ensure!(
+        blocks.len() == want,
+        "node-{i}: {} SAs in ip xfrm state, want {want}",
+        blocks.len()
+    );
+    Ok(blocks.len())
+}
+
+fn run_esp_in_udp(lab: &mut Lab) -> anyhow::Result<()> {
+    let t = Instant::now();
+    lab.start_all()?;
+    step("start", t);
+    let t = Instant::now();
+    let nodes = [1, 2, 3];
+    for i in nodes {
+        let others: Vec<String> = nodes
+            .iter()
+            .filter(|&&k| k != i)
+            .map(|k| format!("node-{k}"))
+            .collect();
+        let refs: Vec<&str> = others.iter().map(String::as_str).collect();
+        lab.wait_authenticated(i, &refs, AUTH_TIMEOUT)?;
+    }
+    step("authenticate", t);
+    for i in nodes {
+        let st = lab.status(i)?;
+        value(&format!("backend.node-{i}"), &st.encryption.backend);
+        value(&format!("mtu.node-{i}"), st.encryption.mtu);
+        if i == 1 {
+            value("encryption", &st.encryption.kind);
+            value("backend-reason", &st.encryption.backend_reason);
+        }
+    }
+    // Two peers, one inbound and one outbound SA each.
+    for i in [1, 2] {
+        check_xfrm_encap(lab, i, 4)?;
+        let out = lab.node(i).ns.run(&["ss", "-uanp"])?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let at = format!("{}:{ESP_IN_UDP_PORT}", lab.node(i).addr);
+        ensure!(
+            text.lines()
+                .any(|l| l.contains(&at) && l.contains("enc-agent")),
+            "node-{i}: no enc-agent UDP socket on {at}:\n{text}"
+        );
+    }
+    value("xfrm-encap", "ok");
+
+    let t = Instant::now();
+    let capture = lab.capture("vm-esp-in-udp")?;
+    let mut failures = vec![];
+    for i in nodes {
+        for k in nodes.iter().filter(|&&k| k != i) {
+            let to = lab.node(*k).pods[0].addr;
+            if !lab.ping(i, 1, to, 2, MARKER_HEX)? {
+                failures.push(format!("node-{i} pod -> node-{k} pod ({to})"));
+            }
+        }
+    }
+    ensure!(failures.is_empty(), "pings failed: {failures:?}");
+    let payload: Vec<u8> = MARKER.iter().copied().cycle().take(20_000).collect();
+    for (a, b) in [(1, 2), (1, 3), (3, 2)] {
+        lab.tcp_transfer((a, 1), (b, 1), &payload)
+            .with_context(|| format!("TCP node-{a} pod -> node-{b} pod"))?;
+    }
+    let frames = capture.stop()?;
+    step("traffic", t);
+
+    let leaks = frames
+        .iter()
+        .filter(|f| pcap::contains(&f.data, MARKER) || pcap::contains(&f.data, &MARKER[..16]))
+        .count();
+    let node_addrs: Vec<IpAddr> = lab.nodes.iter().map(|n| IpAddr::V4(n.addr)).collect();
+    let index = |a: IpAddr| node_addrs.iter().position(|n| *n == a).map(|p| p + 1);
+    let (mut esp_in_udp, mut raw_esp, mut control, mut other) = (0, 0, 0, vec![]);
+    // ESP-in-UDP datagrams per (from, to) node.
+    let mut pairs: std::collections::BTreeMap<(usize, usize), usize> = Default::default();
+    for f in &frames {
+        let Some(ip) = &f.ip else { continue };
+        if ip.dst.is_multicast() || matches!(ip.src, IpAddr::V6(a) if a.is_unicast_link_local()) {
+            continue;
+        }
+        let (Some(from), Some(to)) = (index(ip.src), index(ip.dst)) else {
+            other.push(format!("{ip:?}"));
+            continue;
+        };
+        if ip.proto == ESP {
+            raw_esp += 1;
+        } else if ip.proto == UDP
+            && ip.sport == Some(ESP_IN_UDP_PORT)
+            && ip.dport == Some(ESP_IN_UDP_PORT)
+        {
+            esp_in_udp += 1;
+            *pairs.entry((from, to)).or_default() += 1;
+        } else if ip.proto == TCP && ip.has_port(CONTROL_PORT) {
+            control += 1;
+        } else {
+            other.push(format!("{ip:?}"));
+        }
+    }
+    println!(
+        "capture: {} frames, {esp_in_udp} ESP in UDP 4500, {raw_esp} raw ESP (protocol 50), \
+         {control} control, {} other, {leaks} with the marker; ESP in UDP per (from, to): {pairs:?}",
+        frames.len(),
+        other.len()
+    );
+    value("capture.esp-in-udp", esp_in_udp);
+    value("capture.raw-esp", raw_esp);
+    value("capture.marker-frames", leaks);
+    ensure!(
+        leaks == 0,
+        "{leaks} frames on the underlay carry the plaintext marker"
+    );
+    ensure!(
+        raw_esp == 0,
+        "{raw_esp} raw ESP (IP protocol 50) packets on the underlay"
+    );
+    ensure!(
+        other.is_empty(),
+        "unexpected packets on the underlay: {:?}",
+        &other[..other.len().min(5)]
+    );
+    // Each direction of each pair: 2 pings each way, plus TCP on the pair.
+    for a in nodes {
+        for b in nodes.iter().copied().filter(|b| *b != a) {
+            let n = pairs.get(&(a, b)).copied().unwrap_or(0);
+            ensure!(
+                n >= 4,
+                "only {n} ESP-in-UDP datagrams node-{a} -> node-{b}; the pair did not carry the traffic"
+            );
+        }
+    }
+
+    // One rotation of the kernel pair: the new epoch's SAs are encapsulated too.
+    let t = Instant::now();
+    let out = lab.encctl_output(
+        1,
+        &["rotate", "--wait", "--timeout", "60s", "--peer", "node-2"],
+    )?;
+    ensure!(
+        out.status.success(),
+        "rotation node-1 <-> node-2 failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sys_wait_retired(lab)?;
+    check_xfrm_encap(lab, 1, 4)?;
+    check_xfrm_encap(lab, 2, 4)?;
+    for (a, b) in [(1, 2), (2, 1)] {
+        let to = lab.node(b).pods[0].addr;
+        ensure!(
+            lab.ping(a, 1, to, 2, MARKER_HEX)?,
+            "after the rotation: node-{a} pod -> node-{b} pod ({to}) failed"
+        );
+    }
+    value("rotation", "ok");
+    step("rotation", t);
+
+    println!("----- encctl status (node-1) -----");
+    print!("{}", lab.encctl(1, &["status"])?);
+    println!("----- encctl peers (node-1) -----");
+    print!("{}", lab.encctl(1, &["peers"])?);
+    Ok(())
+}
+
+/// Waits until node-1 and node-2 have retired the old epoch of their pair.
+fn sys_wait_retired(lab: &Lab) -> anyhow::Result<()> {
+    crate::sys::wait_for("the old epoch to retire", Duration::from_secs(60), || {
+        let a = scenarios::epoch_with(lab, 1, "node-2")?;
+        let b = scenarios::epoch_with(lab, 2, "node-1")?;
+        Ok((a.2.len() == 1 && b.2.len() == 1 && a.0 == b.0).then_some(()))
+    })
+}
