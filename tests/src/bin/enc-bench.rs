@@ -1365,14 +1365,7 @@ mod overlay {
 
     /// The whole run.
     struct Report {
-        date: String,
-        kernel: String,
-        cpus: usize,
-        iperf: String,
-        command: String,
-        load_start: String,
-        load_end: String,
-        total: Duration,
+        run: RunInfo,
         rows: Vec<Row>,
     }
 
@@ -1382,20 +1375,8 @@ mod overlay {
         ensure!(args.time >= 1, "--time must be at least 1 second");
         ensure!(args.rounds >= 1, "--rounds must be at least 1");
         ensure!(args.streams >= 2, "--streams must be at least 2");
-        let iperf = sys::run(&["iperf3", "--version"])
-            .context("iperf3 is needed (apt-get install iperf3)")?;
-        let iperf = String::from_utf8_lossy(&iperf.stdout)
-            .lines()
-            .next()
-            .unwrap_or("iperf3")
-            .trim()
-            .to_owned();
+        let run = RunInfo::begin()?;
         install_signal_handlers();
-        let started = Instant::now();
-        let date = sys::run(&["date", "-u", "+%Y-%m-%d %H:%M UTC"])
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_else(|_| "unknown date".into());
-        let load_start = load_average();
         let prefix = format!("encb{}", std::process::id() % 100_000);
 
         let geneve = geneve_available(&prefix)?;
@@ -1443,14 +1424,7 @@ mod overlay {
             rows.push(row);
         }
         let report = Report {
-            date,
-            kernel: kernel_release(),
-            cpus: std::thread::available_parallelism().map_or(0, usize::from),
-            iperf,
-            command: std::env::args().collect::<Vec<_>>().join(" "),
-            load_start,
-            load_end: load_average(),
-            total: started.elapsed(),
+            run: run.end(),
             rows,
         };
         if args.json {
@@ -1964,6 +1938,87 @@ mod overlay {
             .unwrap_or_else(|_| "unknown".into())
     }
 
+    /// Where and when an iperf3 benchmark ran: the first line of the overlay and datapaths
+    /// reports and their JSON. [`RunInfo::begin`] reads the start, [`RunInfo::end`] the end.
+    pub(super) struct RunInfo {
+        date: String,
+        kernel: String,
+        cpus: usize,
+        pub(super) iperf: String,
+        command: String,
+        load_start: String,
+        load_end: String,
+        started: Instant,
+        total: Duration,
+    }
+
+    impl RunInfo {
+        /// Checks that iperf3 is there and notes the date and the load average.
+        pub(super) fn begin() -> anyhow::Result<Self> {
+            let iperf = sys::run(&["iperf3", "--version"])
+                .context("iperf3 is needed (apt-get install iperf3)")?;
+            let iperf = String::from_utf8_lossy(&iperf.stdout)
+                .lines()
+                .next()
+                .unwrap_or("iperf3")
+                .trim()
+                .to_owned();
+            let date = sys::run(&["date", "-u", "+%Y-%m-%d %H:%M UTC"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .unwrap_or_else(|_| "unknown date".into());
+            Ok(Self {
+                date,
+                kernel: kernel_release(),
+                cpus: std::thread::available_parallelism().map_or(0, usize::from),
+                iperf,
+                command: std::env::args().collect::<Vec<_>>().join(" "),
+                load_start: load_average(),
+                load_end: String::new(),
+                started: Instant::now(),
+                total: Duration::ZERO,
+            })
+        }
+
+        /// Notes the load average at the end and the time the run took.
+        pub(super) fn end(mut self) -> Self {
+            self.load_end = load_average();
+            self.total = self.started.elapsed();
+            self
+        }
+
+        /// `## enc-bench <bench>` and the line that says when, where and how it ran.
+        pub(super) fn headline(&self, bench: &str) -> String {
+            format!(
+                "## enc-bench {bench}\n\n{}, kernel {}, {} CPUs, load average {} at the start and \
+                 {} at the end, {:.0?} in all. Command: `{}`\n",
+                self.date,
+                self.kernel,
+                self.cpus,
+                self.load_start,
+                self.load_end,
+                self.total,
+                self.command
+            )
+        }
+
+        /// The JSON report of `bench`: these fields, `config` and `results`.
+        pub(super) fn json(&self, bench: &str, config: Value, results: Vec<Value>) -> Value {
+            json!({
+                "benchmark": bench,
+                "date": self.date,
+                "kernel": self.kernel,
+                "cpus": self.cpus,
+                "iperf3": self.iperf,
+                "command": self.command,
+                "load_average_start": self.load_start,
+                "load_average_end": self.load_end,
+                "total_s": self.total.as_secs_f64(),
+                "config": config,
+                "results": results,
+            })
+        }
+    }
+
     /// `part` as a percentage of `whole`, for the table.
     fn pct(part: Option<Summary>, whole: Option<Summary>) -> Option<f64> {
         Some(part?.gbps / whole?.gbps * 100.0)
@@ -1976,25 +2031,14 @@ mod overlay {
 
         fn to_markdown(&self, args: &OverlayArgs) -> String {
             let mut m = String::new();
-            let _ = writeln!(
-                m,
-                "## enc-bench overlay\n\n{}, kernel {}, {} CPUs, load average {} at the start and \
-                 {} at the end, {:.0?} in all. Command: `{}`\n",
-                self.date,
-                self.kernel,
-                self.cpus,
-                self.load_start,
-                self.load_end,
-                self.total,
-                self.command
-            );
+            let _ = writeln!(m, "{}", self.run.headline("overlay"));
             let _ = writeln!(
                 m,
                 "{} TCP, `-t {}` per run, 1 stream and `-P {}`, {} run(s) each (median); \
                  Gbit/s = `end.sum_received.bits_per_second`. CPU s/GB = busy CPU time of the \
                  whole machine during the run (`/proc/stat`) per 10^9 bytes received, 1 stream / \
                  {} streams; agents = the part of it spent by the two enc-agent processes.\n",
-                self.iperf, args.time, args.streams, args.rounds, args.streams
+                self.run.iperf, args.time, args.streams, args.rounds, args.streams
             );
             let _ = writeln!(
                 m,
@@ -2090,24 +2134,16 @@ mod overlay {
                     v
                 })
                 .collect();
-            json!({
-                "benchmark": "overlay",
-                "date": self.date,
-                "kernel": self.kernel,
-                "cpus": self.cpus,
-                "iperf3": self.iperf,
-                "command": self.command,
-                "load_average_start": self.load_start,
-                "load_average_end": self.load_end,
-                "total_s": self.total.as_secs_f64(),
-                "config": {
+            self.run.json(
+                "overlay",
+                json!({
                     "time_s": args.time,
                     "streams": args.streams,
                     "rounds": args.rounds,
                     "only": args.only,
-                },
-                "results": results,
-            })
+                }),
+                results,
+            )
         }
     }
 }

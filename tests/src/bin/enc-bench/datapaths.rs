@@ -11,8 +11,10 @@
 //! netperf) with its p50 and p99. Processes of the row are killed and both namespaces deleted
 //! before the next row starts.
 
-use super::overlay::{ChildGuard, IperfServer, Run, iperf_run_pids, load_average, namespace_pids};
-use super::{STOP, check_stop, install_signal_handlers, kernel_release, median, require_root};
+use super::overlay::{
+    ChildGuard, IperfServer, Run, RunInfo, iperf_run_pids, load_average, namespace_pids,
+};
+use super::{STOP, check_stop, install_signal_handlers, median, require_root};
 use anyhow::{Context, bail, ensure};
 use clap::Args;
 use enc_tests::netns::Netns;
@@ -203,20 +205,8 @@ pub fn run(args: &DatapathArgs) -> anyhow::Result<()> {
     ensure!(args.rounds >= 1, "--rounds must be at least 1");
     ensure!(args.streams >= 2, "--streams must be at least 2");
     ensure!(args.rr_time >= 1, "--rr-time must be at least 1 second");
-    let iperf =
-        sys::run(&["iperf3", "--version"]).context("iperf3 is needed (apt-get install iperf3)")?;
-    let iperf = String::from_utf8_lossy(&iperf.stdout)
-        .lines()
-        .next()
-        .unwrap_or("iperf3")
-        .trim()
-        .to_owned();
+    let run = RunInfo::begin()?;
     install_signal_handlers();
-    let started = Instant::now();
-    let date = sys::run(&["date", "-u", "+%Y-%m-%d %H:%M UTC"])
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|_| "unknown date".into());
-    let load_start = load_average();
     let prefix = format!("encd{}", std::process::id() % 100_000);
     let mut results = Vec::new();
     for row in ROWS {
@@ -235,14 +225,7 @@ pub fn run(args: &DatapathArgs) -> anyhow::Result<()> {
         results.push(r);
     }
     let report = Report {
-        date,
-        kernel: kernel_release(),
-        cpus: std::thread::available_parallelism().map_or(0, usize::from),
-        iperf,
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        load_start,
-        load_end: load_average(),
-        total: started.elapsed(),
+        run: run.end(),
         results,
     };
     if args.json {
@@ -964,14 +947,7 @@ fn refuse_stale(node: &Path) -> anyhow::Result<()> {
 }
 
 struct Report {
-    date: String,
-    kernel: String,
-    cpus: usize,
-    iperf: String,
-    command: String,
-    load_start: String,
-    load_end: String,
-    total: Duration,
+    run: RunInfo,
     results: Vec<RowResult>,
 }
 
@@ -986,18 +962,7 @@ impl Report {
 
     fn to_markdown(&self, args: &DatapathArgs) -> String {
         let mut m = String::new();
-        let _ = writeln!(
-            m,
-            "## enc-bench datapaths\n\n{}, kernel {}, {} CPUs, load average {} at the start and \
-             {} at the end, {:.0?} in all. Command: `{}`\n",
-            self.date,
-            self.kernel,
-            self.cpus,
-            self.load_start,
-            self.load_end,
-            self.total,
-            self.command
-        );
+        let _ = writeln!(m, "{}", self.run.headline("datapaths"));
         let _ = writeln!(
             m,
             "Two namespaces on one veth pair (MTU 1500); {} TCP `-t {}`, 1 stream and `-P {}`, \
@@ -1006,7 +971,7 @@ impl Report {
              time of the whole machine (`/proc/stat`: user, nice, system, irq, softirq, steal) \
              during the run per 10^9 bytes received; tunnel = the part spent by the tunnel's \
              processes (`/proc/<pid>/stat` utime + stime).\n",
-            self.iperf, args.time, args.streams, args.rounds, args.rr_time
+            self.run.iperf, args.time, args.streams, args.rounds, args.rr_time
         );
         let s = args.streams;
         let _ = writeln!(
@@ -1105,24 +1070,16 @@ impl Report {
                 v
             })
             .collect();
-        json!({
-            "benchmark": "datapaths",
-            "date": self.date,
-            "kernel": self.kernel,
-            "cpus": self.cpus,
-            "iperf3": self.iperf,
-            "command": self.command,
-            "load_average_start": self.load_start,
-            "load_average_end": self.load_end,
-            "total_s": self.total.as_secs_f64(),
-            "config": {
+        self.run.json(
+            "datapaths",
+            json!({
                 "time_s": args.time,
                 "streams": args.streams,
                 "rounds": args.rounds,
                 "rr_time_s": args.rr_time,
                 "only": args.only,
-            },
-            "results": results,
-        })
+            }),
+            results,
+        )
     }
 }
