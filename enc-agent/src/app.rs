@@ -1787,7 +1787,7 @@ fn jitter() -> f64 {
 /// temporary file and a rename, under the identity-files lock) and loaded at once, so that
 /// every session re-authenticates with it. The error says what failed.
 fn renew_once(shared: &Shared, issuer: &str) -> Result<enc_certs::CertInfo, String> {
-    use enc_api::issuer::{IssuerRequest, IssuerResponse};
+    use enc_api::issuer::IssuerRequest;
     let id = shared.identity();
     let tls = &shared.config.tls;
     let csr = enc_certs::generate_csr(&shared.config.node.name, &id.info().ips)
@@ -1796,21 +1796,14 @@ fn renew_once(shared: &Shared, issuer: &str) -> Result<enc_certs::CertInfo, Stri
         std::fs::read_to_string(&tls.ca).map_err(|e| format!("read {}: {e}", tls.ca.display()))?;
     let client = enc_certs::issuer_client_config(ca_pem.as_bytes(), Some(&id))
         .map_err(|e| format_chain(&e))?;
-    let mut stream =
-        enc_certs::connect_issuer(issuer, client, ISSUER_TIMEOUT).map_err(|e| format_chain(&e))?;
-    let answer = enc_api::issuer::call(
-        &mut stream,
+    let issued = ask_issuer(
+        issuer,
+        client,
+        ISSUER_TIMEOUT,
         &IssuerRequest::Renew {
             csr: csr.csr_pem.clone(),
         },
-    )
-    .map_err(|e| format!("issuer {issuer}: {}", format_chain(&e)))?;
-    let issued = match answer {
-        IssuerResponse::Issued(i) => i,
-        IssuerResponse::Refused { reason } => {
-            return Err(format!("issuer {issuer} refused: {reason}"));
-        }
-    };
+    )?;
     let new = NodeIdentity::from_pem(&issued.cert, &csr.key_pem, &ca_pem).map_err(|e| {
         format!(
             "the certificate from {issuer} is not usable: {}",
@@ -1862,6 +1855,26 @@ fn re_enrol(
         ));
     }
     Ok(info)
+}
+
+/// Sends one request to the issuer at `issuer` and returns what it issued; a transport error
+/// or a refusal is an error naming the issuer.
+pub(crate) fn ask_issuer(
+    issuer: &str,
+    client: std::sync::Arc<rustls::ClientConfig>,
+    timeout: Duration,
+    request: &enc_api::issuer::IssuerRequest,
+) -> Result<enc_api::issuer::Issued, String> {
+    let mut stream =
+        enc_certs::connect_issuer(issuer, client, timeout).map_err(|e| format_chain(&e))?;
+    let answer = enc_api::issuer::call(&mut stream, request)
+        .map_err(|e| format!("issuer {issuer}: {}", format_chain(&e)))?;
+    match answer {
+        enc_api::issuer::IssuerResponse::Issued(i) => Ok(i),
+        enc_api::issuer::IssuerResponse::Refused { reason } => {
+            Err(format!("issuer {issuer} refused: {reason}"))
+        }
+    }
 }
 
 /// Replaces the key file (mode 0600) and the certificate file (0644) with new contents: both

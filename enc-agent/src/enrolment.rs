@@ -9,9 +9,9 @@
 //! exponential backoff: the issuer may come up after the agents. Renewal then works as for
 //! any node (`tls.renewal`).
 
-use crate::app::{check_identity, format_chain, install_key_pair};
+use crate::app::{ask_issuer, check_identity, format_chain, install_key_pair};
 use crate::config::{Config, EnrolmentConfig};
-use enc_api::issuer::{IssuerRequest, IssuerResponse};
+use enc_api::issuer::IssuerRequest;
 use enc_certs::{CertInfo, NodeIdentity};
 use std::time::Duration;
 use tracing::{info, warn};
@@ -106,22 +106,15 @@ pub fn enrol_once(config: &Config, enrolment: &EnrolmentConfig) -> Result<CertIn
     let client =
         enc_certs::issuer_client_config(ca_pem.as_bytes(), None).map_err(|e| format_chain(&e))?;
     let issuer = &enrolment.issuer;
-    let mut stream =
-        enc_certs::connect_issuer(issuer, client, ENROL_TIMEOUT).map_err(|e| format_chain(&e))?;
-    let answer = enc_api::issuer::call(
-        &mut stream,
+    let issued = ask_issuer(
+        issuer,
+        client,
+        ENROL_TIMEOUT,
         &IssuerRequest::EnrolServiceAccount {
             service_account_token: token.to_owned(),
             csr: csr.csr_pem.clone(),
         },
-    )
-    .map_err(|e| format!("issuer {issuer}: {}", format_chain(&e)))?;
-    let issued = match answer {
-        IssuerResponse::Issued(i) => i,
-        IssuerResponse::Refused { reason } => {
-            return Err(format!("issuer {issuer} refused: {reason}"));
-        }
-    };
+    )?;
     let unusable = |e: &dyn std::error::Error| {
         format!(
             "the certificate from {issuer} is not usable: {}",

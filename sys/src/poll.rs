@@ -9,9 +9,20 @@ use std::time::Duration;
 /// Returns true if the fd is ready. A signal interrupting the wait counts as a timeout
 /// (`Ok(false)`), so callers simply loop. Timeouts beyond `c_int::MAX` milliseconds are clamped.
 pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    wait(fd, libc::POLLIN, timeout)
+}
+
+/// Waits until `fd` is writable (or in error, or hung up) or `timeout` passes: for a socket,
+/// until its send buffer has room. Same conventions as [`wait_readable`].
+pub fn wait_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    wait(fd, libc::POLLOUT, timeout)
+}
+
+/// One `poll` of `fd` for `events`; true if one of them, an error or a hang-up is reported.
+fn wait(fd: BorrowedFd<'_>, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
@@ -26,29 +37,7 @@ pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> 
             Err(e)
         };
     }
-    Ok(rc > 0 && pfd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
-}
-
-/// Waits until `fd` is writable (or in error, or hung up) or `timeout` passes: for a socket,
-/// until its send buffer has room. Same conventions as [`wait_readable`].
-pub fn wait_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: as in `wait_readable`.
-    let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted {
-            Ok(false)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(rc > 0 && pfd.revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0)
+    Ok(rc > 0 && pfd.revents & (events | libc::POLLERR | libc::POLLHUP) != 0)
 }
 
 #[cfg(test)]
