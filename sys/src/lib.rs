@@ -11,7 +11,8 @@
 //! - [`lpm`]: a longest-prefix-match table from IP prefixes to values;
 //! - [`netlink`]: a synchronous netlink connection (request, ack, dump) generic over the message
 //!   family;
-//! - [`sockbuf`]: socket buffers large enough for a userspace datapath.
+//! - [`sockbuf`]: socket buffers large enough for a userspace datapath;
+//! - [`throttle`]: at most one log line per interval from a packet path.
 //!
 //! This crate depends on no enc crate. Its [`Error`] is deliberately small and carries no
 //! caller context: each backend maps it into its own error, adding the interface, SA or route
@@ -24,6 +25,7 @@ pub mod netlink;
 pub mod offload;
 pub mod poll;
 pub mod sockbuf;
+pub mod throttle;
 pub mod tun;
 pub mod udp;
 

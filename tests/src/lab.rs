@@ -870,6 +870,14 @@ impl Lab {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// The last `lines` lines of node `i`'s agent log that contain `needle` (e.g. `" WARN "`),
+    /// from the whole log: the warnings of a failure long before the tail.
+    pub fn log_matching(&self, i: usize, needle: &str, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.node(i).log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// On error, prints every agent's log tail and panics with the error chain.
     pub fn finish(&self, result: anyhow::Result<()>) {
         if let Err(e) = result {

@@ -199,7 +199,7 @@ pub fn rotation_under_load(lab: &Lab, load: &RotationLoad) -> anyhow::Result<Rot
             .map(|r| format!("{:.2}", *r.start() as f64 / f64::from(load.udp_pps)))
             .collect();
         anyhow::bail!(
-            "UDP packets lost during rotation: {udp}; the lost ranges began at [{}] s after \
+            "UDP packets lost during rotation: {udp}; {tcp}; the lost ranges began at [{}] s after \
              the stream began (unix time {:.3}); rotations (asked-answered, s) [{}]; \
              {} packets dropped meanwhile by full per-CPU backlog queues \
              (/proc/net/softnet_stat, all namespaces)",

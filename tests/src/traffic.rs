@@ -26,8 +26,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// contains it carried test traffic in the clear.
 pub const PLAINTEXT_MARKER: &[u8] = b"ENC-PLAINTEXT-MARKER";
 
-/// Bytes of a UDP datagram before the padding: magic, run id and sequence number (big endian).
-pub const UDP_HEADER_LEN: usize = 24;
+/// Bytes of a UDP datagram before the padding: magic, run id, sequence number and send time
+/// (microseconds since the Unix epoch; both ends share the clock), big endian.
+pub const UDP_HEADER_LEN: usize = 32;
+/// Where the sequence number and the send time sit in a datagram.
+const UDP_SEQ: std::ops::Range<usize> = 16..24;
+const UDP_SENT_AT: std::ops::Range<usize> = 24..32;
 
 /// Largest UDP payload over IPv4.
 const UDP_MAX_PAYLOAD: usize = 65_507;
@@ -100,6 +104,9 @@ pub struct UdpReport {
     pub corrupt: u64,
     /// Datagrams ignored because they did not belong to this run.
     pub stray: u64,
+    /// Longest time from a send to its receipt, and that datagram's sequence number: a
+    /// receiver that falls seconds behind shows here before it loses anything.
+    pub max_delay: Option<(Duration, u64)>,
 }
 
 impl fmt::Display for UdpReport {
@@ -127,6 +134,9 @@ impl fmt::Display for UdpReport {
             }
         }
         write!(f, "]")?;
+        if let Some((d, seq)) = self.max_delay {
+            write!(f, " max_delay {:.3}s (seq {seq})", d.as_secs_f64())?;
+        }
         if let Some(e) = &self.first_send_error {
             write!(f, " first_send_error {e:?}")?;
         }
@@ -282,6 +292,7 @@ fn udp_template(run_id: u64, payload_len: usize) -> Vec<u8> {
     buf.extend_from_slice(&UDP_MAGIC);
     buf.extend_from_slice(&run_id.to_be_bytes());
     buf.extend_from_slice(&0u64.to_be_bytes());
+    buf.extend_from_slice(&0u64.to_be_bytes());
     let pad = payload_len - UDP_HEADER_LEN;
     buf.extend(PLAINTEXT_MARKER.iter().cycle().take(pad));
     buf
@@ -350,7 +361,8 @@ fn udp_send(
         while out.sent < end {
             let seq = out.sent;
             if opts.skip.binary_search(&seq).is_err() {
-                buf[16..UDP_HEADER_LEN].copy_from_slice(&seq.to_be_bytes());
+                buf[UDP_SEQ].copy_from_slice(&seq.to_be_bytes());
+                buf[UDP_SENT_AT].copy_from_slice(&unix_micros().to_be_bytes());
                 if let Err(e) = sock.send_to(&buf, to) {
                     out.errors += 1;
                     out.first_error
@@ -401,6 +413,7 @@ struct UdpReceived {
     reordered: u64,
     corrupt: u64,
     stray: u64,
+    max_delay: Option<(Duration, u64)>,
 }
 
 impl UdpReceived {
@@ -410,9 +423,7 @@ impl UdpReceived {
             self.stray += 1;
             return;
         }
-        let mut seq = [0u8; 8];
-        seq.copy_from_slice(&data[16..UDP_HEADER_LEN]);
-        let seq = u64::from_be_bytes(seq);
+        let seq = be_u64(&data[UDP_SEQ]);
         if data.len() != template.len()
             || data[UDP_HEADER_LEN..] != template[UDP_HEADER_LEN..]
             || seq >= UDP_MAX_SEQ
@@ -423,6 +434,10 @@ impl UdpReceived {
         if self.seen.insert(seq) {
             self.duplicates += 1;
             return;
+        }
+        let delay = Duration::from_micros(unix_micros().saturating_sub(be_u64(&data[UDP_SENT_AT])));
+        if self.max_delay.is_none_or(|(d, _)| delay > d) {
+            self.max_delay = Some((delay, seq));
         }
         match self.highest {
             Some(h) if h > seq => self.reordered += 1,
@@ -497,7 +512,23 @@ fn udp_report(tx: &UdpSent, rx: &UdpReceived) -> UdpReport {
         first_send_error: tx.first_error.clone(),
         corrupt: rx.corrupt,
         stray: rx.stray,
+        max_delay: rx.max_delay,
     }
+}
+
+/// Now, in microseconds since the Unix epoch.
+fn unix_micros() -> u64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A big-endian u64 from 8 bytes.
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    u64::from_be_bytes(a)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -998,7 +1029,8 @@ mod tests {
         let other_run = udp_template(43, 64);
         let packet = |seq: u64| {
             let mut p = template.clone();
-            p[16..UDP_HEADER_LEN].copy_from_slice(&seq.to_be_bytes());
+            p[UDP_SEQ].copy_from_slice(&seq.to_be_bytes());
+            p[UDP_SENT_AT].copy_from_slice(&unix_micros().to_be_bytes());
             p
         };
         let mut rx = UdpReceived::default();
@@ -1030,15 +1062,18 @@ mod tests {
         assert_eq!(r.lost_ranges.len(), MAX_LOST_RANGES);
         assert_eq!(r.lost_ranges[0], 4..=4);
         assert_eq!(r.lost_ranges[19], 61..=61);
+        // Each datagram carried its send time (just now): the longest delay is short.
+        let (delay, _) = r.max_delay.expect("delays measured");
+        assert!(delay < Duration::from_secs(10), "{delay:?}");
     }
 
     #[test]
     fn udp_report_of_a_clean_run_is_empty() {
         let mut rx = UdpReceived::default();
-        let template = udp_template(1, 24);
+        let template = udp_template(1, UDP_HEADER_LEN);
         let mut p = template.clone();
         for seq in 0..10u64 {
-            p[16..24].copy_from_slice(&seq.to_be_bytes());
+            p[UDP_SEQ].copy_from_slice(&seq.to_be_bytes());
             rx.accept(&p, &template);
         }
         let tx = UdpSent {

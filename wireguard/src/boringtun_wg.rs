@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use boringtun::noise::Tunn;
 use enc_sys::offload::{self, Coalescer, VNET_HDR_LEN};
+use enc_sys::throttle::Throttle;
 use ipnet::IpNet;
 use ring::rand::{SecureRandom as _, SystemRandom};
 use serde::Serialize;
@@ -52,6 +53,8 @@ use crate::keys::{PrivateKey, PublicKey};
 
 /// How often timers run, and the longest a thread takes to notice shutdown.
 const TICK: Duration = Duration::from_millis(250);
+/// Least spacing of the log lines about datagrams that no generation accepted.
+const DISCARD_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest IP packet read from the TUN device, and largest UDP datagram.
 const MAX_PACKET: usize = 65535;
 /// Largest sealed segment batch sent with one UDP GSO `sendmsg` (64 KiB of UDP payload).
@@ -256,6 +259,8 @@ struct Shared {
     next_index: AtomicU32,
     stop: AtomicBool,
     counters: Counters,
+    /// Gates the log line of a datagram that authenticated for no generation of any peer.
+    discard_log: Throttle,
 }
 
 impl Shared {
@@ -373,6 +378,7 @@ impl BoringtunWg {
             next_index: AtomicU32::new(u32::from_le_bytes(seed)),
             stop: AtomicBool::new(false),
             counters: Counters::default(),
+            discard_log: Throttle::new(DISCARD_LOG_INTERVAL),
             ifname,
         });
 
@@ -591,6 +597,7 @@ impl WgBackend for BoringtunWg {
                     to: st.endpoint,
                     gso: None,
                     gro: None,
+                    discarded: None,
                 };
                 let dropped = st.noise.change(tunn, index, keys, Instant::now(), &mut out);
                 let after: Vec<PublicKey> = st.noise.remotes().collect();
@@ -813,6 +820,7 @@ fn encapsulate_one(sh: &Shared, packet: &[u8], dst: &mut [u8], batch: &mut GsoBa
         to: Some(endpoint),
         gso: Some(batch),
         gro: None,
+        discarded: None,
     };
     st.noise.send(packet, dst, &mut out);
 }
@@ -929,6 +937,9 @@ fn decapsulate_one(
     };
     let Some(peer) = peer else {
         bump(&sh.counters.unknown_peer);
+        if let Some(held_back) = sh.discard_log.allow() {
+            tracing::warn!(ifname = %sh.ifname, %from, target = %TargetLog(target), held_back, "datagram dropped: no peer has its session index or static key");
+        }
         return;
     };
     let mut st = peer.lock();
@@ -939,11 +950,17 @@ fn decapsulate_one(
         to: Some(from),
         gso: None,
         gro: Some((gro, staged)),
+        discarded: None,
     };
     if !st
         .noise
         .receive(target, from.ip(), datagram, dst, Instant::now(), &mut out)
     {
+        if let Some(held_back) = sh.discard_log.allow() {
+            let why = out.discarded;
+            let indices: Vec<String> = st.noise.indices().map(|i| format!("{i:#08x}")).collect();
+            tracing::warn!(ifname = %sh.ifname, %from, target = %TargetLog(target), reason = ?why, generations = ?indices, held_back, "datagram dropped by the peer's noise state");
+        }
         return;
     }
     // The datagram authenticated: count it and roam to where it came from.
@@ -965,6 +982,20 @@ struct DeviceOutput<'a> {
     /// Where the UDP thread coalesces opened packets for the TUN device, and where the writes
     /// the coalescer emits wait until the locks are released.
     gro: Option<(&'a mut Coalescer, &'a mut StagedWrites)>,
+    /// The last drop reported, for the caller's log line.
+    discarded: Option<Discard>,
+}
+
+/// A [`Target`] for a log line: a session index in hex, or the sender's static key.
+struct TargetLog(Target);
+
+impl std::fmt::Display for TargetLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Target::Index(i) => write!(f, "session index {i:#08x}"),
+            Target::Initiation(k) => write!(f, "initiation from {} to {}", k.remote, k.local),
+        }
+    }
 }
 
 impl Output for DeviceOutput<'_> {
@@ -994,6 +1025,7 @@ impl Output for DeviceOutput<'_> {
     }
 
     fn discard(&mut self, why: Discard) {
+        self.discarded = Some(why);
         let c = &self.sh.counters;
         bump(match why {
             Discard::UnknownIndex | Discard::UnknownKeys => &c.unknown_peer,
@@ -1026,6 +1058,7 @@ fn timer_loop(sh: &Shared) {
                     to: st.endpoint,
                     gso: None,
                     gro: None,
+                    discarded: None,
                 };
                 if let Some((index, keys)) = st.noise.tick(&mut dst, now, &mut out) {
                     retired.push((Arc::clone(peer), index, keys));

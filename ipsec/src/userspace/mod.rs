@@ -60,6 +60,7 @@ use crate::{
 use enc_sys::lpm::PrefixTable;
 use enc_sys::mmsg::{RecvBatch, SendBatch};
 use enc_sys::offload::{self, Coalescer, VNET_HDR_LEN};
+use enc_sys::throttle::Throttle;
 use sys::RawEsp;
 
 /// The longest a thread waits before it checks whether the device is shutting down.
@@ -73,6 +74,8 @@ const BATCH: usize = 1024;
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// SPIs 0..=255 are reserved (RFC 4303 section 2.1).
 const MIN_SPI: u32 = 256;
+/// Least spacing of the log lines about packets with an unknown SPI.
+const BAD_SPI_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Protocol number of ESP.
 const PROTO_ESP: u8 = 50;
 /// Most messages in one `sendmmsg`: several TSO super-packets' worth of raw ESP packets.
@@ -346,6 +349,8 @@ struct State {
     table: RwLock<Table>,
     device_drops: DropCounts,
     stats: DeviceStats,
+    /// Gates the log line of an ESP packet whose SPI no SA of its sender has.
+    bad_spi_log: Throttle,
 }
 
 impl State {
@@ -370,6 +375,7 @@ impl State {
             table: RwLock::new(Table::default()),
             device_drops: DropCounts::default(),
             stats: DeviceStats::default(),
+            bad_spi_log: Throttle::new(BAD_SPI_LOG_INTERVAL),
         }
     }
 
@@ -655,6 +661,17 @@ impl State {
         // An SA is only usable by the peer it belongs to.
         let Some((peer, sa)) = table.by_spi.get(&spi).filter(|(p, _)| p.spec.remote == src) else {
             charge_sender(EspDrop::BadSpi);
+            if let Some(held_back) = self.bad_spi_log.allow() {
+                let sender = table.by_remote.get(&src);
+                tracing::warn!(
+                    %src,
+                    spi = %spi_str(spi),
+                    peer = sender.map_or("none", |p| p.spec.name.as_str()),
+                    inbound_spis = ?sender.map(|p| p.inbound.iter().map(|sa| spi_str(sa.keys.spi)).collect::<Vec<_>>()),
+                    held_back,
+                    "ESP dropped: its SPI is no inbound SA of the sender"
+                );
+            }
             return None;
         };
         let opened = match lock(&sa.sa).open(esp) {

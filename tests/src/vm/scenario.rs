@@ -394,6 +394,11 @@ fn lab_scenario(name: &str, mixed: bool) -> anyhow::Result<()> {
                 n.name,
                 lab.log_tail(n.index, 40)
             );
+            println!(
+                "----- {} agent warnings (last 30) -----\n{}",
+                n.name,
+                lab.log_matching(n.index, " WARN ", 30)
+            );
         }
         for i in [1, 2] {
             println!("{}", node_diagnostics(&lab, i));
