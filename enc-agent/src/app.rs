@@ -32,6 +32,12 @@ const BPFFS: &str = "/sys/fs/bpf";
 
 /// How often the reconciler runs even when nothing asked it to.
 const RECONCILE_PERIOD: Duration = Duration::from_secs(5);
+/// An old epoch past its rotation grace period is removed only after no packet arrived under
+/// it for this long: a userspace datapath on a starved CPU can open packets seconds after they
+/// reached its socket, and those sealed just before the peer switched must still open.
+pub const RETIRE_QUIET: Duration = Duration::from_secs(2);
+/// The longest an old epoch that keeps receiving packets is kept past its grace period.
+pub const RETIRE_MAX_HOLD: Duration = Duration::from_secs(60);
 
 /// State shared by the agent's tasks.
 pub struct Shared {
@@ -432,6 +438,8 @@ impl Shared {
     pub fn rotation_timing(&self) -> RotationTiming {
         RotationTiming {
             grace: self.config.rotation.grace_period,
+            quiet: RETIRE_QUIET,
+            max_hold: RETIRE_MAX_HOLD,
             stuck_after: self.config.rotation.stuck_after,
             resend: Duration::from_secs(2),
         }
@@ -564,6 +572,43 @@ impl Shared {
             }
             Crypto::None => None,
         }
+    }
+
+    /// Packets the datapath has authenticated so far under `peer`'s inbound keys of each of
+    /// `epochs`, for the rotation's retirement of old epochs once they go quiet. Only the
+    /// IPsec backends count per epoch (per inbound SA); WireGuard and no encryption give none.
+    pub fn inbound_packets(&self, peer: &str, epochs: &[Epoch]) -> Vec<(Epoch, u64)> {
+        let Crypto::Ipsec(ipsec) = &self.crypto else {
+            return Vec::new();
+        };
+        let (id, spis): (u16, Vec<(Epoch, u32)>) = {
+            let t = self.table();
+            let Some(e) = t.get(peer) else {
+                return Vec::new();
+            };
+            let spis = epochs
+                .iter()
+                .filter_map(|ep| e.epochs.get(ep).map(|k| (*ep, k.esp_in.spi)))
+                .collect();
+            (e.id, spis)
+        };
+        if spis.is_empty() {
+            return Vec::new();
+        }
+        let Ok(peers) = ipsec.peers() else {
+            return Vec::new();
+        };
+        let Some(p) = peers.iter().find(|p| p.peer_id == id) else {
+            return Vec::new();
+        };
+        spis.into_iter()
+            .filter_map(|(ep, spi)| {
+                p.inbound
+                    .iter()
+                    .find(|sa| sa.spi == spi)
+                    .map(|sa| (ep, sa.packets))
+            })
+            .collect()
     }
 
     /// Whether an automatic trigger asks for a rotation with `peer` now, and which.

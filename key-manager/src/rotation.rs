@@ -20,7 +20,17 @@
 //! Invariant: a side switches its outbound to `e` only after both sides installed inbound `e`
 //! (the leader learns it from the ack, the follower from the commit), and retires an epoch only
 //! a grace period after the other side stopped sending with it. So no packet is ever sent
-//! under a key the receiver lacks. Only the leader starts rotations; a follower asks with
+//! under a key the receiver lacks.
+//!
+//! A packet sealed just before the other side's switch can still wait in this side's socket or
+//! datapath queues when the grace period ends: a userspace datapath on a starved CPU has been
+//! seen seconds behind its socket. So an epoch is retired only once it has also gone quiet: the
+//! caller reports [`Rotation::note_inbound`] whenever the datapath's count of packets
+//! authenticated under a [retiring](Rotation::retiring) epoch grew, and the epoch goes when
+//! none arrived for [`RotationTiming::quiet`], at the latest [`RotationTiming::max_hold`] after
+//! its grace period (a peer that keeps sending with a superseded key cannot hold it forever).
+//! A caller whose datapath has no per-epoch counts reports nothing, and retirement is at the
+//! end of the grace period. Only the leader starts rotations; a follower asks with
 //! [`RotationMsg::Request`], so the two never race. Messages are idempotent and re-sent while
 //! a phase waits, so duplicates and losses are harmless; a peer that does not answer leaves the
 //! rotation waiting (it is reported stuck), never half-switched.
@@ -124,6 +134,11 @@ impl Phase {
 pub struct RotationTiming {
     /// How long an old epoch stays installed for receiving after the other side switched.
     pub grace: Duration,
+    /// An old epoch past its grace period is retired only after no packet arrived under it
+    /// for this long (see [`Rotation::note_inbound`]).
+    pub quiet: Duration,
+    /// The longest an old epoch still receiving packets is kept past its grace period.
+    pub max_hold: Duration,
     /// A phase that waits on the peer longer than this is reported stuck.
     pub stuck_after: Duration,
     /// Interval at which a waiting phase re-sends its message.
@@ -134,10 +149,22 @@ impl Default for RotationTiming {
     fn default() -> Self {
         Self {
             grace: Duration::from_secs(10),
+            quiet: Duration::from_secs(2),
+            max_hold: Duration::from_secs(60),
             stuck_after: Duration::from_secs(10),
             resend: Duration::from_secs(2),
         }
     }
+}
+
+/// An old epoch waiting to be retired.
+#[derive(Clone, Copy, Debug)]
+struct Retiring {
+    epoch: Epoch,
+    /// End of its grace period.
+    at: Instant,
+    /// When a packet under it was last reported (initially when it was scheduled).
+    last_seen: Instant,
 }
 
 /// A message that cannot belong to this session's rotation: the peer is out of step.
@@ -193,8 +220,8 @@ pub struct Rotation {
     outbound: Option<Epoch>,
     inbound: BTreeSet<Epoch>,
     pending: Option<Pending>,
-    /// Epochs to retire, and when.
-    retire: Vec<(Epoch, Instant)>,
+    /// Epochs to retire, with their grace periods and last reported packets.
+    retire: Vec<Retiring>,
     /// Leader: another rotation was asked for while one was running.
     queued: bool,
     /// Follower: the epoch asked for, and when the request was last sent.
@@ -430,23 +457,47 @@ impl Rotation {
     fn schedule_retire(&mut self, epoch: Epoch, now: Instant) {
         let at = now + self.timing.grace;
         for e in self.inbound.iter().copied().filter(|e| *e < epoch) {
-            if !self.retire.iter().any(|(r, _)| *r == e) {
-                self.retire.push((e, at));
+            if !self.retire.iter().any(|r| r.epoch == e) {
+                self.retire.push(Retiring {
+                    epoch: e,
+                    at,
+                    last_seen: now,
+                });
             }
         }
     }
 
-    /// Advances timers: retirement after the grace period, re-sends while waiting.
+    /// The old epochs waiting to be retired: those whose inbound packets the caller should
+    /// watch and report with [`Rotation::note_inbound`].
+    pub fn retiring(&self) -> impl Iterator<Item = Epoch> + '_ {
+        self.retire.iter().map(|r| r.epoch)
+    }
+
+    /// Packets authenticated under `epoch` arrived (the datapath's count for it grew since the
+    /// last report): a retiring epoch then stays until it has been quiet for
+    /// [`RotationTiming::quiet`]. Ignored for an epoch that is not retiring.
+    pub fn note_inbound(&mut self, epoch: Epoch, now: Instant) {
+        if let Some(r) = self.retire.iter_mut().find(|r| r.epoch == epoch) {
+            r.last_seen = r.last_seen.max(now);
+        }
+    }
+
+    /// Advances timers: retirement after the grace period once quiet, re-sends while waiting.
     pub fn on_tick(&mut self, now: Instant) -> Vec<Effect> {
         let mut effects = Vec::new();
+        let t = self.timing;
         let due: Vec<Epoch> = self
             .retire
             .iter()
-            .filter(|(_, at)| now >= *at)
-            .map(|(e, _)| *e)
+            .filter(|r| {
+                now >= r.at
+                    && (now.saturating_duration_since(r.last_seen) >= t.quiet
+                        || now.saturating_duration_since(r.at) >= t.max_hold)
+            })
+            .map(|r| r.epoch)
             .collect();
         for e in due {
-            self.retire.retain(|(r, _)| *r != e);
+            self.retire.retain(|r| r.epoch != e);
             self.inbound.remove(&e);
             effects.push(Effect::Retire(e));
         }
@@ -521,6 +572,8 @@ mod tests {
 
     const T: RotationTiming = RotationTiming {
         grace: Duration::from_secs(3),
+        quiet: Duration::from_secs(1),
+        max_hold: Duration::from_secs(20),
         stuck_after: Duration::from_secs(10),
         resend: Duration::from_secs(2),
     };
@@ -682,6 +735,75 @@ mod tests {
         assert_eq!(pr.last_completed.map(|(e, _)| e), Some(Epoch(6)));
     }
 
+    /// Commits one rotation from 1 to 2 and returns the pair with epoch 1 retiring on both sides.
+    fn committed_pair() -> Pair {
+        let mut p = Pair::new(Epoch(1));
+        p.settle();
+        let t = p.t;
+        let (_, fx) = p.a.start(t);
+        apply(fx, &mut p.a_keys, &mut p.a_to_b);
+        while p.deliver_to_b() || p.deliver_to_a() {}
+        assert_eq!(p.a.retiring().collect::<Vec<_>>(), vec![Epoch(1)]);
+        assert_eq!(p.b.retiring().collect::<Vec<_>>(), vec![Epoch(1)]);
+        p
+    }
+
+    #[test]
+    fn an_old_epoch_still_receiving_is_kept_until_quiet() {
+        let mut p = committed_pair();
+        let t0 = p.t;
+        // B's datapath still opens packets under epoch 1 until 2.5 s past the grace period.
+        let step = Duration::from_millis(250);
+        while p.t < t0 + T.grace + Duration::from_millis(2500) {
+            let t = p.t;
+            p.b.note_inbound(Epoch(1), t);
+            p.tick(step);
+            p.check();
+            assert!(p.b_keys.0.contains(&Epoch(1)), "retired at {:?}", p.t - t0);
+        }
+        let last = p.t - step;
+        // A heard nothing more and retired at the end of the grace period.
+        assert_eq!(p.a_keys.0, BTreeSet::from([Epoch(2)]));
+        // B retires once epoch 1 has been quiet for `quiet`, and only then completes.
+        assert_eq!(p.b.progress(p.t).phase, Phase::Committed);
+        while p.t < last + T.quiet - step {
+            p.tick(step);
+            assert!(p.b_keys.0.contains(&Epoch(1)));
+        }
+        p.tick(step);
+        assert_eq!(p.b_keys.0, BTreeSet::from([Epoch(2)]));
+        assert_eq!(p.b.retiring().count(), 0);
+        // Reports for an epoch that is not retiring change nothing.
+        let t = p.t;
+        p.b.note_inbound(Epoch(2), t);
+        p.b.note_inbound(Epoch(1), t);
+        assert_eq!(p.b.retiring().count(), 0);
+        p.settle();
+        assert_eq!(
+            p.b.progress(p.t).last_completed.map(|(e, _)| e),
+            Some(Epoch(2))
+        );
+    }
+
+    #[test]
+    fn an_old_epoch_that_never_goes_quiet_is_retired_after_max_hold() {
+        let mut p = committed_pair();
+        let t0 = p.t;
+        let step = Duration::from_millis(500);
+        while p.b_keys.0.contains(&Epoch(1)) {
+            let t = p.t;
+            p.b.note_inbound(Epoch(1), t);
+            p.tick(step);
+            p.check();
+            assert!(
+                p.t - t0 <= T.grace + T.max_hold,
+                "still held at {:?}",
+                p.t - t0
+            );
+        }
+        assert_eq!(p.t - t0, T.grace + T.max_hold);
+    }
+
     #[test]
     fn follower_requests_and_leader_rotates() {
         let mut p = Pair::new(Epoch(1));
@@ -806,6 +928,59 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Datapaths that open packets up to 10 s after they were sent (longer than the grace
+        /// period, shorter than the hold cap) lose none across rotations when they report what
+        /// they open, and every rotation still completes.
+        #[test]
+        fn lagging_datapaths_lose_nothing(
+            lag_a in 0u64..10_000,
+            lag_b in 0u64..10_000,
+            rotations in 1u32..4,
+            by_follower in any::<bool>(),
+        ) {
+            let mut p = Pair::new(Epoch(1));
+            p.settle();
+            let step = Duration::from_millis(250);
+            let (lag_a, lag_b) = (Duration::from_millis(lag_a), Duration::from_millis(lag_b));
+            // Data in flight to each side: when its datapath opens it, and under which epoch.
+            let mut to_a: VecDeque<(Instant, Epoch)> = VecDeque::new();
+            let mut to_b: VecDeque<(Instant, Epoch)> = VecDeque::new();
+            let mut started = 0;
+            for i in 0..(rotations * 120 + 200) {
+                if i % 120 == 0 && started < rotations {
+                    started += 1;
+                    let t = p.t;
+                    if by_follower {
+                        let (_, fx) = p.b.start(t);
+                        apply(fx, &mut p.b_keys, &mut p.b_to_a);
+                    } else {
+                        let (_, fx) = p.a.start(t);
+                        apply(fx, &mut p.a_keys, &mut p.a_to_b);
+                    }
+                }
+                while p.deliver_to_b() || p.deliver_to_a() {}
+                let t = p.t;
+                if let Some(o) = p.a_keys.1 { to_b.push_back((t + lag_b, o)); }
+                if let Some(o) = p.b_keys.1 { to_a.push_back((t + lag_a, o)); }
+                while let Some(&(at, e)) = to_b.front().filter(|(at, _)| *at <= t) {
+                    to_b.pop_front();
+                    prop_assert!(p.b_keys.0.contains(&e), "B lost a packet of {} sent at {:?}", e, at - lag_b);
+                    p.b.note_inbound(e, t);
+                }
+                while let Some(&(at, e)) = to_a.front().filter(|(at, _)| *at <= t) {
+                    to_a.pop_front();
+                    prop_assert!(p.a_keys.0.contains(&e), "A lost a packet of {} sent at {:?}", e, at - lag_a);
+                    p.a.note_inbound(e, t);
+                }
+                p.tick(step);
+                p.check();
+            }
+            prop_assert!(!p.a.in_progress() && !p.b.in_progress());
+            let top = Epoch(1 + rotations);
+            prop_assert_eq!(&p.a_keys.0, &BTreeSet::from([top]));
+            prop_assert_eq!(&p.b_keys.0, &BTreeSet::from([top]));
+        }
 
         /// Any interleaving of deliveries, losses, duplicates, triggers, clock steps and
         /// session restarts never lets a side send under an epoch the other does not hold,

@@ -274,10 +274,31 @@ struct KeyState {
     /// Bytes sent to the peer when the outbound epoch last switched.
     tx_base: u64,
     last_check: Instant,
+    /// Packets last counted under each retiring epoch's inbound keys.
+    retiring_seen: BTreeMap<Epoch, u64>,
 }
 
 /// How often the automatic triggers (ESP sequence number, bytes) are evaluated.
 const TRIGGER_CHECK: Duration = Duration::from_secs(1);
+
+/// Tells the rotation which of its retiring epochs still receive packets (their count in the
+/// datapath grew since the last tick), so that an epoch whose packets still wait in a lagging
+/// datapath's queues is not removed under them.
+fn note_retiring_traffic(shared: &Shared, peer: &str, k: &mut KeyState, now: Instant) {
+    let retiring: Vec<Epoch> = k.rotation.retiring().collect();
+    k.retiring_seen.retain(|e, _| retiring.contains(e));
+    if retiring.is_empty() {
+        return;
+    }
+    for (epoch, packets) in shared.inbound_packets(peer, &retiring) {
+        if k.retiring_seen
+            .insert(epoch, packets)
+            .is_some_and(|before| packets > before)
+        {
+            k.rotation.note_inbound(epoch, now);
+        }
+    }
+}
 
 /// Runs the control protocol over an authenticated stream until it ends, or until discovery
 /// removes the peer or moves it away from the address this session verified (`incarnation`).
@@ -386,6 +407,7 @@ where
                         remote_wg: BTreeMap::new(),
                         tx_base: 0,
                         last_check: Instant::now(),
+                        retiring_seen: BTreeMap::new(),
                     });
                 }
                 Action::Rotation(Rotate {
@@ -506,6 +528,7 @@ where
             _ = tick.tick() => {
                 let now = Instant::now();
                 if let Some(k) = keys.as_mut() {
+                    note_retiring_traffic(shared, &peer.name, k, now);
                     effects.extend(k.rotation.on_tick(now));
                     if now.saturating_duration_since(k.last_check) >= TRIGGER_CHECK {
                         k.last_check = now;
@@ -734,7 +757,10 @@ async fn carry_out<W: AsyncWrite + Unpin>(
                     EventKind::KeyRetire,
                     Detail::peer(
                         &peer.name,
-                        "old epoch's keys removed after the grace period",
+                        format!(
+                            "old epoch's keys removed after the grace period, once no packet had arrived under them for {}",
+                            humantime::format_duration(crate::app::RETIRE_QUIET)
+                        ),
                     )
                     .epoch(epoch.0),
                 );
