@@ -54,7 +54,8 @@ pub struct PeerSnapshot {
     /// Whether a preshared key is configured (the key itself is never reported).
     pub has_preshared_key: bool,
     /// Key generations (noise states) the peer holds: 1 normally, 2 while a key change (static
-    /// or preshared) is in progress and the previous keys' session is kept for traffic.
+    /// or preshared) is in progress and the previous keys' session is kept for traffic. Older
+    /// states that only drain late packets (boringtun) are not counted.
     pub generations: u8,
     /// Whether the newest key generation has a session (traffic has moved to the newest key).
     pub current_has_session: bool,

@@ -1060,7 +1060,7 @@ fn timer_loop(sh: &Shared) {
                     gro: None,
                     discarded: None,
                 };
-                if let Some((index, keys)) = st.noise.tick(&mut dst, now, &mut out) {
+                for (index, keys) in st.noise.tick(&mut dst, now, &mut out) {
                     retired.push((Arc::clone(peer), index, keys));
                 }
             }
@@ -1083,7 +1083,7 @@ fn timer_loop(sh: &Shared) {
                     ifname = %sh.ifname,
                     remote_key = %keys.remote,
                     local_key = %keys.local,
-                    "previous key generation retired"
+                    "old key generation retired"
                 );
             }
         }

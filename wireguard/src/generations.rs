@@ -8,6 +8,13 @@
 //! - `previous` keeps the old keys' session. It sends until `current` has a session, decrypts
 //!   what arrives for its session index, and is retired [`PREVIOUS_GRACE`] after `current` got a
 //!   session, at the latest [`REJECT_AFTER_TIME`] after the change.
+//! - `draining` holds up to [`MAX_DRAINING`] generations that a newer change pushed out of
+//!   `previous` while they still had a session. They only open data messages for their session
+//!   index (no timers, no handshakes, nothing sent) and go once none arrived for
+//!   [`DRAIN_QUIET`], at the latest [`DRAIN_MAX`] after they were pushed out. Rotations can
+//!   follow each other faster than a starved receiver drains its socket: a userspace device
+//!   under emulation has been seen seconds behind, and the packets the peer sealed under the
+//!   generation before last must still open.
 //!
 //! Each generation has its own 24-bit session index, so responses, cookies and data find their
 //! generation by receiver index. An initiation shows which of our static keys it was sent to and
@@ -33,6 +40,12 @@ use crate::keys::PublicKey;
 pub(crate) const PREVIOUS_GRACE: Duration = Duration::from_secs(30);
 /// WireGuard's REJECT_AFTER_TIME: no session outlives it, so no `previous` outlives a change by more.
 pub(crate) const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+/// A draining generation goes once no data message opened under it for this long.
+pub(crate) const DRAIN_QUIET: Duration = Duration::from_secs(2);
+/// The longest a draining generation is kept, however busy.
+pub(crate) const DRAIN_MAX: Duration = Duration::from_secs(60);
+/// Most draining generations of one peer; a change beyond drops the oldest.
+pub(crate) const MAX_DRAINING: usize = 2;
 /// WireGuard's REKEY_TIMEOUT: boringtun retries an unanswered initiation this often.
 const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Caps the spacing of paced retries at `REKEY_TIMEOUT << 4` (80 s).
@@ -202,10 +215,30 @@ impl Generation {
     }
 }
 
-/// A peer's noise state: `current` and, during a key change, `previous` (see the module docs).
+/// A generation pushed out of `previous` that still opens what arrives for its index.
+struct Draining {
+    generation: Generation,
+    /// When it was pushed out.
+    since: Instant,
+    /// When a data message last opened under it (initially `since`).
+    last_rx: Instant,
+}
+
+impl Draining {
+    /// Whether it is due to go.
+    fn done(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_rx) >= DRAIN_QUIET
+            || now.saturating_duration_since(self.since) >= DRAIN_MAX
+    }
+}
+
+/// A peer's noise state: `current` and, during a key change, `previous` and the `draining`
+/// generations before it (see the module docs).
 pub(crate) struct Generations {
     current: Generation,
     previous: Option<Generation>,
+    /// Oldest first.
+    draining: Vec<Draining>,
     /// When `current` was created.
     changed_at: Instant,
     /// When `current` was first seen with a session.
@@ -221,6 +254,7 @@ impl Generations {
         Self {
             current: Generation { tunn, index, keys },
             previous: None,
+            draining: Vec::new(),
             changed_at: now,
             ready_since: None,
             pacing: RetryPacing::default(),
@@ -228,12 +262,17 @@ impl Generations {
         }
     }
 
-    /// The session indices of all generations (to register or unregister them).
+    /// The session indices of all generations, draining ones included (to register or
+    /// unregister them).
     pub(crate) fn indices(&self) -> impl Iterator<Item = u32> + use<> {
-        std::iter::once(self.current.index).chain(self.previous.as_ref().map(|g| g.index))
+        let draining: Vec<u32> = self.draining.iter().map(|d| d.generation.index).collect();
+        std::iter::once(self.current.index)
+            .chain(self.previous.as_ref().map(|g| g.index))
+            .chain(draining)
     }
 
-    /// The peer's static keys of all generations, `current` first (to route initiations).
+    /// The peer's static keys of `current` and `previous`, `current` first (to route
+    /// initiations; draining generations take none).
     pub(crate) fn remotes(&self) -> impl Iterator<Item = PublicKey> + use<> {
         std::iter::once(self.current.keys.remote)
             .chain(self.previous.as_ref().map(|g| g.keys.remote))
@@ -244,7 +283,8 @@ impl Generations {
         self.current.keys.local
     }
 
-    /// How many generations the peer holds: 1, or 2 during a key change.
+    /// How many generations the peer holds that take part in handshakes: 1, or 2 during a key
+    /// change (draining ones, which only open late data, are not counted).
     pub(crate) fn count(&self) -> u8 {
         1 + u8::from(self.previous.is_some())
     }
@@ -260,8 +300,9 @@ impl Generations {
     }
 
     /// Replaces `current` with `tunn` (built with `keys`, new `index`) and starts its handshake.
-    /// The old `current` becomes `previous` if it has a session; otherwise the old `previous`
-    /// stays if it has one. Returns the indices of the generations dropped.
+    /// The old `current` becomes `previous` if it has a session, and the old `previous`, if it
+    /// has one too, starts draining; otherwise the old `previous` stays if it has one. Returns
+    /// the indices of the generations dropped.
     pub(crate) fn change(
         &mut self,
         tunn: Tunn,
@@ -280,7 +321,20 @@ impl Generations {
         match keep {
             Some(Gen::Current) => {
                 self.previous = Some(old_current);
-                dropped.extend(old_previous.map(|g| g.index));
+                match old_previous {
+                    Some(g) if g.has_session() => {
+                        if self.draining.len() == MAX_DRAINING {
+                            dropped.push(self.draining.remove(0).generation.index);
+                        }
+                        self.draining.push(Draining {
+                            generation: g,
+                            since: now,
+                            last_rx: now,
+                        });
+                    }
+                    Some(g) => dropped.push(g.index),
+                    None => {}
+                }
             }
             Some(Gen::Previous) => {
                 self.previous = old_previous;
@@ -354,10 +408,13 @@ impl Generations {
             Target::Index(i) if self.previous.as_ref().is_some_and(|p| p.index == i) => {
                 Gen::Previous
             }
-            Target::Index(_) => {
-                out.discard(Discard::UnknownIndex);
-                return false;
-            }
+            Target::Index(i) => match self.draining.iter().position(|d| d.generation.index == i) {
+                Some(at) => return self.drain(at, src, datagram, dst, now, out),
+                None => {
+                    out.discard(Discard::UnknownIndex);
+                    return false;
+                }
+            },
         };
         let tunn = &mut self.generation(which).tunn;
         match tunn.decapsulate(Some(src), datagram, dst) {
@@ -381,14 +438,42 @@ impl Generations {
         true
     }
 
-    /// Runs every generation's timers (retries, rekeys, keepalives) and retires `previous` when
-    /// due. Returns the retired generation's index and keys.
+    /// Opens a data message under the draining generation at `at`. Whatever else it would do
+    /// (answer, send queued packets) is dropped: a draining generation never sends.
+    fn drain(
+        &mut self,
+        at: usize,
+        src: IpAddr,
+        datagram: &[u8],
+        dst: &mut [u8],
+        now: Instant,
+        out: &mut impl Output,
+    ) -> bool {
+        let d = &mut self.draining[at];
+        match d.generation.tunn.decapsulate(Some(src), datagram, dst) {
+            TunnResult::WriteToTunnelV4(p, ip) => out.tunnel(p, IpAddr::V4(ip)),
+            TunnResult::WriteToTunnelV6(p, ip) => out.tunnel(p, IpAddr::V6(ip)),
+            // A keepalive.
+            TunnResult::Done => {}
+            TunnResult::WriteToNetwork(_) | TunnResult::Err(_) => {
+                out.discard(Discard::Invalid);
+                return false;
+            }
+        }
+        d.last_rx = now;
+        self.nudge(dst, now, out);
+        true
+    }
+
+    /// Runs the timers (retries, rekeys, keepalives) of `current` and `previous`, and retires
+    /// `previous` and draining generations when due. Returns the retired generations' indices
+    /// and keys.
     pub(crate) fn tick(
         &mut self,
         dst: &mut [u8],
         now: Instant,
         out: &mut impl Output,
-    ) -> Option<(u32, StaticKeys)> {
+    ) -> Vec<(u32, StaticKeys)> {
         let ready = self.ready_since.is_some();
         let previous_carries = self.previous.as_ref().is_some_and(Generation::has_session);
         for which in [Gen::Current, Gen::Previous] {
@@ -413,10 +498,18 @@ impl Generations {
             }
         }
         self.observe_ready(dst, now, out);
+        let mut retired = Vec::new();
         if self.previous.is_some() && retire_previous(now, self.changed_at, self.ready_since) {
-            return self.previous.take().map(|g| (g.index, g.keys));
+            retired.extend(self.previous.take().map(|g| (g.index, g.keys)));
         }
-        None
+        self.draining.retain(|d| {
+            let done = d.done(now);
+            if done {
+                retired.push((d.generation.index, d.generation.keys));
+            }
+            !done
+        });
+        retired
     }
 
     fn generation(&mut self, which: Gen) -> &mut Generation {
@@ -588,11 +681,14 @@ mod tests {
             self.absorb(out)
         }
 
-        fn tick(&mut self, now: Instant) -> (Vec<Vec<u8>>, Option<u32>) {
+        fn tick(&mut self, now: Instant) -> (Vec<Vec<u8>>, Vec<u32>) {
             let mut dst = vec![0u8; 2048];
             let mut out = Collect::default();
             let retired = self.gens.tick(&mut dst, now, &mut out);
-            (self.absorb(out), retired.map(|(index, _)| index))
+            (
+                self.absorb(out),
+                retired.into_iter().map(|(index, _)| index).collect(),
+            )
         }
     }
 
@@ -712,16 +808,16 @@ mod tests {
         traffic(&mut a, &mut b, 12..20, now);
 
         // Previous generations go after the grace period, not before.
-        assert_eq!(a.tick(now + PREVIOUS_GRACE / 2).1, None);
+        assert_eq!(a.tick(now + PREVIOUS_GRACE / 2).1, Vec::<u32>::new());
         let (_, retired) = a.tick(now + PREVIOUS_GRACE + Duration::from_secs(1));
-        assert_eq!(retired, Some(a_old));
+        assert_eq!(retired, vec![a_old]);
         assert_eq!(a.gens.count(), 1);
         assert_eq!(
             a.gens.indices().collect::<Vec<_>>(),
             vec![a.gens.current.index]
         );
         let (_, retired) = b.tick(now + PREVIOUS_GRACE + Duration::from_secs(1));
-        assert_eq!(retired, Some(b_old));
+        assert_eq!(retired, vec![b_old]);
         traffic(&mut a, &mut b, 20..25, now);
 
         // A packet for a retired index is dropped as unknown.
@@ -768,12 +864,91 @@ mod tests {
         assert!(a.gens.current_has_session() && b.gens.current_has_session());
         traffic(&mut a, &mut b, 5..10, now);
 
-        // A third change with an established `current` keeps it and drops the oldest.
+        // A third change with an established `current` keeps it and lets the oldest drain:
+        // it goes once nothing arrived under it for `DRAIN_QUIET`.
         let kept = a.gens.current.index;
         let (_, dropped) = a.change(4, now);
-        assert_eq!(dropped, vec![a_old]);
+        assert_eq!(dropped, Vec::<u32>::new());
         assert_eq!(a.gens.previous.as_ref().map(|p| p.index), Some(kept));
+        assert_eq!(a.gens.indices().count(), 3);
         traffic(&mut a, &mut b, 10..15, now);
+        assert_eq!(a.tick(now + DRAIN_QUIET).1, vec![a_old]);
+        assert_eq!(a.gens.indices().count(), 2);
+    }
+
+    /// Two changes a few seconds apart, and a receiver that opens the peer's packets long after
+    /// they were sent: what the peer sealed under the generation before last still opens, for
+    /// as long as such packets keep arriving; then the generation goes, and after that its
+    /// packets are unknown.
+    #[test]
+    fn packets_under_the_generation_before_last_open_while_they_keep_coming() {
+        let now = Instant::now();
+        let (mut a, mut b) = pair(1, now);
+        let a_first = a.gens.current.index;
+        // Sealed by B under the first generation, still queued at A.
+        let late: Vec<Vec<u8>> = (100..110).flat_map(|seq| b.send(seq)).collect();
+        for psk in [2, 3] {
+            let (init, _) = a.change(psk, now);
+            exchange(&mut a, &mut b, Vec::new(), init, now);
+            let (init, _) = b.change(psk, now);
+            exchange(&mut a, &mut b, init, Vec::new(), now);
+            assert!(a.gens.current_has_session() && b.gens.current_has_session());
+            let base = u32::from(psk) * 10;
+            traffic(&mut a, &mut b, base..base + 5, now);
+        }
+        assert_eq!(a.gens.indices().count(), 3);
+        assert!(a.gens.indices().any(|i| i == a_first));
+        // A opens one late packet every second: the first generation stays, past any number
+        // of quiet periods measured from the change.
+        let step = Duration::from_secs(1);
+        a.discards.clear();
+        let mut t = now;
+        for d in &late[..8] {
+            t += step;
+            assert_eq!(
+                a.tick(t).1,
+                Vec::<u32>::new(),
+                "at {:?}, got {:?}, discards {:?}",
+                t - now,
+                a.got,
+                a.discards
+            );
+            exchange(&mut a, &mut b, vec![d.clone()], Vec::new(), t);
+        }
+        assert_eq!(a.got, (100..108).collect::<Vec<_>>());
+        a.got.clear();
+        // Quiet for `DRAIN_QUIET`: retired, and its packets are unknown from then on.
+        assert_eq!(a.tick(t + DRAIN_QUIET).1, vec![a_first]);
+        exchange(&mut a, &mut b, late[8..].to_vec(), Vec::new(), t);
+        assert!(a.got.is_empty());
+        assert_eq!(a.discards, vec![Discard::UnknownIndex; 2]);
+        // The draining generation never sent anything, and the pair still works.
+        traffic(&mut a, &mut b, 40..45, t);
+    }
+
+    #[test]
+    fn draining_generations_are_capped_and_time_limited() {
+        let now = Instant::now();
+        let (mut a, mut b) = pair(1, now);
+        let mut firsts = vec![a.gens.current.index];
+        for psk in 2..=5 {
+            let (init, _) = a.change(psk, now);
+            exchange(&mut a, &mut b, Vec::new(), init, now);
+            let (init, _) = b.change(psk, now);
+            exchange(&mut a, &mut b, init, Vec::new(), now);
+            traffic(&mut a, &mut b, 0..2, now);
+            firsts.push(a.gens.current.index);
+        }
+        // current, previous and the two newest draining ones; the oldest was dropped.
+        assert_eq!(a.gens.indices().count(), 2 + MAX_DRAINING);
+        assert!(!a.gens.indices().any(|i| i == firsts[0]));
+        // However busy, a draining generation goes after `DRAIN_MAX`.
+        for d in &mut a.gens.draining {
+            d.last_rx = now + DRAIN_MAX;
+        }
+        let (_, retired) = a.tick(now + DRAIN_MAX);
+        // (`previous` goes too, its grace period being over.)
+        assert_eq!(retired, vec![firsts[3], firsts[1], firsts[2]]);
     }
 
     #[test]
@@ -811,10 +986,10 @@ mod tests {
         let (init, _) = a.change(2, now);
         exchange(&mut a, &mut b, Vec::new(), init, now);
         traffic(&mut a, &mut b, 0..5, now);
-        assert_eq!(a.tick(now + PREVIOUS_GRACE * 2).1, None);
+        assert_eq!(a.tick(now + PREVIOUS_GRACE * 2).1, Vec::<u32>::new());
         assert_eq!(a.gens.count(), 2);
         let (_, retired) = a.tick(now + REJECT_AFTER_TIME);
-        assert!(retired.is_some());
+        assert_eq!(retired.len(), 1);
         assert_eq!(a.gens.count(), 1);
     }
 
@@ -898,8 +1073,8 @@ mod tests {
             assert_eq!(remotes(&a), vec![key(12).public_key(), key(2).public_key()]);
             assert_eq!(remotes(&b), vec![key(11).public_key(), key(1).public_key()]);
             let later = now + PREVIOUS_GRACE + Duration::from_secs(1);
-            assert_eq!(a.tick(later).1, Some(a_old), "{lag:?}");
-            assert_eq!(b.tick(later).1, Some(b_old), "{lag:?}");
+            assert_eq!(a.tick(later).1, vec![a_old], "{lag:?}");
+            assert_eq!(b.tick(later).1, vec![b_old], "{lag:?}");
             assert_eq!(remotes(&a), vec![key(12).public_key()]);
             assert_eq!(remotes(&b), vec![key(11).public_key()]);
             traffic(&mut a, &mut b, 25..30, now);
