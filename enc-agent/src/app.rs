@@ -38,6 +38,11 @@ const RECONCILE_PERIOD: Duration = Duration::from_secs(5);
 pub const RETIRE_QUIET: Duration = Duration::from_secs(2);
 /// The longest an old epoch that keeps receiving packets is kept past its grace period.
 pub const RETIRE_MAX_HOLD: Duration = Duration::from_secs(60);
+/// [`RETIRE_QUIET`] and [`RETIRE_MAX_HOLD`] for an earlier session's keys after a reconnect.
+const RETIRE_HOLD: crate::peers::RetireHold = crate::peers::RetireHold {
+    quiet: RETIRE_QUIET,
+    max_hold: RETIRE_MAX_HOLD,
+};
 
 /// State shared by the agent's tasks.
 pub struct Shared {
@@ -575,8 +580,9 @@ impl Shared {
     }
 
     /// Packets the datapath has authenticated so far under `peer`'s inbound keys of each of
-    /// `epochs`, for the rotation's retirement of old epochs once they go quiet. Only the
-    /// IPsec backends count per epoch (per inbound SA); WireGuard and no encryption give none.
+    /// `epochs`, so that old epochs (a rotation's, or an earlier session's) are retired only
+    /// once they go quiet. Only the IPsec backends count per epoch (per inbound SA);
+    /// WireGuard and no encryption give none.
     pub fn inbound_packets(&self, peer: &str, epochs: &[Epoch]) -> Vec<(Epoch, u64)> {
         let Crypto::Ipsec(ipsec) = &self.crypto else {
             return Vec::new();
@@ -716,7 +722,11 @@ impl Shared {
 
     fn desired(&self) -> Desired {
         let mut t = self.table();
-        t.expire(Instant::now(), self.config.control.key_grace_period);
+        t.expire(
+            Instant::now(),
+            self.config.control.key_grace_period,
+            RETIRE_HOLD,
+        );
         t.desired(&self.layout)
     }
 

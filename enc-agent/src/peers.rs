@@ -79,6 +79,42 @@ pub struct RotationView {
     pub progress: Progress,
 }
 
+/// An earlier session's installed epoch, waiting to be retired.
+///
+/// It is due a grace period after the current session switched its outbound, and it goes
+/// once it is also quiet: no packet reported under it for [`RetireHold::quiet`], or at the
+/// latest [`RetireHold::max_hold`] after it was due. Packets sealed by the peer just before
+/// its switch can sit for seconds in a lagging userspace datapath's queues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stale {
+    /// When the grace period ends (`None` until the current session switches, so that the
+    /// old keys keep carrying traffic).
+    pub due: Option<Instant>,
+    /// When the datapath last reported a packet under this epoch.
+    pub last_seen: Option<Instant>,
+}
+
+impl Stale {
+    fn retire_now(&self, now: Instant, hold: RetireHold) -> bool {
+        let Some(due) = self.due else {
+            return false;
+        };
+        let quiet = self
+            .last_seen
+            .is_none_or(|s| now.saturating_duration_since(s) >= hold.quiet);
+        now >= due && (quiet || now.saturating_duration_since(due) >= hold.max_hold)
+    }
+}
+
+/// How long old keys outlive their grace period while packets still arrive under them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetireHold {
+    /// Retire only after no packet arrived for this long.
+    pub quiet: Duration,
+    /// Retire at the latest this long after the grace period ended.
+    pub max_hold: Duration,
+}
+
 /// Everything known about one peer.
 #[derive(Clone, Debug)]
 pub struct PeerEntry {
@@ -112,9 +148,8 @@ pub struct PeerEntry {
     pub epochs: BTreeMap<Epoch, PairKeys>,
     /// The epoch this node sends with.
     pub outbound: Option<Epoch>,
-    /// Epochs of an earlier session: removed a grace period after the current session
-    /// switched its outbound (`None` until then, so that they keep carrying traffic).
-    pub stale: BTreeMap<Epoch, Option<Instant>>,
+    /// Epochs of an earlier session, removed once due and quiet (see [`Stale`]).
+    pub stale: BTreeMap<Epoch, Stale>,
     /// When the outbound epoch last changed.
     pub switched_at: Option<Instant>,
     /// WireGuard static keys bound to each installed epoch: (this node's, the peer's).
@@ -497,7 +532,7 @@ impl PeerTable {
             e.lost_at = None;
             e.rotation = None;
             for epoch in e.epochs.keys() {
-                e.stale.entry(*epoch).or_insert(None);
+                e.stale.entry(*epoch).or_default();
             }
         }
     }
@@ -555,8 +590,8 @@ impl PeerTable {
             Some(e) if e.session_is(session_id) && e.epochs.contains_key(&epoch) => {
                 e.outbound = Some(epoch);
                 e.switched_at = Some(now);
-                for at in e.stale.values_mut() {
-                    at.get_or_insert(now + grace);
+                for st in e.stale.values_mut() {
+                    st.due.get_or_insert(now + grace);
                 }
                 true
             }
@@ -617,15 +652,27 @@ impl PeerTable {
         }
     }
 
+    /// The datapath opened packets under `peer`'s earlier-session `epoch` lately (its count
+    /// grew): the epoch is kept until it has been quiet. Ignored for an epoch that is not stale.
+    pub fn note_stale_inbound(&mut self, peer: &str, epoch: Epoch, now: Instant) {
+        if let Some(st) = self
+            .entries
+            .get_mut(peer)
+            .and_then(|e| e.stale.get_mut(&epoch))
+        {
+            st.last_seen = Some(st.last_seen.map_or(now, |s| s.max(now)));
+        }
+    }
+
     /// Drops keys whose session has been lost for longer than `grace`, and an earlier
-    /// session's keys whose retirement is due. Returns whether anything changed.
-    pub fn expire(&mut self, now: Instant, grace: Duration) -> bool {
+    /// session's keys that are due and quiet under `hold`. Returns whether anything changed.
+    pub fn expire(&mut self, now: Instant, grace: Duration, hold: RetireHold) -> bool {
         let mut changed = false;
         for e in self.entries.values_mut() {
             let due: Vec<Epoch> = e
                 .stale
                 .iter()
-                .filter(|(_, at)| at.is_some_and(|at| now >= at))
+                .filter(|(_, st)| st.retire_now(now, hold))
                 .map(|(ep, _)| *ep)
                 .collect();
             for ep in due {
@@ -855,6 +902,12 @@ peers:
     }
 
     const GRACE: Duration = Duration::from_secs(10);
+    const HOLD: RetireHold = RetireHold {
+        quiet: Duration::from_secs(2),
+        max_hold: Duration::from_secs(20),
+    };
+    /// How long a lost session's keys stay: long enough not to matter in these tests.
+    const LOST: Duration = Duration::from_secs(600);
 
     /// Authenticates node-1 in session `id` and installs and switches to `epoch`.
     fn establish(t: &mut PeerTable, now: Instant, id: u64, epoch: u32) {
@@ -939,13 +992,13 @@ peers:
         assert_eq!(t.get("node-1").unwrap().auth, Auth::Authenticated);
         t.session_lost("node-1", t0, 1, "eof");
         assert!(matches!(t.get("node-1").unwrap().auth, Auth::Pending(_)));
-        assert!(!t.expire(t0 + Duration::from_secs(59), grace));
+        assert!(!t.expire(t0 + Duration::from_secs(59), grace, HOLD));
         assert_eq!(t.desired(&Layout::direct("wg0", 1440)).wg_peers.len(), 1);
-        assert!(t.expire(t0 + grace, grace));
+        assert!(t.expire(t0 + grace, grace, HOLD));
         assert!(t.desired(&Layout::direct("wg0", 1440)).wg_peers.is_empty());
         // Reconnecting within the grace period replaces keys and clears the loss.
         establish(&mut t, t0, 2, 1);
-        assert!(!t.expire(t0 + grace * 3, grace));
+        assert!(!t.expire(t0 + grace * 3, grace, HOLD));
         assert_eq!(
             t.get("node-1").unwrap().keys.as_ref().unwrap().session_id,
             2
@@ -1016,13 +1069,13 @@ peers:
             d.wg_peers[0].preshared_key,
             Some(PresharedKey::from_bytes(*psk_old.expose()))
         );
-        assert!(!t.expire(t0 + GRACE * 5, Duration::from_secs(600)));
+        assert!(!t.expire(t0 + GRACE * 5, Duration::from_secs(600), HOLD));
         assert!(t.get("node-1").unwrap().epochs.contains_key(&Epoch(1)));
         // Switched: epoch 1 goes one grace period later.
         let t1 = t0 + GRACE * 5;
         t.switch_outbound("node-1", 2, Epoch(2), t1, GRACE);
-        assert!(!t.expire(t1, Duration::from_secs(600)));
-        assert!(t.expire(t1 + GRACE, Duration::from_secs(600)));
+        assert!(!t.expire(t1, Duration::from_secs(600), HOLD));
+        assert!(t.expire(t1 + GRACE, Duration::from_secs(600), HOLD));
         let e = t.get("node-1").unwrap();
         assert_eq!(e.epochs.keys().copied().collect::<Vec<_>>(), vec![Epoch(2)]);
         assert!(e.stale.is_empty());
@@ -1210,5 +1263,71 @@ peers:
         assert_eq!(c.updated, ["node-1"]);
         assert_eq!(t.get("node-1").unwrap().incarnation, current);
         assert!(t.get("node-1").unwrap().keys.is_some());
+    }
+
+    /// Session 1 had epoch 1; session 2 installed epoch 2 and switched to it at `t0`.
+    fn reconnected(t0: Instant) -> PeerTable {
+        let mut t = PeerTable::new(&config(), t0);
+        establish(&mut t, t0, 1, 1);
+        t.session_lost("node-1", t0, 1, "eof");
+        t.authenticated("node-1", t0, None, session(2));
+        assert!(t.install_inbound("node-1", 2, pair_keys(2, 2)));
+        assert!(t.switch_outbound("node-1", 2, Epoch(2), t0, GRACE));
+        t
+    }
+
+    fn epochs(t: &PeerTable) -> Vec<Epoch> {
+        t.get("node-1").unwrap().epochs.keys().copied().collect()
+    }
+
+    #[test]
+    fn an_earlier_sessions_epoch_still_receiving_is_kept_until_quiet() {
+        let t0 = Instant::now();
+        let mut t = reconnected(t0);
+        let step = Duration::from_millis(250);
+        // A lagging datapath still opens packets under epoch 1 well past the grace period.
+        let mut now = t0;
+        while now < t0 + GRACE + Duration::from_secs(5) {
+            t.note_stale_inbound("node-1", Epoch(1), now);
+            assert!(
+                !t.expire(now, LOST, HOLD),
+                "retired while receiving at {now:?}"
+            );
+            now += step;
+        }
+        let last = now - step;
+        // Reports for an epoch that is not stale, or for an unknown peer, change nothing.
+        t.note_stale_inbound("node-1", Epoch(2), now);
+        t.note_stale_inbound("node-9", Epoch(1), now);
+        assert!(!t.expire(last + HOLD.quiet - Duration::from_millis(1), LOST, HOLD));
+        assert_eq!(epochs(&t), [Epoch(1), Epoch(2)]);
+        assert!(t.expire(last + HOLD.quiet, LOST, HOLD));
+        assert_eq!(epochs(&t), [Epoch(2)]);
+        assert!(t.get("node-1").unwrap().stale.is_empty());
+    }
+
+    #[test]
+    fn an_earlier_sessions_epoch_that_never_goes_quiet_goes_after_max_hold() {
+        let t0 = Instant::now();
+        let mut t = reconnected(t0);
+        let due = t0 + GRACE;
+        let mut now = t0;
+        while now < due + HOLD.max_hold {
+            t.note_stale_inbound("node-1", Epoch(1), now);
+            assert!(!t.expire(now, LOST, HOLD), "retired early at {now:?}");
+            now += Duration::from_millis(500);
+        }
+        t.note_stale_inbound("node-1", Epoch(1), now);
+        assert!(t.expire(due + HOLD.max_hold, LOST, HOLD));
+        assert_eq!(epochs(&t), [Epoch(2)]);
+    }
+
+    #[test]
+    fn an_earlier_sessions_epoch_without_reports_goes_at_the_end_of_the_grace_period() {
+        let t0 = Instant::now();
+        let mut t = reconnected(t0);
+        assert!(!t.expire(t0 + GRACE - Duration::from_millis(1), LOST, HOLD));
+        assert!(t.expire(t0 + GRACE, LOST, HOLD));
+        assert_eq!(epochs(&t), [Epoch(2)]);
     }
 }

@@ -274,7 +274,8 @@ struct KeyState {
     /// Bytes sent to the peer when the outbound epoch last switched.
     tx_base: u64,
     last_check: Instant,
-    /// Packets last counted under each retiring epoch's inbound keys.
+    /// Packets last counted under the inbound keys of each retiring epoch and each earlier
+    /// session's epoch.
     retiring_seen: BTreeMap<Epoch, u64>,
 }
 
@@ -282,20 +283,32 @@ struct KeyState {
 const TRIGGER_CHECK: Duration = Duration::from_secs(1);
 
 /// Tells the rotation which of its retiring epochs still receive packets (their count in the
-/// datapath grew since the last tick), so that an epoch whose packets still wait in a lagging
-/// datapath's queues is not removed under them.
+/// datapath grew since the last tick), and the peer table the same of an earlier session's
+/// epochs, so that an epoch whose packets still wait in a lagging datapath's queues is not
+/// removed under them.
 fn note_retiring_traffic(shared: &Shared, peer: &str, k: &mut KeyState, now: Instant) {
     let retiring: Vec<Epoch> = k.rotation.retiring().collect();
-    k.retiring_seen.retain(|e, _| retiring.contains(e));
-    if retiring.is_empty() {
+    let stale: Vec<Epoch> = shared
+        .table()
+        .get(peer)
+        .map(|e| e.stale.keys().copied().collect())
+        .unwrap_or_default();
+    k.retiring_seen
+        .retain(|e, _| retiring.contains(e) || stale.contains(e));
+    if retiring.is_empty() && stale.is_empty() {
         return;
     }
-    for (epoch, packets) in shared.inbound_packets(peer, &retiring) {
+    let watched: Vec<Epoch> = retiring.iter().chain(&stale).copied().collect();
+    for (epoch, packets) in shared.inbound_packets(peer, &watched) {
         if k.retiring_seen
             .insert(epoch, packets)
             .is_some_and(|before| packets > before)
         {
-            k.rotation.note_inbound(epoch, now);
+            if retiring.contains(&epoch) {
+                k.rotation.note_inbound(epoch, now);
+            } else {
+                shared.table().note_stale_inbound(peer, epoch, now);
+            }
         }
     }
 }
