@@ -13,7 +13,7 @@ use enc_ipsec::IpsecBackend;
 use enc_ipsec::userspace::{ESP_IN_UDP_PORT, Encapsulation, UserspaceConfig, UserspaceEsp};
 use enc_ipsec::xfrm::{KernelIpsec, NetlinkXfrm, probe_esp_gcm};
 use enc_key_manager::Epoch;
-use enc_key_manager::rotation::{Rotation, RotationTiming};
+use enc_key_manager::rotation::{RetireHold, Rotation, RotationTiming};
 use enc_tunnel_ebpf::{AyaDatapath, Datapath, DatapathConfig as DpConfig};
 use enc_wireguard::{
     BoringtunConfig, BoringtunWg, KernelConfig, KernelWg, PrivateKey, PublicKey, WgBackend,
@@ -32,16 +32,14 @@ const BPFFS: &str = "/sys/fs/bpf";
 
 /// How often the reconciler runs even when nothing asked it to.
 const RECONCILE_PERIOD: Duration = Duration::from_secs(5);
-/// An old epoch past its rotation grace period is removed only after no packet arrived under
-/// it for this long: a userspace datapath on a starved CPU can open packets seconds after they
-/// reached its socket, and those sealed just before the peer switched must still open.
-pub const RETIRE_QUIET: Duration = Duration::from_secs(2);
-/// The longest an old epoch that keeps receiving packets is kept past its grace period.
-pub const RETIRE_MAX_HOLD: Duration = Duration::from_secs(60);
-/// [`RETIRE_QUIET`] and [`RETIRE_MAX_HOLD`] for an earlier session's keys after a reconnect.
-const RETIRE_HOLD: crate::peers::RetireHold = crate::peers::RetireHold {
-    quiet: RETIRE_QUIET,
-    max_hold: RETIRE_MAX_HOLD,
+/// Old keys past their grace period (a rotation's old epochs and an earlier session's keys)
+/// are removed only after no packet arrived under them for 2 s: a userspace datapath on a
+/// starved CPU can open packets seconds after they reached its socket, and those sealed just
+/// before the peer switched must still open. At most 60 s past the grace period, so a peer
+/// that keeps sending under a superseded key cannot hold them forever.
+pub const RETIRE_HOLD: RetireHold = RetireHold {
+    quiet: Duration::from_secs(2),
+    max_hold: Duration::from_secs(60),
 };
 
 /// State shared by the agent's tasks.
@@ -443,8 +441,7 @@ impl Shared {
     pub fn rotation_timing(&self) -> RotationTiming {
         RotationTiming {
             grace: self.config.rotation.grace_period,
-            quiet: RETIRE_QUIET,
-            max_hold: RETIRE_MAX_HOLD,
+            hold: RETIRE_HOLD,
             stuck_after: self.config.rotation.stuck_after,
             resend: Duration::from_secs(2),
         }

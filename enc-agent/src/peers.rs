@@ -11,7 +11,7 @@ use enc_geneve_vxlan::{
     overlay_mac,
 };
 use enc_ipsec::{IpsecPeerSpec, SaKeys};
-use enc_key_manager::rotation::{Progress, Side};
+use enc_key_manager::rotation::{Progress, RetireHold, Side};
 use enc_key_manager::{Epoch, PairKeys};
 use enc_tunnel_ebpf::{Backend, PeerState};
 use enc_wireguard::{PeerSpec, PresharedKey, PublicKey};
@@ -82,9 +82,7 @@ pub struct RotationView {
 /// An earlier session's installed epoch, waiting to be retired.
 ///
 /// It is due a grace period after the current session switched its outbound, and it goes
-/// once it is also quiet: no packet reported under it for [`RetireHold::quiet`], or at the
-/// latest [`RetireHold::max_hold`] after it was due. Packets sealed by the peer just before
-/// its switch can sit for seconds in a lagging userspace datapath's queues.
+/// once it is also quiet under a [`RetireHold`], as a rotation's old epochs do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stale {
     /// When the grace period ends (`None` until the current session switches, so that the
@@ -92,27 +90,6 @@ pub struct Stale {
     pub due: Option<Instant>,
     /// When the datapath last reported a packet under this epoch.
     pub last_seen: Option<Instant>,
-}
-
-impl Stale {
-    fn retire_now(&self, now: Instant, hold: RetireHold) -> bool {
-        let Some(due) = self.due else {
-            return false;
-        };
-        let quiet = self
-            .last_seen
-            .is_none_or(|s| now.saturating_duration_since(s) >= hold.quiet);
-        now >= due && (quiet || now.saturating_duration_since(due) >= hold.max_hold)
-    }
-}
-
-/// How long old keys outlive their grace period while packets still arrive under them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RetireHold {
-    /// Retire only after no packet arrived for this long.
-    pub quiet: Duration,
-    /// Retire at the latest this long after the grace period ended.
-    pub max_hold: Duration,
 }
 
 /// Everything known about one peer.
@@ -672,7 +649,10 @@ impl PeerTable {
             let due: Vec<Epoch> = e
                 .stale
                 .iter()
-                .filter(|(_, st)| st.retire_now(now, hold))
+                .filter(|(_, st)| {
+                    st.due
+                        .is_some_and(|due| hold.retire_now(due, st.last_seen, now))
+                })
                 .map(|(ep, _)| *ep)
                 .collect();
             for ep in due {

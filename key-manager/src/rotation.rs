@@ -27,7 +27,7 @@
 //! seen seconds behind its socket. So an epoch is retired only once it has also gone quiet: the
 //! caller reports [`Rotation::note_inbound`] whenever the datapath's count of packets
 //! authenticated under a [retiring](Rotation::retiring) epoch grew, and the epoch goes when
-//! none arrived for [`RotationTiming::quiet`], at the latest [`RotationTiming::max_hold`] after
+//! none arrived for [`RetireHold::quiet`], at the latest [`RetireHold::max_hold`] after
 //! its grace period (a peer that keeps sending with a superseded key cannot hold it forever).
 //! A caller whose datapath has no per-epoch counts reports nothing, and retirement is at the
 //! end of the grace period. Only the leader starts rotations; a follower asks with
@@ -134,11 +134,9 @@ impl Phase {
 pub struct RotationTiming {
     /// How long an old epoch stays installed for receiving after the other side switched.
     pub grace: Duration,
-    /// An old epoch past its grace period is retired only after no packet arrived under it
-    /// for this long (see [`Rotation::note_inbound`]).
-    pub quiet: Duration,
-    /// The longest an old epoch still receiving packets is kept past its grace period.
-    pub max_hold: Duration,
+    /// How long an old epoch past its grace period is kept while packets still arrive under
+    /// it (see [`Rotation::note_inbound`]).
+    pub hold: RetireHold,
     /// A phase that waits on the peer longer than this is reported stuck.
     pub stuck_after: Duration,
     /// Interval at which a waiting phase re-sends its message.
@@ -149,11 +147,33 @@ impl Default for RotationTiming {
     fn default() -> Self {
         Self {
             grace: Duration::from_secs(10),
-            quiet: Duration::from_secs(2),
-            max_hold: Duration::from_secs(60),
+            hold: RetireHold {
+                quiet: Duration::from_secs(2),
+                max_hold: Duration::from_secs(60),
+            },
             stuck_after: Duration::from_secs(10),
             resend: Duration::from_secs(2),
         }
+    }
+}
+
+/// How long old keys outlive their grace period while packets still arrive under them: a
+/// packet sealed just before the sender switched can wait seconds in a lagging receiver's
+/// queues. Shared by a rotation's retiring epochs and the agent's keys of an earlier session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetireHold {
+    /// Retire only after no packet arrived for this long.
+    pub quiet: Duration,
+    /// Retire at the latest this long after the grace period ended.
+    pub max_hold: Duration,
+}
+
+impl RetireHold {
+    /// Whether old keys whose grace period ends at `due`, and under which a packet last
+    /// arrived at `last_seen` (`None`: none reported), are retired at `now`.
+    pub fn retire_now(&self, due: Instant, last_seen: Option<Instant>, now: Instant) -> bool {
+        let quiet = last_seen.is_none_or(|s| now.saturating_duration_since(s) >= self.quiet);
+        now >= due && (quiet || now.saturating_duration_since(due) >= self.max_hold)
     }
 }
 
@@ -475,7 +495,7 @@ impl Rotation {
 
     /// Packets authenticated under `epoch` arrived (the datapath's count for it grew since the
     /// last report): a retiring epoch then stays until it has been quiet for
-    /// [`RotationTiming::quiet`]. Ignored for an epoch that is not retiring.
+    /// [`RetireHold::quiet`]. Ignored for an epoch that is not retiring.
     pub fn note_inbound(&mut self, epoch: Epoch, now: Instant) {
         if let Some(r) = self.retire.iter_mut().find(|r| r.epoch == epoch) {
             r.last_seen = r.last_seen.max(now);
@@ -489,11 +509,7 @@ impl Rotation {
         let due: Vec<Epoch> = self
             .retire
             .iter()
-            .filter(|r| {
-                now >= r.at
-                    && (now.saturating_duration_since(r.last_seen) >= t.quiet
-                        || now.saturating_duration_since(r.at) >= t.max_hold)
-            })
+            .filter(|r| t.hold.retire_now(r.at, Some(r.last_seen), now))
             .map(|r| r.epoch)
             .collect();
         for e in due {
@@ -572,8 +588,10 @@ mod tests {
 
     const T: RotationTiming = RotationTiming {
         grace: Duration::from_secs(3),
-        quiet: Duration::from_secs(1),
-        max_hold: Duration::from_secs(20),
+        hold: RetireHold {
+            quiet: Duration::from_secs(1),
+            max_hold: Duration::from_secs(20),
+        },
         stuck_after: Duration::from_secs(10),
         resend: Duration::from_secs(2),
     };
@@ -766,7 +784,7 @@ mod tests {
         assert_eq!(p.a_keys.0, BTreeSet::from([Epoch(2)]));
         // B retires once epoch 1 has been quiet for `quiet`, and only then completes.
         assert_eq!(p.b.progress(p.t).phase, Phase::Committed);
-        while p.t < last + T.quiet - step {
+        while p.t < last + T.hold.quiet - step {
             p.tick(step);
             assert!(p.b_keys.0.contains(&Epoch(1)));
         }
@@ -796,12 +814,12 @@ mod tests {
             p.tick(step);
             p.check();
             assert!(
-                p.t - t0 <= T.grace + T.max_hold,
+                p.t - t0 <= T.grace + T.hold.max_hold,
                 "still held at {:?}",
                 p.t - t0
             );
         }
-        assert_eq!(p.t - t0, T.grace + T.max_hold);
+        assert_eq!(p.t - t0, T.grace + T.hold.max_hold);
     }
 
     #[test]

@@ -772,7 +772,7 @@ async fn carry_out<W: AsyncWrite + Unpin>(
                         &peer.name,
                         format!(
                             "old epoch's keys removed after the grace period, once no packet had arrived under them for {}",
-                            humantime::format_duration(crate::app::RETIRE_QUIET)
+                            humantime::format_duration(crate::app::RETIRE_HOLD.quiet)
                         ),
                     )
                     .epoch(epoch.0),

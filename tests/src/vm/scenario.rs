@@ -371,7 +371,7 @@ fn lab_scenario(name: &str, mixed: bool) -> anyhow::Result<()> {
     // mixed pair lost 51 UDP packets in two of ten rotations, each counted `bad-spi` by the
     // userspace engine (old-epoch packets still queued when their SA was retired), and with
     // 4 s, two of three paired runs lost 765 and 1,213 with the engine 5-7 s behind. An old
-    // epoch is now retired only once it has gone quiet (`RETIRE_QUIET` in the agent), so
+    // epoch is now retired only once it has gone quiet (`RETIRE_HOLD` in the agent), so
     // the grace period no longer has to outlast the lag; 4 s is kept. All-kernel pairs keep 3 s:
     // their earlier losses (589 packets with 1 s, 254 and 3,109 with 3 s, in bursts of up to
     // 1,122) were not the grace period but full input backlogs in the emulated guest, counted
