@@ -165,11 +165,15 @@ fn privileged_revocation_of_a_live_peer_spreads_and_stops_its_traffic() {
                 && e.detail.contains("certificate revoked")),
             "node-1 events lack node-3's failure: {e1:?}"
         );
+        // The list spreads by gossip: node-1 offers it to node-2 and node-3, and node-3 (which
+        // adopts it too: it is signed by the CA, whoever carries it) offers it on to node-2.
+        // Either offer may reach node-2 first; both are the control channel, not the operator.
         let e2 = events(&lab, 2)?;
         ensure!(
-            e2.iter()
-                .any(|e| e.kind == EventKind::Revocation && e.detail.contains("peer node-1")),
-            "node-2 events do not show the list arriving from node-1: {e2:?}"
+            e2.iter().any(|e| e.kind == EventKind::Revocation
+                && (e.detail.contains("from peer node-1")
+                    || e.detail.contains("from peer node-3"))),
+            "node-2 events do not show the list arriving from a peer: {e2:?}"
         );
         ensure!(
             e1.iter().chain(&e2).all(|e| !e.detail.contains("PRIVATE")),
