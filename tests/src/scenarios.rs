@@ -177,9 +177,26 @@ pub fn rotation_under_load(lab: &Lab, load: &RotationLoad) -> anyhow::Result<Rot
     }
     let took = began.elapsed();
     std::thread::sleep(Duration::from_secs(1));
-    let tcp = tcp.stop()?;
+    let tcp = tcp.stop();
     let udp = udp.stop(Duration::from_secs(1))?;
     let frames = capture.stop()?;
+    let lost_at = |udp: &crate::traffic::UdpReport| -> String {
+        udp.lost_ranges
+            .iter()
+            .map(|r| format!("{:.2}", *r.start() as f64 / f64::from(load.udp_pps)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // A failed TCP stream still says what the UDP stream saw and when the rotations ran.
+    let tcp = tcp.with_context(|| {
+        format!(
+            "UDP meanwhile: {udp}; lost ranges began at [{}] s after the stream began (unix \
+             time {:.3}); rotations (asked-answered, s) [{}]",
+            lost_at(&udp),
+            udp_began_unix.as_secs_f64(),
+            windows.join(", ")
+        )
+    })?;
     let outcome = RotationOutcome {
         took,
         frames: frames.len(),
@@ -193,17 +210,12 @@ pub fn rotation_under_load(lab: &Lab, load: &RotationLoad) -> anyhow::Result<Rot
         "UDP stream too short: {udp}"
     );
     if udp.lost > 0 {
-        let at: Vec<String> = udp
-            .lost_ranges
-            .iter()
-            .map(|r| format!("{:.2}", *r.start() as f64 / f64::from(load.udp_pps)))
-            .collect();
         anyhow::bail!(
             "UDP packets lost during rotation: {udp}; {tcp}; the lost ranges began at [{}] s after \
              the stream began (unix time {:.3}); rotations (asked-answered, s) [{}]; \
              {} packets dropped meanwhile by full per-CPU backlog queues \
              (/proc/net/softnet_stat, all namespaces)",
-            at.join(", "),
+            lost_at(udp),
             udp_began_unix.as_secs_f64(),
             windows.join(", "),
             backlog_drops().saturating_sub(backlog_before)

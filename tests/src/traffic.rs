@@ -767,6 +767,8 @@ fn tcp_receive(listener: &Socket, io_timeout: Duration) -> anyhow::Result<TcpRec
         corrupt: None,
     };
     let mut last_read: Option<Instant> = None;
+    // Wall-clock time of the last data, to line a stall up with the agents' logs.
+    let mut last_data = SystemTime::now();
     loop {
         let n = match stream.read(&mut buf) {
             Ok(0) => return Ok(rx),
@@ -775,12 +777,15 @@ fn tcp_receive(listener: &Socket, io_timeout: Duration) -> anyhow::Result<TcpRec
             Err(e) => {
                 return Err(timeout_error(e, io_timeout)).with_context(|| {
                     format!(
-                        "tcp read after {} bytes (longest stall so far {:?})",
-                        rx.bytes, rx.max_stall
+                        "tcp read after {} bytes (longest stall so far {:?}; last data at {} UTC)",
+                        rx.bytes,
+                        rx.max_stall,
+                        utc_time_of_day(last_data)
                     )
                 });
             }
         };
+        last_data = SystemTime::now();
         let now = Instant::now();
         if let Some(last) = last_read {
             rx.max_stall = rx.max_stall.max(now - last);
@@ -908,6 +913,18 @@ fn join_within<T>(handle: Spawned<T>, timeout: Duration, what: &str) -> anyhow::
         .map_err(|_| anyhow!("{what} panicked"))?
         .with_context(|| format!("{what} could not start"))?
         .with_context(|| format!("{what} failed"))
+}
+
+/// `t` as `HH:MM:SS.mmm` (UTC), the form the agents' log timestamps end in.
+fn utc_time_of_day(t: SystemTime) -> String {
+    let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
 }
 
 /// Turns a socket timeout into an error that says how long it waited.

@@ -93,7 +93,8 @@ pub struct DropCounters {
     /// Inbound datagrams that matched no peer (an initiation from an unknown key or for keys no
     /// generation of the peer has, or an unknown session index, e.g. of a retired generation).
     pub unknown_peer: u64,
-    /// Inbound datagrams rejected by the noise layer (bad MAC/tag, replay, malformed, ...).
+    /// Inbound datagrams rejected by the noise layer (bad MAC/tag, replay, malformed, a
+    /// handshake response to an initiation that a retry replaced, ...).
     pub invalid: u64,
     /// Errors from the noise layer while encapsulating or running timers.
     pub noise_errors: u64,
@@ -1029,7 +1030,7 @@ impl Output for DeviceOutput<'_> {
         let c = &self.sh.counters;
         bump(match why {
             Discard::UnknownIndex | Discard::UnknownKeys => &c.unknown_peer,
-            Discard::Invalid => &c.invalid,
+            Discard::Invalid | Discard::Stale => &c.invalid,
             Discard::Noise => &c.noise_errors,
         });
     }

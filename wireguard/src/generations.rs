@@ -31,7 +31,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::noise::{Tunn, TunnResult};
 
 use crate::keys::PublicKey;
 
@@ -56,6 +56,8 @@ const RETRY_SLACK: Duration = Duration::from_secs(1);
 const NUDGE_INTERVAL: Duration = Duration::from_secs(1);
 /// Size of a handshake initiation.
 const HANDSHAKE_INIT_LEN: usize = 148;
+/// Size of a handshake response.
+const HANDSHAKE_RESPONSE_LEN: usize = 92;
 
 /// Why a datagram or packet went nowhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +70,9 @@ pub(crate) enum Discard {
     Invalid,
     /// The noise layer failed to encapsulate or to run timers.
     Noise,
+    /// A handshake response to an initiation that a newer one of the same generation replaced
+    /// (see [`Generation::last_init`]).
+    Stale,
 }
 
 /// Where a peer's noise output goes: the device sends and writes it, tests collect it.
@@ -187,16 +192,33 @@ impl RetryPacing {
 }
 
 fn is_initiation(datagram: &[u8]) -> bool {
-    matches!(
-        Tunn::parse_incoming_packet(datagram),
-        Ok(Packet::HandshakeInit(_))
-    )
+    initiation_sender(datagram).is_some()
 }
 
-/// Sends what `tunn` queued while it had no session.
-fn flush(tunn: &mut Tunn, dst: &mut [u8], out: &mut impl Output) {
-    while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], dst) {
-        out.network(d);
+/// The sender index of a handshake initiation (message type 1, 148 bytes).
+fn initiation_sender(datagram: &[u8]) -> Option<u32> {
+    match datagram {
+        [1, 0, 0, 0, a, b, c, d, ..] if datagram.len() == HANDSHAKE_INIT_LEN => {
+            Some(u32::from_le_bytes([*a, *b, *c, *d]))
+        }
+        _ => None,
+    }
+}
+
+/// The receiver index of a handshake response (message type 2, 92 bytes).
+fn response_receiver(datagram: &[u8]) -> Option<u32> {
+    match datagram {
+        [2, 0, 0, 0, _, _, _, _, a, b, c, d, ..] if datagram.len() == HANDSHAKE_RESPONSE_LEN => {
+            Some(u32::from_le_bytes([*a, *b, *c, *d]))
+        }
+        _ => None,
+    }
+}
+
+/// Sends what the generation's `tunn` queued while it had no session.
+fn flush(generation: &mut Generation, dst: &mut [u8], out: &mut impl Output) {
+    while let TunnResult::WriteToNetwork(d) = generation.tunn.decapsulate(None, &[], dst) {
+        generation.sent(d, out);
     }
 }
 
@@ -206,12 +228,43 @@ struct Generation {
     index: u32,
     /// The static keys `tunn` was built with.
     keys: StaticKeys,
+    /// Sender index of the last handshake initiation this generation put on the wire. Only a
+    /// response to that one is let through: a peer drops the keys of an initiation once it
+    /// takes a newer one (the kernel keeps one pending keypair per peer), so a late response
+    /// to an initiation that a retry replaced would give a session whose data the peer drops.
+    /// boringtun itself also accepts a response to the initiation before last; with a receiver
+    /// seconds behind its socket (seen under emulation), that swapped a working session for a
+    /// dead one and stalled traffic until the next handshake.
+    last_init: Option<u32>,
 }
 
 impl Generation {
+    fn new(tunn: Tunn, index: u32, keys: StaticKeys) -> Self {
+        Self {
+            tunn,
+            index,
+            keys,
+            last_init: None,
+        }
+    }
+
     /// Whether encapsulation would use a session (rather than queue and start a handshake).
     fn has_session(&self) -> bool {
         self.tunn.time_since_last_handshake().is_some()
+    }
+
+    /// Puts `datagram`, which this generation's `tunn` produced, on the wire.
+    fn sent(&mut self, datagram: &[u8], out: &mut impl Output) {
+        if let Some(sender) = initiation_sender(datagram) {
+            self.last_init = Some(sender);
+        }
+        out.network(datagram);
+    }
+
+    /// Whether `datagram` is a handshake response to an initiation other than the last one
+    /// this generation sent.
+    fn is_stale_response(&self, datagram: &[u8]) -> bool {
+        response_receiver(datagram).is_some_and(|r| self.last_init != Some(r))
     }
 }
 
@@ -252,7 +305,7 @@ impl Generations {
     /// A peer's first generation; `tunn` was built with `keys`.
     pub(crate) fn new(tunn: Tunn, index: u32, keys: StaticKeys, now: Instant) -> Self {
         Self {
-            current: Generation { tunn, index, keys },
+            current: Generation::new(tunn, index, keys),
             previous: None,
             draining: Vec::new(),
             changed_at: now,
@@ -315,7 +368,7 @@ impl Generations {
             self.current.has_session(),
             self.previous.as_ref().map(Generation::has_session),
         );
-        let old_current = mem::replace(&mut self.current, Generation { tunn, index, keys });
+        let old_current = mem::replace(&mut self.current, Generation::new(tunn, index, keys));
         let old_previous = self.previous.take();
         let mut dropped = Vec::with_capacity(2);
         match keep {
@@ -358,7 +411,7 @@ impl Generations {
         {
             TunnResult::WriteToNetwork(d) => {
                 self.pacing.record(now);
-                out.network(d);
+                self.current.sent(d, out);
             }
             TunnResult::Err(_) => out.discard(Discard::Noise),
             TunnResult::Done
@@ -375,8 +428,9 @@ impl Generations {
             _ => None,
         };
         let which = outbound(self.ready_since.is_some(), previous);
-        match self.generation(which).tunn.encapsulate(packet, dst) {
-            TunnResult::WriteToNetwork(d) => out.network(d),
+        let generation = self.generation(which);
+        match generation.tunn.encapsulate(packet, dst) {
+            TunnResult::WriteToNetwork(d) => generation.sent(d, out),
             TunnResult::Err(_) => out.discard(Discard::Noise),
             TunnResult::Done
             | TunnResult::WriteToTunnelV4(..)
@@ -416,17 +470,21 @@ impl Generations {
                 }
             },
         };
-        let tunn = &mut self.generation(which).tunn;
-        match tunn.decapsulate(Some(src), datagram, dst) {
+        let generation = self.generation(which);
+        if generation.is_stale_response(datagram) {
+            out.discard(Discard::Stale);
+            return false;
+        }
+        match generation.tunn.decapsulate(Some(src), datagram, dst) {
             TunnResult::Done => {}
             TunnResult::Err(_) => {
                 out.discard(Discard::Invalid);
                 return false;
             }
             TunnResult::WriteToNetwork(d) => {
-                out.network(d);
+                generation.sent(d, out);
                 // boringtun contract: repeat with an empty datagram until Done to flush its queue.
-                flush(tunn, dst, out);
+                flush(generation, dst, out);
             }
             TunnResult::WriteToTunnelV4(p, ip) => out.tunnel(p, IpAddr::V4(ip)),
             TunnResult::WriteToTunnelV6(p, ip) => out.tunnel(p, IpAddr::V6(ip)),
@@ -486,10 +544,12 @@ impl Generations {
             };
             match generation.tunn.update_timers(dst) {
                 TunnResult::WriteToNetwork(d) => {
+                    // A retry held back here was never on the wire: boringtun keeps the one
+                    // before it pending, and `last_init` still names that one.
                     if !is_initiation(d)
                         || timer_initiation(which, ready, previous_carries, &mut self.pacing, now)
                     {
-                        out.network(d);
+                        generation.sent(d, out);
                     }
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
@@ -527,7 +587,7 @@ impl Generations {
         self.ready_since = Some(now);
         // A responder's session starts with the peer's first data packet, after which boringtun
         // does not flush on its own.
-        flush(&mut self.current.tunn, dst, out);
+        flush(&mut self.current, dst, out);
     }
 
     /// The peer still sends under `previous` although our `current` has a session: its new
@@ -544,13 +604,15 @@ impl Generations {
         }
         self.last_nudge = Some(now);
         if let TunnResult::WriteToNetwork(d) = self.current.tunn.encapsulate(&[], dst) {
-            out.network(d);
+            self.current.sent(d, out);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use boringtun::noise::Packet;
+
     use crate::keyring::{KeyRing, Rejected};
     use crate::keys::{PresharedKey, PrivateKey};
 
@@ -1106,6 +1168,8 @@ mod tests {
             TunnResult::WriteToNetwork(d) => d.to_vec(),
             _ => panic!("no initiation"),
         };
+        // Sent as `tick` sends a rekey: noted as the generation's last initiation.
+        b.gens.current.last_init = initiation_sender(&init);
         let answer = a.receive(&init, now);
         assert!(a.discards.is_empty(), "{:?}", a.discards);
         assert_eq!(answer.len(), 1);
@@ -1134,6 +1198,64 @@ mod tests {
         assert!(a.gens.current_has_session() && b.gens.current_has_session());
         traffic(&mut a, &mut b, 6..10, now);
         assert_eq!(sends_to(&mut b, 10), a.gens.current.index);
+    }
+
+    /// A receiver seconds behind its socket gets the response to a new generation's first
+    /// initiation after boringtun has retried. The peer (the kernel keeps one pending keypair)
+    /// has dropped that response's keys by then, so it must not make a session: the previous
+    /// generation keeps carrying the traffic until the response to the retry arrives. (boringtun
+    /// alone accepts it: with that, the mixed VM pair stalled TCP for over 10 s.) Waits
+    /// REKEY_TIMEOUT of real time: boringtun's retry timer reads the clock.
+    #[test]
+    fn a_late_response_to_a_replaced_initiation_makes_no_session() {
+        let now = Instant::now();
+        let (mut a, mut b) = pair(1, now);
+        traffic(&mut a, &mut b, 0..3, now);
+        let b_old = b.gens.current.index;
+        // B switches first (its initiation is lost), then A.
+        let _ = b.change(2, now);
+        let (first, _) = a.change(2, now);
+        let first_response = b.receive(&first[0], now);
+        assert_eq!(first_response.len(), 1);
+
+        // The response lags; A retries after REKEY_TIMEOUT.
+        std::thread::sleep(REKEY_TIMEOUT + Duration::from_millis(300));
+        let later = Instant::now();
+        let (retry, _) = a.tick(later);
+        let retry: Vec<_> = retry.into_iter().filter(|d| is_initiation(d)).collect();
+        assert_eq!(retry.len(), 1, "no retry after REKEY_TIMEOUT");
+        let second_response = b.receive(&retry[0], later);
+
+        // The late response to the first initiation is refused; traffic still goes over the
+        // previous generation.
+        assert!(a.receive(&first_response[0], later).is_empty());
+        assert_eq!(a.discards, vec![Discard::Stale]);
+        assert!(!a.gens.current_has_session());
+        assert_eq!(sends_to(&mut a, 100), b_old);
+
+        // The response to the retry makes the session, and data moves to it.
+        let to_b = a.receive(&second_response[0], later);
+        assert!(a.gens.current_has_session());
+        exchange(&mut a, &mut b, Vec::new(), to_b, later);
+        traffic(&mut a, &mut b, 200..205, later);
+        assert_eq!(sends_to(&mut a, 300), b.gens.current.index);
+        assert_eq!(a.discards, vec![Discard::Stale]);
+    }
+
+    #[test]
+    fn stale_response_filter_reads_the_indices() {
+        let mut init = vec![0u8; HANDSHAKE_INIT_LEN];
+        init[0] = 1;
+        init[4..8].copy_from_slice(&0x0012_3401u32.to_le_bytes());
+        assert_eq!(initiation_sender(&init), Some(0x0012_3401));
+        assert_eq!(initiation_sender(&init[..100]), None);
+        let mut resp = vec![0u8; HANDSHAKE_RESPONSE_LEN];
+        resp[0] = 2;
+        resp[8..12].copy_from_slice(&0x0012_3402u32.to_le_bytes());
+        assert_eq!(response_receiver(&resp), Some(0x0012_3402));
+        assert_eq!(response_receiver(&init), None);
+        resp[1] = 1;
+        assert_eq!(response_receiver(&resp), None);
     }
 
     #[test]

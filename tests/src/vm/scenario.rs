@@ -390,11 +390,18 @@ fn lab_scenario(name: &str, mixed: bool) -> anyhow::Result<()> {
     step("build", t);
     let r = run_host_tier(&mut lab, encryption, mixed);
     if let Err(e) = &r {
+        // A run with a finer log filter (`ENC_LOG`, passed to the guest as `enc.log=`) was
+        // asked for to see more: show more of it.
+        let lines = if std::env::var("ENC_LOG").is_ok_and(|f| f != "info") {
+            400
+        } else {
+            40
+        };
         for n in &lab.nodes {
             println!(
-                "----- {} agent log (last 40 lines) -----\n{}",
+                "----- {} agent log (last {lines} lines) -----\n{}",
                 n.name,
-                lab.log_tail(n.index, 40)
+                lab.log_tail(n.index, lines)
             );
             println!(
                 "----- {} agent warnings (last 30) -----\n{}",
