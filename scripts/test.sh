@@ -20,6 +20,12 @@ cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
 step "build binaries (enc-agent, encctl, enc-lab)"
 cargo build --workspace --bins --locked --quiet
 
+step "build release binaries for the VM tier (enc-agent, encctl, enc-vm-scenario)"
+# Under TCG the debug builds' userspace datapaths ran 5 to 17 s behind their sockets, which
+# made the VM tier's mixed pairs time out; release builds kept up (docs/vm-tier.md).
+cargo build --release --workspace --locked --quiet --bin enc-agent --bin encctl --bin enc-vm-scenario
+export ENC_VM_BIN_DIR="$PWD/target/release"
+
 step "fuzz smoke run (every parser of untrusted bytes)"
 scripts/fuzz.sh "${ENC_FUZZ_SECONDS:-15}"
 

@@ -543,6 +543,8 @@ pub struct TcpReport {
     pub bytes: u64,
     /// Longest interval between two reads that returned data.
     pub max_stall: Duration,
+    /// When that interval ended (wall clock), to line it up with the agents' logs.
+    pub max_stall_ended: Option<SystemTime>,
     /// Stream offset of the first byte that differed from the pattern, if any.
     pub corrupt: Option<u64>,
 }
@@ -558,9 +560,13 @@ impl fmt::Display for TcpReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "tcp: sent {} received {} max_stall {:?} corrupt ",
+            "tcp: sent {} received {} max_stall {:?}",
             self.sent, self.bytes, self.max_stall
         )?;
+        if let Some(t) = self.max_stall_ended {
+            write!(f, " (ended {} UTC)", utc_time_of_day(t))?;
+        }
+        write!(f, " corrupt ")?;
         match self.corrupt {
             Some(off) => write!(f, "at offset {off}"),
             None => write!(f, "none"),
@@ -595,6 +601,7 @@ struct TcpOptions {
 struct TcpReceived {
     bytes: u64,
     max_stall: Duration,
+    max_stall_ended: Option<SystemTime>,
     corrupt: Option<u64>,
 }
 
@@ -692,6 +699,7 @@ impl TcpFlow {
             sent,
             bytes: rx.bytes,
             max_stall: rx.max_stall,
+            max_stall_ended: rx.max_stall_ended,
             corrupt: rx.corrupt,
         })
     }
@@ -764,6 +772,7 @@ fn tcp_receive(listener: &Socket, io_timeout: Duration) -> anyhow::Result<TcpRec
     let mut rx = TcpReceived {
         bytes: 0,
         max_stall: Duration::ZERO,
+        max_stall_ended: None,
         corrupt: None,
     };
     let mut last_read: Option<Instant> = None;
@@ -787,8 +796,11 @@ fn tcp_receive(listener: &Socket, io_timeout: Duration) -> anyhow::Result<TcpRec
         };
         last_data = SystemTime::now();
         let now = Instant::now();
-        if let Some(last) = last_read {
-            rx.max_stall = rx.max_stall.max(now - last);
+        if let Some(last) = last_read
+            && now - last > rx.max_stall
+        {
+            rx.max_stall = now - last;
+            rx.max_stall_ended = Some(last_data);
         }
         last_read = Some(now);
         if rx.corrupt.is_none() {

@@ -252,7 +252,9 @@ pub struct VmOptions {
 impl VmOptions {
     /// Defaults, overridden by `ENC_VM_TIMEOUT` (seconds, or with an `s`/`m` suffix),
     /// `ENC_VM_ACCEL`, `ENC_VM_MEMORY` (MiB), `ENC_VM_CPUS` and `ENC_VM_CACHE`; binaries from
-    /// [`crate::lab::bin_dir`].
+    /// `ENC_VM_BIN_DIR`, else [`crate::lab::bin_dir`]. `scripts/test.sh` points
+    /// `ENC_VM_BIN_DIR` at release builds: under TCG the debug-built userspace datapaths fell
+    /// 5 to 17 s behind their sockets, release builds 0.16 s (docs/vm-tier.md).
     pub fn from_env() -> anyhow::Result<Self> {
         let timeout = match std::env::var("ENC_VM_TIMEOUT") {
             Ok(v) => parse_duration(&v).with_context(|| format!("ENC_VM_TIMEOUT={v:?}"))?,
@@ -271,7 +273,10 @@ impl VmOptions {
             memory_mib: num("ENC_VM_MEMORY", 2048)?,
             cpus: num("ENC_VM_CPUS", 2)?,
             accel: std::env::var("ENC_VM_ACCEL").unwrap_or_else(|_| "tcg".into()),
-            bin_dir: crate::lab::bin_dir()?,
+            bin_dir: match std::env::var_os("ENC_VM_BIN_DIR") {
+                Some(d) if !d.is_empty() => PathBuf::from(d),
+                _ => crate::lab::bin_dir()?,
+            },
             cache: cache_dir(),
         })
     }
@@ -423,7 +428,7 @@ impl Vm {
         for b in PROJECT_BINS {
             if !opts.bin_dir.join(b).is_file() {
                 bail!(
-                    "{b} not found in {}: run `cargo build --workspace --bins` first, or set ENC_BIN_DIR",
+                    "{b} not found in {}: run `cargo build --workspace --bins` first, or set ENC_VM_BIN_DIR (or ENC_BIN_DIR)",
                     opts.bin_dir.display()
                 );
             }
