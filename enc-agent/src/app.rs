@@ -37,10 +37,7 @@ const RECONCILE_PERIOD: Duration = Duration::from_secs(5);
 /// starved CPU can open packets seconds after they reached its socket, and those sealed just
 /// before the peer switched must still open. At most 60 s past the grace period, so a peer
 /// that keeps sending under a superseded key cannot hold them forever.
-pub const RETIRE_HOLD: RetireHold = RetireHold {
-    quiet: Duration::from_secs(2),
-    max_hold: Duration::from_secs(60),
-};
+pub const RETIRE_HOLD: RetireHold = RetireHold::DEFAULT;
 
 /// State shared by the agent's tasks.
 pub struct Shared {

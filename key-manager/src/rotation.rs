@@ -147,10 +147,7 @@ impl Default for RotationTiming {
     fn default() -> Self {
         Self {
             grace: Duration::from_secs(10),
-            hold: RetireHold {
-                quiet: Duration::from_secs(2),
-                max_hold: Duration::from_secs(60),
-            },
+            hold: RetireHold::DEFAULT,
             stuck_after: Duration::from_secs(10),
             resend: Duration::from_secs(2),
         }
@@ -169,6 +166,12 @@ pub struct RetireHold {
 }
 
 impl RetireHold {
+    /// Quiet for 2 s, held at most 60 s past the grace period.
+    pub const DEFAULT: RetireHold = RetireHold {
+        quiet: Duration::from_secs(2),
+        max_hold: Duration::from_secs(60),
+    };
+
     /// Whether old keys whose grace period ends at `due`, and under which a packet last
     /// arrived at `last_seen` (`None`: none reported), are retired at `now`.
     pub fn retire_now(&self, due: Instant, last_seen: Option<Instant>, now: Instant) -> bool {
